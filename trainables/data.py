@@ -1,0 +1,149 @@
+"""Tokenise a task once, then cut it into small-padding batches by index.
+
+Causal LMs see `[input; verbalizer]` left-padded, so every target sits at the right edge and
+only the last few positions need logits. Encoder-decoders see the input right-padded on the
+encoder and the verbalizer (plus EOS) as decoder labels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trainables.inits import common_token_ids
+from trainables.tasks import Task
+
+IGNORE = -100
+BUCKET_BATCHES = 50  # batches per length-sorted chunk: small padding, still a shuffled order
+
+
+@dataclass
+class EncodedSplit:
+    input_ids: list[list[int]]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class EncodedTask:
+    name: str
+    verbalizers: list[str]
+    target_ids: list[list[int]]         # per class: the verbalizer's tokens (+EOS for seq2seq)
+    splits: dict[str, EncodedSplit]
+    common_token_ids: list[int]         # for sampled-vocab inits, most common first
+    is_encoder_decoder: bool
+    pad_id: int
+
+    @property
+    def single_token_targets(self) -> bool:
+        return all(len(ids) == 1 for ids in self.target_ids)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor        # [B, T]
+    attention_mask: torch.Tensor   # [B, T]
+    labels: torch.Tensor           # [B, L] target tokens, IGNORE where padded
+    classes: torch.Tensor          # [B] the class each row's target belongs to
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.classes)))
+
+
+def encode_task(task: Task, tokenizer, is_encoder_decoder: bool, vocab_is_frequency_ordered: bool,
+                max_length: int, max_train: int | None = None, max_eval: int | None = None) -> EncodedTask:
+    """Tokenise every split once; truncation keeps the end of causal inputs (where the cue is)
+    and the start of encoder inputs."""
+    def encode(split: str, limit: int | None) -> EncodedSplit:
+        rows = task.splits[split]
+        if limit is not None and limit < len(rows):
+            rows = rows.select(range(limit))
+        ids = tokenizer(list(rows["input"]), add_special_tokens=True)["input_ids"]
+        ids = [x[:max_length] if is_encoder_decoder else x[-max_length:] for x in ids]
+        return EncodedSplit(ids, list(rows["label"]))
+
+    splits = {"train": encode("train", max_train), "dev": encode("dev", max_eval), "test": encode("test", max_eval)}
+    if is_encoder_decoder:
+        targets = [tokenizer(v, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                   for v in task.verbalizers]
+    else:  # BPE: the target follows the cue after a space
+        targets = [tokenizer(" " + v, add_special_tokens=False)["input_ids"] for v in task.verbalizers]
+    common = common_token_ids(splits["train"].input_ids, len(tokenizer), set(tokenizer.all_special_ids),
+                              vocab_is_frequency_ordered)
+    return EncodedTask(task.name, task.verbalizers, targets, splits, common, is_encoder_decoder,
+                       tokenizer.pad_token_id)
+
+
+def pad_rows(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([[value] * (width - len(r)) + r if left else r + [value] * (width - len(r)) for r in rows])
+
+
+def make_batch(data: EncodedTask, inputs: list[list[int]], classes: list[int]) -> Batch:
+    """A batch whose targets are the verbalizers of `classes` (the gold ones when training)."""
+    targets = [data.target_ids[c] for c in classes]
+    if data.is_encoder_decoder:
+        input_ids = pad_rows(inputs, data.pad_id, left=False)
+        mask = pad_rows([[1] * len(x) for x in inputs], 0, left=False)
+        labels = pad_rows(targets, IGNORE, left=False)
+    else:
+        input_ids = pad_rows([x + t for x, t in zip(inputs, targets)], data.pad_id, left=True)
+        mask = pad_rows([[1] * (len(x) + len(t)) for x, t in zip(inputs, targets)], 0, left=True)
+        labels = pad_rows(targets, IGNORE, left=True)  # right-aligned with the sequence's end
+    return Batch(input_ids, mask, labels, torch.tensor(classes))
+
+
+def input_batch(data: EncodedTask, inputs: list[list[int]]) -> Batch:
+    """Inputs alone, left-padded for causal LMs (scoring the next token, generating)."""
+    left = not data.is_encoder_decoder
+    return Batch(pad_rows(inputs, data.pad_id, left), pad_rows([[1] * len(x) for x in inputs], 0, left),
+                 torch.empty(len(inputs), 0, dtype=torch.long), torch.zeros(len(inputs), dtype=torch.long))
+
+
+class TrainOrder:
+    """Which training examples form batch `step`: a pure function of (seed, step), so a resumed
+    run sees exactly the batches it would have seen. Each epoch shuffles, sorts chunks of
+    BUCKET_BATCHES batches by length (little padding) and shuffles the batches."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self._epoch, self._batches = -1, []
+
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.lengths))
+        chunk = self.batch_size * BUCKET_BATCHES
+        batches = []
+        for start in range(0, len(order), chunk):
+            part = order[start:start + chunk]
+            part = part[np.argsort(self.lengths[part], kind="stable")]
+            batches += [part[i:i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def batches_per_epoch(self) -> int:
+        chunk = self.batch_size * BUCKET_BATCHES
+        full, rest = divmod(len(self.lengths), chunk)
+        return full * BUCKET_BATCHES + -(-rest // self.batch_size)
+
+    def indices(self, step: int) -> np.ndarray:
+        epoch, position = divmod(step, self.batches_per_epoch())
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self._epoch_batches(epoch)
+        return self._batches[position]
+
+
+def train_batch(data: EncodedTask, order: TrainOrder, step: int) -> Batch:
+    split = data.splits["train"]
+    idx = order.indices(step)
+    return make_batch(data, [split.input_ids[i] for i in idx], [split.labels[i] for i in idx])
+
+
+def eval_chunks(split: EncodedSplit, batch_size: int) -> list[np.ndarray]:
+    """Evaluation batches of similar length; the caller restores the original order."""
+    order = np.argsort([len(x) for x in split.input_ids], kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

@@ -1,0 +1,70 @@
+"""Soft-prompt initialisers, after google-research/prompt-tuning: small named functions of the
+frozen embedding table, chosen by name. Each returns a float32 [length, width] tensor."""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+VOCAB_SAMPLE_SIZE = 5000  # the paper samples from the 5,000 most common tokens
+
+
+@dataclass
+class InitContext:
+    """What an initialiser may draw on besides the prompt's shape."""
+    embeddings: torch.Tensor                 # the frozen input embedding table [vocab, width]
+    common_token_ids: list[int]              # most common tokens first (see common_token_ids)
+    class_token_ids: list[list[int]]         # each class's verbalizer sub-tokens
+    text_token_ids: list[int]                # the `text` init's tokens
+    scale: float
+    generator: torch.Generator
+
+
+def random_uniform(length: int, ctx: InitContext) -> torch.Tensor:
+    width = ctx.embeddings.shape[1]
+    return (torch.rand(length, width, generator=ctx.generator) * 2 - 1) * ctx.scale
+
+
+def sampled_vocab(length: int, ctx: InitContext) -> torch.Tensor:
+    pool = torch.tensor(ctx.common_token_ids[:VOCAB_SAMPLE_SIZE])
+    replace = length > len(pool)
+    if replace:
+        picks = torch.randint(len(pool), (length,), generator=ctx.generator)
+    else:
+        picks = torch.randperm(len(pool), generator=ctx.generator)[:length]
+    return ctx.embeddings[pool[picks]].float().clone()
+
+
+def class_label(length: int, ctx: InitContext) -> torch.Tensor:
+    """Slot i < #classes: mean embedding of class i's verbalizer sub-tokens; the rest sampled vocab."""
+    labels = [ctx.embeddings[ids].float().mean(0) for ids in ctx.class_token_ids[:length]]
+    rest = sampled_vocab(length - len(labels), ctx)
+    return torch.cat([torch.stack(labels), rest]) if labels else rest
+
+
+def text(length: int, ctx: InitContext) -> torch.Tensor:
+    """Embeddings of the init text's tokens, repeated to fill the prompt (as PEFT's TEXT init)."""
+    ids = (ctx.text_token_ids * (length // len(ctx.text_token_ids) + 1))[:length]
+    return ctx.embeddings[ids].float().clone()
+
+
+INITS = {f.__name__: f for f in (random_uniform, sampled_vocab, class_label, text)}
+
+
+def common_token_ids(tokenized_texts: Iterable[list[int]], vocab_size: int, special_ids: set[int],
+                     frequency_ordered: bool) -> list[int]:
+    """Most common tokens first. SentencePiece vocabularies (T5) are already frequency-ordered,
+    so their ids are taken in order; BPE vocabularies are not, so token frequency is measured
+    on the task's training text, topped up with the lowest ids if that text is small."""
+    if frequency_ordered:
+        counted: list[int] = []
+    else:
+        counts = Counter(token for ids in tokenized_texts for token in ids)
+        counted = [token for token, _ in counts.most_common() if token not in special_ids]
+    seen = set(counted)
+    top_up = (i for i in range(vocab_size) if i not in special_ids and i not in seen)
+    while len(counted) < VOCAB_SAMPLE_SIZE and len(counted) < vocab_size - len(special_ids):
+        counted.append(next(top_up))
+    return counted[:VOCAB_SAMPLE_SIZE]

@@ -1,0 +1,133 @@
+"""The prompt-tuning loop: one function, read top to bottom.
+
+build batch -> forward -> loss -> backward -> step -> (every eval_every steps) evaluate on dev,
+keep the best prompt, report and offer a checkpoint. At the end the best prompt (early stopping
+on dev, as in the paper) is evaluated on the held-out test split.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from trainables.backbone import Backbone
+from trainables.checkpoint import load_checkpoint, save_checkpoint
+from trainables.config import TrainConfig
+from trainables.data import EncodedTask, TrainOrder, encode_task, train_batch
+from trainables.evaluate import evaluate
+from trainables.inits import INITS, InitContext
+from trainables.optimizers import build_optimizer
+from trainables.prompt import PromptedModel, SoftPrompt
+from trainables.tasks import load_task
+
+# report(metrics, save): called after every evaluation; save(folder) writes a resumable checkpoint.
+Reporter = Callable[[dict, Callable[[Path], None]], None]
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite (e.g. AdamW at Adafactor's lr 0.3)."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"loss became {loss} at step {step}: the run diverged")
+        self.step = step
+
+
+def prepare_data(cfg: TrainConfig, backbone: Backbone) -> EncodedTask:
+    task = load_task(cfg.task, cfg.text_column, cfg.label_column, cfg.verbalizers)
+    return encode_task(task, backbone.tokenizer, backbone.is_encoder_decoder, backbone.vocab_is_frequency_ordered,
+                       cfg.max_length, cfg.max_train_examples, cfg.max_eval_examples)
+
+
+def initial_prompt(cfg: TrainConfig, backbone: Backbone, data: EncodedTask) -> torch.Tensor:
+    text_ids = backbone.tokenizer(cfg.init_text or "", add_special_tokens=False)["input_ids"]
+    ctx = InitContext(
+        embeddings=backbone.model.get_input_embeddings().weight.detach().cpu(),
+        common_token_ids=data.common_token_ids,
+        class_token_ids=[ids[:-1] if data.is_encoder_decoder else ids for ids in data.target_ids],  # no EOS
+        text_token_ids=text_ids, scale=cfg.init_scale,
+        generator=torch.Generator().manual_seed(cfg.seed))
+    return INITS[cfg.init](cfg.prompt_length, ctx)
+
+
+def checkpoint_meta(cfg: TrainConfig, backbone: Backbone, data: EncodedTask, step: int, metrics: dict) -> dict:
+    return {"backbone": cfg.model, "fingerprint": backbone.fingerprint, "init": cfg.init, "task": data.name,
+            "verbalizers": data.verbalizers, "step": step, "metrics": metrics, "config": cfg.to_dict()}
+
+
+def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None, report: Reporter | None = None,
+          resume_from: Path | None = None, progress: bool = False) -> dict:
+    """Tune a soft prompt on `cfg.task`; return the best dev metrics and their test metrics."""
+    data = data or prepare_data(cfg, backbone)
+    device = backbone.device
+    prompt = SoftPrompt(initial_prompt(cfg, backbone, data)).to(device)
+    optimizer, schedule = build_optimizer(cfg.optimizer, prompt.weight, cfg.lr, cfg.weight_decay,
+                                          cfg.warmup_steps, cfg.decay_factor, cfg.max_steps)
+    start, best = 0, {"dev_accuracy": -1.0, "step": 0, "prompt": prompt.weight.detach().clone()}
+    if resume_from is not None:
+        current = load_checkpoint(Path(resume_from) / "current", backbone.fingerprint, backbone.width)
+        best_saved = load_checkpoint(Path(resume_from) / "best", backbone.fingerprint, backbone.width)
+        with torch.no_grad():
+            prompt.weight.copy_(current.prompt)
+        optimizer.load_state_dict(current.optimizer_state)
+        schedule.load_state_dict(current.meta["scheduler"])
+        start = current.meta["step"]
+        best = {"dev_accuracy": best_saved.meta["metrics"]["dev_accuracy"], "step": best_saved.meta["step"],
+                "prompt": best_saved.prompt.to(device)}
+    pm = PromptedModel(backbone, prompt)
+    order = TrainOrder([len(x) for x in data.splits["train"].input_ids], cfg.batch_size, cfg.seed)
+
+    losses, examples, train_seconds = [], 0, 0.0
+    bar = tqdm(range(start, cfg.max_steps), desc=f"prompt-tuning {data.name}", disable=not progress,
+               initial=start, total=cfg.max_steps, unit="step")
+    for step in bar:
+        started = time.perf_counter()
+        batch = train_batch(data, order, step).to(device)
+        loss = pm.loss(batch)
+        if not math.isfinite(loss.item()):
+            raise Diverged(step, loss.item())
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_seconds += time.perf_counter() - started
+        losses.append(loss.item())
+        examples += len(batch.classes)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+        done = step + 1
+        if done % cfg.eval_every and done != cfg.max_steps:
+            continue
+        dev = evaluate(pm, data, "dev", cfg.eval_mode, cfg.eval_batch_size)
+        if dev["accuracy"] > best["dev_accuracy"]:
+            best = {"dev_accuracy": dev["accuracy"], "step": done, "prompt": prompt.weight.detach().clone()}
+        metrics = {"step": done, "train_loss": sum(losses) / len(losses),
+                   **{f"dev_{k}": v for k, v in dev.items()}, "best_dev_accuracy": best["dev_accuracy"],
+                   "best_step": best["step"], "examples_per_s": examples / train_seconds}
+        losses, examples, train_seconds = [], 0, 0.0
+        if progress:
+            bar.write(f"step {done}: train_loss {metrics['train_loss']:.4f}  dev_accuracy {dev['accuracy']:.4f}"
+                      f"  best {best['dev_accuracy']:.4f} @ {best['step']}")
+        if report is not None:
+            def save(folder: Path, step=done, metrics=metrics, best=dict(best)):
+                save_checkpoint(Path(folder) / "current", prompt.weight,
+                                {**checkpoint_meta(cfg, backbone, data, step, metrics),
+                                 "scheduler": schedule.state_dict()}, optimizer.state_dict())
+                save_checkpoint(Path(folder) / "best", best["prompt"],
+                                checkpoint_meta(cfg, backbone, data, best["step"], {"dev_accuracy": best["dev_accuracy"]}))
+            report(metrics, save)
+
+    with torch.no_grad():
+        prompt.weight.copy_(best["prompt"])
+    test = evaluate(pm, data, "test", cfg.eval_mode, cfg.eval_batch_size)
+    return {"best_step": best["step"], "best_dev_accuracy": best["dev_accuracy"],
+            **{f"test_{k}": v for k, v in test.items()}, "prompt": best["prompt"].detach().cpu()}
+
+
+def zero_shot(cfg: TrainConfig, backbone: Backbone, data: EncodedTask, split: str = "test") -> dict:
+    """The frozen model with no prompt at all: the baseline prompt tuning must beat."""
+    empty = SoftPrompt(torch.zeros(0, backbone.width)).to(backbone.device)
+    return evaluate(PromptedModel(backbone, empty), data, split, cfg.eval_mode, cfg.eval_batch_size)
