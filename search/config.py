@@ -1,0 +1,285 @@
+"""Config files, validated at the edge: every error names the field, the value and what is
+allowed, so inner code can trust what it gets."""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from trainables.config import FIELDS, TrainConfig
+from trainables.evaluate import EVAL_MODES
+from trainables.inits import INITS
+from trainables.optimizers import DEFAULT_LR, OPTIMIZERS
+from trainables.tasks import FILE_SUFFIXES, is_task_file, task_names
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config: one line, no traceback."""
+
+    def __init__(self, field: str, value, allowed: str, source: str | None = None):
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{field} = {value!r} is not allowed: {allowed}")
+        self.field, self.value, self.allowed = field, value, allowed
+
+
+@dataclass(frozen=True)
+class Rule:
+    check: Callable[[object], bool]
+    allowed: str
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def one_of(*choices) -> Rule:
+    return Rule(lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
+
+
+def integer(low: int, high: int | None = None, optional: bool = False) -> Rule:
+    text = f"an integer >= {low}" + (f" and <= {high}" if high is not None else "") + (" or null" if optional else "")
+    return Rule(lambda v: (optional and v is None) or (_is_int(v) and v >= low and (high is None or v <= high)), text)
+
+
+def number(low: float, high: float | None = None, low_open: bool = False, optional: bool = False) -> Rule:
+    def check(v) -> bool:
+        if optional and v is None:
+            return True
+        return _is_number(v) and (v > low if low_open else v >= low) and (high is None or v <= high)
+    text = f"a number {'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+    return Rule(check, text + (" or null" if optional else ""))
+
+
+def text(optional: bool = False) -> Rule:
+    return Rule(lambda v: (optional and v is None) or (isinstance(v, str) and v.strip() != ""),
+                "a non-empty string" + (" or null" if optional else ""))
+
+
+def _valid_task(v) -> bool:
+    return isinstance(v, str) and (v in task_names() or is_task_file(v))
+
+
+def _valid_verbalizers(v) -> bool:
+    return v is None or (isinstance(v, dict) and len(v) >= 2
+                         and all(isinstance(x, str) and x.strip() for x in v.values()))
+
+
+TRAIN_RULES: dict[str, Rule] = {
+    "model": text(),
+    "dtype": one_of("auto", "float32", "bfloat16", "float16"),
+    "task": Rule(_valid_task, f"one of {', '.join(task_names())}, or a data file ({', '.join(FILE_SUFFIXES)})"),
+    "text_column": text(),
+    "label_column": text(),
+    "verbalizers": Rule(_valid_verbalizers, "null or a mapping of 2+ label values to non-empty strings"),
+    "max_length": integer(8),
+    "max_train_examples": integer(1, optional=True),
+    "max_eval_examples": integer(1, optional=True),
+    "prompt_length": integer(1, 1000),
+    "init": one_of(*INITS),
+    "init_scale": number(0, low_open=True),
+    "init_text": text(optional=True),
+    "optimizer": one_of(*OPTIMIZERS),
+    "lr": number(0, 10, low_open=True),
+    "weight_decay": number(0, 1),
+    "warmup_steps": integer(0),
+    "decay_factor": number(0, 1, low_open=True, optional=True),
+    "batch_size": integer(1, 4096),
+    "max_steps": integer(1),
+    "eval_every": integer(1),
+    "eval_mode": one_of(*EVAL_MODES),
+    "eval_batch_size": integer(1, 4096),
+    "seed": integer(0),
+    "output_dir": text(),
+}
+assert set(TRAIN_RULES) == set(FIELDS), "every TrainConfig field needs a rule"
+
+
+def check_fields(values: dict, rules: dict[str, Rule], source: str | None, prefix: str = "") -> None:
+    for key, value in values.items():
+        if key not in rules:
+            close = difflib.get_close_matches(str(key), rules, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(prefix + str(key), value, f"unknown field; {hint}known fields: {', '.join(rules)}", source)
+        if not rules[key].check(value):
+            raise ConfigError(prefix + key, value, rules[key].allowed, source)
+
+
+def train_config(values: dict, source: str | None = None, prefix: str = "") -> TrainConfig:
+    """A TrainConfig from a plain mapping; the optimizer's default lr when none is given."""
+    if not isinstance(values, dict):
+        raise ConfigError(prefix.rstrip(".") or "config", values, "a mapping of field: value", source)
+    check_fields(values, TRAIN_RULES, source, prefix)
+    values = dict(values)
+    if "lr" not in values and "optimizer" in values:
+        values["lr"] = DEFAULT_LR[values["optimizer"]]
+    if values.get("init") == "text" and not values.get("init_text"):
+        raise ConfigError(prefix + "init_text", values.get("init_text"), "a non-empty string when init is text", source)
+    if is_task_file(values.get("task", "")) and not Path(values["task"]).exists():
+        raise ConfigError(prefix + "task", values["task"], "an existing data file (no such file)", source)
+    return TrainConfig(**values)
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A YAML mapping from a file; a missing or malformed file is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config file", str(path), "an existing YAML file")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError("config file", str(path), f"valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError("config file", str(path), "a YAML mapping of field: value")
+    return values
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`--set key=value` pairs, values parsed as YAML scalars (so 0.3 is a float, null is None)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError("--set", pair, "key=value")
+        overrides[key.strip()] = yaml.safe_load(raw)
+    return overrides
+
+
+def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    return train_config({**load_yaml(path), **parse_overrides(list(overrides))}, source=str(path))
+
+
+# ---- search configs ----
+
+SEARCH_METRICS = {"best_dev_accuracy": "max", "dev_accuracy": "max", "dev_f1": "max", "train_loss": "min"}
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    name: str
+    train: TrainConfig            # fixed fields of every trial (max_steps is the budget's)
+    space: str | dict             # a name in spaces.SPACES, or a validated custom definition
+    checkpoints: tuple[str, ...]  # the models a space may choose among
+    points_to_evaluate: tuple[dict, ...] | None
+    metric: str
+    trials: int
+    time_limit_s: float | None
+    scheduler: str                # asha | none
+    grace_period: int
+    reduction_factor: int
+    concurrency: int
+    cpus_per_trial: float
+    gpus_per_trial: float
+    storage_path: str
+    seed: int
+    max_failures: int
+
+    @property
+    def mode(self) -> str:
+        return SEARCH_METRICS[self.metric]
+
+
+SEARCH_DEFAULTS = {
+    "name": None, "train": {}, "space": "quick", "checkpoints": None, "points_to_evaluate": None,
+    "metric": "best_dev_accuracy", "trials": 8, "max_steps": 100, "time_limit_s": None,
+    "scheduler": "asha", "grace_period": None, "reduction_factor": 3, "concurrency": 2,
+    "cpus_per_trial": 1, "gpus_per_trial": 0, "storage_path": "runs/search", "seed": 0, "max_failures": 1,
+}
+
+
+def _name(v) -> bool:
+    return isinstance(v, str) and v.replace("-", "").replace("_", "").isalnum()
+
+
+SEARCH_RULES: dict[str, Rule] = {
+    "name": Rule(_name, "letters, digits, '-' and '_'"),
+    "train": Rule(lambda v: isinstance(v, dict), "a mapping of training fields (see `softprompt train --help`)"),
+    "space": Rule(lambda v: isinstance(v, dict) or v in ("quick", "paper"), "quick, paper, or a mapping of parameters"),
+    "checkpoints": Rule(lambda v: v is None or (isinstance(v, list) and v and all(isinstance(x, str) and x for x in v)),
+                        "a non-empty list of model names (offline alias, hub id or local folder)"),
+    "points_to_evaluate": Rule(lambda v: v is None or (isinstance(v, list) and all(isinstance(p, dict) for p in v)),
+                               "null or a list of parameter mappings"),
+    "metric": one_of(*SEARCH_METRICS),
+    "trials": integer(1, 10000),
+    "max_steps": integer(1),
+    "time_limit_s": number(0, low_open=True, optional=True),
+    "scheduler": one_of("asha", "none"),
+    "grace_period": integer(1, optional=True),
+    "reduction_factor": integer(2, 16),
+    "concurrency": integer(1, 1024),
+    "cpus_per_trial": number(0, low_open=True),
+    "gpus_per_trial": number(0, 64),
+    "storage_path": text(),
+    "seed": integer(0),
+    "max_failures": integer(0, 100),
+}
+SPACE_KEYS = {"choices", "low", "high", "log", "int", "when"}
+SPACE_EXTRA_PARAMS = {"warmup_fraction": number(0, 1)}
+
+
+def _check_space(space: dict, source: str | None) -> None:
+    """Every parameter sets a TrainConfig field (optionally `field@branch`), and every value it
+    can take passes that field's own rule."""
+    seen: list[str] = []
+    for name, spec in space.items():
+        where = f"space.{name}"
+        field = str(name).split("@")[0]
+        rule = TRAIN_RULES.get(field) or SPACE_EXTRA_PARAMS.get(field)
+        if rule is None or field in ("max_steps", "output_dir"):
+            raise ConfigError(where, name, "a training field name (optionally field@branch), e.g. lr, prompt_length, init", source)
+        if not isinstance(spec, dict) or set(spec) - SPACE_KEYS:
+            raise ConfigError(where, spec, f"a mapping with keys from {sorted(SPACE_KEYS)}", source)
+        if "choices" in spec:
+            if not isinstance(spec["choices"], list) or not spec["choices"]:
+                raise ConfigError(where + ".choices", spec["choices"], "a non-empty list", source)
+            for choice in spec["choices"]:
+                if not rule.check(choice):
+                    raise ConfigError(where + ".choices", choice, rule.allowed, source)
+        else:
+            low, high = spec.get("low"), spec.get("high")
+            if not (_is_number(low) and _is_number(high) and low < high):
+                raise ConfigError(where, spec, "either choices: [...] or numbers low < high", source)
+            for bound in (low, high):
+                if not rule.check(int(bound) if spec.get("int") else bound):
+                    raise ConfigError(where, bound, rule.allowed, source)
+            if spec.get("log") and low <= 0:
+                raise ConfigError(where + ".low", low, "a number > 0 when log: true", source)
+        when = spec.get("when", {})
+        if not isinstance(when, dict) or any(k not in seen for k in when):
+            raise ConfigError(where + ".when", when, f"a mapping over parameters defined above it ({seen})", source)
+        seen.append(name)
+
+
+def search_config(values: dict, source: str | None = None, default_name: str = "search") -> SearchConfig:
+    check_fields(values, SEARCH_RULES, source)
+    merged = {**SEARCH_DEFAULTS, **values}
+    if "max_steps" in merged["train"]:
+        raise ConfigError("train.max_steps", merged["train"]["max_steps"], "set the budget with the top-level max_steps", source)
+    train = train_config({**merged["train"], "max_steps": merged["max_steps"]}, source, prefix="train.")
+    checkpoints = tuple(merged["checkpoints"] or [train.model])
+    if isinstance(merged["space"], dict):
+        _check_space(merged["space"], source)
+    grace = merged["grace_period"] or train.eval_every
+    if grace > merged["max_steps"]:
+        raise ConfigError("grace_period", grace, f"at most max_steps ({merged['max_steps']})", source)
+    if merged["concurrency"] > merged["trials"]:
+        merged["concurrency"] = merged["trials"]
+    return SearchConfig(
+        name=merged["name"] or default_name, train=train, space=merged["space"], checkpoints=checkpoints,
+        points_to_evaluate=tuple(merged["points_to_evaluate"]) if merged["points_to_evaluate"] is not None else None,
+        metric=merged["metric"], trials=merged["trials"], time_limit_s=merged["time_limit_s"],
+        scheduler=merged["scheduler"], grace_period=grace, reduction_factor=merged["reduction_factor"],
+        concurrency=merged["concurrency"], cpus_per_trial=merged["cpus_per_trial"],
+        gpus_per_trial=merged["gpus_per_trial"], storage_path=merged["storage_path"], seed=merged["seed"],
+        max_failures=merged["max_failures"])
+
+
+def load_search_config(path: str | Path, overrides: list[str] = ()) -> SearchConfig:
+    values = {**load_yaml(path), **parse_overrides(list(overrides))}
+    return search_config(values, source=str(path), default_name=Path(path).stem)

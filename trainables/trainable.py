@@ -1,0 +1,66 @@
+"""The Ray Tune function trainable: one search trial = one prompt-tuning run on a worker.
+
+The frozen backbone and the tokenised task are kept per worker process and reused by later
+trials on that worker. Reports every `eval_every` steps with a resumable checkpoint; resumes
+from `ray.tune.get_checkpoint()` bit-for-bit (prompt, optimizer state, data order).
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from ray import tune
+
+from trainables.backbone import cached_backbone, default_device
+from trainables.config import TrainConfig, fields_from_params
+from trainables.data import EncodedTask
+from trainables.loop import Diverged, prepare_data, train
+
+_WORKER_DATA: dict[tuple, EncodedTask] = {}
+
+
+def _cached_data(cfg: TrainConfig, backbone) -> EncodedTask:
+    key = (cfg.task, cfg.text_column, cfg.label_column, str(cfg.verbalizers), backbone.fingerprint,
+           cfg.max_length, cfg.max_train_examples, cfg.max_eval_examples)
+    if key not in _WORKER_DATA:
+        _WORKER_DATA.clear()  # one task per search: keep only the latest
+        _WORKER_DATA[key] = prepare_data(cfg, backbone)
+    return _WORKER_DATA[key]
+
+
+def worst_value(mode: str) -> float:
+    """Finite on purpose: Optuna refuses NaN/inf and would leave the trial RUNNING forever."""
+    return 0.0 if mode == "max" else 1e9
+
+
+def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: float = 0.0) -> None:
+    """`config` holds this trial's sampled parameters, `base` the search's fixed TrainConfig fields."""
+    cfg = TrainConfig(**{**base, **fields_from_params(config, base["max_steps"])})
+    device = default_device()
+    if device.type == "cuda" and 0 < gpu_fraction < 1:
+        # Ray's fractional GPUs are logical shares with no memory isolation: cap our own.
+        torch.cuda.set_per_process_memory_fraction(gpu_fraction)
+    started = time.perf_counter()
+    backbone, reused = cached_backbone(cfg.model, cfg.dtype, device)
+    data = _cached_data(cfg, backbone)
+    setup = {"backbone_reused": reused, "backbone_load_s": backbone.load_seconds,
+             "setup_s": time.perf_counter() - started}
+
+    def report(metrics: dict, save) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            save(Path(folder))
+            status = "completed" if "test_accuracy" in metrics else "running"
+            tune.report({**metrics, **setup, "status": status}, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    checkpoint = tune.get_checkpoint()
+    try:
+        if checkpoint is None:
+            train(cfg, backbone, data, report=report)
+        else:
+            with checkpoint.as_directory() as folder:
+                train(cfg, backbone, data, report=report, resume_from=Path(folder))
+    except (Diverged, torch.cuda.OutOfMemoryError) as error:
+        status = "diverged" if isinstance(error, Diverged) else "out_of_memory"
+        tune.report({metric: worst_value(mode), "step": cfg.max_steps, "status": status, "error": str(error), **setup})
