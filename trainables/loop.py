@@ -80,7 +80,7 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
     pm = PromptedModel(backbone, prompt)
     order = TrainOrder([len(x) for x in data.splits["train"].input_ids], cfg.batch_size, cfg.seed)
 
-    losses, examples, train_seconds = [], 0, 0.0
+    losses, examples, train_seconds, total_train_seconds = [], 0, 0.0, 0.0
     bar = tqdm(range(start, cfg.max_steps), desc=f"prompt-tuning {data.name}", disable=not progress,
                initial=start, total=cfg.max_steps, unit="step")
     for step in bar:
@@ -94,6 +94,7 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         train_seconds += time.perf_counter() - started
+        total_train_seconds += time.perf_counter() - started
         losses.append(loss.item())
         examples += len(batch.classes)
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -106,7 +107,8 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
             best = {"dev_accuracy": dev["accuracy"], "step": done, "prompt": prompt.weight.detach().clone()}
         metrics = {"step": done, "train_loss": sum(losses) / len(losses),
                    **{f"dev_{k}": v for k, v in dev.items()}, "best_dev_accuracy": best["dev_accuracy"],
-                   "best_step": best["step"], "examples_per_s": examples / train_seconds}
+                   "best_step": best["step"], "examples_per_s": examples / train_seconds,
+                   "train_s": total_train_seconds}  # inside training steps, since this process started
         losses, examples, train_seconds = [], 0, 0.0
         if done == cfg.max_steps:  # the last report carries the held-out result of the best prompt
             metrics.update({f"test_{k}": v for k, v in _evaluate_prompt(pm, best["prompt"], data, cfg).items()})

@@ -1,0 +1,263 @@
+"""The search: Optuna spaces, the Tuner with ASHA, divergence, resume, fractional GPUs, bad configs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+import torch
+import yaml
+from ray import tune
+
+from search.config import ConfigError, search_config
+from search.tuner import best_trial, experiment_dir, run_search, trial_rows
+from spaces import DEFAULT_POINTS, CustomSpace, paper, quick
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+# Ray workers cannot import this test module by name: ship its functions by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def tiny_search(tiny_llama_dir, tmp_path, **overrides):
+    values = {"name": "tiny", "trials": 6, "max_steps": 8, "concurrency": 2, "grace_period": 2,
+              "reduction_factor": 2, "metric": "train_loss", "storage_path": str(tmp_path), "seed": 0,
+              "train": {"model": str(tiny_llama_dir), "task": "rotten_tomatoes", "batch_size": 4, "eval_every": 2,
+                        "max_eval_examples": 16, "max_train_examples": 64}}
+    for key, value in overrides.items():
+        if key == "train":
+            values["train"].update(value)
+        else:
+            values[key] = value
+    return search_config(values)
+
+
+def study_trials(cfg):
+    folder = experiment_dir(cfg.storage_path, cfg.name)
+    return optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{folder / 'optuna.db'}").trials
+
+
+# ---- spaces: pure functions of an Optuna trial ----
+
+@pytest.mark.parametrize("space", [quick, paper])
+def test_learning_rate_range_exists_only_for_the_chosen_optimizer(space):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    optimizers = set()
+    for _ in range(40):
+        trial = study.ask()
+        space(trial, ["smollm2-135m"])
+        optimizer = trial.params["optimizer"]
+        optimizers.add(optimizer)
+        other = "adamw" if optimizer == "adafactor" else "adafactor"
+        assert f"lr@{optimizer}" in trial.params and f"lr@{other}" not in trial.params
+        assert "model" not in trial.params  # one checkpoint: nothing to choose
+        study.tell(trial, 0.5)
+    assert optimizers == {"adafactor", "adamw"}
+
+
+def test_paper_space_uses_the_papers_ablation_values_and_chooses_among_checkpoints():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = {"prompt_length": set(), "init": set(), "model": set()}
+    for _ in range(60):
+        trial = study.ask()
+        paper(trial, ["google/t5-base-lm-adapt", "google/t5-v1_1-base"])
+        for key in seen:
+            seen[key].add(trial.params[key])
+        lr = trial.params.get("lr@adafactor", trial.params.get("lr@adamw"))
+        assert (1e-3 <= lr <= 0.5) if trial.params["optimizer"] == "adafactor" else (1e-5 <= lr <= 1e-1)
+        study.tell(trial, 0.5)
+    assert seen["prompt_length"] <= {1, 5, 20, 100, 150} and len(seen["prompt_length"]) >= 4
+    assert seen["init"] == {"random_uniform", "sampled_vocab", "class_label"}
+    assert seen["model"] == {"google/t5-base-lm-adapt", "google/t5-v1_1-base"}
+
+
+def test_custom_space_suggests_a_conditional_parameter_only_when_its_condition_holds():
+    space = CustomSpace({"optimizer": {"choices": ["adafactor", "adamw"]},
+                         "lr@adamw": {"low": 1e-4, "high": 0.1, "log": True, "when": {"optimizer": "adamw"}},
+                         "prompt_length": {"low": 1, "high": 50, "int": True}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(30):
+        trial = study.ask()
+        space(trial, [])
+        assert ("lr@adamw" in trial.params) == (trial.params["optimizer"] == "adamw")
+        assert isinstance(trial.params["prompt_length"], int) and 1 <= trial.params["prompt_length"] <= 50
+        study.tell(trial, 0.0)
+
+
+# ---- the Tuner, on the session's Ray cluster ----
+
+def test_small_search_runs_the_default_point_first_and_asha_prunes_weak_trials(ray_cluster, tiny_llama_dir, tmp_path):
+    cfg = tiny_search(tiny_llama_dir, tmp_path)
+    run_search(cfg)
+    rows = trial_rows(cfg.storage_path, cfg.name)
+    assert len(rows) == 6
+    statuses = [r["status"] for r in rows]
+    assert "stopped early" in statuses and "completed" in statuses
+    assert all(r["step"] < 8 for r in rows if r["status"] == "stopped early")
+    assert all(r["step"] == 8 and r["test_accuracy"] is not None for r in rows if r["status"] == "completed")
+
+    trials = study_trials(cfg)
+    assert trials[0].params == DEFAULT_POINTS["quick"]  # points_to_evaluate ran first
+    by_state = {t.state.name for t in trials}
+    assert by_state == {"COMPLETE", "PRUNED"}  # ASHA-stopped trials are not fed to TPE as finished
+    assert sum(t.state.name == "PRUNED" for t in trials) == statuses.count("stopped early")
+
+    best = best_trial(cfg.storage_path, cfg.name)
+    assert best["metric"] == min(r["metric"] for r in rows)
+    assert (Path(best["prompt"]) / "prompt.safetensors").is_file()
+
+
+def test_workers_reuse_the_frozen_backbone_across_trials(ray_cluster, tiny_llama_dir, tmp_path):
+    cfg = tiny_search(tiny_llama_dir, tmp_path, name="reuse", trials=4, scheduler="none", max_steps=2,
+                      train={"eval_every": 2})
+    grid = run_search(cfg)
+    reused = [r.metrics["backbone_reused"] for r in grid]
+    # 2 workers, 4 trials: at most the first trial on each worker loads the model
+    assert reused.count(False) <= 2 and reused.count(True) >= 2
+
+
+@pytest.fixture(scope="module")
+def overflowing_llama_dir(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama with an infinite final-norm weight: its loss is NaN from step 1."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("inf"))
+    folder = tmp_path_factory.mktemp("overflowing-llama")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(folder)
+    return folder
+
+
+def test_a_diverging_trial_ends_as_diverged_and_the_search_goes_on(ray_cluster, tiny_llama_dir,
+                                                                   overflowing_llama_dir, tmp_path):
+    models = [str(tiny_llama_dir), str(overflowing_llama_dir)]
+    cfg = tiny_search(tiny_llama_dir, tmp_path, name="diverge", trials=2, scheduler="none", metric="best_dev_accuracy",
+                      space={"model": {"choices": models}}, points_to_evaluate=[{"model": m} for m in models])
+    run_search(cfg)
+    rows = {r["params"]["model"]: r for r in trial_rows(cfg.storage_path, cfg.name)}
+    assert rows[str(overflowing_llama_dir)]["status"] == "diverged"
+    assert rows[str(overflowing_llama_dir)]["metric"] == 0.0  # the worst accuracy, finite for Optuna
+    assert rows[str(tiny_llama_dir)]["status"] == "completed" and rows[str(tiny_llama_dir)]["metric"] > 0.0
+    states = {t.params["model"]: t.state.name for t in study_trials(cfg)}
+    assert states == {models[0]: "COMPLETE", models[1]: "COMPLETE"}  # no trial left RUNNING in the study
+
+
+def record_resources(config, base, metric, mode, gpu_fraction):
+    """A stand-in trainable that records what Ray gave it, and overlaps with its neighbours."""
+    started = time.time()
+    time.sleep(3)
+    tune.report({metric: 0.5, "step": base["max_steps"], "status": "completed", "started": started,
+                 "ended": time.time(), "gpu_ids": ray.get_gpu_ids(), "gpu_fraction": gpu_fraction,
+                 "resources": ray.get_runtime_context().get_assigned_resources()})
+
+
+def test_quarter_gpu_trials_pack_four_to_a_one_gpu_node(ray_cluster, tiny_llama_dir, tmp_path):
+    cfg = tiny_search(tiny_llama_dir, tmp_path, name="gpus", trials=4, concurrency=4, scheduler="none",
+                      cpus_per_trial=0.5, gpus_per_trial=0.25)
+    grid = run_search(cfg, trainable=record_resources)
+    results = [r.metrics for r in grid]
+    assert len(results) == 4
+    assert max(r["started"] for r in results) < min(r["ended"] for r in results)  # all four ran at once
+    for r in results:
+        assert r["resources"]["GPU"] == 0.25 and r["gpu_fraction"] == 0.25
+        assert len(r["gpu_ids"]) == 1
+
+
+def test_resume_after_an_interrupted_search_reruns_nothing_finished(ray_cluster, tiny_llama_dir, tmp_path):
+    cfg_file = tmp_path / "search.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "name": "interrupted", "trials": 5, "max_steps": 40, "concurrency": 1, "scheduler": "none",
+        "storage_path": str(tmp_path / "runs"),
+        "train": {"model": str(tiny_llama_dir), "task": "rotten_tomatoes", "batch_size": 4, "eval_every": 4,
+                  "max_eval_examples": 16, "max_train_examples": 64}}))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    softprompt = [sys.executable, "-m", "search.cli"]
+    driver = subprocess.Popen([*softprompt, "search", "run", str(cfg_file)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    study = f"sqlite:///{tmp_path / 'runs' / 'interrupted' / 'optuna.db'}"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # interrupt once two trials have finished
+        time.sleep(1)
+        try:
+            done = [t for t in optuna.load_study(study_name="interrupted", storage=study).trials if t.state.is_finished()]
+        except Exception:  # the study is not created yet
+            continue
+        if len(done) >= 2:
+            break
+    driver.send_signal(signal.SIGINT)
+    driver.wait(timeout=120)
+    before = {r["trial_id"]: r for r in trial_rows(str(tmp_path / "runs"), "interrupted")}
+    finished = {tid for tid, r in before.items() if r["status"] == "completed"}
+    assert 2 <= len(finished) < 5
+    lines = lambda tid: (tmp_path / "runs" / "interrupted" / f"trial_{tid}" / "result.json").read_text().splitlines()
+    reported = {tid: lines(tid) for tid in finished}
+
+    resumed = subprocess.run([*softprompt, "search", "resume", "interrupted", "--storage-path", str(tmp_path / "runs")],
+                             env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = {r["trial_id"]: r for r in trial_rows(str(tmp_path / "runs"), "interrupted")}
+    assert len(after) == 5 and all(r["status"] == "completed" for r in after.values())
+    for tid in finished:  # not one more report from a trial that had finished
+        assert lines(tid) == reported[tid]
+    for tid in after:
+        rows = [json.loads(line) for line in lines(tid)]
+        assert sorted({r["step"] for r in rows}) == list(range(4, 41, 4)), tid
+        # A trial interrupted mid-run resumes from its last registered checkpoint and replays the
+        # steps after it: the replay must be bit-for-bit the same run.
+        by_step = {}
+        for r in rows:
+            by_step.setdefault(r["step"], set()).add((r["train_loss"], r["dev_accuracy"], r["best_dev_accuracy"]))
+        assert all(len(values) == 1 for values in by_step.values()), (tid, by_step)
+
+
+# ---- bad search configs ----
+
+BAD_SEARCH_CONFIGS = [
+    ({"trails": 4}, "trails", "did you mean 'trials'"),
+    ({"scheduler": "hyperband"}, "scheduler", "one of asha, none"),
+    ({"metric": "accuracy"}, "metric", "best_dev_accuracy"),
+    ({"trials": 0}, "trials", "an integer >= 1"),
+    ({"concurrency": 1.5}, "concurrency", "an integer"),
+    ({"grace_period": 500, "max_steps": 100}, "grace_period", "at most max_steps"),
+    ({"train": {"max_steps": 10}}, "train.max_steps", "top-level max_steps"),
+    ({"train": {"optimizer": "sgd"}}, "train.optimizer", "one of adafactor, adamw"),
+    ({"space": "huge"}, "space", "quick, paper"),
+    ({"space": {"dropout": {"choices": [0.1]}}}, "space.dropout", "training field"),
+    ({"space": {"init": {"choices": ["zeros"]}}}, "space.init.choices", "one of random_uniform"),
+    ({"space": {"prompt_length": {"choices": [0, 5]}}}, "space.prompt_length.choices", "an integer >= 1"),
+    ({"space": {"lr": {"low": 0.1, "high": 0.01}}}, "space.lr", "low < high"),
+    ({"space": {"lr": {"low": 0.0, "high": 0.1, "log": True}}}, "space.lr", "> 0"),
+    ({"space": {"lr": {"low": 1e-4, "high": 0.1, "when": {"optimizer": "adamw"}}}}, "space.lr.when", "defined above"),
+    ({"space": {"lr": {"low": 1e-4, "high": 0.1, "step": 2}}}, "space.lr", "a mapping with keys"),
+    ({"checkpoints": []}, "checkpoints", "non-empty list"),
+    ({"gpus_per_trial": -1}, "gpus_per_trial", ">= 0"),
+]
+
+
+@pytest.mark.parametrize("change,field,allowed", BAD_SEARCH_CONFIGS, ids=[c[1] for c in BAD_SEARCH_CONFIGS])
+def test_bad_search_config_names_the_field_and_what_is_allowed(change, field, allowed):
+    values = {"train": {"task": "rotten_tomatoes"}, **change}
+    with pytest.raises(ConfigError) as caught:
+        search_config(values, source="search.yaml")
+    message = str(caught.value)
+    assert caught.value.field == field
+    assert message.startswith("search.yaml: ") and allowed in message
+
+
+def test_cli_answers_a_bad_search_config_with_one_line_and_exit_code_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trials: 4\nscheduler: hyperband\n")
+    result = subprocess.run([sys.executable, "-m", "search.cli", "search", "run", str(bad)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"softprompt: error: {bad}: scheduler = 'hyperband' is not allowed: one of asha, none"]
+    assert "Traceback" not in result.stderr + result.stdout
