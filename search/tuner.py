@@ -23,6 +23,7 @@ from trainables.config import TrainConfig
 from trainables.tasks import is_task_file
 from trainables.trainable import tune_trial
 
+SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
 CONFIG_FILE, SUMMARY_FILE, STUDY_FILE = "softprompt-search.yaml", "softprompt-summary.json", "optuna.db"
 
 
@@ -66,9 +67,10 @@ def _base_fields(cfg: SearchConfig) -> dict:
     return base
 
 
-def build_trainable(cfg: SearchConfig, trainable=tune_trial):
+def build_trainable(cfg: SearchConfig, trainable=tune_trial, tracking=None):
+    tracked = {"tracking": tracking} if tracking else {}  # a trainable need not know about tracking
     with_params = tune.with_parameters(trainable, base=_base_fields(cfg), metric=cfg.metric, mode=cfg.mode,
-                                       gpu_fraction=cfg.gpus_per_trial)
+                                       gpu_fraction=cfg.gpus_per_trial, **tracked)
     return tune.with_resources(with_params, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
 
 
@@ -76,18 +78,18 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def build_tuner(cfg: SearchConfig, trainable=tune_trial) -> tune.Tuner:
+def build_tuner(cfg: SearchConfig, trainable=tune_trial, tracking=None) -> tune.Tuner:
     folder = experiment_dir(cfg.storage_path, cfg.name)
     folder.mkdir(parents=True, exist_ok=True)
     searcher = AshaAwareOptunaSearch(
         space=_space_function(cfg), metric=cfg.metric, mode=cfg.mode, points_to_evaluate=_points(cfg) or None,
-        sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+        sampler=SAMPLERS[cfg.sampler](seed=cfg.seed),
         storage=optuna.storages.RDBStorage(f"sqlite:///{folder / STUDY_FILE}"), study_name=cfg.name)
     scheduler = (ASHAScheduler(time_attr="step", metric=cfg.metric, mode=cfg.mode, max_t=cfg.train.max_steps,
                                grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor)
                  if cfg.scheduler == "asha" else FIFOScheduler())
     return tune.Tuner(
-        build_trainable(cfg, trainable),
+        build_trainable(cfg, trainable, tracking),
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=scheduler, num_samples=cfg.trials,
             max_concurrent_trials=cfg.concurrency, reuse_actors=True, time_budget_s=cfg.time_limit_s,
@@ -127,25 +129,41 @@ def ensure_ray(cfg: SearchConfig) -> None:
             ray.init(include_dashboard=False, configure_logging=False, logging_level="WARNING")
 
 
-def run_search(cfg: SearchConfig, trainable=tune_trial) -> tune.ResultGrid:
-    """Start a new search; refuses to overwrite a finished or interrupted one of the same name."""
+def run_search(cfg: SearchConfig, trainable=tune_trial, tracking_uri: str | None = None) -> tune.ResultGrid:
+    """Start a new search; refuses to overwrite a finished or interrupted one of the same name.
+    With `tracking_uri`, MLflow gets one parent run for the search and a child run per trial."""
     folder = experiment_dir(cfg.storage_path, cfg.name)
     if (folder / CONFIG_FILE).exists():
         raise ConfigError("name", cfg.name, f"a new search name: {folder} exists "
                                             f"(`softprompt search resume {cfg.name}` continues it)")
     ensure_ray(cfg)
     save_search_config(cfg)
-    return build_tuner(cfg, trainable).fit()
+    if tracking_uri is None:
+        return build_tuner(cfg, trainable).fit()
+    from search.tracking import finish_search_run, start_search_run  # it imports this module
+    results = build_tuner(cfg, trainable, start_search_run(cfg, tracking_uri)).fit()
+    finish_search_run(cfg.storage_path, cfg.name)
+    return results
 
 
-def resume_search(storage_path: str, name: str, trainable=tune_trial) -> tune.ResultGrid:
+def resume_search(storage_path: str, name: str, trainable=tune_trial, tracking_uri: str | None = None) -> tune.ResultGrid:
     """Continue an interrupted search: finished trials are kept, unfinished ones resume from
-    their last checkpoint, errored ones are retried."""
+    their last checkpoint, errored ones are retried. A tracked search keeps logging to its parent
+    run (or to a new one at `tracking_uri`)."""
+    from search.tracking import finish_search_run, load_target, start_search_run  # it imports this module
+
     cfg = load_saved_config(storage_path, name)
     ensure_ray(cfg)
-    tuner = tune.Tuner.restore(str(experiment_dir(storage_path, name)), trainable=build_trainable(cfg, trainable),
+    saved = load_target(storage_path, name)
+    uri = tracking_uri or (saved.uri if saved else None)
+    tracking = start_search_run(cfg, uri) if uri else None
+    tuner = tune.Tuner.restore(str(experiment_dir(storage_path, name)),
+                               trainable=build_trainable(cfg, trainable, tracking),
                                resume_unfinished=True, resume_errored=True)
-    return tuner.fit()
+    results = tuner.fit()
+    if tracking:
+        finish_search_run(storage_path, name)
+    return results
 
 
 def trial_status(trial_state: str, last: dict) -> str:

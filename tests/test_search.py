@@ -180,7 +180,7 @@ def test_resume_after_an_interrupted_search_reruns_nothing_finished(ray_cluster,
                   "max_eval_examples": 16, "max_train_examples": 64}}))
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     softprompt = [sys.executable, "-m", "search.cli"]
-    driver = subprocess.Popen([*softprompt, "search", "run", str(cfg_file)], env=env,
+    driver = subprocess.Popen([*softprompt, "search", "run", str(cfg_file)], env=env, cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     study = f"sqlite:///{tmp_path / 'runs' / 'interrupted' / 'optuna.db'}"
     deadline = time.time() + 240
@@ -201,7 +201,7 @@ def test_resume_after_an_interrupted_search_reruns_nothing_finished(ray_cluster,
     reported = {tid: lines(tid) for tid in finished}
 
     resumed = subprocess.run([*softprompt, "search", "resume", "interrupted", "--storage-path", str(tmp_path / "runs")],
-                             env=env, capture_output=True, text=True, timeout=400)
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     after = {r["trial_id"]: r for r in trial_rows(str(tmp_path / "runs"), "interrupted")}
     assert len(after) == 5 and all(r["status"] == "completed" for r in after.values())
@@ -256,7 +256,7 @@ def test_cli_answers_a_bad_search_config_with_one_line_and_exit_code_2(tmp_path)
     bad = tmp_path / "bad.yaml"
     bad.write_text("trials: 4\nscheduler: hyperband\n")
     result = subprocess.run([sys.executable, "-m", "search.cli", "search", "run", str(bad)],
-                            capture_output=True, text=True, timeout=120)
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"softprompt: error: {bad}: scheduler = 'hyperband' is not allowed: one of asha, none"]

@@ -6,6 +6,7 @@ from `ray.tune.get_checkpoint()` bit-for-bit (prompt, optimizer state, data orde
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from trainables.backbone import cached_backbone, default_device
 from trainables.config import TrainConfig, fields_from_params
 from trainables.data import EncodedTask
 from trainables.loop import Diverged, prepare_data, train
+from trainables.tracking import TrackingTarget, TrialTracker
 
 _WORKER_DATA: dict[tuple, EncodedTask] = {}
 
@@ -35,9 +37,12 @@ def worst_value(mode: str) -> float:
     return 0.0 if mode == "max" else 1e9
 
 
-def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: float = 0.0) -> None:
-    """`config` holds this trial's sampled parameters, `base` the search's fixed TrainConfig fields."""
+def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: float = 0.0,
+               tracking: TrackingTarget | None = None) -> None:
+    """`config` holds this trial's sampled parameters, `base` the search's fixed TrainConfig fields;
+    `tracking`, if given, is where the trial's MLflow child run goes."""
     cfg = TrainConfig(**{**base, **fields_from_params(config, base["max_steps"])})
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint is noise
     device = default_device()
     if device.type == "cuda" and 0 < gpu_fraction < 1:
         # Ray's fractional GPUs are logical shares with no memory isolation: cap our own.
@@ -47,11 +52,16 @@ def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: f
     data = _cached_data(cfg, backbone)
     setup = {"backbone_reused": reused, "backbone_load_s": backbone.load_seconds,
              "setup_s": time.perf_counter() - started}
+    tracker = TrialTracker(tracking, tune.get_context().get_trial_id(), config) if tracking else None
 
     def report(metrics: dict, save) -> None:
         with tempfile.TemporaryDirectory() as folder:
             save(Path(folder))
             status = "completed" if "test_accuracy" in metrics else "running"
+            if tracker:
+                tracker.log({**metrics, **setup}, Path(folder) / "best")
+                if status == "completed":
+                    tracker.finish(status)
             tune.report({**metrics, **setup, "status": status}, checkpoint=tune.Checkpoint.from_directory(folder))
 
     checkpoint = tune.get_checkpoint()
@@ -63,4 +73,12 @@ def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: f
                 train(cfg, backbone, data, report=report, resume_from=Path(folder))
     except (Diverged, torch.cuda.OutOfMemoryError) as error:
         status = "diverged" if isinstance(error, Diverged) else "out_of_memory"
-        tune.report({metric: worst_value(mode), "step": cfg.max_steps, "status": status, "error": str(error), **setup})
+        final = {metric: worst_value(mode), "step": cfg.max_steps, "status": status, "error": str(error), **setup}
+        if tracker:
+            tracker.log(final)
+            tracker.finish(status)
+        tune.report(final)
+    except Exception:
+        if tracker:  # the driver corrects this if Ray stopped the trial on purpose
+            tracker.finish("errored")
+        raise

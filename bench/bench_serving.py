@@ -1,0 +1,75 @@
+"""Serving throughput of a k-prompt ensemble: one batched pass with per-example prompts
+(trainables/ensemble.py) against k separate passes, one per prompt (what PEFT's one-active-prompt
+forward allows). Writes bench/results/serving.md.
+
+    python bench/bench_serving.py [--model smollm2-135m] [--k 5] [--prompt-length 20] [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from trainables.backbone import load_backbone
+from trainables.data import encode_task
+from trainables.ensemble import PromptEnsemble, TaskPrompts
+from trainables.prompt import PromptedModel, SoftPrompt
+from trainables.tasks import load_task
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--prompt-length", type=int, default=20)
+    parser.add_argument("--batches", default="1,8,32", help="request batch sizes")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="bench/results/serving.md")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+
+    backbone = load_backbone(args.model, "float32")
+    data = encode_task(load_task("rotten_tomatoes"), backbone.tokenizer, backbone.is_encoder_decoder,
+                       backbone.vocab_is_frequency_ordered, 256, 64, 64)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.rand(args.prompt_length, backbone.width, generator=generator) - 0.5 for _ in range(args.k)]
+    ensemble = PromptEnsemble(backbone, {"rt": TaskPrompts(data.verbalizers, data.target_ids, prompts)})
+    members = [PromptedModel(backbone, SoftPrompt(p)) for p in prompts]
+
+    def separate(inputs):
+        votes = torch.stack([m.class_scores(data, inputs).argmax(-1) for m in members])
+        return [Counter(column.tolist()).most_common(1)[0][0] for column in votes.T]
+
+    lines = [f"# Ensemble serving: {args.k} prompts of {args.prompt_length} tokens, one batched pass vs {args.k} passes",
+             "", f"Model `{args.model}` ({backbone.model.config.model_type}), rotten_tomatoes test inputs, "
+             f"{torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}; "
+             f"median of {args.repeats} runs.", "",
+             "| requests per batch | one pass (ex/s) | k passes (ex/s) | ratio |", "|---:|---:|---:|---:|"]
+    for size in (int(b) for b in args.batches.split(",")):
+        inputs = data.splits["test"].input_ids[:size]
+        one = timed(lambda: ensemble.predict(["rt"] * size, inputs), args.repeats)
+        many = timed(lambda: separate(inputs), args.repeats)
+        lines.append(f"| {size} | {size / one:.1f} | {size / many:.1f} | {many / one:.2f}x |")
+        print(lines[-1], flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

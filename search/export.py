@@ -1,0 +1,152 @@
+"""Export winning prompts for production: a PEFT adapter folder, a bare `.npy` array (as
+google-research/prompt-tuning releases prompts), or an MLflow pyfunc model in the Model Registry
+under alias `production`. Several prompts (the top-k trials, or several tasks) export as one
+bundle that scores them all in one batched pass (trainables/ensemble.py).
+
+Every artifact records the backbone fingerprint; none holds a pickle.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import save_file
+
+from search.config import ConfigError
+from trainables.backbone import OFFLINE_MODELS
+from trainables.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from trainables.ensemble import BUNDLE_FILE, BUNDLE_FORMAT, COMBINE
+
+SERVED_MODEL_CODE = Path(__file__).resolve().parent.parent / "trainables" / "served_model.py"
+ALIAS = "production"
+
+
+# ---- where prompts come from ----
+
+def search_prompts(storage_path: str, name: str, trial: str | None = None, top: int = 1) -> list[Path]:
+    """The prompt folders of a search: its `top` best trials, or one named trial."""
+    from search.tuner import best_trial, load_saved_config, trial_rows
+
+    rows = [r for r in trial_rows(storage_path, name) if r["prompt"] and r["metric"] is not None]
+    if trial is not None:
+        found = [r for r in rows if r["trial_id"] == trial]
+        if not found:
+            raise ConfigError("--trial", trial, f"a trial of search {name} with a prompt: "
+                                                f"{', '.join(r['trial_id'] for r in rows)}")
+        return [Path(found[0]["prompt"])]
+    cfg = load_saved_config(storage_path, name)
+    sign = -1 if cfg.mode == "max" else 1
+    ranked = sorted(rows, key=lambda r: (sign * r["metric"], r["status"] != "completed"))
+    if top == 1:
+        return [Path(best_trial(storage_path, name)["prompt"])]
+    return [Path(r["prompt"]) for r in ranked[:top]]
+
+
+def run_prompt(run_id: str, tracking_uri: str, into: Path) -> Path:
+    """A tracked trial's prompt (its child run's `prompt` artifact) or a search's winner."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    names = {a.path for a in client.list_artifacts(run_id)}
+    path = "prompt" if "prompt" in names else "winning_prompt" if "winning_prompt" in names else None
+    if path is None:
+        raise ConfigError("--run", run_id, "an MLflow run with a `prompt` or `winning_prompt` artifact")
+    return Path(client.download_artifacts(run_id, path, str(into)))
+
+
+# ---- formats ----
+
+def _model_reference(model: str) -> str:
+    """What another process loads the backbone from: offline aliases become their cache folder."""
+    return str(OFFLINE_MODELS[model]()) if model in OFFLINE_MODELS else model
+
+
+def export_npy(prompt_dir: Path, out: Path) -> Path:
+    """`out` (.npy): the bare float32 [p, e] array; `out` with .json: what it was trained on."""
+    checkpoint = load_checkpoint(prompt_dir)
+    out = out.with_suffix(".npy")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, checkpoint.prompt.numpy(), allow_pickle=False)
+    out.with_suffix(".json").write_text(json.dumps(_provenance(checkpoint.meta), indent=2))
+    return out
+
+
+def _provenance(meta: dict) -> dict:
+    return {k: meta.get(k) for k in ("backbone", "fingerprint", "task", "verbalizers", "length", "width", "step")}
+
+
+def export_peft_adapter(prompt_dir: Path, out: Path, is_encoder_decoder: bool | None = None) -> Path:
+    """A folder `peft.PeftModel.from_pretrained(base, out)` loads: PROMPT_TUNING with one
+    transformer submodule, so for T5 the prompt stays on the encoder as we trained it (PEFT 0.21's
+    seq2seq prompt tuning prefixes only the encoder input anyway)."""
+    checkpoint = load_checkpoint(prompt_dir)
+    model = _model_reference(checkpoint.meta["backbone"])
+    if is_encoder_decoder is None:
+        from transformers import AutoConfig
+        is_encoder_decoder = bool(AutoConfig.from_pretrained(model).is_encoder_decoder)
+    length, width = checkpoint.prompt.shape
+    config = {"peft_type": "PROMPT_TUNING", "task_type": "SEQ_2_SEQ_LM" if is_encoder_decoder else "CAUSAL_LM",
+              "num_virtual_tokens": length, "token_dim": width, "num_transformer_submodules": 1,
+              "prompt_tuning_init": "RANDOM", "inference_mode": True, "base_model_name_or_path": model}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file({"prompt_embeddings": checkpoint.prompt.contiguous()}, str(out / "adapter_model.safetensors"))
+    (out / "softprompt.json").write_text(json.dumps(_provenance(checkpoint.meta), indent=2))
+    return out
+
+
+def write_bundle(tasks: dict[str, list[Path]], out: Path, how: str = "vote") -> Path:
+    """A folder of prompts for one or more tasks on one backbone: `bundle.json` plus each member's
+    checkpoint (safetensors + JSON)."""
+    if how not in COMBINE:
+        raise ConfigError("--combine", how, f"one of {', '.join(COMBINE)}")
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"format": BUNDLE_FORMAT, "combine": how, "tasks": {}}
+    for task, folders in tasks.items():
+        members = []
+        for i, folder in enumerate(folders):
+            checkpoint = load_checkpoint(folder)
+            meta = checkpoint.meta
+            if record.setdefault("fingerprint", meta["fingerprint"]) != meta["fingerprint"]:
+                raise CheckpointError(f"{folder}: trained on backbone {meta['backbone']!r} ({meta['fingerprint']}), "
+                                      f"but the bundle's other prompts use {record['fingerprint']}")
+            record.setdefault("backbone", _model_reference(meta["backbone"]))
+            save_checkpoint(out / task / str(i), checkpoint.prompt, {k: v for k, v in meta.items() if k != "optimizer"})
+            members.append(f"{task}/{i}")
+        record["tasks"][task] = {"verbalizers": meta["verbalizers"], "members": members,
+                                 "max_length": meta["config"]["max_length"]}
+    (out / BUNDLE_FILE).write_text(json.dumps(record, indent=2))
+    return out
+
+
+def export_mlflow_model(bundle: Path, registered_name: str, tracking_uri: str) -> int:
+    """Log the bundle as an MLflow pyfunc model (models from code: no pickle), register it as
+    `registered_name` and point its `production` alias at the new version. Returns the version."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    record = json.loads((Path(bundle) / BUNDLE_FILE).read_text())
+    verbalizers = sorted({v for t in record["tasks"].values() for v in t["verbalizers"]})
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "text"), ColSpec("string", "task", required=False)]),
+        outputs=Schema([ColSpec("string", "task"), ColSpec("string", "label"), ColSpec("long", "label_id"),
+                        *(ColSpec("double", f"score_{v}", required=False) for v in verbalizers)]))
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    with mlflow.start_run(run_name=f"export {registered_name}"):
+        mlflow.set_tags({"softprompt.fingerprint": record["fingerprint"], "softprompt.backbone": record["backbone"]})
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(SERVED_MODEL_CODE), artifacts={"bundle": str(bundle)},
+            code_paths=[str(SERVED_MODEL_CODE.parent)], signature=signature,
+            pip_requirements=_requirements(), registered_model_name=registered_name)
+    version = int(info.registered_model_version)
+    mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri).set_registered_model_alias(registered_name, ALIAS, version)
+    return version
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+    return [f"{p}=={version(p)}" for p in ("mlflow", "torch", "transformers", "safetensors", "pandas")]
+

@@ -1,0 +1,206 @@
+"""MLflow tracking on the driver: one parent run per search, one nested child run per trial
+(the trials log their own, see trainables/tracking.py), and after the search the trials' final
+statuses, the best trial, the winning prompt, Optuna's plots and the winner's nearest vocabulary
+tokens on the parent.
+
+`finish_search_run` is idempotent and replays the trials' spools first, so
+`softprompt mlflow sync NAME` (which calls it again) repairs whatever an unreachable server missed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from search.config import ConfigError, SearchConfig
+from search.tuner import CONFIG_FILE, best_trial, experiment_dir, load_saved_config, trial_rows
+from trainables.tracking import (PARENT_TAG, TRIAL_TAG, TrackingTarget, client, find_or_create_child,
+                                 replay_spool, set_status)
+
+EXPERIMENT = "softprompt"
+SEARCH_TAG = "softprompt.search"
+RUN_FILE, SPOOL_DIR = "mlflow-run.json", "mlflow-spool"
+NEAREST_TOKENS = 5
+
+
+def default_tracking_uri() -> str:
+    """The embedded default: a SQLite store in the working folder."""
+    return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def check_tracking_uri(uri: str) -> str | None:
+    """A usable tracking URI, or None for `none` (tracking off)."""
+    if uri.lower() == "none":
+        return None
+    if uri.startswith(("sqlite:///", "http://", "https://", "databricks")):
+        return uri
+    raise ConfigError("--tracking-uri", uri, "sqlite:///PATH, http(s)://HOST:PORT of a tracking server, or none")
+
+
+def _experiment_id(mlflow_client, uri: str) -> str:
+    experiment = mlflow_client.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        return experiment.experiment_id
+    # A SQLite store keeps artifacts next to its database, not in whatever folder a trial runs in.
+    location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    return mlflow_client.create_experiment(EXPERIMENT, artifact_location=location)
+
+
+def _search_params(cfg: SearchConfig) -> dict[str, str]:
+    values = dataclasses.asdict(cfg)
+    train = values.pop("train")
+    flat = {**values, **{f"train.{k}": v for k, v in train.items()}}
+    return {k: json.dumps(v) if isinstance(v, (dict, list, tuple)) else str(v) for k, v in flat.items()}
+
+
+def _create_parent(mlflow_client, cfg: SearchConfig, uri: str, folder: Path) -> tuple[str, str]:
+    from mlflow.entities import Param
+    experiment_id = _experiment_id(mlflow_client, uri)
+    run = mlflow_client.create_run(experiment_id, run_name=cfg.name, tags={SEARCH_TAG: cfg.name})
+    mlflow_client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in _search_params(cfg).items()])
+    if (folder / CONFIG_FILE).is_file():
+        mlflow_client.log_artifact(run.info.run_id, str(folder / CONFIG_FILE))
+    return experiment_id, run.info.run_id
+
+
+def _save_target(folder: Path, target: TrackingTarget) -> None:
+    (folder / RUN_FILE).write_text(json.dumps(dataclasses.asdict(target), indent=2))
+
+
+def load_target(storage_path: str, name: str, uri: str | None = None) -> TrackingTarget | None:
+    """The search's saved tracking target (None if it was never tracked); `uri` overrides the server."""
+    path = experiment_dir(storage_path, name) / RUN_FILE
+    if not path.is_file():
+        return None
+    target = TrackingTarget(**json.loads(path.read_text()))
+    if uri and uri != target.uri:  # another server: the saved run ids mean nothing there
+        target = TrackingTarget(uri, None, None, target.spool_dir)
+    return target
+
+
+def start_search_run(cfg: SearchConfig, uri: str) -> TrackingTarget:
+    """The search's parent run: created, or on resume the saved one, reopened. If the server cannot
+    be reached the search runs anyway and every trial spools."""
+    folder = experiment_dir(cfg.storage_path, cfg.name)
+    saved = load_target(cfg.storage_path, cfg.name, uri)
+    target = saved or TrackingTarget(uri, None, None, str(folder / SPOOL_DIR))
+    try:
+        mlflow_client = client(uri)
+        if target.parent_run_id is None:
+            experiment_id, parent = _create_parent(mlflow_client, cfg, uri, folder)
+            target = dataclasses.replace(target, experiment_id=experiment_id, parent_run_id=parent)
+        else:
+            mlflow_client.update_run(target.parent_run_id, status="RUNNING")
+    except Exception as error:
+        print(f"softprompt: tracking server {uri} unreachable ({str(error).splitlines()[0][:200]}); the search runs "
+              f"and records go to {target.spool_dir}: `softprompt mlflow sync {cfg.name}` logs them later",
+              file=sys.stderr, flush=True)
+    _save_target(folder, target)
+    return target
+
+
+def _child_runs(mlflow_client, target: TrackingTarget) -> dict[str, str]:
+    runs = mlflow_client.search_runs([target.experiment_id], f"tags.`{PARENT_TAG}` = '{target.parent_run_id}'",
+                                     max_results=10000)
+    return {run.data.tags[TRIAL_TAG]: run.info.run_id for run in runs if TRIAL_TAG in run.data.tags}
+
+
+def finish_search_run(storage_path: str, name: str, uri: str | None = None) -> TrackingTarget | None:
+    """Replay spools, then put each trial's final status on its child run and the search's results
+    on the parent. Safe to repeat. Returns the target, or None if the server is still unreachable."""
+    target = load_target(storage_path, name, uri)
+    if target is None:
+        raise ConfigError("search", name, "a search that was tracked (no mlflow-run.json in its folder)")
+    cfg = load_saved_config(storage_path, name)
+    folder = experiment_dir(storage_path, name)
+    try:
+        mlflow_client = client(target.uri)
+        if target.parent_run_id is None:
+            experiment_id, parent = _create_parent(mlflow_client, cfg, target.uri, folder)
+            target = dataclasses.replace(target, experiment_id=experiment_id, parent_run_id=parent)
+            _save_target(folder, target)
+        for spool in sorted(Path(target.spool_dir).glob("*.jsonl")):
+            replay_spool(mlflow_client, target, spool)
+        rows = trial_rows(storage_path, name)
+        children = _child_runs(mlflow_client, target)
+        for row in rows:  # ASHA-stopped trials never say so themselves; Ray's record is the truth
+            run_id = children.get(row["trial_id"]) or find_or_create_child(mlflow_client, target, row["trial_id"],
+                                                                           row["params"])
+            set_status(mlflow_client, run_id, row["status"])
+        _log_results(mlflow_client, target.parent_run_id, cfg, storage_path, name, rows)
+        mlflow_client.set_terminated(target.parent_run_id, "FINISHED")
+    except ConfigError:
+        raise
+    except Exception as error:
+        print(f"softprompt: could not log to tracking server {target.uri}, unreachable? "
+              f"({str(error).splitlines()[0][:200]}); nothing is lost: `softprompt mlflow sync {name}` "
+              f"logs the search when it is back",
+              file=sys.stderr, flush=True)
+        return None
+    return target
+
+
+def _log_results(mlflow_client, run_id: str, cfg: SearchConfig, storage_path: str, name: str, rows: list[dict]) -> None:
+    from mlflow.entities import Metric
+
+    statuses = {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}
+    try:
+        best = best_trial(storage_path, name)
+    except ConfigError:  # no trial was evaluated: nothing to name
+        mlflow_client.set_tag(run_id, "softprompt.statuses", json.dumps(statuses))
+        return
+    now = int(time.time() * 1000)
+    metrics = {f"winner_{cfg.metric}": best["metric"], "trials": len(rows)}
+    if best["test_accuracy"] is not None:
+        metrics["winner_test_accuracy"] = best["test_accuracy"]
+    mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    for key, value in {"softprompt.best_trial": best["trial_id"], "softprompt.statuses": json.dumps(statuses),
+                       "softprompt.best_params": json.dumps(best["params"], default=str)}.items():
+        mlflow_client.set_tag(run_id, key, value)
+    mlflow_client.log_artifacts(run_id, best["prompt"], "winning_prompt")
+    _log_optuna_plots(mlflow_client, run_id, cfg, experiment_dir(storage_path, name))
+    from trainables.checkpoint import load_checkpoint
+    checkpoint = load_checkpoint(best["prompt"])
+    mlflow_client.log_table(run_id, nearest_tokens_table(checkpoint.prompt, checkpoint.meta["backbone"]),
+                            "nearest_tokens.json")
+
+
+def _log_optuna_plots(mlflow_client, run_id: str, cfg: SearchConfig, folder: Path) -> None:
+    """Optimization history, parameter importances and parallel coordinates, as PNG images."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    import optuna.visualization.matplotlib as plots
+
+    study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{folder / 'optuna.db'}")
+    for plot in (plots.plot_optimization_history, plots.plot_param_importances, plots.plot_parallel_coordinate):
+        try:
+            axes = plot(study)
+        except (ValueError, RuntimeError) as error:  # e.g. importances need 2+ finished trials
+            mlflow_client.log_text(run_id, str(error), f"optuna/{plot.__name__}.txt")
+            continue
+        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        mlflow_client.log_figure(run_id, figure, f"optuna/{plot.__name__}.png")
+        plt.close(figure)
+
+
+def nearest_tokens_table(prompt, model: str, k: int = NEAREST_TOKENS) -> dict[str, list]:
+    """Each prompt vector's k nearest vocabulary tokens by cosine (the paper's interpretability view)."""
+    import torch
+    from trainables.backbone import load_backbone
+
+    backbone = load_backbone(model, "float32", torch.device("cpu"))
+    vocab = torch.nn.functional.normalize(backbone.model.get_input_embeddings().weight.float(), dim=-1)
+    cosine = torch.nn.functional.normalize(prompt.float(), dim=-1) @ vocab.T
+    top = cosine.topk(k, dim=-1)
+    table = {"position": [], "rank": [], "token": [], "cosine": []}
+    for position in range(prompt.shape[0]):
+        for rank, (score, token) in enumerate(zip(top.values[position].tolist(), top.indices[position].tolist())):
+            table["position"].append(position)
+            table["rank"].append(rank + 1)
+            table["token"].append(backbone.tokenizer.decode([token]))
+            table["cosine"].append(round(score, 4))
+    return table

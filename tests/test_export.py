@@ -1,0 +1,201 @@
+"""Export: PEFT adapters with identical logits, bare .npy prompts, ensembles that equal the
+majority vote of their members, mixed-task batches, backbone checks, and a registered MLflow
+model served over HTTP by a real `mlflow models serve`."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from search.export import export_mlflow_model, export_npy, export_peft_adapter, write_bundle
+from trainables.backbone import _smollm2_folder, load_backbone
+from trainables.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from trainables.data import encode_task
+from trainables.ensemble import load_bundle
+from trainables.evaluate import rank_classify
+from trainables.prompt import PromptedModel, SoftPrompt
+from trainables.tasks import load_task
+
+TASKS = {"rotten_tomatoes": ["negative", "positive"], "sms_spam": ["ham", "spam"]}
+
+
+def save_tiny(folder: Path, kind: str, seed: int = 0) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(_smollm2_folder())
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                             max_position_embeddings=512, tie_word_embeddings=True))
+    else:
+        eos = tokenizer.eos_token_id
+        model = T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=16,
+                                                    num_layers=2, num_heads=2, pad_token_id=eos, eos_token_id=eos,
+                                                    decoder_start_token_id=eos))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tiny_llama_dir, tiny_t5_dir):
+    return {"llama": tiny_llama_dir, "t5": tiny_t5_dir}
+
+
+@pytest.fixture(scope="module")
+def backbones(tiny_llama, tiny_t5):
+    return {"llama": tiny_llama, "t5": tiny_t5}
+
+
+def make_prompt(folder: Path, backbone, task: str, length: int, seed: int) -> Path:
+    values = torch.randn(length, backbone.width, generator=torch.Generator().manual_seed(seed)) * 0.5
+    return save_checkpoint(folder, values, {"backbone": backbone.name, "fingerprint": backbone.fingerprint,
+                                            "task": task, "verbalizers": TASKS[task], "step": 0, "metrics": {},
+                                            "config": {"max_length": 256}})
+
+
+def encoded(backbone, task: str, n: int = 24):
+    raw = load_task(task)
+    data = encode_task(raw, backbone.tokenizer, backbone.is_encoder_decoder, backbone.vocab_is_frequency_ordered,
+                       256, 64, n)
+    return data, list(raw.splits["test"]["input"][:n])
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_peft_round_trip_gives_identical_logits(kind, models, tmp_path):
+    from peft import PeftModel
+
+    backbone = load_backbone(str(models[kind]), "float32", torch.device("cpu"))  # PEFT wraps it: not shared
+    prompt_dir = make_prompt(tmp_path / "prompt", backbone, "rotten_tomatoes", 5, seed=1)
+    adapter = export_peft_adapter(prompt_dir, tmp_path / "adapter")
+    prompt = load_checkpoint(prompt_dir).prompt
+    ids = backbone.tokenizer(["review: a fine film\nsentiment:", "review: dull and long\nsentiment:"],
+                             return_tensors="pt", padding=True)
+    assert ids["attention_mask"].all()  # equal lengths: PEFT's own forward does not handle padding positions
+    pm = PromptedModel(backbone, SoftPrompt(prompt))
+    embeds, mask = pm._prompted_inputs(ids["input_ids"], ids["attention_mask"])
+    decoder = {"decoder_input_ids": torch.tensor([[backbone.model.config.decoder_start_token_id, 5]] * 2)} \
+        if kind == "t5" else {}
+    with torch.no_grad():
+        ours = backbone.model(inputs_embeds=embeds, attention_mask=mask, **decoder).logits
+        peft_model = PeftModel.from_pretrained(backbone.model, str(adapter))
+        theirs = peft_model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], **decoder).logits
+    assert torch.equal(ours, theirs)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["num_transformer_submodules"] == 1 and config["num_virtual_tokens"] == 5
+    assert json.loads((adapter / "softprompt.json").read_text())["fingerprint"] == backbone.fingerprint
+
+
+def test_npy_export_is_the_bare_prompt_array_with_its_backbone_recorded_beside_it(backbones, tmp_path):
+    backbone = backbones["llama"]
+    prompt_dir = make_prompt(tmp_path / "prompt", backbone, "rotten_tomatoes", 4, seed=2)
+    out = export_npy(prompt_dir, tmp_path / "prompt.npy")
+    array = np.load(out, allow_pickle=False)
+    assert array.shape == (4, backbone.width) and array.dtype == np.float32
+    assert np.array_equal(array, load_checkpoint(prompt_dir).prompt.numpy())
+    assert json.loads(out.with_suffix(".json").read_text())["fingerprint"] == backbone.fingerprint
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_ensemble_equals_the_majority_vote_of_its_members_predictions(kind, backbones, tmp_path):
+    backbone = backbones[kind]
+    members = [make_prompt(tmp_path / f"m{i}", backbone, "rotten_tomatoes", 3 + i, seed=10 + i) for i in range(3)]
+    ensemble, _ = load_bundle(write_bundle({"rotten_tomatoes": members}, tmp_path / "bundle"), backbone)
+    data, _ = encoded(backbone, "rotten_tomatoes")
+    split = data.splits["test"]
+    alone = [rank_classify(PromptedModel(backbone, SoftPrompt(load_checkpoint(m).prompt)), data, split, 8)
+             for m in members]
+    vote = [Counter(column).most_common(1)[0][0] for column in zip(*alone)]  # 3 voters, 2 classes: no ties
+    together = ensemble.predict(["rotten_tomatoes"] * len(split), split.input_ids)
+    assert [label for label, _ in together] == vote
+    member_scores = ensemble.member_scores(["rotten_tomatoes"] * 4, split.input_ids[:4])
+    for i, m in enumerate(members):  # each member scores in the batch as it does alone
+        single = PromptedModel(backbone, SoftPrompt(load_checkpoint(m).prompt)).class_scores(data, split.input_ids[:4])
+        torch.testing.assert_close(torch.stack([s[i] for s in member_scores]), single, atol=1e-5, rtol=1e-5)
+
+
+def test_one_batch_serves_two_tasks_each_example_with_its_own_prompts(backbones, tmp_path):
+    backbone = backbones["llama"]
+    bundle = write_bundle({"rotten_tomatoes": [make_prompt(tmp_path / "rt", backbone, "rotten_tomatoes", 4, 1)],
+                           "sms_spam": [make_prompt(tmp_path / "sms", backbone, "sms_spam", 6, 2)]}, tmp_path / "b")
+    ensemble, _ = load_bundle(bundle, backbone)
+    rt, sms = encoded(backbone, "rotten_tomatoes", 6)[0], encoded(backbone, "sms_spam", 6)[0]
+    tasks = ["rotten_tomatoes", "sms_spam"] * 6
+    inputs = [x for pair in zip(rt.splits["test"].input_ids, sms.splits["test"].input_ids) for x in pair]
+    mixed = ensemble.predict(tasks, inputs)
+    assert [l for l, _ in mixed[0::2]] == [l for l, _ in ensemble.predict(tasks[0::2], inputs[0::2])]
+    assert [l for l, _ in mixed[1::2]] == [l for l, _ in ensemble.predict(tasks[1::2], inputs[1::2])]
+    assert [l for l, _ in mixed[1::2]] == list(rank_classify(
+        PromptedModel(backbone, SoftPrompt(ensemble.tasks["sms_spam"].prompts[0])), sms, sms.splits["test"], 4))
+
+
+def test_a_bundle_refuses_another_backbone_with_a_message_naming_both(backbones, tmp_path):
+    bundle = write_bundle({"rotten_tomatoes": [make_prompt(tmp_path / "p", backbones["llama"], "rotten_tomatoes", 2, 0)]},
+                          tmp_path / "b")
+    other = load_backbone(str(save_tiny(tmp_path / "other", "llama", seed=7)), "float32", torch.device("cpu"))
+    with pytest.raises(CheckpointError, match="trained on backbone .* not on"):
+        load_bundle(bundle, other)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_registered_model_served_by_mlflow_answers_http_with_rank_classify_labels(backbones, tmp_path):
+    import mlflow
+
+    backbone = backbones["llama"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bundle = write_bundle({"rotten_tomatoes": [make_prompt(tmp_path / "p", backbone, "rotten_tomatoes", 4, 3)]},
+                          tmp_path / "bundle")
+    version = export_mlflow_model(bundle, "tiny-sentiment", uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    assert int(client.get_model_version_by_alias("tiny-sentiment", "production").version) == version
+    model_dir = Path(mlflow.artifacts.download_artifacts("models:/tiny-sentiment@production", dst_path=str(tmp_path / "dl"),
+                                                         tracking_uri=uri))
+    for path in model_dir.rglob("*"):  # no pickle anywhere in the registered model
+        assert path.suffix not in {".pkl", ".pickle"}
+        assert not (path.is_file() and path.read_bytes()[:1] == b"\x80"), path
+
+    data, texts = encoded(backbone, "rotten_tomatoes", 12)
+    expected = rank_classify(PromptedModel(backbone, SoftPrompt(load_checkpoint(tmp_path / "p").prompt)), data,
+                             data.splits["test"], 8)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/tiny-sentiment@production",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                              env={**os.environ, "MLFLOW_TRACKING_URI": uri}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=1).ok:
+                    break
+            except requests.RequestException:  # not up yet
+                pass
+            assert server.poll() is None, server.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "mlflow models serve did not answer /ping in 120 s"
+            time.sleep(0.5)
+        body = {"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}}
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=60)
+        assert answer.ok, answer.text
+        predictions = answer.json()["predictions"]
+    finally:
+        os.killpg(server.pid, 9)  # its own session: the server and its workers
+        server.wait(timeout=10)
+    assert [p["label_id"] for p in predictions] == list(expected)
+    assert [p["label"] for p in predictions] == [TASKS["rotten_tomatoes"][i] for i in expected]
+    assert all({"score_negative", "score_positive"} <= set(p) for p in predictions)

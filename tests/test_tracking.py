@@ -1,0 +1,176 @@
+"""MLflow tracking: one parent run per search, one child per trial with its metrics, steps,
+status and prompt; the winner's artifacts on the parent; a stopped server loses nothing."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import requests
+from mlflow.tracking import MlflowClient
+
+from search.cli import main
+from search.config import search_config
+from search.tracking import SEARCH_TAG, finish_search_run, start_search_run
+from search.tuner import build_tuner, ensure_ray, experiment_dir, run_search, save_search_config, trial_rows
+from trainables.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def tiny_search(model_dir, tmp_path, **overrides):
+    # one point diverges: 1e39 overflows float32, the prompt is infinite and the loss NaN at step 1
+    values = {"name": "tracked", "trials": 5, "max_steps": 8, "concurrency": 2, "grace_period": 2,
+              "reduction_factor": 2, "metric": "train_loss", "storage_path": str(tmp_path / "runs"), "seed": 0,
+              "space": {"init_scale": {"choices": [0.5, 1.0e39]}, "prompt_length": {"choices": [2, 4]},
+                        "lr": {"low": 0.01, "high": 0.3, "log": True}},
+              "points_to_evaluate": [{"init_scale": 1.0e39, "prompt_length": 2, "lr": 0.1}],
+              "train": {"model": str(model_dir), "task": "rotten_tomatoes", "batch_size": 4, "eval_every": 2,
+                        "max_eval_examples": 16, "max_train_examples": 64, "init": "random_uniform"}}
+    values.update(overrides)
+    return search_config(values)
+
+
+def children_by_trial(client, parent):
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")
+    return {run.data.tags[TRIAL_TAG]: run for run in runs}
+
+
+def the_parent(client, name):
+    runs = client.search_runs([client.get_experiment_by_name("softprompt").experiment_id],
+                              f"tags.`{SEARCH_TAG}` = '{name}'")
+    assert len(runs) == 1
+    return runs[0]
+
+
+def assert_every_trial_fully_logged(client, parent, cfg):
+    children = children_by_trial(client, parent)
+    rows = trial_rows(cfg.storage_path, cfg.name)
+    assert set(children) == {r["trial_id"] for r in rows}  # exactly one child per trial
+    for row in rows:
+        child = children[row["trial_id"]]
+        assert child.data.tags[STATUS_TAG] == row["status"]
+        assert child.data.params["prompt_length"] == str(row["params"]["prompt_length"])
+        history = client.get_metric_history(child.info.run_id, "train_loss")
+        if row["status"] == "diverged":
+            assert child.info.status == "FAILED"
+            assert [m.step for m in history] == [cfg.train.max_steps] and history[0].value == 1e9
+            continue
+        assert child.info.status == "FINISHED"
+        assert sorted(m.step for m in history) == list(range(2, row["step"] + 1, 2))  # every report, with its step
+        assert "prompt" in {a.path for a in client.list_artifacts(child.info.run_id)}
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tracked_search(ray_cluster, tiny_llama_dir, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("tracked")
+    cfg = tiny_search(tiny_llama_dir, tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_search(cfg, tracking_uri=uri)
+    return cfg, uri
+
+
+def test_a_tracked_search_has_one_parent_with_one_child_per_trial_and_right_statuses(tracked_search, tmp_path):
+    cfg, uri = tracked_search
+    client = MlflowClient(uri, registry_uri=uri)
+    parent = the_parent(client, cfg.name)
+    rows = assert_every_trial_fully_logged(client, parent, cfg)
+    statuses = {r["status"] for r in rows}
+    assert {"diverged", "stopped early", "completed"} <= statuses
+
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["trials"] == "5" and parent.data.params["metric"] == "train_loss"
+    assert parent.data.tags["softprompt.best_trial"] in {r["trial_id"] for r in rows}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"winning_prompt", "optuna", "nearest_tokens.json", "softprompt-search.yaml"} <= artifacts
+    plots = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "optuna")}
+    assert {"plot_optimization_history.png", "plot_param_importances.png", "plot_parallel_coordinate.png"} <= plots
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "nearest_tokens.json", str(tmp_path))).read_text())
+    best = json.loads(parent.data.tags["softprompt.best_params"])
+    assert len(table["data"]) == 5 * best["prompt_length"]  # 5 nearest tokens per prompt vector
+    assert {"position", "token", "cosine"} <= set(table["columns"])
+
+
+def test_export_takes_a_search_a_trial_or_a_run_and_the_top_k_as_one_registered_model(tracked_search, tmp_path):
+    import numpy as np
+
+    cfg, uri = tracked_search
+    client = MlflowClient(uri, registry_uri=uri)
+    parent = the_parent(client, cfg.name)
+    best = parent.data.tags["softprompt.best_trial"]
+    common = ["--storage-path", cfg.storage_path, "--tracking-uri", uri]
+    assert main(["export", cfg.name, "--format", "npy", "--out", str(tmp_path / "best"), *common]) == 0
+    child = children_by_trial(client, parent)[best]
+    assert main(["export", "--run", child.info.run_id, "--format", "npy", "--out", str(tmp_path / "run"), *common]) == 0
+    assert np.array_equal(np.load(tmp_path / "best.npy"), np.load(tmp_path / "run.npy"))  # the same winner
+    assert main(["export", cfg.name, "--trial", best, "--format", "peft", "--out", str(tmp_path / "peft"), *common]) == 0
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+    assert main(["export", cfg.name, "--top", "3", "--format", "mlflow", "--name", "tiny-top3",
+                 "--out", str(tmp_path / "bundle"), *common]) == 0
+    assert int(client.get_model_version_by_alias("tiny-top3", "production").version) == 1
+    bundle = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert len(bundle["tasks"]["rotten_tomatoes"]["members"]) == 3
+    assert main(["export", cfg.name, "--top", "3", "--format", "peft", *common]) == 2  # one line, exit 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_tracking_server(folder: Path, port: int) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job-runner processes
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
+                return server
+        except requests.RequestException:  # not up yet
+            pass
+        time.sleep(0.3)
+    stop(server)
+    raise RuntimeError("mlflow server did not start in 60 s")
+
+
+def stop(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, 9)  # its own session: the server and its workers, nothing else
+    server.wait(timeout=10)
+
+
+def test_a_tracking_server_stopped_during_a_search_loses_nothing(ray_cluster, tiny_llama_dir, tmp_path, capfd):
+    cfg = tiny_search(tiny_llama_dir, tmp_path, name="outage", trials=3)
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_tracking_server(tmp_path, port)
+    try:
+        ensure_ray(cfg)
+        save_search_config(cfg)
+        target = start_search_run(cfg, uri)  # the parent exists on the server...
+        stop(server)                         # ...which then goes away while the trials run
+        build_tuner(cfg, tracking=target).fit()
+        assert finish_search_run(cfg.storage_path, cfg.name) is None
+        err = capfd.readouterr().err
+        assert "unreachable" in err and "softprompt mlflow sync" in err
+        spools = list((experiment_dir(cfg.storage_path, cfg.name) / "mlflow-spool").glob("*.jsonl"))
+        assert len(spools) == 3
+
+        server = start_tracking_server(tmp_path, port)
+        assert main(["mlflow", "sync", cfg.name, "--storage-path", cfg.storage_path]) == 0
+        client = MlflowClient(uri, registry_uri=uri)
+        assert_every_trial_fully_logged(client, the_parent(client, cfg.name), cfg)
+        assert not list((experiment_dir(cfg.storage_path, cfg.name) / "mlflow-spool").glob("*.jsonl"))
+    finally:
+        if server.poll() is None:
+            stop(server)

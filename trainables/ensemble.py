@@ -1,0 +1,155 @@
+"""Many soft prompts on one frozen backbone, in one batched forward pass: each row of the batch
+carries its own prompt. That gives prompt ensembling (paper section 6: k prompts for one task,
+combined by majority vote or mean log-probability) and mixed-task batches (each example scored
+with its own task's prompts and verbalizers), which PEFT's one-active-prompt forward cannot do.
+
+Rows are laid out as PromptedModel lays them out (prompt before the text, positions counted over
+real tokens; encoder-only prompts for T5), so each member scores as it does alone.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainables.backbone import Backbone, load_backbone
+from trainables.checkpoint import CheckpointError, load_checkpoint
+
+COMBINE = ("vote", "mean_logprob")
+# An exported bundle: bundle.json plus one prompt checkpoint per member (search/export.py writes it).
+BUNDLE_FORMAT, BUNDLE_FILE = "softprompt-bundle/1", "bundle.json"
+
+
+@dataclass
+class TaskPrompts:
+    verbalizers: list[str]
+    target_ids: list[list[int]]        # per class: the verbalizer's tokens (+EOS for seq2seq)
+    prompts: list[torch.Tensor]        # the members, each [length, width]
+
+
+def verbalizer_ids(tokenizer, verbalizers: list[str], is_encoder_decoder: bool) -> list[list[int]]:
+    """Target tokens per class, as trainables.data.encode_task makes them."""
+    if is_encoder_decoder:
+        return [tokenizer(v, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for v in verbalizers]
+    return [tokenizer(" " + v, add_special_tokens=False)["input_ids"] for v in verbalizers]
+
+
+def _embed_rows(backbone: Backbone, prompts: list[torch.Tensor], sequences: list[list[int]], left: bool):
+    """[prompt_r; embed(sequence_r)] per row, padded (left for causal LMs) to one tensor, with its mask."""
+    device, dtype = backbone.device, backbone.dtype
+    embed = backbone.model.get_input_embeddings()
+    width = max(len(p) + len(s) for p, s in zip(prompts, sequences))
+    flat = embed(torch.tensor([t for s in sequences for t in s], device=device))
+    embeds = torch.zeros(len(sequences), width, backbone.width, device=device, dtype=dtype)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long, device=device)
+    start = 0
+    for row, (prompt, sequence) in enumerate(zip(prompts, sequences)):
+        values = torch.cat([prompt.to(device, dtype), flat[start:start + len(sequence)]])
+        start += len(sequence)
+        where = slice(width - len(values), width) if left else slice(0, len(values))
+        embeds[row, where], mask[row, where] = values, 1
+    return embeds, mask
+
+
+def _causal_logits(backbone: Backbone, prompts, sequences, keep: int) -> torch.Tensor:
+    embeds, mask = _embed_rows(backbone, prompts, sequences, left=True)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return backbone.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                          logits_to_keep=keep, use_cache=False).logits.float()
+
+
+def _sum_logprobs(logits: torch.Tensor, targets: list[list[int]], right_aligned: bool) -> torch.Tensor:
+    logp = logits.log_softmax(-1)
+    out = torch.empty(len(targets), device=logits.device)
+    for row, target in enumerate(targets):
+        positions = range(logits.shape[1] - len(target), logits.shape[1]) if right_aligned else range(len(target))
+        out[row] = sum(logp[row, p, t] for p, t in zip(positions, target))
+    return out
+
+
+@torch.no_grad()
+def row_class_scores(backbone: Backbone, prompts: list[torch.Tensor], inputs: list[list[int]],
+                     targets: list[list[list[int]]]) -> list[torch.Tensor]:
+    """Row r: the log-likelihood of each of its classes `targets[r]` given `[prompts[r]; inputs[r]]`."""
+    if backbone.is_encoder_decoder:  # encode each row once, decode each of its classes
+        embeds, mask = _embed_rows(backbone, prompts, inputs, left=False)
+        encoded = backbone.model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        owner = [r for r, classes in enumerate(targets) for _ in classes]
+        labels = [t for classes in targets for t in classes]
+        width = max(len(t) for t in labels)
+        padded = torch.tensor([t + [-100] * (width - len(t)) for t in labels], device=backbone.device)
+        logits = backbone.model(encoder_outputs=(encoded[owner],), attention_mask=mask[owner],
+                                decoder_input_ids=backbone.model.prepare_decoder_input_ids_from_labels(labels=padded),
+                                use_cache=False).logits.float()
+        flat = _sum_logprobs(logits, labels, right_aligned=False)
+    elif all(len(t) == 1 for classes in targets for t in classes):  # one pass, one position per row
+        logp = _causal_logits(backbone, prompts, inputs, 1)[:, -1].log_softmax(-1)
+        return [logp[r, [t[0] for t in classes]] for r, classes in enumerate(targets)]
+    else:  # a row per (example, class): [input; verbalizer], targets at the right edge
+        owner = [r for r, classes in enumerate(targets) for _ in classes]
+        labels = [t for classes in targets for t in classes]
+        keep = max(len(t) for t in labels) + 1
+        logits = _causal_logits(backbone, [prompts[r] for r in owner], [inputs[r] + t for r, t in zip(owner, labels)],
+                                keep)[:, :-1]
+        flat = _sum_logprobs(logits, labels, right_aligned=True)
+    sizes = [len(classes) for classes in targets]
+    return list(flat.split(sizes))
+
+
+def combine(member_scores: torch.Tensor, how: str) -> tuple[int, torch.Tensor]:
+    """[k, C] member log-likelihoods -> (label, mean log-likelihood per class). A vote's tie goes
+    to the tied class with the higher mean log-likelihood."""
+    mean = member_scores.mean(0)
+    if how == "mean_logprob":
+        return int(mean.argmax()), mean
+    votes = Counter(member_scores.argmax(-1).tolist())
+    top = max(votes.values())
+    return max((c for c, n in votes.items() if n == top), key=lambda c: mean[c].item()), mean
+
+
+class PromptEnsemble:
+    """Prompts for one or more tasks on one backbone; `predict` routes each example to its task's
+    prompts and scores every (example, member) pair in one batched pass."""
+
+    def __init__(self, backbone: Backbone, tasks: dict[str, TaskPrompts], how: str = "vote"):
+        self.backbone, self.tasks, self.how = backbone, tasks, how
+
+    def member_scores(self, task_names: list[str], inputs: list[list[int]]) -> list[torch.Tensor]:
+        """Per example: [k, C] log-likelihoods, one row per member prompt of its task."""
+        rows = [(self.tasks[t], p, x) for t, x in zip(task_names, inputs) for p in self.tasks[t].prompts]
+        scores = row_class_scores(self.backbone, [p for _, p, _ in rows], [x for _, _, x in rows],
+                                  [task.target_ids for task, _, _ in rows])
+        sizes = [len(self.tasks[t].prompts) for t in task_names]
+        out, start = [], 0
+        for size in sizes:
+            out.append(torch.stack(scores[start:start + size]))
+            start += size
+        return out
+
+    def predict(self, task_names: list[str], inputs: list[list[int]]) -> list[tuple[int, torch.Tensor]]:
+        """Per example: (label, mean log-likelihood per class)."""
+        return [combine(s, self.how) for s in self.member_scores(task_names, inputs)]
+
+
+def load_bundle(folder: Path, backbone: Backbone | None = None) -> tuple[PromptEnsemble, dict]:
+    """The bundle's ensemble on its backbone (loaded if not given); a backbone other than the one
+    the prompts were trained on is refused with a message that names both."""
+    folder = Path(folder)
+    record = json.loads((folder / BUNDLE_FILE).read_text())
+    if record.get("format") != BUNDLE_FORMAT:
+        raise CheckpointError(f"{folder / BUNDLE_FILE}: format {record.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+    backbone = backbone or load_backbone(record["backbone"], "float32")
+    if backbone.fingerprint != record["fingerprint"]:
+        raise CheckpointError(f"{folder}: these prompts were trained on backbone {record['backbone']!r} "
+                              f"(fingerprint {record['fingerprint']}), not on {backbone.name!r} "
+                              f"(fingerprint {backbone.fingerprint})")
+    tasks = {}
+    for name, task in record["tasks"].items():
+        prompts = [load_checkpoint(folder / m, backbone.fingerprint, backbone.width).prompt for m in task["members"]]
+        tasks[name] = TaskPrompts(task["verbalizers"],
+                                  verbalizer_ids(backbone.tokenizer, task["verbalizers"], backbone.is_encoder_decoder),
+                                  prompts)
+    return PromptEnsemble(backbone, tasks, record["combine"]), record
