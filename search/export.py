@@ -133,9 +133,12 @@ def export_mlflow_model(bundle: Path, registered_name: str, tracking_uri: str) -
         inputs=Schema([ColSpec("string", "text"), ColSpec("string", "task", required=False)]),
         outputs=Schema([ColSpec("string", "task"), ColSpec("string", "label"), ColSpec("long", "label_id"),
                         *(ColSpec("double", f"score_{v}", required=False) for v in verbalizers)]))
+    from search.tracking import softprompt_experiment  # it imports the tuner, which export need not
+
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    with mlflow.start_run(run_name=f"export {registered_name}"):
+    experiment_id = softprompt_experiment(mlflow.MlflowClient(tracking_uri), tracking_uri)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"export {registered_name}"):
         mlflow.set_tags({"softprompt.fingerprint": record["fingerprint"], "softprompt.backbone": record["backbone"]})
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(SERVED_MODEL_CODE), artifacts={"bundle": str(bundle)},

@@ -39,11 +39,12 @@ def check_tracking_uri(uri: str) -> str | None:
     raise ConfigError("--tracking-uri", uri, "sqlite:///PATH, http(s)://HOST:PORT of a tracking server, or none")
 
 
-def _experiment_id(mlflow_client, uri: str) -> str:
+def softprompt_experiment(mlflow_client, uri: str) -> str:
+    """The experiment every softprompt run goes in; with a sqlite store its artifacts sit beside the
+    database (MLflow would otherwise put them in ./mlruns of whatever folder it runs from)."""
     experiment = mlflow_client.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
         return experiment.experiment_id
-    # A SQLite store keeps artifacts next to its database, not in whatever folder a trial runs in.
     location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
     return mlflow_client.create_experiment(EXPERIMENT, artifact_location=location)
 
@@ -57,7 +58,7 @@ def _search_params(cfg: SearchConfig) -> dict[str, str]:
 
 def _create_parent(mlflow_client, cfg: SearchConfig, uri: str, folder: Path) -> tuple[str, str]:
     from mlflow.entities import Param
-    experiment_id = _experiment_id(mlflow_client, uri)
+    experiment_id = softprompt_experiment(mlflow_client, uri)
     run = mlflow_client.create_run(experiment_id, run_name=cfg.name, tags={SEARCH_TAG: cfg.name})
     mlflow_client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in _search_params(cfg).items()])
     if (folder / CONFIG_FILE).is_file():

@@ -73,3 +73,17 @@ def ray_cluster():
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_stays_clean():
+    """Tests write only under tmp folders: MLflow's habit of creating ./mlruns, or a CLI run's
+    default sqlite store, must not leak into the checkout."""
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    watched = ["mlruns", "mlartifacts", "mlflow.db", "runs"]
+    before = {name for name in watched if (root / name).exists()}
+    yield
+    leaked = {name for name in watched if (root / name).exists()} - before
+    assert not leaked, f"the test session created {sorted(leaked)} in {root}"

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from safetensors.torch import load_file, save_file
+
 from trainables.checkpoint import META, TENSORS, CheckpointError, load_checkpoint, save_checkpoint
 from trainables.config import TrainConfig
 from trainables.data import encode_task
@@ -92,14 +94,14 @@ def test_edited_prompt_tensor_fails_the_sha256_check(checkpoint):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01  # the last byte belongs to the prompt's values
     path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=rf"{TENSORS}: the prompt tensor does not match the SHA-256"):
+    with pytest.raises(CheckpointError, match=rf"{TENSORS}: does not match the SHA-256"):
         load_checkpoint(checkpoint)
 
 
 def test_truncated_tensor_file_is_refused_naming_the_file(checkpoint):
     path = checkpoint / TENSORS
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(CheckpointError, match=rf"{TENSORS}: unreadable safetensors file"):
+    with pytest.raises(CheckpointError, match=rf"{TENSORS}: does not match the SHA-256"):
         load_checkpoint(checkpoint)
 
 
@@ -107,7 +109,7 @@ def test_edited_metadata_hash_is_refused(checkpoint):
     meta = json.loads((checkpoint / META).read_text())
     meta["prompt_sha256"] = "0" * 64
     (checkpoint / META).write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="SHA-256"):
+    with pytest.raises(CheckpointError, match="the prompt tensor does not match the prompt_sha256"):
         load_checkpoint(checkpoint)
 
 
@@ -194,3 +196,16 @@ def test_resuming_on_another_backbone_is_refused(tiny_llama, tiny_t5, rotten_tom
     t5_data = encode_task(rotten_tomatoes, tiny_t5.tokenizer, True, True, 64, max_train=16, max_eval=8)
     with pytest.raises(CheckpointError, match="not on this one"):
         train(cfg, tiny_t5, t5_data, resume_from=tmp_path / "llama" / "2")
+
+
+def test_edited_optimizer_state_fails_the_file_sha256_check(tmp_path):
+    prompt = torch.randn(3, 4)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(prompt.clone())], lr=0.1)
+    optimizer.param_groups[0]["params"][0].grad = torch.ones(3, 4)
+    optimizer.step()
+    folder = save_checkpoint(tmp_path / "ckpt", prompt, {"fingerprint": "f"}, optimizer.state_dict())
+    tensors = load_file(str(folder / "prompt.safetensors"))
+    tensors["optimizer.0.exp_avg"] += 1.0  # the prompt tensor itself stays as it was
+    save_file(tensors, str(folder / "prompt.safetensors"))
+    with pytest.raises(CheckpointError, match="prompt.safetensors: does not match the SHA-256"):
+        load_checkpoint(folder)

@@ -1,6 +1,7 @@
 """Prompt checkpoints: `prompt.safetensors` (the prompt and optimizer state tensors) plus
-`prompt.json` (what the prompt belongs to). No pickle anywhere: a checkpoint someone sends you
-is data, never code. Loading checks the tensor's SHA-256, the backbone fingerprint and width."""
+`prompt.json` (what the prompt belongs to, the prompt tensor's SHA-256 as its identity). No pickle
+anywhere: a checkpoint someone sends you is data, never code. Loading checks the tensor file's
+SHA-256, the backbone fingerprint and width."""
 from __future__ import annotations
 
 import hashlib
@@ -56,6 +57,8 @@ def save_checkpoint(directory: str | Path, prompt: torch.Tensor, meta: dict,
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     save_file(tensors, str(partial / TENSORS))
+    # The whole file's hash covers the optimizer state too: a resumed trial must not train on edited state.
+    record["file_sha256"] = hashlib.sha256((partial / TENSORS).read_bytes()).hexdigest()
     (partial / META).write_text(json.dumps(record, indent=2, default=str))
     old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
     if directory.exists():
@@ -78,14 +81,16 @@ def load_checkpoint(directory: str | Path, fingerprint: str | None = None, width
         raise CheckpointError(f"{meta_path}: not valid JSON ({error})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if hashlib.sha256(tensor_path.read_bytes()).hexdigest() != meta.get("file_sha256"):
+        raise CheckpointError(f"{tensor_path}: does not match the SHA-256 in {META}; "
+                              "the file was damaged or edited")
     try:
         tensors = load_file(str(tensor_path))
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{tensor_path}: unreadable safetensors file ({error})") from None
     prompt = tensors.get("prompt")
     if prompt is None or tensor_sha256(prompt) != meta.get("prompt_sha256"):
-        raise CheckpointError(f"{tensor_path}: the prompt tensor does not match the SHA-256 in {META}; "
-                              "the file was damaged or edited")
+        raise CheckpointError(f"{tensor_path}: the prompt tensor does not match the prompt_sha256 in {META}")
     if width is not None and prompt.shape[1] != width:
         raise CheckpointError(f"{directory}: prompt width {prompt.shape[1]} does not match the backbone's "
                               f"embedding width {width}")
