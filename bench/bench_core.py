@@ -118,7 +118,7 @@ def learning(cfg: TrainConfig) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=250, help="training steps for the learning run")
-    parser.add_argument("--speed-steps", type=int, default=120, help="steps per system in the speed run")
+    parser.add_argument("--speed-steps", type=int, default=60, help="steps per system in the speed run")
     args = parser.parse_args()
     torch.manual_seed(0)
     cfg = TrainConfig(prompt_length=20, init="class_label", optimizer="adamw", lr=0.03, batch_size=8,

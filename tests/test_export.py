@@ -154,6 +154,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serving_env(uri: str) -> dict:
+    """`mlflow models serve` execs `uvicorn` by name: the venv's bin folder must be on PATH even
+    when the tests run as .venv/bin/python without an activated venv (as `make test` does)."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path}
+
+
 def test_registered_model_served_by_mlflow_answers_http_with_rank_classify_labels(backbones, tmp_path):
     import mlflow
 
@@ -176,7 +183,7 @@ def test_registered_model_served_by_mlflow_answers_http_with_rank_classify_label
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/tiny-sentiment@production",
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                              env={**os.environ, "MLFLOW_TRACKING_URI": uri}, stdout=subprocess.DEVNULL,
+                              env=serving_env(uri), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 120

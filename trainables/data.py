@@ -53,6 +53,14 @@ class Batch:
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.classes)))
 
 
+def verbalizer_ids(tokenizer, verbalizers: list[str], is_encoder_decoder: bool) -> list[list[int]]:
+    """Target tokens per class: the verbalizer plus EOS for encoder-decoders; for causal LMs the
+    verbalizer after a space, as it follows the input's cue."""
+    if is_encoder_decoder:
+        return [tokenizer(v, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for v in verbalizers]
+    return [tokenizer(" " + v, add_special_tokens=False)["input_ids"] for v in verbalizers]
+
+
 def encode_task(task: Task, tokenizer, is_encoder_decoder: bool, vocab_is_frequency_ordered: bool,
                 max_length: int, max_train: int | None = None, max_eval: int | None = None) -> EncodedTask:
     """Tokenise every split once; truncation keeps the end of causal inputs (where the cue is)
@@ -66,11 +74,7 @@ def encode_task(task: Task, tokenizer, is_encoder_decoder: bool, vocab_is_freque
         return EncodedSplit(ids, list(rows["label"]))
 
     splits = {"train": encode("train", max_train), "dev": encode("dev", max_eval), "test": encode("test", max_eval)}
-    if is_encoder_decoder:
-        targets = [tokenizer(v, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                   for v in task.verbalizers]
-    else:  # BPE: the target follows the cue after a space
-        targets = [tokenizer(" " + v, add_special_tokens=False)["input_ids"] for v in task.verbalizers]
+    targets = verbalizer_ids(tokenizer, task.verbalizers, is_encoder_decoder)
     common = common_token_ids(splits["train"].input_ids, len(tokenizer), set(tokenizer.all_special_ids),
                               vocab_is_frequency_ordered)
     return EncodedTask(task.name, task.verbalizers, targets, splits, common, is_encoder_decoder,

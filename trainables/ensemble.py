@@ -17,6 +17,7 @@ import torch
 
 from trainables.backbone import Backbone, load_backbone
 from trainables.checkpoint import CheckpointError, load_checkpoint
+from trainables.data import verbalizer_ids
 
 COMBINE = ("vote", "mean_logprob")
 # An exported bundle: bundle.json plus one prompt checkpoint per member (search/export.py writes it).
@@ -28,13 +29,6 @@ class TaskPrompts:
     verbalizers: list[str]
     target_ids: list[list[int]]        # per class: the verbalizer's tokens (+EOS for seq2seq)
     prompts: list[torch.Tensor]        # the members, each [length, width]
-
-
-def verbalizer_ids(tokenizer, verbalizers: list[str], is_encoder_decoder: bool) -> list[list[int]]:
-    """Target tokens per class, as trainables.data.encode_task makes them."""
-    if is_encoder_decoder:
-        return [tokenizer(v, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for v in verbalizers]
-    return [tokenizer(" " + v, add_special_tokens=False)["input_ids"] for v in verbalizers]
 
 
 def _embed_rows(backbone: Backbone, prompts: list[torch.Tensor], sequences: list[list[int]], left: bool):
