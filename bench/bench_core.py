@@ -151,7 +151,7 @@ SmolLM2-135M (fp32, CPU, {r['torch_threads']} threads), rotten_tomatoes, batch {
 | real data (ours length-bucketed, PEFT shuffled) | {rate['epoch_ours']:.2f} | {rate['epoch_peft']:.2f} | {sp['epoch_ratio']:.2f}x |
 
 Padded tokens over the same examples: bucketed {sp['padded_tokens_epoch']['ours_bucketed']}, shuffled {sp['padded_tokens_epoch']['shuffled']}.
-Peak RSS of the whole benchmark process (two backbones loaded): {r['peak_rss_gib']:.2f} GiB.
+Peak RSS of the whole benchmark process (three backbones loaded over the run): {r['peak_rss_gib']:.2f} GiB.
 """
 
 
