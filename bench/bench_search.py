@@ -17,7 +17,7 @@ from pathlib import Path
 import ray
 
 from search.config import load_search_config
-from search.tuner import experiment_dir, run_search, trial_rows
+from search.tuner import run_search, trial_rows
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -194,6 +194,12 @@ def cmd_search_best(args) -> int:
     return 0
 
 
+def _config_arguments(parser: argparse.ArgumentParser, what: str, example: str) -> None:
+    parser.add_argument("config", help=what)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config field, e.g. --set {example} (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="softprompt",
@@ -205,9 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="run one prompt-tuning run from a YAML config",
                                 description="Train one soft prompt and print held-out metrics. "
                                             "CONFIG holds TrainConfig fields (see examples/train.yaml).")
-    train.add_argument("config", help="YAML file of training fields")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config field, e.g. --set max_steps=50 (repeatable)")
+    _config_arguments(train, "YAML file of training fields", "max_steps=50")
     train.set_defaults(handler=cmd_train)
 
     search = commands.add_parser("search", help="run, resume and inspect hyperparameter searches",
@@ -216,9 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = actions.add_parser("run", help="start a search from a YAML config (see examples/demo.yaml)",
                              description="Start a search. Results go to STORAGE_PATH/NAME; Ctrl-C stops it "
                                          "and `softprompt search resume NAME` continues it.")
-    run.add_argument("config", help="YAML search config")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a search field, e.g. --set trials=4 (repeatable)")
+    _config_arguments(run, "YAML search config", "trials=4")
     run.add_argument("--tracking-uri", metavar="URI",
                      help="MLflow tracking: sqlite:///PATH, http://HOST:PORT of a tracking server, or none "
                           "(default: sqlite:///mlflow.db in the working folder)")

@@ -45,7 +45,7 @@ def save_checkpoint(directory: str | Path, prompt: torch.Tensor, meta: dict,
     record = {**meta, "format": FORMAT, "length": prompt.shape[0], "width": prompt.shape[1],
               "prompt_sha256": tensor_sha256(prompt)}
     if optimizer_state is not None:
-        state, scalars = {}, {}
+        scalars = {}
         for param_id, values in optimizer_state["state"].items():
             for key, value in values.items():
                 if isinstance(value, torch.Tensor):
