@@ -10,11 +10,12 @@ from pathlib import Path
 
 import yaml
 
+from trainables.backbone import MODELS_ALLOWED, model_problem
 from trainables.config import FIELDS, TrainConfig
 from trainables.evaluate import EVAL_MODES
 from trainables.inits import INITS
 from trainables.optimizers import DEFAULT_LR, OPTIMIZERS
-from trainables.tasks import FILE_SUFFIXES, is_task_file, task_names
+from trainables.tasks import FILE_SUFFIXES, file_task, is_task_file, task_names
 
 
 class ConfigError(ValueError):
@@ -94,6 +95,9 @@ TRAIN_RULES: dict[str, Rule] = {
     "batch_size": integer(1, 4096),
     "max_steps": integer(1),
     "eval_every": integer(1),
+    "eval_steps": Rule(lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) > 0
+                                               and all(_is_int(x) and x >= 1 for x in v)),
+                       "null or a list of steps (integers >= 1)"),
     "eval_mode": one_of(*EVAL_MODES),
     "eval_batch_size": integer(1, 4096),
     "seed": integer(0),
@@ -112,6 +116,13 @@ def check_fields(values: dict, rules: dict[str, Rule], source: str | None, prefi
             raise ConfigError(prefix + key, value, rules[key].allowed, source)
 
 
+def check_model_name(field: str, name: str, source: str | None) -> None:
+    """A model that cannot be loaded is a config error, found before any trial starts."""
+    problem = model_problem(name)
+    if problem:
+        raise ConfigError(field, name, f"{MODELS_ALLOWED} ({problem})", source)
+
+
 def train_config(values: dict, source: str | None = None, prefix: str = "") -> TrainConfig:
     """A TrainConfig from a plain mapping; the optimizer's default lr when none is given."""
     if not isinstance(values, dict):
@@ -122,9 +133,15 @@ def train_config(values: dict, source: str | None = None, prefix: str = "") -> T
         values["lr"] = DEFAULT_LR[values["optimizer"]]
     if values.get("init") == "text" and not values.get("init_text"):
         raise ConfigError(prefix + "init_text", values.get("init_text"), "a non-empty string when init is text", source)
-    if is_task_file(values.get("task", "")) and not Path(values["task"]).exists():
+    if is_task_file(values.get("task", "")) and not Path(values["task"]).is_file():
         raise ConfigError(prefix + "task", values["task"], "an existing data file (no such file)", source)
-    return TrainConfig(**values)
+    if values.get("eval_steps") is not None:  # a tuple: the config is frozen and hashable
+        values["eval_steps"] = tuple(sorted(set(values["eval_steps"])))
+    cfg = TrainConfig(**values)
+    check_model_name(prefix + "model", cfg.model, source)
+    if is_task_file(cfg.task):  # read it once here: a bad row must not surface in every trial
+        file_task(cfg.task, cfg.text_column, cfg.label_column, cfg.verbalizers)
+    return cfg
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -259,6 +276,12 @@ def _check_space(space: dict, source: str | None) -> None:
         seen.append(name)
 
 
+def asha_rungs(grace_period: int, reduction_factor: int, max_t: int) -> list[int]:
+    """The steps at which Ray's ASHA compares trials (its `_Bracket` milestones), then max_t."""
+    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+    return sorted({grace_period * reduction_factor ** k for k in range(count)} - {max_t}) + [max_t]
+
+
 def search_config(values: dict, source: str | None = None, default_name: str = "search") -> SearchConfig:
     check_fields(values, SEARCH_RULES, source)
     merged = {**SEARCH_DEFAULTS, **values}
@@ -266,11 +289,27 @@ def search_config(values: dict, source: str | None = None, default_name: str = "
         raise ConfigError("train.max_steps", merged["train"]["max_steps"], "set the budget with the top-level max_steps", source)
     train = train_config({**merged["train"], "max_steps": merged["max_steps"]}, source, prefix="train.")
     checkpoints = tuple(merged["checkpoints"] or [train.model])
+    for model in checkpoints:
+        check_model_name("checkpoints", model, source)
+    if len(checkpoints) == 1 and checkpoints[0] != train.model:  # the space has no model to choose
+        if "model" in merged["train"]:
+            raise ConfigError("checkpoints", list(checkpoints), f"the same model as train.model ({train.model!r}) "
+                                                                f"when only one is listed", source)
+        train = train.replace(model=checkpoints[0])
     if isinstance(merged["space"], dict):
         _check_space(merged["space"], source)
-    grace = merged["grace_period"] or train.eval_every
+    # default: three ASHA rungs (about max_steps / factor^2, max_steps / factor, and max_steps)
+    grace = merged["grace_period"] or max(1, math.ceil(merged["max_steps"] / merged["reduction_factor"] ** 2))
     if grace > merged["max_steps"]:
         raise ConfigError("grace_period", grace, f"at most max_steps ({merged['max_steps']})", source)
+    if merged["scheduler"] == "asha" and train.eval_steps is None:
+        # Evaluate where ASHA compares trials (and every eval_every steps if that was set too): an
+        # evaluation costs several training steps, and one ASHA never looks at is wasted. Reports,
+        # and so checkpoints, come at the same steps.
+        steps = set(asha_rungs(grace, merged["reduction_factor"], merged["max_steps"]))
+        if "eval_every" in merged["train"]:
+            steps |= set(range(train.eval_every, merged["max_steps"], train.eval_every))
+        train = train.replace(eval_steps=tuple(sorted(steps)))
     if merged["concurrency"] > merged["trials"]:
         merged["concurrency"] = merged["trials"]
     return SearchConfig(
@@ -284,5 +323,12 @@ def search_config(values: dict, source: str | None = None, default_name: str = "
 
 
 def load_search_config(path: str | Path, overrides: list[str] = ()) -> SearchConfig:
-    values = {**load_yaml(path), **parse_overrides(list(overrides))}
+    """The YAML file, then `--set` overrides: `trials=4`, or `train.batch_size=16` for a trial field."""
+    values = load_yaml(path)
+    for key, value in parse_overrides(list(overrides)).items():
+        if key.startswith("train."):
+            train = values.get("train") or {}
+            values["train"] = {**train, key.removeprefix("train."): value} if isinstance(train, dict) else train
+        else:
+            values[key] = value
     return search_config(values, source=str(path), default_name=Path(path).stem)

@@ -112,7 +112,8 @@ def load_saved_config(storage_path: str, name: str) -> SearchConfig:
         raise ConfigError("search name", name, f"a search under {Path(storage_path).resolve()} "
                                                f"(no {CONFIG_FILE} there)")
     values = yaml.safe_load(path.read_text())
-    values["train"] = TrainConfig(**values["train"])
+    train = values["train"]
+    values["train"] = TrainConfig(**{**train, "eval_steps": tuple(train["eval_steps"]) if train.get("eval_steps") else None})
     values["checkpoints"] = tuple(values["checkpoints"])
     if values["points_to_evaluate"] is not None:
         values["points_to_evaluate"] = tuple(values["points_to_evaluate"])

@@ -16,7 +16,7 @@ import torch
 import yaml
 from ray import tune
 
-from search.config import ConfigError, search_config
+from search.config import ConfigError, asha_rungs, load_search_config, search_config
 from search.tuner import best_trial, experiment_dir, run_search, trial_rows
 from spaces import DEFAULT_POINTS, CustomSpace, paper, quick
 
@@ -90,6 +90,46 @@ def test_custom_space_suggests_a_conditional_parameter_only_when_its_condition_h
         study.tell(trial, 0.0)
 
 
+@pytest.mark.parametrize("grace, factor, max_t", [(5, 3, 45), (10, 3, 90), (2, 2, 8), (5, 4, 80), (3, 3, 10),
+                                                  (10, 3, 10)])
+def test_asha_rungs_are_the_milestones_ray_compares_at(grace, factor, max_t):
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    milestones = {m for m, _ in _Bracket(min_t=grace, max_t=max_t, reduction_factor=factor, s=0)._rungs}
+    assert asha_rungs(grace, factor, max_t) == sorted(milestones - {max_t}) + [max_t]
+
+
+@pytest.mark.parametrize("fields, eval_steps", [
+    ({"max_steps": 45, "grace_period": 5}, (5, 15, 45)),
+    ({"max_steps": 100}, (12, 36, 100)),  # the default grace period: three rungs
+    ({"max_steps": 45, "grace_period": 5, "train": {"eval_every": 10}}, (5, 10, 15, 20, 30, 40, 45)),
+    ({"max_steps": 45, "grace_period": 5, "train": {"eval_steps": [9]}}, (9,)),  # as given
+    ({"max_steps": 45, "scheduler": "none"}, None)])
+def test_an_asha_search_evaluates_at_its_rungs(fields, eval_steps):
+    values = {"train": {"task": "rotten_tomatoes"}, **fields}
+    assert search_config(values).train.eval_steps == eval_steps
+
+
+def test_set_overrides_a_trial_field_with_a_train_prefix(tmp_path):
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump({"max_steps": 45, "train": {"task": "rotten_tomatoes", "batch_size": 8}}))
+    cfg = load_search_config(path, ["train.batch_size=16", "train.eval_steps=[5, 15]", "trials=3"])
+    assert (cfg.train.batch_size, cfg.train.eval_steps, cfg.trials, cfg.train.task) == (16, (5, 15), 3, "rotten_tomatoes")
+    with pytest.raises(ConfigError, match="train.eval_steps"):
+        load_search_config(path, ["train.eval_steps=[0]"])
+
+
+def test_a_trial_evaluates_at_its_eval_steps_and_at_the_end(tiny_llama):
+    from trainables.config import TrainConfig
+    from trainables.loop import train
+
+    steps = []
+    cfg = TrainConfig(model=tiny_llama.name, batch_size=2, max_steps=7, eval_steps=(2, 3), eval_every=1,
+                      max_train_examples=32, max_eval_examples=4)
+    train(cfg, tiny_llama, report=lambda metrics, save: steps.append((metrics["step"], "test_accuracy" in metrics)))
+    assert steps == [(2, False), (3, False), (7, True)]
+
+
 # ---- the Tuner, on the session's Ray cluster ----
 
 def test_small_search_runs_the_default_point_first_and_asha_prunes_weak_trials(ray_cluster, tiny_llama_dir, tmp_path):
@@ -101,6 +141,12 @@ def test_small_search_runs_the_default_point_first_and_asha_prunes_weak_trials(r
     assert "stopped early" in statuses and "completed" in statuses
     assert all(r["step"] < 8 for r in rows if r["status"] == "stopped early")
     assert all(r["step"] == 8 and r["test_accuracy"] is not None for r in rows if r["status"] == "completed")
+    # trials evaluate (and report) only at their eval steps: ASHA's rungs 2, 4, 8 and every eval_every (2)
+    assert cfg.train.eval_steps == (2, 4, 6, 8)
+    folder = experiment_dir(cfg.storage_path, cfg.name)
+    reported = [json.loads(line)["step"] for r in rows
+                for line in (folder / f"trial_{r['trial_id']}" / "result.json").read_text().splitlines()]
+    assert set(reported) <= {2, 4, 6, 8} and reported.count(2) == 6
 
     trials = study_trials(cfg)
     assert trials[0].params == DEFAULT_POINTS["quick"]  # points_to_evaluate ran first

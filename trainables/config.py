@@ -33,6 +33,8 @@ class TrainConfig:
     batch_size: int = 8
     max_steps: int = 200
     eval_every: int = 50
+    eval_steps: tuple | None = None   # evaluate at exactly these steps (and max_steps) instead; a search
+                                      # with ASHA sets its rungs, so every evaluation is one ASHA uses
     eval_mode: str = "rank"           # rank | exact_match
     eval_batch_size: int = 32
     seed: int = 0

@@ -1,7 +1,8 @@
 """The prompt-tuning loop: one function, read top to bottom.
 
-build batch -> forward -> loss -> backward -> step -> (every eval_every steps) evaluate on dev,
-keep the best prompt, report and offer a checkpoint. At the end the best prompt (early stopping
+build batch -> forward -> loss -> backward -> step -> (at each eval step: every eval_every steps,
+or exactly the config's eval_steps) evaluate on dev, keep the best prompt, report and offer a
+checkpoint. At the end the best prompt (early stopping
 on dev, as in the paper) is evaluated on the held-out test split.
 """
 from __future__ import annotations
@@ -80,7 +81,7 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
     pm = PromptedModel(backbone, prompt)
     order = TrainOrder([len(x) for x in data.splits["train"].input_ids], cfg.batch_size, cfg.seed)
 
-    losses, examples, train_seconds, total_train_seconds = [], 0, 0.0, 0.0
+    losses, examples, train_seconds, total_train_seconds, eval_seconds = [], 0, 0.0, 0.0, 0.0
     bar = tqdm(range(start, cfg.max_steps), desc=f"prompt-tuning {data.name}", disable=not progress,
                initial=start, total=cfg.max_steps, unit="step")
     for step in bar:
@@ -100,8 +101,9 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
         bar.set_postfix(loss=f"{loss.item():.3f}")
 
         done = step + 1
-        if done % cfg.eval_every and done != cfg.max_steps:
+        if not is_eval_step(cfg, done):
             continue
+        started = time.perf_counter()
         dev = evaluate(pm, data, "dev", cfg.eval_mode, cfg.eval_batch_size)
         if dev["accuracy"] > best["dev_accuracy"]:
             best = {"dev_accuracy": dev["accuracy"], "step": done, "prompt": prompt.weight.detach().clone()}
@@ -112,6 +114,8 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
         losses, examples, train_seconds = [], 0, 0.0
         if done == cfg.max_steps:  # the last report carries the held-out result of the best prompt
             metrics.update({f"test_{k}": v for k, v in _evaluate_prompt(pm, best["prompt"], data, cfg).items()})
+        eval_seconds += time.perf_counter() - started
+        metrics["eval_s"] = eval_seconds  # inside dev/test evaluation, since this process started
         if progress:
             bar.write(f"step {done}: train_loss {metrics['train_loss']:.4f}  dev_accuracy {dev['accuracy']:.4f}"
                       f"  best {best['dev_accuracy']:.4f} @ {best['step']}")
@@ -128,6 +132,14 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
         metrics = {f"test_{k}": v for k, v in _evaluate_prompt(pm, best["prompt"], data, cfg).items()}
     return {"best_step": best["step"], "best_dev_accuracy": best["dev_accuracy"],
             **{k: v for k, v in metrics.items() if k.startswith("test_")}, "prompt": best["prompt"].detach().cpu()}
+
+
+def is_eval_step(cfg: TrainConfig, step: int) -> bool:
+    """Evaluate (and report, and checkpoint) at `eval_steps` if given, else every `eval_every`
+    steps; always at the end."""
+    if step == cfg.max_steps:
+        return True
+    return step in cfg.eval_steps if cfg.eval_steps else step % cfg.eval_every == 0
 
 
 def _evaluate_prompt(pm: PromptedModel, values: torch.Tensor, data: EncodedTask, cfg: TrainConfig) -> dict:
