@@ -3,6 +3,7 @@ majority vote of their members, mixed-task batches, backbone checks, and a regis
 model served over HTTP by a real `mlflow models serve`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -20,8 +21,8 @@ import torch
 from search.export import export_mlflow_model, export_npy, export_peft_adapter, write_bundle
 from trainables.backbone import _smollm2_folder, load_backbone
 from trainables.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from trainables.data import encode_task
-from trainables.ensemble import load_bundle
+from trainables.data import encode_task, verbalizer_ids
+from trainables.ensemble import PromptEnsemble, TaskPrompts, load_bundle
 from trainables.evaluate import rank_classify
 from trainables.prompt import PromptedModel, SoftPrompt
 from trainables.tasks import load_task
@@ -119,10 +120,71 @@ def test_ensemble_equals_the_majority_vote_of_its_members_predictions(kind, back
     vote = [Counter(column).most_common(1)[0][0] for column in zip(*alone)]  # 3 voters, 2 classes: no ties
     together = ensemble.predict(["rotten_tomatoes"] * len(split), split.input_ids)
     assert [label for label, _ in together] == vote
+    # causal LMs serve from the prompts' cached keys and values (prompts of 3, 4, 5 vectors: padded)
+    assert (ensemble.prefixes is not None) == (kind == "llama")
     member_scores = ensemble.member_scores(["rotten_tomatoes"] * 4, split.input_ids[:4])
     for i, m in enumerate(members):  # each member scores in the batch as it does alone
         single = PromptedModel(backbone, SoftPrompt(load_checkpoint(m).prompt)).class_scores(data, split.input_ids[:4])
         torch.testing.assert_close(torch.stack([s[i] for s in member_scores]), single, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_prompts_score_multi_token_verbalizers_as_each_member_does_alone(backbones):
+    backbone = backbones["llama"]
+    verbalizers = ["a rather negative review", "positive"]  # a row per (example, class), unequal lengths
+    base, _ = encoded(backbone, "rotten_tomatoes", 6)
+    data = dataclasses.replace(base, verbalizers=verbalizers,
+                               target_ids=verbalizer_ids(backbone.tokenizer, verbalizers, False))
+    assert not data.single_token_targets
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randn(n, backbone.width, generator=generator) * 0.5 for n in (2, 5)]
+    ensemble = PromptEnsemble(backbone, {"rt": TaskPrompts(verbalizers, data.target_ids, prompts)})
+    assert ensemble.prefixes is not None
+    inputs = data.splits["test"].input_ids
+    scores = ensemble.member_scores(["rt"] * len(inputs), inputs)
+    for i, prompt in enumerate(prompts):
+        single = PromptedModel(backbone, SoftPrompt(prompt)).class_scores(data, inputs)
+        torch.testing.assert_close(torch.stack([s[i] for s in scores]), single, atol=1e-4, rtol=1e-4)
+
+
+def test_an_empty_input_scores_the_same_with_and_without_cached_prompts(backbones):
+    backbone = backbones["llama"]
+    data, _ = encoded(backbone, "rotten_tomatoes", 3)
+    prompts = [torch.randn(n, backbone.width, generator=torch.Generator().manual_seed(n)) * 0.5 for n in (3, 4)]
+    ensemble = PromptEnsemble(backbone, {"rt": TaskPrompts(TASKS["rotten_tomatoes"], data.target_ids, prompts)})
+    assert ensemble.prefixes is not None
+    verbalizer_tokens = [t[0] for t in data.target_ids]
+    for inputs in ([[], *data.splits["test"].input_ids[:2]], [[], []]):  # one empty row; all empty
+        scores = ensemble.member_scores(["rt"] * len(inputs), inputs)
+        for i, prompt in enumerate(prompts):
+            with torch.no_grad():  # an empty input: the verbalizer follows the prompt's last vector
+                alone = backbone.model(inputs_embeds=prompt[None]).logits[0, -1].log_softmax(-1)
+            torch.testing.assert_close(scores[0][i], alone[verbalizer_tokens], atol=1e-5, rtol=1e-5)
+            if len(inputs) > 2:
+                single = PromptedModel(backbone, SoftPrompt(prompt)).class_scores(data, inputs[1:])
+                torch.testing.assert_close(torch.stack([s[i] for s in scores[1:]]), single, atol=1e-5, rtol=1e-5)
+
+
+def test_a_sliding_window_model_serves_without_cached_prompts_and_scores_right(tmp_path):
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(_smollm2_folder())
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True, sliding_window=4,
+                         max_window_layers=0, tie_word_embeddings=True)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen")
+    tokenizer.save_pretrained(tmp_path / "qwen")
+    backbone = load_backbone(str(tmp_path / "qwen"), device=torch.device("cpu"))
+    assert "sliding_attention" in backbone.model.config.layer_types
+    data, _ = encoded(backbone, "rotten_tomatoes", 4)
+    prompts = [torch.randn(n, backbone.width, generator=torch.Generator().manual_seed(n)) * 0.5 for n in (3, 6)]
+    ensemble = PromptEnsemble(backbone, {"rt": TaskPrompts(TASKS["rotten_tomatoes"], data.target_ids, prompts)})
+    assert ensemble.prefixes is None  # a window over the prompt's keys is not what a full cache gives
+    inputs = data.splits["test"].input_ids
+    scores = ensemble.member_scores(["rt"] * len(inputs), inputs)
+    for i, prompt in enumerate(prompts):
+        single = PromptedModel(backbone, SoftPrompt(prompt)).class_scores(data, inputs)
+        torch.testing.assert_close(torch.stack([s[i] for s in scores]), single, atol=1e-5, rtol=1e-5)
 
 
 def test_one_batch_serves_two_tasks_each_example_with_its_own_prompts(backbones, tmp_path):
