@@ -176,6 +176,19 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    """Check a prompt checkpoint or export against its SHA-256 and, with --model, that backbone."""
+    from search.export import load_export
+    from trainables.backbone import load_backbone
+
+    backbone = load_backbone(args.model) if args.model else None
+    prompts = load_export(args.path, backbone and backbone.fingerprint, backbone and backbone.width)
+    shapes = ", ".join("x".join(map(str, p.shape)) for p in prompts)
+    print(f"{args.path}: {len(prompts)} prompt(s) [{shapes}], SHA-256 verified"
+          + (f", made for {args.model} (fingerprint {backbone.fingerprint})" if backbone else ""))
+    return 0
+
+
 def cmd_search_best(args) -> int:
     from search.tuner import best_trial, load_saved_config
 
@@ -273,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tracking-uri", metavar="URI",
                         help="MLflow server for --run and --format mlflow (default: sqlite:///mlflow.db here)")
     export.set_defaults(handler=cmd_export)
+
+    verify = commands.add_parser(
+        "verify", help="check a prompt checkpoint or export: its SHA-256, and with --model its backbone",
+        description="Check a prompt checkpoint folder, an exported .npy, PEFT adapter or MLflow bundle folder: "
+                    "every prompt against its recorded SHA-256 and, with --model, the backbone's fingerprint.")
+    verify.add_argument("path", help="checkpoint folder, .npy file, PEFT adapter folder or bundle folder")
+    verify.add_argument("--model", help="the backbone the prompt must belong to (alias, hub id or folder)")
+    verify.set_defaults(handler=cmd_verify)
     return parser
 
 
@@ -284,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if args.debug or not isinstance(error, _user_errors()):
             raise
-        print(f"softprompt: error: {error}", file=sys.stderr)
+        print(f"softprompt: error: {' '.join(str(error).split())}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("softprompt: interrupted", file=sys.stderr)

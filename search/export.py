@@ -3,7 +3,8 @@ google-research/prompt-tuning releases prompts), or an MLflow pyfunc model in th
 under alias `production`. Several prompts (the top-k trials, or several tasks) export as one
 bundle that scores them all in one batched pass (trainables/ensemble.py).
 
-Every artifact records the backbone fingerprint; none holds a pickle.
+Every artifact records the backbone fingerprint and the prompt tensor's SHA-256, and `load_export`
+checks both; none holds a pickle.
 """
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors.torch import save_file
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from search.config import ConfigError
 from trainables.backbone import OFFLINE_MODELS
-from trainables.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from trainables.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, tensor_sha256
 from trainables.ensemble import BUNDLE_FILE, BUNDLE_FORMAT, COMBINE
 
 SERVED_MODEL_CODE = Path(__file__).resolve().parent.parent / "trainables" / "served_model.py"
@@ -72,8 +75,12 @@ def export_npy(prompt_dir: Path, out: Path) -> Path:
     return out
 
 
+PROVENANCE = ("backbone", "fingerprint", "task", "verbalizers", "length", "width", "step", "prompt_sha256")
+PEFT_TENSORS, PEFT_PROVENANCE = "adapter_model.safetensors", "softprompt.json"
+
+
 def _provenance(meta: dict) -> dict:
-    return {k: meta.get(k) for k in ("backbone", "fingerprint", "task", "verbalizers", "length", "width", "step")}
+    return {k: meta.get(k) for k in PROVENANCE}
 
 
 def export_peft_adapter(prompt_dir: Path, out: Path, is_encoder_decoder: bool | None = None) -> Path:
@@ -91,9 +98,69 @@ def export_peft_adapter(prompt_dir: Path, out: Path, is_encoder_decoder: bool | 
               "prompt_tuning_init": "RANDOM", "inference_mode": True, "base_model_name_or_path": model}
     out.mkdir(parents=True, exist_ok=True)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    save_file({"prompt_embeddings": checkpoint.prompt.contiguous()}, str(out / "adapter_model.safetensors"))
-    (out / "softprompt.json").write_text(json.dumps(_provenance(checkpoint.meta), indent=2))
+    save_file({"prompt_embeddings": checkpoint.prompt.contiguous()}, str(out / PEFT_TENSORS))
+    (out / PEFT_PROVENANCE).write_text(json.dumps(_provenance(checkpoint.meta), indent=2))
     return out
+
+
+# ---- reading exports back ----
+
+def _read_provenance(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (an exported prompt's SHA-256 and backbone fingerprint are kept there)")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(record, dict) or not record.get("prompt_sha256") or not record.get("fingerprint"):
+        raise CheckpointError(f"{path}: no prompt_sha256 and fingerprint (export the prompt again with this softprompt)")
+    return record
+
+
+def _read_exported_tensor(path: Path) -> torch.Tensor:
+    try:
+        if path.suffix == ".npy":
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        return load_file(str(path))["prompt_embeddings"]
+    except (ValueError, OSError, EOFError, KeyError, SafetensorError) as error:
+        raise CheckpointError(f"{path}: unreadable or truncated ({' '.join(str(error).split())[:200]})") from None
+
+
+def load_export(path: str | Path, fingerprint: str | None = None, width: int | None = None) -> list[torch.Tensor]:
+    """The prompts of an export (`.npy`, PEFT folder, MLflow bundle folder) or of a checkpoint folder,
+    each checked against its recorded SHA-256 and, if given, the backbone's fingerprint and width."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir() and (path / BUNDLE_FILE).is_file():
+        try:
+            record = json.loads((path / BUNDLE_FILE).read_text())
+            members = [m for task in record["tasks"].values() for m in task["members"]]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"{path / BUNDLE_FILE}: not a valid bundle record ({error})") from None
+        if fingerprint is not None and record.get("fingerprint") != fingerprint:
+            raise CheckpointError(f"{path / BUNDLE_FILE}: prompts were trained on backbone {record.get('backbone')!r} "
+                                  f"(fingerprint {record.get('fingerprint')}), not on this one ({fingerprint})")
+        return [load_checkpoint(path / m, record.get("fingerprint"), width).prompt for m in members]
+    if path.is_dir() and not (path / PEFT_TENSORS).exists():
+        return [load_checkpoint(path, fingerprint, width).prompt]
+    tensor_path, record_path = ((path / PEFT_TENSORS, path / PEFT_PROVENANCE) if path.is_dir()
+                                else (path, path.with_suffix(".json")))
+    if path.suffix not in ("", ".npy") or not tensor_path.is_file():
+        raise CheckpointError(f"{path}: not a prompt export; allowed: a .npy file with its .json, a PEFT adapter "
+                              f"folder, an MLflow bundle folder, or a checkpoint folder")
+    record = _read_provenance(record_path)
+    prompt = _read_exported_tensor(tensor_path)
+    if prompt.ndim != 2 or tensor_sha256(prompt) != record["prompt_sha256"]:
+        raise CheckpointError(f"{tensor_path}: does not match the prompt_sha256 in {record_path}; "
+                              f"the file was damaged or edited")
+    if width is not None and prompt.shape[1] != width:
+        raise CheckpointError(f"{tensor_path}: prompt width {prompt.shape[1]} does not match the backbone's "
+                              f"embedding width {width}")
+    if fingerprint is not None and record["fingerprint"] != fingerprint:
+        raise CheckpointError(f"{tensor_path}: prompt was trained on backbone {record.get('backbone')!r} "
+                              f"(fingerprint {record['fingerprint']}), not on this one ({fingerprint})")
+    return [prompt]
 
 
 def write_bundle(tasks: dict[str, list[Path]], out: Path, how: str = "vote") -> Path:

@@ -116,19 +116,65 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+MODELS_ALLOWED = (f"an offline alias ({', '.join(OFFLINE_MODELS)}), a local model folder with config.json, "
+                  "or a hub id that is cached here or reachable")
+
+
+def _hub_reachable(timeout_s: float = 5.0) -> bool:
+    """One quick request (proxies honoured): the hub client would otherwise retry for ~25 s."""
+    import requests
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        requests.head(constants.ENDPOINT, timeout=timeout_s)
+    except requests.RequestException:
+        return False
+    return True
+
+
+def model_problem(name: str) -> str | None:
+    """Why `name` cannot be loaded here, found in seconds (None: no reason known; a reachable hub id
+    is left to the hub)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name in OFFLINE_MODELS:
+        return None
+    folder = Path(name).expanduser()
+    if folder.exists():
+        return None if (folder / "config.json").is_file() else "the folder has no config.json"
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an org/name hub id
+        return "no such folder"
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return "not a valid hub id"
+    if isinstance(try_to_load_from_cache(name, "config.json"), str) or _hub_reachable():
+        return None
+    return "not in the local Hugging Face cache, and the hub cannot be reached (offline?)"
+
+
+def check_model(name: str) -> None:
+    problem = model_problem(name)
+    if problem:
+        raise BackboneError(f"model {name!r} is neither an offline alias ({', '.join(OFFLINE_MODELS)}), a local model "
+                            f"folder with config.json, nor a hub id that is cached here or reachable ({problem})")
+
+
 def load_backbone(name: str, dtype: str = "auto", device: torch.device | None = None) -> Backbone:
     """Load `name` (offline alias, hub id or local folder) with every weight frozen."""
     started = time.perf_counter()
     device = device or default_device()
     hf_logging.disable_progress_bar()  # a per-load weights bar is noise; the GGUF conversion says so itself
+    check_model(name)
     source = str(OFFLINE_MODELS[name]()) if name in OFFLINE_MODELS else name
     try:
         config = AutoConfig.from_pretrained(source)
-    except OSError as error:
-        raise BackboneError(
-            f"model {name!r} is neither an offline alias ({', '.join(OFFLINE_MODELS)}), "
-            f"a local model folder, nor a reachable hub id: {error}"
-        ) from None
+    except (OSError, ValueError) as error:
+        raise BackboneError(f"model {name!r} could not be loaded ({' '.join(str(error).split())}); "
+                            f"allowed: {MODELS_ALLOWED}") from None
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     model = auto.from_pretrained(source, dtype=resolve_dtype(dtype, device)).to(device)
     tokenizer = AutoTokenizer.from_pretrained(source)

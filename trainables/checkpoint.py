@@ -56,10 +56,20 @@ def save_checkpoint(directory: str | Path, prompt: torch.Tensor, meta: dict,
     partial = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
-    save_file(tensors, str(partial / TENSORS))
-    # The whole file's hash covers the optimizer state too: a resumed trial must not train on edited state.
-    record["file_sha256"] = hashlib.sha256((partial / TENSORS).read_bytes()).hexdigest()
-    (partial / META).write_text(json.dumps(record, indent=2, default=str))
+    try:
+        save_file(tensors, str(partial / TENSORS))
+        # The whole file's hash covers the optimizer state too: a resumed trial must not train on edited state.
+        record["file_sha256"] = hashlib.sha256((partial / TENSORS).read_bytes()).hexdigest()
+        (partial / META).write_text(json.dumps(record, indent=2, default=str))
+        for path in (partial / TENSORS, partial / META, partial):  # on disk before the swap, not just in cache
+            _fsync(path)
+    except (OSError, SafetensorError) as error:  # e.g. a full disk: the previous checkpoint stays, no half copy
+        shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointError(f"{directory}: could not be written ({' '.join(str(error).split())}); "
+                              f"the previous checkpoint there, if any, is unchanged") from error
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
     if directory.exists():
         os.replace(directory, old)
@@ -68,19 +78,31 @@ def save_checkpoint(directory: str | Path, prompt: torch.Tensor, meta: dict,
     return directory
 
 
+def _fsync(path: Path) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
 def load_checkpoint(directory: str | Path, fingerprint: str | None = None, width: int | None = None) -> Checkpoint:
     """Read a checkpoint; refuse it if damaged or made for another backbone."""
     directory = Path(directory)
     meta_path, tensor_path = directory / META, directory / TENSORS
     for path in (meta_path, tensor_path):
         if not path.is_file():
-            raise CheckpointError(f"{path}: missing (a prompt checkpoint holds {META} and {TENSORS})")
+            # a crash between save_checkpoint's two renames leaves the previous checkpoint beside it
+            left = [] if directory.exists() else sorted(directory.parent.glob(f".{directory.name}.old-*"))
+            hint = f"; an interrupted save left the previous checkpoint in {left[0]}" if left else ""
+            raise CheckpointError(f"{path}: missing (a prompt checkpoint holds {META} and {TENSORS}){hint}")
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{meta_path}: not valid JSON ({error})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{meta_path}: format {found!r}, expected {FORMAT!r}")
     if hashlib.sha256(tensor_path.read_bytes()).hexdigest() != meta.get("file_sha256"):
         raise CheckpointError(f"{tensor_path}: does not match the SHA-256 in {META}; "
                               "the file was damaged or edited")

@@ -154,13 +154,20 @@ def file_task(path: str, text_column: str = "text", label_column: str = "label",
         raise TaskError(f"task file {path}: unknown format {file.suffix!r}; allowed: {', '.join(FILE_SUFFIXES)}")
     if not file.exists():
         raise TaskError(f"task file {path} does not exist")
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a bar per read of a local file is noise (and breaks one-line errors)
     try:
         rows = datasets.load_dataset(kind, data_files=str(file), split="train")
     except Exception as error:  # datasets raises many types for unreadable files
-        raise TaskError(f"task file {path} could not be read as {kind}: {error}") from None
+        raise TaskError(f"task file {path} could not be read as {kind} ({' '.join(str(error).split())[:300]}); "
+                        f"allowed: a readable {', '.join(FILE_SUFFIXES)} file") from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     for column in (text_column, label_column):
         if column not in rows.column_names:
-            raise TaskError(f"task file {path}: no column {column!r}; columns are {rows.column_names}")
+            raise TaskError(f"task file {path}: no column {column!r}; columns are {rows.column_names} "
+                            f"(set text_column / label_column)")
     texts, values = rows[text_column], rows[label_column]
     if verbalizers is None:
         found = sorted({str(v) for v in values if v is not None and str(v).strip()})
@@ -170,13 +177,14 @@ def file_task(path: str, text_column: str = "text", label_column: str = "label",
     inputs, labels = [], []
     for row_number, (text_value, value) in enumerate(zip(texts, values), start=1):
         if text_value is None or not str(text_value).strip():
-            raise TaskError(f"task file {path}, row {row_number}: empty {text_column!r}")
+            raise TaskError(f"task file {path}, row {row_number}: empty {text_column!r}; every row needs a non-empty text")
         if str(value) not in verbalizers:
-            raise TaskError(f"task file {path}, row {row_number}: label {value!r} is not one of {classes}")
+            raise TaskError(f"task file {path}, row {row_number}: label {value!r} is not one of {classes} "
+                            f"(the verbalizers' labels)")
         inputs.append(f"{text_column}: {str(text_value).strip()}\n{label_column}:")
         labels.append(classes.index(str(value)))
     if len(set(labels)) < 2:
-        raise TaskError(f"task file {path}: needs at least 2 classes in {label_column!r}, found {sorted(set(values))}")
+        raise TaskError(f"task file {path}: needs at least 2 classes in {label_column!r}, found {sorted(set(map(str, values)))}")
     splits = split_three(inputs, labels)
     if len(splits["dev"]) == 0 or len(splits["test"]) == 0:
         raise TaskError(f"task file {path}: {len(inputs)} rows is too few for train/dev/test splits (need 10+)")

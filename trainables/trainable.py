@@ -1,8 +1,10 @@
 """The Ray Tune function trainable: one search trial = one prompt-tuning run on a worker.
 
 The frozen backbone and the tokenised task are kept per worker process and reused by later
-trials on that worker. Reports every `eval_every` steps with a resumable checkpoint; resumes
-from `ray.tune.get_checkpoint()` bit-for-bit (prompt, optimizer state, data order).
+trials on that worker. Reports at each eval step (every `eval_every` steps, or the config's
+`eval_steps`: under ASHA, its rungs) with a resumable checkpoint, so a trial resumes from its last
+eval step; resumes from `ray.tune.get_checkpoint()` bit-for-bit (prompt, optimizer state, data
+order).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from ray import tune
 
 from trainables.backbone import cached_backbone, default_device
+from trainables.checkpoint import load_checkpoint
 from trainables.config import TrainConfig, fields_from_params
 from trainables.data import EncodedTask
 from trainables.loop import Diverged, prepare_data, train
@@ -70,9 +73,13 @@ def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: f
             train(cfg, backbone, data, report=report)
         else:
             with checkpoint.as_directory() as folder:
+                # a restarted trial (Ray retrying a failure, or a resumed search) says where it picked up
+                setup["resumed_from_step"] = load_checkpoint(Path(folder) / "current").meta["step"]
                 train(cfg, backbone, data, report=report, resume_from=Path(folder))
-    except (Diverged, torch.cuda.OutOfMemoryError) as error:
+    except (Diverged, torch.OutOfMemoryError) as error:
         status = "diverged" if isinstance(error, Diverged) else "out_of_memory"
+        if device.type == "cuda":  # this worker's next trial should not start with the failed one's cache
+            torch.cuda.empty_cache()
         final = {metric: worst_value(mode), "step": cfg.max_steps, "status": status, "error": str(error), **setup}
         if tracker:
             tracker.log(final)
