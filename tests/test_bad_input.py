@@ -1,0 +1,219 @@
+"""Malformed input, through the real `softprompt` entry point: every mistake is answered before any
+trial starts by one line on stderr naming what is wrong and what is allowed, exit code 2, and no
+traceback unless `--debug` asks for one. The hub is offline here, as it is on the machines we test on."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+import yaml
+
+from search.cli import main
+from search.export import export_npy
+from trainables.checkpoint import save_checkpoint
+
+GOOD_ROWS = "".join(f"{'good' if i % 2 else 'bad'} film number {i},{'pos' if i % 2 else 'neg'}\n" for i in range(30))
+
+
+def search_file(ctx, change: dict) -> list[str]:
+    """`search run` on a valid tiny search with `change` applied (a `train` mapping is merged)."""
+    values = {"name": "bad", "trials": 2, "max_steps": 4, "storage_path": str(ctx.tmp / "runs"),
+              "train": {"model": str(ctx.model), "task": "rotten_tomatoes", "eval_every": 2}}
+    for key, value in change.items():
+        values[key] = {**values["train"], **value} if key == "train" else value
+    path = ctx.tmp / "search.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return ["search", "run", str(path), "--tracking-uri", "none"]
+
+
+def train_file(ctx, change: dict) -> list[str]:
+    path = ctx.tmp / "train.yaml"
+    path.write_text(yaml.safe_dump({"model": str(ctx.model), "task": "rotten_tomatoes", "max_steps": 2,
+                                    "output_dir": str(ctx.tmp / "out"), **change}))
+    return ["train", str(path)]
+
+
+def task_file(ctx, text: str, suffix: str = ".csv", **train) -> list[str]:
+    """A search whose task is a data file holding `text`."""
+    path = ctx.tmp / f"task{suffix}"
+    path.write_text(text)
+    return search_file(ctx, {"train": {"task": str(path), **train}})
+
+
+def raw_file(ctx, text: str) -> list[str]:
+    path = ctx.tmp / "raw.yaml"
+    path.write_text(text)
+    return ["search", "run", str(path)]
+
+
+def foreign_prompt(ctx) -> list[str]:
+    """A prompt trained on the tiny Llama, checked against the tiny T5."""
+    folder = save_checkpoint(ctx.tmp / "prompt", torch.randn(3, 32), {"backbone": str(ctx.model),
+                                                                       "fingerprint": ctx.fingerprint})
+    return ["verify", str(folder), "--model", str(ctx.other_model)]
+
+
+def foreign_npy(ctx) -> list[str]:
+    folder = save_checkpoint(ctx.tmp / "prompt", torch.randn(3, 32), {"backbone": str(ctx.model),
+                                                                       "fingerprint": ctx.fingerprint})
+    return ["verify", str(export_npy(folder, ctx.tmp / "prompt.npy")), "--model", str(ctx.other_model)]
+
+
+S, T = search_file, train_file
+# (id, argv builder, fragments the one line must contain: the field or file, the value, what is allowed)
+CASES = [
+    # search configs
+    ("unknown-field", lambda c: S(c, {"trails": 4}), ["trails", "did you mean 'trials'"]),
+    ("scheduler", lambda c: S(c, {"scheduler": "hyperband"}), ["scheduler = 'hyperband'", "one of asha, none"]),
+    ("trials-0", lambda c: S(c, {"trials": 0}), ["trials = 0", "an integer >= 1"]),
+    ("trials--1", lambda c: S(c, {"trials": -1}), ["trials = -1", "an integer >= 1"]),
+    ("metric", lambda c: S(c, {"metric": "accuracy"}), ["metric = 'accuracy'", "best_dev_accuracy, dev_accuracy"]),
+    ("sampler", lambda c: S(c, {"sampler": "grid"}), ["sampler = 'grid'", "one of tpe, random"]),
+    ("concurrency-float", lambda c: S(c, {"concurrency": 1.5}), ["concurrency = 1.5", "an integer >= 1"]),
+    ("grace-period", lambda c: S(c, {"grace_period": 50}), ["grace_period = 50", "at most max_steps (4)"]),
+    ("max-failures", lambda c: S(c, {"max_failures": -1}), ["max_failures = -1", "an integer >= 0"]),
+    ("time-limit-0", lambda c: S(c, {"time_limit_s": 0}), ["time_limit_s = 0", "a finite number > 0"]),
+    ("name", lambda c: S(c, {"name": "../escape"}), ["name = '../escape'", "letters, digits"]),
+    ("budget-in-train", lambda c: S(c, {"train": {"max_steps": 9}}), ["train.max_steps", "top-level max_steps"]),
+    ("prompt-length-0", lambda c: S(c, {"train": {"prompt_length": 0}}), ["train.prompt_length = 0", "an integer >= 1"]),
+    ("prompt-length--1", lambda c: S(c, {"train": {"prompt_length": -1}}), ["train.prompt_length = -1", "an integer >= 1"]),
+    ("lr-0", lambda c: S(c, {"train": {"lr": 0}}), ["train.lr = 0", "a finite number > 0"]),
+    ("lr-text", lambda c: S(c, {"train": {"lr": "fast"}}), ["train.lr = 'fast'", "a finite number > 0"]),
+    ("lr-nan", lambda c: S(c, {"train": {"lr": float("nan")}}), ["train.lr = nan", "a finite number > 0"]),
+    ("batch-size-0", lambda c: S(c, {"train": {"batch_size": 0}}), ["train.batch_size = 0", "an integer >= 1"]),
+    ("init", lambda c: S(c, {"train": {"init": "zeros"}}), ["train.init = 'zeros'", "one of random_uniform"]),
+    ("init-text", lambda c: S(c, {"train": {"init": "text"}}), ["train.init_text", "a non-empty string when init is text"]),
+    ("optimizer", lambda c: S(c, {"train": {"optimizer": "sgd"}}), ["train.optimizer = 'sgd'", "one of adafactor, adamw"]),
+    ("eval-mode", lambda c: S(c, {"train": {"eval_mode": "greedy"}}), ["train.eval_mode = 'greedy'", "one of rank"]),
+    ("model-offline", lambda c: S(c, {"train": {"model": "no-such-org/no-such-model"}}),
+     ["train.model = 'no-such-org/no-such-model'", "hub cannot be reached", "an offline alias (smollm2-135m)"]),
+    ("model-folder", lambda c: S(c, {"train": {"model": "./no-such-model"}}),
+     ["train.model = './no-such-model'", "no such folder", "a local model folder with config.json"]),
+    ("model-no-config", lambda c: S(c, {"train": {"model": str(c.tmp)}}), ["train.model", "no config.json"]),
+    ("checkpoint-offline", lambda c: S(c, {"checkpoints": [str(c.model), "google/t5-xxl-lm-adapt"]}),
+     ["checkpoints = 'google/t5-xxl-lm-adapt'", "hub cannot be reached"]),
+    ("checkpoints-empty", lambda c: S(c, {"checkpoints": []}), ["checkpoints = []", "a non-empty list"]),
+    ("one-checkpoint-not-the-model", lambda c: S(c, {"checkpoints": [str(c.other_model)]}),
+     ["checkpoints", "the same model as train.model"]),
+    ("space-name", lambda c: S(c, {"space": "huge"}), ["space = 'huge'", "quick, paper, or a mapping"]),
+    ("space-unknown-param", lambda c: S(c, {"space": {"dropout": {"choices": [0.1]}}}), ["space.dropout", "a training field"]),
+    ("space-init", lambda c: S(c, {"space": {"init": {"choices": ["zeros"]}}}), ["space.init.choices", "one of random_uniform"]),
+    ("space-optimizer", lambda c: S(c, {"space": {"optimizer": {"choices": ["sgd"]}}}),
+     ["space.optimizer.choices = 'sgd'", "one of adafactor, adamw"]),
+    ("space-length-0", lambda c: S(c, {"space": {"prompt_length": {"choices": [0, 5]}}}),
+     ["space.prompt_length.choices = 0", "an integer >= 1"]),
+    ("space-length--1", lambda c: S(c, {"space": {"prompt_length": {"low": -1, "high": 5, "int": True}}}),
+     ["space.prompt_length = -1", "an integer >= 1"]),
+    ("space-lr-0", lambda c: S(c, {"space": {"lr": {"choices": [0, 0.1]}}}), ["space.lr.choices = 0", "a finite number > 0"]),
+    ("space-log-low-0", lambda c: S(c, {"space": {"lr": {"low": 0.0, "high": 0.1, "log": True}}}), ["space.lr", "> 0"]),
+    ("space-low-high", lambda c: S(c, {"space": {"lr": {"low": 0.1, "high": 0.01}}}), ["space.lr", "low < high"]),
+    ("space-when-below", lambda c: S(c, {"space": {"lr": {"low": 1e-4, "high": 0.1, "when": {"optimizer": "adamw"}},
+                                                   "optimizer": {"choices": ["adamw"]}}}),
+     ["space.lr.when", "parameters defined above it"]),
+    ("space-choices-empty", lambda c: S(c, {"space": {"init": {"choices": []}}}), ["space.init.choices = []", "a non-empty list"]),
+    # task names and files
+    ("task-name", lambda c: S(c, {"train": {"task": "imdb"}}), ["train.task = 'imdb'", "one of rotten_tomatoes", ".csv"]),
+    ("task-file-missing", lambda c: S(c, {"train": {"task": str(c.tmp / "nope.csv")}}),
+     ["train.task", "nope.csv", "an existing data file"]),
+    ("task-no-text-column", lambda c: task_file(c, "sentence,label\n" + GOOD_ROWS),
+     ["task.csv", "no column 'text'", "columns are ['sentence', 'label']"]),
+    ("task-no-label-column", lambda c: task_file(c, "text,polarity\n" + GOOD_ROWS),
+     ["task.csv", "no column 'label'", "set text_column / label_column"]),
+    ("task-wrong-column-option", lambda c: task_file(c, "text,label\n" + GOOD_ROWS, text_column="review"),
+     ["task.csv", "no column 'review'"]),
+    ("task-empty-text", lambda c: task_file(c, "text,label\n" + GOOD_ROWS + ",pos\n"),
+     ["task.csv, row 31", "empty 'text'", "every row needs a non-empty text"]),
+    ("task-empty-label", lambda c: task_file(c, "text,label\n" + GOOD_ROWS + "a fine film,\n"),
+     ["task.csv, row 31", "label None is not one of ['neg', 'pos']"]),
+    ("task-mislabeled", lambda c: task_file(c, "text,label\n" + GOOD_ROWS + "a fine film,neutral\n",
+                                            verbalizers={"neg": "negative", "pos": "positive"}),
+     ["task.csv, row 31", "label 'neutral' is not one of ['neg', 'pos']"]),
+    ("task-one-class", lambda c: task_file(c, "text,label\n" + "".join(f"film {i},pos\n" for i in range(30))),
+     ["task.csv", "at least 2 classes", "['pos']"]),
+    ("task-too-few-rows", lambda c: task_file(c, "text,label\na,pos\nb,neg\nc,pos\n"), ["task.csv", "too few", "need 10+"]),
+    ("task-header-only", lambda c: task_file(c, "text,label\n"), ["task.csv", "corresponds to no data", "a readable"]),
+    ("task-empty-file", lambda c: task_file(c, ""), ["task.csv", "could not be read as csv", "allowed: a readable"]),
+    ("task-bad-jsonl", lambda c: task_file(c, '{"text": "a", "label": "pos"}\n{not json\n', ".jsonl"),
+     ["task.jsonl", "could not be read as json"]),
+    ("verbalizers-one", lambda c: S(c, {"train": {"verbalizers": {"pos": "positive"}}}),
+     ["train.verbalizers", "a mapping of 2+ label values"]),
+    # the files and arguments around the config
+    ("config-missing", lambda c: ["search", "run", str(c.tmp / "absent.yaml")], ["config file", "an existing YAML file"]),
+    ("config-bad-yaml", lambda c: raw_file(c, "trials: [4\n"), ["config file", "valid YAML"]),
+    ("config-not-mapping", lambda c: raw_file(c, "- trials\n- 4\n"), ["config file", "a YAML mapping"]),
+    ("set-no-equals", lambda c: [*S(c, {}), "--set", "trials"], ["--set = 'trials'", "key=value"]),
+    ("set-bad-value", lambda c: [*S(c, {}), "--set", "trials=many"], ["trials = 'many'", "an integer >= 1"]),
+    ("tracking-uri", lambda c: [*S(c, {})[:-2], "--tracking-uri", "ftp://host"],
+     ["--tracking-uri = 'ftp://host'", "sqlite:///PATH, http(s)://HOST:PORT"]),
+    ("train-length--1", lambda c: T(c, {"prompt_length": -1}), ["prompt_length = -1", "an integer >= 1"]),
+    ("train-lr-0", lambda c: T(c, {"lr": 0.0}), ["lr = 0.0", "a finite number > 0"]),
+    ("train-optimizer", lambda c: T(c, {"optimizer": "lion"}), ["optimizer = 'lion'", "one of adafactor, adamw"]),
+    ("train-model-offline", lambda c: T(c, {"model": "meta-llama/Llama-9-1T"}), ["model = 'meta-llama/Llama-9-1T'", "offline"]),
+    ("resume-unknown", lambda c: ["search", "resume", "ghost", "--storage-path", str(c.tmp)], ["search name = 'ghost'", "a search under"]),
+    ("status-unknown", lambda c: ["search", "status", "ghost", "--storage-path", str(c.tmp)], ["search name = 'ghost'", "a search under"]),
+    ("export-no-source", lambda c: ["export", "--format", "npy"], ["export source", "a search name or --run RUN_ID"]),
+    ("export-top-peft", lambda c: ["export", "s", "--top", "3", "--format", "peft"], ["--top = 3", "--format mlflow"]),
+    # prompts that belong to another backbone, or are not there
+    ("wrong-backbone-checkpoint", foreign_prompt, ["prompt", "trained on backbone", "not on this one"]),
+    ("wrong-backbone-npy", foreign_npy, ["prompt.npy", "trained on backbone", "not on this one"]),
+    ("verify-missing", lambda c: ["verify", str(c.tmp / "gone.npy")], ["gone.npy", "no such file or folder"]),
+    ("verify-not-a-prompt", lambda c: (c.tmp / "notes.txt").write_text("hi") and ["verify", str(c.tmp / "notes.txt")],
+     ["notes.txt", "not a prompt export", "allowed: a .npy file with its .json"]),
+]
+
+
+class Context:
+    def __init__(self, tmp: Path, model: Path, other_model: Path, fingerprint: str):
+        self.tmp, self.model, self.other_model, self.fingerprint = tmp, model, other_model, fingerprint
+
+
+@pytest.fixture
+def ctx(tmp_path, tiny_llama_dir, tiny_t5_dir, tiny_llama, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as on a machine without internet
+    monkeypatch.chdir(tmp_path)  # a refused command must leave nothing in the checkout, even by accident
+    return Context(tmp_path, tiny_llama_dir, tiny_t5_dir, tiny_llama.fingerprint)
+
+
+def test_the_table_holds_at_least_30_distinct_malformed_inputs():
+    assert len(CASES) >= 30 and len({case_id for case_id, _, _ in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("argv,fragments", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_malformed_input_gets_one_line_naming_what_is_wrong_and_what_is_allowed(ctx, capsys, argv, fragments):
+    code = main(argv(ctx))
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2, (out, err)
+    assert len(lines) == 1 and lines[0].startswith("softprompt: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert "Traceback" not in out + err and out == ""
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_a_bad_task_file_is_refused_end_to_end_without_a_traceback_and_debug_shows_one(tmp_path, tiny_llama_dir):
+    task = tmp_path / "reviews.csv"
+    task.write_text("text,label\n" + GOOD_ROWS + "a fine film,neutral\n")
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump({"storage_path": str(tmp_path / "runs"), "train": {
+        "model": str(tiny_llama_dir), "task": str(task), "verbalizers": {"neg": "negative", "pos": "positive"}}}))
+    plain = cli("search", "run", str(config), "--tracking-uri", "none", cwd=tmp_path)
+    assert plain.returncode == 2 and plain.stdout == ""
+    assert plain.stderr.strip().splitlines() == [
+        f"softprompt: error: task file {task}, row 31: label 'neutral' is not one of ['neg', 'pos'] "
+        f"(the verbalizers' labels)"]
+    assert not (tmp_path / "runs").exists()  # refused before the search existed
+
+    debug = cli("--debug", "search", "run", str(config), "--tracking-uri", "none", cwd=tmp_path)
+    assert debug.returncode == 1
+    assert "Traceback (most recent call last)" in debug.stderr
+    assert "TaskError: task file" in debug.stderr.strip().splitlines()[-1]
