@@ -150,6 +150,8 @@ CASES = [
     ("set-bad-value", lambda c: [*S(c, {}), "--set", "trials=many"], ["trials = 'many'", "an integer >= 1"]),
     ("tracking-uri", lambda c: [*S(c, {})[:-2], "--tracking-uri", "ftp://host"],
      ["--tracking-uri = 'ftp://host'", "sqlite:///PATH, http(s)://HOST:PORT"]),
+    ("tracking-uri-credentials", lambda c: [*S(c, {})[:-2], "--tracking-uri", "https://alice:hunter2@mlflow.example.com"],
+     ["--tracking-uri = 'https://***@mlflow.example.com'", "without credentials", "MLFLOW_TRACKING_PASSWORD"]),
     ("train-length--1", lambda c: T(c, {"prompt_length": -1}), ["prompt_length = -1", "an integer >= 1"]),
     ("train-lr-0", lambda c: T(c, {"lr": 0.0}), ["lr = 0.0", "a finite number > 0"]),
     ("train-optimizer", lambda c: T(c, {"optimizer": "lion"}), ["optimizer = 'lion'", "one of adafactor, adamw"]),
@@ -181,6 +183,7 @@ def ctx(tmp_path, tiny_llama_dir, tiny_t5_dir, tiny_llama, monkeypatch):
 
 def test_the_table_holds_at_least_30_distinct_malformed_inputs():
     assert len(CASES) >= 30 and len({case_id for case_id, _, _ in CASES}) == len(CASES)
+    print(f"FIGURE bad input: {len(CASES)} malformed inputs in the table")
 
 
 @pytest.mark.parametrize("argv,fragments", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -193,6 +196,7 @@ def test_malformed_input_gets_one_line_naming_what_is_wrong_and_what_is_allowed(
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     assert "Traceback" not in out + err and out == ""
+    print(f"FIGURE refused, exit 2: {lines[0]}")  # `pytest -rP ... | grep FIGURE` lists every refusal
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
