@@ -10,6 +10,7 @@ where a CPU test machine can do that, and the test states what must survive it:
 6. the disk fills while a checkpoint is written            test_fault6_...
 
 Plus the security rules: no pickle on paths that read received files, no secret in logs or MLflow.
+Each fault test prints what it measured as a `FIGURE` line: `pytest -rP` shows them (docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -53,6 +54,11 @@ def tiny_search(model_dir, tmp_path, **overrides):
     for key, value in overrides.items():
         values[key] = {**values["train"], **value} if key == "train" else value
     return search_config(values)
+
+
+def figure(text: str) -> None:
+    """What a test measured, for docs/reliability.md: `pytest -rP tests/test_reliability.py | grep FIGURE`."""
+    print(f"FIGURE {text}")
 
 
 def reported_steps(cfg, trial_id: str) -> list[dict]:
@@ -124,6 +130,10 @@ def test_fault1_a_killed_trial_worker_restarts_from_its_last_checkpoint_and_no_t
     failures = {t.trial_id: t.num_failures for t in ExperimentAnalysis(str(experiment_dir(cfg.storage_path, cfg.name))).trials}
     assert failures == {tid: int(tid == killed["trial_id"]) for tid in rows}  # one retry (FailureConfig), one trial
     assert [t.state.name for t in study(cfg).trials] == ["COMPLETE"] * cfg.trials
+    figure(f"fault 1 (worker SIGKILLed at step 2): {len(rows)} trials started, "
+           f"{sum(r['status'] == 'completed' for r in rows.values())} completed, "
+           f"{cfg.trials - len(rows)} lost; the victim resumed from step {victim[1]['resumed_from_step']}, "
+           f"{sum(failures.values())} retry")
 
 
 # ---- 2. the driver is killed mid-search ----
@@ -151,12 +161,12 @@ def killed_and_resumed(ray_cluster, tiny_llama_dir, tmp_path_factory):
                                   env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and driver.poll() is None:  # until Ray's saved state has 2 finished
-            time.sleep(1)
-            try:
-                rows = trial_rows(str(runs), "killed")
-            except Exception:  # no experiment state saved yet
+            time.sleep(0.2)
+            # one trial at a time: a third trial reporting means two have finished (a file check is cheap;
+            # reading Ray's state each time would slow the trials this loop races)
+            if len([p for p in runs.glob("killed/trial_*/result.json") if p.stat().st_size]) < 3:
                 continue
-            if sum(r["status"] == "completed" for r in rows) >= 2:
+            if sum(r["status"] == "completed" for r in trial_rows(str(runs), "killed")) >= 2:
                 break
         driver.kill()  # SIGKILL: no handler runs, nothing is flushed or closed
         driver.wait(timeout=60)
@@ -207,6 +217,10 @@ def test_fault2_a_killed_driver_resumes_without_rerunning_trials_or_losing_histo
     runs_after = {tid: run_id for tid, run_id, _ in after["children"]}
     assert all(runs_after[tid] == run_id for tid, run_id in runs_before.items())
     assert all(child.data.tags[STATUS_TAG] == "completed" for _, _, child in after["children"])
+    figure(f"fault 2 (driver SIGKILLed with {len(finished)} of 4 trials finished): after resume "
+           f"{len(after['rows'])} trials, {sum(r['status'] == 'completed' for r in after['rows'].values())} completed, "
+           f"{4 - len(after['rows'])} lost, 0 re-run; Optuna {len(after['optuna'])} trials COMPLETE; "
+           f"MLflow {len(after['parents'])} parent run, {len(after['children'])} child runs")
 
 
 def test_secrets_in_the_environment_never_reach_output_files_or_mlflow(killed_and_resumed):
@@ -219,6 +233,9 @@ def test_secrets_in_the_environment_never_reach_output_files_or_mlflow(killed_an
     leaked = [path for path in killed_and_resumed["tmp"].rglob("*")
               if path.is_file() and SECRET.encode() in path.read_bytes()]  # the MLflow database and artifacts too
     assert leaked == []
+    files = sum(1 for path in killed_and_resumed["tmp"].rglob("*") if path.is_file())
+    figure(f"secrets: 4 secret variables in the environment, found in 0 of {files} files written "
+           f"(logs, MLflow database and artifacts, Ray and Optuna state) and 0 MLflow params or tags")
 
 
 # ---- 3. a trial diverges or runs out of memory ----
@@ -248,7 +265,7 @@ def test_fault3_diverged_and_out_of_memory_trials_end_with_a_clear_status_and_th
         ray_cluster, tiny_llama_dir, tmp_path):
     points = [{"prompt_length": 2, "init_scale": 0.5}, {"prompt_length": 3, "init_scale": 0.5},
               {"prompt_length": 2, "init_scale": 1.0e39}]  # 1e39 overflows float32: the loss is NaN at step 1
-    cfg = tiny_search(tiny_llama_dir, tmp_path, name="faults", trials=3, points_to_evaluate=points,
+    cfg = tiny_search(tiny_llama_dir, tmp_path, name="faults", trials=3, concurrency=1, points_to_evaluate=points,
                       space={"prompt_length": {"choices": [2, 3]}, "init_scale": {"choices": [0.5, 1.0e39]}},
                       train={"init": "random_uniform"})
     run_search(cfg, trainable=out_of_memory_at_prompt_length_3)
@@ -263,6 +280,8 @@ def test_fault3_diverged_and_out_of_memory_trials_end_with_a_clear_status_and_th
     last = {r["params"]["prompt_length"]: reported_steps(cfg, r["trial_id"])[-1]
             for r in rows.values() if r["status"] == "out_of_memory"}
     assert "CUDA out of memory" in last[3]["error"]
+    figure(f"fault 3 (one trial NaN, one out of memory): {len(rows)} of {cfg.trials} trials ended, statuses "
+           f"{sorted(r['status'] for r in rows.values())}, 0 lost")
 
 
 # ---- 5. a checkpoint or an exported prompt is truncated or edited ----
@@ -311,6 +330,7 @@ def test_fault5_a_damaged_checkpoint_or_export_is_refused_naming_the_file(artifa
     assert len(lines) == 1 and str(damaged.parent) in lines[0], lines
     assert damaged.name in lines[0] or tensors.name in lines[0]
     assert any(word in lines[0] for word in ("SHA-256", "prompt_sha256", "truncated")), lines[0]
+    figure(f"fault 5 ({kind}, {how}): refused, exit 2: {lines[0]}")
 
 
 # ---- 6. the disk fills while a checkpoint is written ----
@@ -366,6 +386,7 @@ def test_fault6_a_disk_full_during_a_checkpoint_write_leaves_the_previous_checkp
         loaded = load_checkpoint(folder / "ckpt", fingerprint="f", width=16)
         assert torch.equal(loaded.prompt, previous) and loaded.meta["step"] == 2
         assert sorted(p.name for p in folder.iterdir()) == sorted(["ckpt"] + (["filler"] if mounted else []))
+        figure(f"fault 6 ({disk}): step-4 write refused ({caught.value}); the step-2 checkpoint loads bit-identical")
     finally:
         if mounted:
             subprocess.run(["umount", "--lazy", str(folder)], check=True)  # loaded tensors may still map files
