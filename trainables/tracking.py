@@ -54,8 +54,14 @@ def find_or_create_child(mlflow_client, target: TrackingTarget, trial_id: str, p
     from mlflow.entities import Param
     run = mlflow_client.create_run(target.experiment_id, run_name=f"trial_{trial_id}",
                                    tags={PARENT_TAG: target.parent_run_id, TRIAL_TAG: trial_id})
-    mlflow_client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    mlflow_client.log_batch(run.info.run_id, params=[Param(mlflow_param_key(k), str(v)) for k, v in params.items()])
     return run.info.run_id
+
+
+def mlflow_param_key(name: str) -> str:
+    """A tracking server refuses '@' in parameter names (`lr@adamw`, a space's per-branch field);
+    the local sqlite store does not check, so both get `lr/adamw`."""
+    return name.replace("@", "/")
 
 
 def numeric_metrics(metrics: dict) -> dict[str, float]:
