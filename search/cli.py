@@ -294,7 +294,54 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("path", help="checkpoint folder, .npy file, PEFT adapter folder or bundle folder")
     verify.add_argument("--model", help="the backbone the prompt must belong to (alias, hub id or folder)")
     verify.set_defaults(handler=cmd_verify)
+    _add_cluster_commands(commands)
     return parser
+
+
+def _handler(module: str, name: str):
+    """A handler imported only when its command runs (torch-importing modules make `--help` slow)."""
+    def run(args):
+        import importlib
+        return getattr(importlib.import_module(module), name)(args)
+    return run
+
+
+def _add_cluster_commands(commands) -> None:
+    """`cluster check`, `submit` and `jobs status|logs|stop` (search/cluster.py, search/jobs.py)."""
+    address = os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265")
+    address_help = f"the head's job API (default: {address}, where `ray dashboard cluster.yaml` forwards it)"
+    cluster = commands.add_parser("cluster", help="check a Ray cluster-launcher file before `ray up`",
+                                  description="Ray cluster files for searches (cluster.yaml, cluster-onprem.yaml).")
+    cluster_actions = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = cluster_actions.add_parser(
+        "check", help="validate a cluster file offline",
+        description="Ray's schema, then: GPUs declared on GPU node types, no dashboard/GCS/client/MLflow port open "
+                    "to the internet, token auth, no usage stats, an MLflow server on the head. One line per problem.")
+    check.add_argument("file", help="cluster-launcher YAML file")
+    check.set_defaults(handler=_handler("search.cluster", "cmd_cluster_check"))
+
+    submit = commands.add_parser(
+        "submit", help="run a search on a Ray cluster as a job",
+        description="Send a search to a cluster's job API (after `ray up`, forward it with `ray dashboard "
+                    "cluster.yaml`), print the job id and follow its logs until it ends (exit 1 if it failed).")
+    _config_arguments(submit, "YAML search config (its storage_path must be shared storage)", "trials=32")
+    submit.add_argument("--address", default=address, help=address_help)
+    submit.add_argument("--tracking-uri", metavar="URI",
+                        help="MLflow server the trials log to (default: the cluster's, SOFTPROMPT_TRACKING_URI on the head)")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    submit.set_defaults(handler=_handler("search.jobs", "cmd_submit"))
+
+    jobs = commands.add_parser("jobs", help="status, logs or stop of a submitted search",
+                               description="Searches submitted with `softprompt submit`, by job id.")
+    job_actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("status", "the job's status and message"), ("logs", "the job's output so far"),
+                         ("stop", "stop the job (its search can be resumed)")):
+        sub = job_actions.add_parser(action, help=text, description=text)
+        sub.add_argument("job_id", help="the id `softprompt submit` printed")
+        sub.add_argument("--address", default=address, help=address_help)
+        if action == "logs":
+            sub.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+        sub.set_defaults(handler=_handler("search.jobs", f"cmd_jobs_{action}"))
 
 
 def main(argv: list[str] | None = None) -> int:

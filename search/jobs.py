@@ -1,0 +1,144 @@
+"""`softprompt submit` and `softprompt jobs status|logs|stop`: a search sent to a Ray cluster as a
+job, through the head's job API (http://127.0.0.1:8265 once `ray dashboard cluster.yaml` forwards it).
+
+The job carries this project's code (`search`, `spaces`, `trainables` as py_modules) and the config
+(the working dir), so the driver and every trial run the code that was submitted; the cluster's
+venv only supplies the pinned dependencies. The search logs to the cluster's MLflow server, whose
+address the head's start command exports as SOFTPROMPT_TRACKING_URI.
+"""
+from __future__ import annotations
+
+import asyncio
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+from search.config import ConfigError, load_yaml, parse_overrides
+
+PACKAGES = ("search", "spaces", "trainables")
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# Expanded by the job's shell on the head; a head started without it fails the job with this message.
+CLUSTER_TRACKING_URI = '"${SOFTPROMPT_TRACKING_URI:?is not set on the head: start Ray with the cluster file}"'
+SHARED_STORAGE = ("/",)
+JOB_ENV = {"TOKENIZERS_PARALLELISM": "false"}
+
+
+def job_client(address: str):
+    """A client for the cluster's job API; an unreachable or refusing head is a one-line user error."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except AuthenticationError:
+        raise ConfigError("--address", address, "a cluster whose token this machine has: RAY_AUTH_MODE=token and the "
+                                                "head's ~/.ray/auth_token here (or RAY_AUTH_TOKEN)") from None
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise ConfigError("--address", address, f"the job API of a running cluster's head, e.g. {DEFAULT_ADDRESS} "
+                                                f"through `ray dashboard cluster.yaml` ({str(error).splitlines()[0]})") from None
+
+
+def _project_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def _staged_config(config: str, overrides: list[str], folder: Path) -> str:
+    """Copy the config into the job's working dir; its storage_path must be an absolute path that
+    every node mounts (NFS, EFS): a relative one would land in the job's temporary working dir and
+    vanish, and the Optuna study (sqlite) and Tune's resume need a POSIX file system, not S3."""
+    values = load_yaml(config)
+    storage = {**values, **parse_overrides(overrides)}.get("storage_path", "runs/search")
+    if not str(storage).startswith(SHARED_STORAGE):
+        raise ConfigError("storage_path", storage, "an absolute path on storage every node mounts, e.g. "
+                                                   "/mnt/softprompt/runs (--set storage_path=...)", source=config)
+    name = Path(config).name
+    shutil.copyfile(config, folder / name)
+    return name
+
+
+def entrypoint(config_name: str, overrides: list[str], tracking_uri: str | None) -> str:
+    """The shell command the head runs: the search, logging to the given or the cluster's MLflow server."""
+    words = ["python", "-m", "search.cli", "search", "run", config_name]
+    for pair in overrides:
+        words += ["--set", pair]
+    command = " ".join(shlex.quote(w) for w in words)
+    return f"{command} --tracking-uri " + (shlex.quote(tracking_uri) if tracking_uri else CLUSTER_TRACKING_URI)
+
+
+def submit_search(address: str, config: str, overrides: list[str], tracking_uri: str | None, scratch: Path) -> str:
+    """Submit a search as a Ray job; returns its id."""
+    name = _staged_config(config, overrides, scratch)  # a bad config is refused before any connection
+    client = job_client(address)
+    root = _project_root()
+    runtime_env = {"working_dir": str(scratch), "py_modules": [str(root / p) for p in PACKAGES],
+                   "excludes": ["__pycache__"], "env_vars": JOB_ENV}
+    return client.submit_job(entrypoint=entrypoint(name, overrides, tracking_uri), runtime_env=runtime_env)
+
+
+def _known_job(client, job_id: str, address: str):
+    try:
+        return client.get_job_info(job_id)
+    except RuntimeError:
+        raise ConfigError("job id", job_id, f"a job of the cluster at {address} (`ray job list --address {address}`)") from None
+
+
+def follow_logs(client, job_id: str) -> int:
+    """Print the job's output as it comes until the job ends; 0 if it succeeded, 1 otherwise."""
+    async def tail():
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job goes on: `softprompt jobs stop {job_id}` ends it", file=sys.stderr)
+        return 130
+    return finish_status(client, job_id)
+
+
+def finish_status(client, job_id: str) -> int:
+    info = client.get_job_info(job_id)
+    print(f"job {job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""), flush=True)
+    return 0 if info.status.value == "SUCCEEDED" else 1
+
+
+def cmd_submit(args) -> int:
+    """Submit a search to a cluster, print the job id, then follow its logs unless --no-wait."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="softprompt-job-") as scratch:
+        job_id = submit_search(args.address, args.config, args.set, args.tracking_uri, Path(scratch))
+    print(f"submitted job {job_id} to {args.address}", flush=True)
+    if args.no_wait:
+        print(f"follow it: softprompt jobs logs {job_id} --follow --address {args.address}")
+        return 0
+    return follow_logs(job_client(args.address), job_id)
+
+
+def cmd_jobs_status(args) -> int:
+    client = job_client(args.address)
+    info = _known_job(client, args.job_id, args.address)
+    print(yaml.safe_dump({"job": args.job_id, "status": info.status.value, "message": info.message,
+                          "entrypoint": info.entrypoint, "start_time": info.start_time, "end_time": info.end_time},
+                         sort_keys=False).rstrip())
+    return 0
+
+
+def cmd_jobs_logs(args) -> int:
+    client = job_client(args.address)
+    _known_job(client, args.job_id, args.address)
+    if args.follow:
+        return follow_logs(client, args.job_id)
+    print(client.get_job_logs(args.job_id), end="")
+    return 0
+
+
+def cmd_jobs_stop(args) -> int:
+    client = job_client(args.address)
+    _known_job(client, args.job_id, args.address)
+    stopped = client.stop_job(args.job_id)
+    print(f"job {args.job_id}: " + ("stop requested" if stopped else "already finished"))
+    return 0
