@@ -5,7 +5,12 @@ Ray process behind.
 
 `ray down` runs a bare `ray stop` on the head, which stops every Ray process on that machine. So
 the test's sshd, and with it everything the head runs, lives in a PID namespace of its own: that
-`ray stop` cannot reach this test session's own Ray, nor any other on the machine.
+`ray stop` cannot reach this test session's own Ray (the test checks it still runs tasks), nor any
+other on the machine. Killing the namespace's init ends whatever is left, on failure too.
+
+Nothing leaves this machine: SSH, the job API and MLflow are on 127.0.0.1, free ports keep the
+cluster apart from any other here, and Ray's own processes talk over this machine's address (Ray
+maps 127.0.0.1 to it), as any `ray.init()` does.
 """
 from __future__ import annotations
 
