@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -142,13 +143,11 @@ def test_cluster_check_cli_prints_one_line_per_problem_and_exits_2(tmp_path):
     config = load("cluster.yaml")
     _gpu_type_without_gpus(config)
     _dashboard_open_to_the_internet(config)
-    broken = subprocess.run([*SOFTPROMPT, "cluster", "check", str(write(config, tmp_path))],
-                            capture_output=True, text=True, timeout=60)
+    broken, good = _run_at_once([[*SOFTPROMPT, "cluster", "check", str(write(config, tmp_path))],
+                                 [*SOFTPROMPT, "cluster", "check", str(ROOT / "cluster.yaml")]], timeout=120)
     assert broken.returncode == 2
     lines = broken.stderr.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("softprompt: error: ") for line in lines), broken.stderr
-    good = subprocess.run([*SOFTPROMPT, "cluster", "check", str(ROOT / "cluster.yaml")],
-                          capture_output=True, text=True, timeout=60)
     assert good.returncode == 0 and "g5.xlarge" in good.stdout, good.stderr
 
 
@@ -186,6 +185,12 @@ def _listening(port: int) -> bool:
 
 def _run(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def _run_at_once(commands: list[list[str]], timeout: float, **kwargs) -> list[subprocess.CompletedProcess]:
+    """Independent CLI calls side by side: each spends most of its time importing torch."""
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(lambda command: _run(command, timeout, **kwargs), commands))
 
 
 def _in_namespace(namespace: str) -> list[psutil.Process]:
@@ -349,23 +354,26 @@ def test_ray_up_submit_track_export_and_ray_down_on_loopback(ray_cluster, tiny_l
         job_id = re.search(r"submitted job (\S+)", submitted.stdout).group(1)
         assert f"job {job_id}: SUCCEEDED" in submitted.stdout
         assert "unreachable" not in submitted.stdout and not list(storage.glob("*/mlflow-spool/*")), submitted.stdout
-        status = _run([*SOFTPROMPT, "jobs", "status", job_id, "--address", address], timeout=60, env=env)
+        jobs = ["--address", address]
+        status, logs, stop, unknown = _run_at_once([
+            [*SOFTPROMPT, "jobs", "status", job_id, *jobs], [*SOFTPROMPT, "jobs", "logs", job_id, *jobs],
+            [*SOFTPROMPT, "jobs", "stop", job_id, *jobs], [*SOFTPROMPT, "jobs", "status", "raysubmit_nosuchjob", *jobs]],
+            timeout=120, env=env)
         assert "status: SUCCEEDED" in status.stdout, status.stderr
-        logs = _run([*SOFTPROMPT, "jobs", "logs", job_id, "--address", address], timeout=60, env=env)
         assert "best trial" in logs.stdout, logs.stderr
-        stop = _run([*SOFTPROMPT, "jobs", "stop", job_id, "--address", address], timeout=60, env=env)
         assert stop.stdout.strip() == f"job {job_id}: already finished", stop.stderr
-        unknown = _run([*SOFTPROMPT, "jobs", "status", "raysubmit_nosuchjob", "--address", address], timeout=60, env=env)
         assert unknown.returncode == 2 and unknown.stderr.startswith(
             "softprompt: error: job id = 'raysubmit_nosuchjob' is not allowed: a job of the cluster at"), unknown.stderr
 
         parent_run_id = _assert_tracked_on_the_head(tracking_uri, "cluster-tiny", trials=2)
-        # The winner as a user without the cluster's storage gets it: from the head's MLflow server.
-        from_mlflow = _run([*SOFTPROMPT, "export", "--run", parent_run_id, "--format", "npy", "--tracking-uri",
-                            tracking_uri, "--out", str(tmp_path / "from-mlflow.npy")], timeout=120, env=env, cwd=tmp_path)
+        # The winner as a user without the cluster's storage gets it (from the head's MLflow server),
+        # and as one on the head gets it (from the shared storage): the same array.
+        from_mlflow, from_storage = _run_at_once([
+            [*SOFTPROMPT, "export", "--run", parent_run_id, "--format", "npy", "--tracking-uri", tracking_uri,
+             "--out", str(tmp_path / "from-mlflow.npy")],
+            [*SOFTPROMPT, "export", "cluster-tiny", "--format", "npy", "--storage-path", str(storage),
+             "--out", str(tmp_path / "from-storage.npy"), "--tracking-uri", "none"]], timeout=180, env=env, cwd=tmp_path)
         assert from_mlflow.returncode == 0, from_mlflow.stderr
-        from_storage = _run([*SOFTPROMPT, "export", "cluster-tiny", "--format", "npy", "--storage-path", str(storage),
-                             "--out", str(tmp_path / "from-storage.npy"), "--tracking-uri", "none"], timeout=120, env=env, cwd=tmp_path)
         assert from_storage.returncode == 0, from_storage.stderr
         prompt = np.load(tmp_path / "from-mlflow.npy")
         assert prompt.ndim == 2 and prompt.shape[1] == 32 and np.isfinite(prompt).all()
@@ -380,6 +388,7 @@ def test_ray_up_submit_track_export_and_ray_down_on_loopback(ray_cluster, tiny_l
         while _ray_processes(namespace) and time.time() < deadline:
             time.sleep(0.5)
         assert _ray_processes(namespace) == []
+        _wait_for(f"{tracking_uri}/health", 5)  # the runs stay viewable; ending the namespace ends the server
         assert session_ray.get(worker_pid.remote(), timeout=60) > 0  # untouched by `ray down`
         print(f"ray up {up_seconds:.0f} s, job {job_seconds:.0f} s, ray down {down_seconds:.0f} s")
 
