@@ -7,13 +7,15 @@ import os
 import sys
 from pathlib import Path
 
+USER_ERRORS = {"search.configfile": "ConfigError", "trainables.tasks": "TaskError",
+               "trainables.backbone": "BackboneError", "trainables.checkpoint": "CheckpointError"}
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Imported late: torch makes `--help` slow."""
-    from search.config import ConfigError
-    from trainables.backbone import BackboneError
-    from trainables.checkpoint import CheckpointError
-    from trainables.tasks import TaskError
-    return (ConfigError, TaskError, BackboneError, CheckpointError)
+    """The user-mistake errors of the modules this command loaded: a module that was never
+    imported raised nothing, and importing it here would cost a command that needs no torch
+    (`cluster check`, `jobs`) seconds of start-up."""
+    return tuple(getattr(sys.modules[m], name) for m, name in USER_ERRORS.items() if m in sys.modules)
 
 
 def cmd_train(args) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from search.config import ConfigError
+from search.configfile import ConfigError
 
 # Ports a search's cluster serves that must never face the internet: each runs code or shows data.
 SERVICE_PORTS = {8265: "Ray dashboard and job API", 6379: "Ray GCS", 10001: "Ray client", 5000: "MLflow"}

@@ -10,21 +10,13 @@ from pathlib import Path
 
 import yaml
 
+from search.configfile import ConfigError, load_yaml, parse_overrides  # noqa: F401 (their home for callers)
 from trainables.backbone import MODELS_ALLOWED, model_problem
 from trainables.config import FIELDS, TrainConfig
 from trainables.evaluate import EVAL_MODES
 from trainables.inits import INITS
 from trainables.optimizers import DEFAULT_LR, OPTIMIZERS
 from trainables.tasks import FILE_SUFFIXES, file_task, is_task_file, task_names
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config: one line, no traceback."""
-
-    def __init__(self, field: str, value, allowed: str, source: str | None = None):
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}{field} = {value!r} is not allowed: {allowed}")
-        self.field, self.value, self.allowed = field, value, allowed
 
 
 @dataclass(frozen=True)
@@ -142,31 +134,6 @@ def train_config(values: dict, source: str | None = None, prefix: str = "") -> T
     if is_task_file(cfg.task):  # read it once here: a bad row must not surface in every trial
         file_task(cfg.task, cfg.text_column, cfg.label_column, cfg.verbalizers)
     return cfg
-
-
-def load_yaml(path: str | Path) -> dict:
-    """A YAML mapping from a file; a missing or malformed file is a ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("config file", str(path), "an existing YAML file")
-    try:
-        values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError("config file", str(path), f"valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise ConfigError("config file", str(path), "a YAML mapping of field: value")
-    return values
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """`--set key=value` pairs, values parsed as YAML scalars (so 0.3 is a float, null is None)."""
-    overrides = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError("--set", pair, "key=value")
-        overrides[key.strip()] = yaml.safe_load(raw)
-    return overrides
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from search.config import ConfigError, load_yaml, parse_overrides
+from search.configfile import ConfigError, load_yaml, parse_overrides
 
 PACKAGES = ("search", "spaces", "trainables")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
