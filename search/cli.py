@@ -100,7 +100,8 @@ def _finish_search(storage_path: str, name: str) -> int:
 
 def cmd_search_run(args) -> int:
     from search.config import load_search_config
-    from search.tracking import check_tracking_uri, default_tracking_uri
+    from search.configfile import check_tracking_uri
+    from search.tracking import default_tracking_uri
     from search.tuner import run_search
 
     cfg = load_search_config(args.config, args.set)
@@ -113,7 +114,7 @@ def cmd_search_run(args) -> int:
 
 
 def cmd_search_resume(args) -> int:
-    from search.tracking import check_tracking_uri
+    from search.configfile import check_tracking_uri
     from search.tuner import resume_search
 
     resume_search(args.storage_path, args.name, tracking_uri=check_tracking_uri(args.tracking_uri or "none"))
@@ -133,7 +134,8 @@ def cmd_search_status(args) -> int:
 
 def cmd_mlflow_sync(args) -> int:
     """Log what an unreachable tracking server missed, and the search's final results."""
-    from search.tracking import check_tracking_uri, finish_search_run
+    from search.configfile import check_tracking_uri
+    from search.tracking import finish_search_run
 
     uri = check_tracking_uri(args.tracking_uri) if args.tracking_uri else None
     target = finish_search_run(args.storage_path, args.name, uri)
@@ -151,7 +153,8 @@ def cmd_export(args) -> int:
     from search.config import ConfigError
     from search.export import (ALIAS, export_mlflow_model, export_npy, export_peft_adapter, run_prompt,
                                search_prompts, write_bundle)
-    from search.tracking import check_tracking_uri, default_tracking_uri
+    from search.configfile import check_tracking_uri
+    from search.tracking import default_tracking_uri
     from trainables.checkpoint import load_checkpoint
 
     if (args.search is None) == (args.run is None):

@@ -8,9 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from search.configfile import ConfigError, load_yaml, parse_overrides  # noqa: F401 (their home for callers)
+from search.configfile import ConfigError, load_yaml, parse_overrides
 from trainables.backbone import MODELS_ALLOWED, model_problem
 from trainables.config import FIELDS, TrainConfig
 from trainables.evaluate import EVAL_MODES

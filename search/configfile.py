@@ -1,9 +1,10 @@
 """What reading a config file needs and nothing more (no torch): the one-line config error, the
-YAML loader and `--set` parsing. Commands that never train (`cluster check`, `submit`, `jobs`)
+YAML loader, `--set` parsing and the tracking URI check. Commands that never train (`cluster check`, `submit`, `jobs`)
 import only this; search/config.py holds the rules."""
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -40,3 +41,22 @@ def parse_overrides(pairs: list[str]) -> dict:
             raise ConfigError("--set", pair, "key=value")
         overrides[key.strip()] = yaml.safe_load(raw)
     return overrides
+
+
+def check_tracking_uri(uri: str) -> str | None:
+    """A usable tracking URI, or None for `none` (tracking off)."""
+    if uri.lower() == "none":
+        return None
+    if uri.startswith(("http://", "https://")) and "@" in urlsplit(uri).netloc:
+        # the URI is printed, saved beside the search and handed to every trial: no secret may ride in it
+        raise ConfigError("--tracking-uri", _without_password(uri),
+                          "a URI without credentials: put them in MLFLOW_TRACKING_USERNAME and "
+                          "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment")
+    if uri.startswith(("sqlite:///", "http://", "https://", "databricks")):
+        return uri
+    raise ConfigError("--tracking-uri", uri, "sqlite:///PATH, http(s)://HOST:PORT of a tracking server, or none")
+
+
+def _without_password(uri: str) -> str:
+    parts = urlsplit(uri)
+    return parts._replace(netloc=f"***@{parts.netloc.rpartition('@')[2]}").geturl()

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import yaml
 
-from search.configfile import ConfigError, load_yaml, parse_overrides
+from search.configfile import ConfigError, check_tracking_uri, load_yaml, parse_overrides
 
 PACKAGES = ("search", "spaces", "trainables")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Expanded by the job's shell on the head; a head started without it fails the job with this message.
 CLUSTER_TRACKING_URI = '"${SOFTPROMPT_TRACKING_URI:?is not set on the head: start Ray with the cluster file}"'
-SHARED_STORAGE = ("/",)
 JOB_ENV = {"TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -51,7 +50,7 @@ def _staged_config(config: str, overrides: list[str], folder: Path) -> str:
     vanish, and the Optuna study (sqlite) and Tune's resume need a POSIX file system, not S3."""
     values = load_yaml(config)
     storage = {**values, **parse_overrides(overrides)}.get("storage_path", "runs/search")
-    if not str(storage).startswith(SHARED_STORAGE):
+    if not Path(str(storage)).is_absolute():
         raise ConfigError("storage_path", storage, "an absolute path on storage every node mounts, e.g. "
                                                    "/mnt/softprompt/runs (--set storage_path=...)", source=config)
     name = Path(config).name
@@ -70,7 +69,12 @@ def entrypoint(config_name: str, overrides: list[str], tracking_uri: str | None)
 
 def submit_search(address: str, config: str, overrides: list[str], tracking_uri: str | None, scratch: Path) -> str:
     """Submit a search as a Ray job; returns its id."""
-    name = _staged_config(config, overrides, scratch)  # a bad config is refused before any connection
+    # refused before any connection: unreadable YAML, a storage_path not on shared storage, and a
+    # tracking URI carrying credentials (Ray would keep it in the job's entrypoint and show it);
+    # the rest of the config is checked on the head, where the job fails with the same one line
+    if tracking_uri:
+        check_tracking_uri(tracking_uri)
+    name = _staged_config(config, overrides, scratch)
     client = job_client(address)
     root = _project_root()
     runtime_env = {"working_dir": str(scratch), "py_modules": [str(root / p) for p in PACKAGES],

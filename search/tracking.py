@@ -13,7 +13,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from search.config import ConfigError, SearchConfig
 from search.tuner import CONFIG_FILE, best_trial, experiment_dir, load_saved_config, trial_rows
@@ -29,25 +28,6 @@ NEAREST_TOKENS = 5
 def default_tracking_uri() -> str:
     """The embedded default: a SQLite store in the working folder."""
     return f"sqlite:///{Path('mlflow.db').resolve()}"
-
-
-def check_tracking_uri(uri: str) -> str | None:
-    """A usable tracking URI, or None for `none` (tracking off)."""
-    if uri.lower() == "none":
-        return None
-    if uri.startswith(("http://", "https://")) and "@" in urlsplit(uri).netloc:
-        # the URI is printed, saved beside the search and handed to every trial: no secret may ride in it
-        raise ConfigError("--tracking-uri", _without_password(uri),
-                          "a URI without credentials: put them in MLFLOW_TRACKING_USERNAME and "
-                          "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment")
-    if uri.startswith(("sqlite:///", "http://", "https://", "databricks")):
-        return uri
-    raise ConfigError("--tracking-uri", uri, "sqlite:///PATH, http(s)://HOST:PORT of a tracking server, or none")
-
-
-def _without_password(uri: str) -> str:
-    parts = urlsplit(uri)
-    return parts._replace(netloc=f"***@{parts.netloc.rpartition('@')[2]}").geturl()
 
 
 def softprompt_experiment(mlflow_client, uri: str) -> str:

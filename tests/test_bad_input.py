@@ -152,6 +152,10 @@ CASES = [
      ["--tracking-uri = 'ftp://host'", "sqlite:///PATH, http(s)://HOST:PORT"]),
     ("tracking-uri-credentials", lambda c: [*S(c, {})[:-2], "--tracking-uri", "https://alice:hunter2@mlflow.example.com"],
      ["--tracking-uri = 'https://***@mlflow.example.com'", "without credentials", "MLFLOW_TRACKING_PASSWORD"]),
+    ("submit-tracking-uri-credentials",  # refused before any connection: Ray would keep it in the job's command
+     lambda c: ["submit", S(c, {"storage_path": "/mnt/shared/runs"})[2], "--address", "http://127.0.0.1:9",
+                "--tracking-uri", "https://alice:hunter2@mlflow.example.com"],
+     ["--tracking-uri = 'https://***@mlflow.example.com'", "without credentials"]),
     ("train-length--1", lambda c: T(c, {"prompt_length": -1}), ["prompt_length = -1", "an integer >= 1"]),
     ("train-lr-0", lambda c: T(c, {"lr": 0.0}), ["lr = 0.0", "a finite number > 0"]),
     ("train-optimizer", lambda c: T(c, {"optimizer": "lion"}), ["optimizer = 'lion'", "one of adafactor, adamw"]),

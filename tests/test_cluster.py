@@ -188,7 +188,7 @@ def _run(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedPr
 
 
 def _run_at_once(commands: list[list[str]], timeout: float, **kwargs) -> list[subprocess.CompletedProcess]:
-    """Independent CLI calls side by side: each spends most of its time importing torch."""
+    """Independent CLI calls side by side: each spends most of its time starting Python and Ray."""
     with ThreadPoolExecutor(len(commands)) as pool:
         return list(pool.map(lambda command: _run(command, timeout, **kwargs), commands))
 

@@ -146,12 +146,12 @@ def test_cached_prompts_score_multi_token_verbalizers_as_each_member_does_alone(
         torch.testing.assert_close(torch.stack([s[i] for s in scores]), single, atol=1e-4, rtol=1e-4)
 
 
-def test_an_empty_input_scores_the_same_with_and_without_cached_prompts(backbones):
+def test_a_batch_with_an_empty_input_scores_it_from_the_prompt_alone(backbones):
     backbone = backbones["llama"]
     data, _ = encoded(backbone, "rotten_tomatoes", 3)
     prompts = [torch.randn(n, backbone.width, generator=torch.Generator().manual_seed(n)) * 0.5 for n in (3, 4)]
     ensemble = PromptEnsemble(backbone, {"rt": TaskPrompts(TASKS["rotten_tomatoes"], data.target_ids, prompts)})
-    assert ensemble.prefixes is not None
+    assert ensemble.prefixes is not None  # built, but such a batch runs without it
     verbalizer_tokens = [t[0] for t in data.target_ids]
     for inputs in ([[], *data.splits["test"].input_ids[:2]], [[], []]):  # one empty row; all empty
         scores = ensemble.member_scores(["rt"] * len(inputs), inputs)
