@@ -313,7 +313,9 @@ def _handler(module: str, name: str):
 
 def _add_cluster_commands(commands) -> None:
     """`cluster check`, `submit` and `jobs status|logs|stop` (search/cluster.py, search/jobs.py)."""
-    address = os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265")
+    from search.jobs import DEFAULT_ADDRESS  # yaml and the config file helpers only: no torch, no ray
+
+    address = os.environ.get("RAY_API_SERVER_ADDRESS", DEFAULT_ADDRESS)
     address_help = f"the head's job API (default: {address}, where `ray dashboard cluster.yaml` forwards it)"
     cluster = commands.add_parser("cluster", help="check a Ray cluster-launcher file before `ray up`",
                                   description="Ray cluster files for searches (cluster.yaml, cluster-onprem.yaml).")
