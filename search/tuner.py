@@ -18,6 +18,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from search.config import ConfigError, SearchConfig
+from search.jobs import WORKER_ENV
 from spaces import DEFAULT_POINTS, SPACES, CustomSpace
 from trainables.config import TrainConfig
 from trainables.tasks import is_task_file
@@ -120,13 +121,23 @@ def load_saved_config(storage_path: str, name: str) -> SearchConfig:
     return SearchConfig(**values)
 
 
+def give_local_workers_env() -> None:
+    """A local Ray started after this call runs its workers with WORKER_ENV: they inherit this
+    process's environment (glibc reads MALLOC_ARENA_MAX once, when a process starts)."""
+    for key, value in WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def ensure_ray(cfg: SearchConfig) -> None:
     """Join the cluster named by RAY_ADDRESS (a submitted job), else start a local Ray."""
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     # Snapshotting after each checkpoint is what num_to_keep=1 asks for; the warning is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False) if os.environ.get("RAY_ADDRESS") else \
+        if os.environ.get("RAY_ADDRESS"):  # a submitted job: its runtime env carries WORKER_ENV
+            ray.init(include_dashboard=False, configure_logging=False)
+        else:
+            give_local_workers_env()
             ray.init(include_dashboard=False, configure_logging=False, logging_level="WARNING")
 
 

@@ -69,7 +69,10 @@ def ray_cluster():
 
     import ray
 
+    from search.tuner import give_local_workers_env
+
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    give_local_workers_env()  # as `softprompt search run` starts its local Ray
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
