@@ -22,9 +22,9 @@ PACKAGES = ("search", "spaces", "trainables")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Expanded by the job's shell on the head; a head started without it fails the job with this message.
 CLUSTER_TRACKING_URI = '"${SOFTPROMPT_TRACKING_URI:?is not set on the head: start Ray with the cluster file}"'
-# glibc gives each new thread its own malloc arena (up to 8 per core) and keeps what it freed there;
-# a Ray worker running trial after trial, each in a new thread, grew past 4.5 GiB (the demo peaked
-# at 8.8 GiB on the machine). Two arenas per worker keep it near 2 GiB.
+# glibc spreads a process's threads over up to 8 malloc arenas per core and keeps what was freed in
+# them: after a few demo trials a Ray worker held 60+ arena heaps of 64 MiB (4.5 GiB) and the machine
+# peaked at 8.8 GiB. With two arenas per worker the demo peaks at 5.5 GiB.
 WORKER_ENV = {"MALLOC_ARENA_MAX": "2"}
 JOB_ENV = {"TOKENIZERS_PARALLELISM": "false", **WORKER_ENV}
 

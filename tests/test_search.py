@@ -169,8 +169,8 @@ def test_workers_reuse_the_frozen_backbone_across_trials(ray_cluster, tiny_llama
 
 
 def test_trial_workers_run_with_two_malloc_arenas(ray_cluster):
-    """A reused worker runs each trial in a new thread; uncapped, glibc gives each its own arena and
-    keeps what it freed (the demo's workers grew past 4.5 GiB each)."""
+    """Uncapped, glibc's per-thread malloc arenas kept what trials freed: the demo's workers grew past
+    4.5 GiB each (search/jobs.py WORKER_ENV)."""
     @ray.remote(num_cpus=0)
     def arena_cap():
         return os.environ.get("MALLOC_ARENA_MAX")
