@@ -18,11 +18,12 @@ import pytest
 import requests
 import torch
 
+import trainables.ensemble
 from search.export import export_mlflow_model, export_npy, export_peft_adapter, write_bundle
 from trainables.backbone import _smollm2_folder, load_backbone
 from trainables.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from trainables.data import encode_task, verbalizer_ids
-from trainables.ensemble import PromptEnsemble, TaskPrompts, load_bundle
+from trainables.ensemble import PromptEnsemble, TaskPrompts, length_groups, load_bundle
 from trainables.evaluate import rank_classify
 from trainables.prompt import PromptedModel, SoftPrompt
 from trainables.tasks import load_task
@@ -126,6 +127,35 @@ def test_ensemble_equals_the_majority_vote_of_its_members_predictions(kind, back
     for i, m in enumerate(members):  # each member scores in the batch as it does alone
         single = PromptedModel(backbone, SoftPrompt(load_checkpoint(m).prompt)).class_scores(data, split.input_ids[:4])
         torch.testing.assert_close(torch.stack([s[i] for s in member_scores]), single, atol=1e-5, rtol=1e-5)
+
+
+def test_length_groups_cover_every_request_once_and_bound_the_padding():
+    lengths, members = [10, 50, 12, 48, 11, 30, 31, 9], [5, 5, 5, 5, 2, 2, 5, 5]
+    groups = length_groups(lengths, members, min_tokens=0, waste=0.25)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert [lengths[g[0]] for g in groups] == sorted(lengths[g[0]] for g in groups)  # shortest first
+    for g in groups:  # each group's padding to its longest is within a quarter of its real tokens
+        padded = max(lengths[i] for i in g) * sum(members[i] for i in g)
+        assert padded <= 1.25 * sum(lengths[i] * members[i] for i in g)
+    assert groups == [[7, 0, 4, 2], [5, 6], [3, 1]]
+    # a group may not close before it holds min_tokens real tokens: one pass for a small batch
+    assert length_groups(lengths, members, min_tokens=10_000) == [[7, 0, 4, 2, 5, 6, 3, 1]]
+    assert length_groups([], [], min_tokens=0) == []
+
+
+@pytest.mark.parametrize("min_tokens", [0, 10_000])
+def test_requests_grouped_by_length_score_as_one_pass_does_in_request_order(min_tokens, backbones, monkeypatch):
+    backbone = backbones["llama"]
+    data, _ = encoded(backbone, "rotten_tomatoes", 8)
+    prompts = [torch.randn(n, backbone.width, generator=torch.Generator().manual_seed(n)) * 0.5 for n in (2, 5, 3)]
+    ensemble = PromptEnsemble(backbone, {"rt": TaskPrompts(TASKS["rotten_tomatoes"], data.target_ids, prompts)})
+    inputs = data.splits["test"].input_ids
+    assert len({len(x) for x in inputs}) > 2  # lengths differ, so min_tokens=0 splits the batch
+    monkeypatch.setitem(trainables.ensemble.MIN_PASS_TOKENS, "cpu", min_tokens)
+    scores = ensemble.member_scores(["rt"] * len(inputs), inputs)
+    for i, prompt in enumerate(prompts):
+        single = PromptedModel(backbone, SoftPrompt(prompt)).class_scores(data, inputs)
+        torch.testing.assert_close(torch.stack([s[i] for s in scores]), single, atol=1e-5, rtol=1e-5)
 
 
 def test_cached_prompts_score_multi_token_verbalizers_as_each_member_does_alone(backbones):

@@ -153,6 +153,27 @@ def row_class_scores(backbone: Backbone, prompts: list[torch.Tensor], inputs: li
     return list(flat.split(sizes))
 
 
+# A pass holds at least this many real tokens before a length group may close: a CPU is busy with a
+# few hundred, a GPU needs thousands before fewer, fuller passes stop paying.
+MIN_PASS_TOKENS = {"cpu": 256, "cuda": 8192}
+
+
+def length_groups(lengths: list[int], members: list[int], min_tokens: int, waste: float = 0.25) -> list[list[int]]:
+    """Request indices, shortest first, in groups that each run as one pass: request i brings
+    `members[i]` rows of `lengths[i]` tokens, every row is padded to its group's longest, and a group
+    closes before padding would exceed `waste` of its real tokens (once it holds `min_tokens`)."""
+    groups: list[list[int]] = []
+    group, rows, tokens = [], 0, 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        grown_rows, grown_tokens = rows + members[i], tokens + members[i] * lengths[i]
+        if group and tokens >= min_tokens and lengths[i] * grown_rows > (1 + waste) * grown_tokens:
+            groups.append(group)
+            group, grown_rows, grown_tokens = [], members[i], members[i] * lengths[i]
+        group.append(i)
+        rows, tokens = grown_rows, grown_tokens
+    return groups + [group] if group else groups
+
+
 def combine(member_scores: torch.Tensor, how: str) -> tuple[int, torch.Tensor]:
     """[k, C] member log-likelihoods -> (label, mean log-likelihood per class). A vote's tie goes
     to the tied class with the higher mean log-likelihood."""
@@ -166,7 +187,8 @@ def combine(member_scores: torch.Tensor, how: str) -> tuple[int, torch.Tensor]:
 
 class PromptEnsemble:
     """Prompts for one or more tasks on one backbone; `predict` routes each example to its task's
-    prompts and scores every (example, member) pair in one batched pass."""
+    prompts and scores it with all of them in one batched pass, shared with the batch's other
+    examples of similar length."""
 
     def __init__(self, backbone: Backbone, tasks: dict[str, TaskPrompts], how: str = "vote"):
         self.backbone, self.tasks, self.how = backbone, tasks, how
@@ -200,7 +222,18 @@ class PromptEnsemble:
         return prefixes
 
     def member_scores(self, task_names: list[str], inputs: list[list[int]]) -> list[torch.Tensor]:
-        """Per example: [k, C] log-likelihoods, one row per member prompt of its task."""
+        """Per example: [k, C] log-likelihoods, one row per member prompt of its task. Requests of
+        similar length share a pass (each request with all its members), so padding stays small."""
+        members = [len(self.tasks[t].prompts) for t in task_names]
+        min_tokens = MIN_PASS_TOKENS.get(self.backbone.device.type, MIN_PASS_TOKENS["cpu"])
+        out: list[torch.Tensor | None] = [None] * len(inputs)
+        for group in length_groups([len(x) for x in inputs], members, min_tokens):
+            scores = self._member_scores([task_names[i] for i in group], [inputs[i] for i in group])
+            for i, s in zip(group, scores):
+                out[i] = s
+        return out
+
+    def _member_scores(self, task_names: list[str], inputs: list[list[int]]) -> list[torch.Tensor]:
         rows = [(self.tasks[t], p, x) for t, x in zip(task_names, inputs) for p in self.tasks[t].prompts]
         # an empty input has no token of its own to score from: such a batch runs without the cache
         cached = self.prefixes and all(inputs)

@@ -4,8 +4,8 @@ the registered model holds this file, the prompts' safetensors and JSON, and no 
 `predict` takes a DataFrame with `text` (the task's input, formatted as in training, e.g.
 "review: ...\\nsentiment:") and optionally `task` (which of the bundle's tasks; default: the first),
 and returns `task`, `label`, `label_id` and a `score_<verbalizer>` column per class (mean
-log-likelihood over the task's prompts). Each request batch is one forward pass, whatever its mix
-of tasks and however many prompts each task has.
+log-likelihood over the task's prompts). Each example runs with all its task's prompts in one
+forward pass, shared with the batch's other examples of similar length, whatever their tasks.
 """
 from __future__ import annotations
 
