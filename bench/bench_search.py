@@ -2,7 +2,10 @@
 budget, on the demo setting (examples/demo.yaml), one after the other in this run.
 
 Reports total trial-steps, wall time, the best dev accuracy each reached, and the fraction of
-search wall time spent inside training steps (model reuse, no idle workers). Writes
+search wall time spent inside training steps (model reuse, no idle workers). The search without
+early stopping evaluates every trial at ASHA's rungs, so the report also shows each trial's dev
+accuracy there, where ASHA stopped it, and how well each rung's ranking predicts the final one
+(Spearman): whether early stopping can be trusted at this budget. Writes
 bench/results/search.md (the README quotes it) and search.json.
 """
 from __future__ import annotations
@@ -14,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import ray
 
 from search.config import asha_rungs, load_search_config
@@ -31,6 +35,10 @@ def measure(cfg) -> dict:
     train_seconds = sum(m.get("train_s", 0.0) for m in last)
     eval_seconds = sum(m.get("eval_s", 0.0) for m in last)
     loads = [m for m in last if "backbone_reused" in m]
+    curves = [{"params": r.config, "status": r.metrics.get("status"),
+               "dev_accuracy": {int(step): float(acc) for step, acc in
+                                zip(r.metrics_dataframe["step"], r.metrics_dataframe["dev_accuracy"]) if acc == acc}}
+              for r in grid if r.metrics_dataframe is not None and "dev_accuracy" in r.metrics_dataframe]
     return {"trials": len(rows), "trial_steps": sum(r["step"] or 0 for r in rows),
             "statuses": {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}},
             "best_dev_accuracy": max(r["metric"] for r in rows if r["metric"] is not None),
@@ -38,7 +46,8 @@ def measure(cfg) -> dict:
             "train_fraction": train_seconds / (wall * cfg.concurrency),
             "eval_s": eval_seconds, "loop_fraction": (train_seconds + eval_seconds) / (wall * cfg.concurrency),
             "backbone_loads": sum(not m["backbone_reused"] for m in loads),
-            "backbone_load_s_saved": sum(m["backbone_load_s"] for m in loads if m["backbone_reused"])}
+            "backbone_load_s_saved": sum(m["backbone_load_s"] for m in loads if m["backbone_reused"]),
+            "curves": curves}
 
 
 def main() -> None:
@@ -56,11 +65,43 @@ def main() -> None:
     a, r = report["asha_tpe"], report["random_no_stopping"]
     report["step_ratio"] = a["trial_steps"] / r["trial_steps"]
     report["accuracy_gap_points"] = 100 * (r["best_dev_accuracy"] - a["best_dev_accuracy"])
+    report["rung_rank_correlation"] = rung_correlations(r["curves"], asha.train.max_steps)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "search.json").write_text(json.dumps(report, indent=2))
     (RESULTS / "search.md").write_text(render(report, asha))
     print(render(report, asha))
     shutil.rmtree(storage, ignore_errors=True)
+
+
+def _key(params: dict) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def rung_correlations(curves: list[dict], final_step: int) -> dict:
+    """Spearman correlation, over the trials that ran to the end, of the dev accuracy at each
+    earlier evaluated step with the dev accuracy at the last step."""
+    done = [c["dev_accuracy"] for c in curves if final_step in c["dev_accuracy"]]
+    steps = sorted({s for c in done for s in c} - {final_step})
+    final = pd.Series([c[final_step] for c in done])
+    return {step: float(pd.Series([c.get(step) for c in done], dtype=float).corr(final, method="spearman"))
+            for step in steps}
+
+
+def curve_table(report: dict, final_step: int) -> str:
+    """One row per trial of the search without early stopping, best last result first: its dev
+    accuracy at each evaluated step, and how far ASHA + TPE ran the same point (if it sampled it)."""
+    stopped_at = {_key(c["params"]): max(c["dev_accuracy"], default=0) for c in report["asha_tpe"]["curves"]}
+    curves = sorted(report["random_no_stopping"]["curves"], key=lambda c: -c["dev_accuracy"].get(final_step, 0))
+    steps = sorted({s for c in curves for s in c["dev_accuracy"]})
+    short = lambda params: ", ".join(f"{k.split('@')[0]}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                     for k, v in params.items())
+    lines = [f"| parameters | {' | '.join(f'dev acc @ {s}' for s in steps)} | ASHA + TPE ran it to step |",
+             f"|---|{'---:|' * len(steps)}---:|"]
+    for c in curves:
+        accuracies = " | ".join(f"{c['dev_accuracy'][s]:.2f}" if s in c["dev_accuracy"] else "-" for s in steps)
+        where = stopped_at.get(_key(c["params"]))
+        lines.append(f"| {short(c['params'])} | {accuracies} | {where if where is not None else 'not sampled'} |")
+    return "\n".join(lines)
 
 
 def render(report: dict, cfg) -> str:
@@ -84,6 +125,15 @@ ASHA + TPE spent {100 * report['step_ratio']:.0f}% of the random search's trial-
 Model reuse saved {a['backbone_load_s_saved'] + r['backbone_load_s_saved']:.1f} s of backbone loading over both searches.
 Both searches evaluate on dev only at ASHA's rungs (steps {rungs}), so every evaluation
 is one ASHA uses and both see the same checkpoints.
+
+Learning curves without early stopping (the same seed samples the same points in both searches:
+TPE draws at random until it has seen 10 trials):
+
+{curve_table(report, cfg.train.max_steps)}
+
+How well a rung's ranking predicts the ranking at step {cfg.train.max_steps} (Spearman, over the trials above):
+{", ".join(f"step {s}: {c:+.2f}" for s, c in report["rung_rank_correlation"].items())}.
+ASHA keeps the best third at each rung, so it can only keep the final winner when this is high.
 
 "Worker time in the training loop" is the trials' time inside training steps and their dev/test
 evaluations, divided by wall time x concurrency: the rest (start-up, model loading, Ray's
