@@ -154,7 +154,7 @@ def row_class_scores(backbone: Backbone, prompts: list[torch.Tensor], inputs: li
 
 
 # A pass holds at least this many real tokens before a length group may close: a CPU is busy with a
-# few hundred, a GPU needs thousands before fewer, fuller passes stop paying.
+# few hundred; a GPU needs thousands (a guess, not measured: no GPU was lent to this project).
 MIN_PASS_TOKENS = {"cpu": 256, "cuda": 8192}
 
 
