@@ -5,7 +5,7 @@ load) and lets requests of similar length share a pass (less padding). To separa
 table also shows the k passes with the same length grouping, and the ensemble recomputing its
 prompts. Writes bench/results/serving.md.
 
-    python bench/bench_serving.py [--model smollm2-135m] [--k 5] [--prompt-lengths 20,100] [--repeats 5]
+    python bench/bench_serving.py [--model smollm2-135m] [--k 5] [--prompt-lengths 20,100] [--repeats 3]
 
 A cached prompt saves the prompt's share of every request, so the gain grows with the prompt's
 length against the input's: 20 tokens is this project's demo, 100 the paper's default.
@@ -28,14 +28,19 @@ from trainables.prompt import PromptedModel, SoftPrompt
 from trainables.tasks import load_task
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def timed(calls: dict, repeats: int, min_seconds: float = 10.0) -> dict[str, float]:
+    """Median seconds per call of each of `calls`, run in turn (round after round, so a slower
+    moment of the machine hits them all), over at least `repeats` rounds and `min_seconds` of calls
+    each: a single request takes well under a second, and a few calls would leave its median to chance."""
+    for call in calls.values():  # warm-up
+        call()
+    times = {name: [] for name in calls}
+    while min(map(len, times.values())) < repeats or min(map(sum, times.values())) < min_seconds:
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -44,7 +49,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--prompt-lengths", default="20,100", help="prompt lengths, one table row group each")
     parser.add_argument("--batches", default="1,8,32", help="request batch sizes")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="bench/results/serving.md")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -57,7 +62,7 @@ def main() -> None:
     lines = [f"# Ensemble serving: {args.k} prompts, one batched pass vs {args.k} passes", "",
              f"Model `{args.model}` ({backbone.model.config.model_type}), rotten_tomatoes test inputs (mean "
              f"{sum(map(len, inputs_all)) / len(inputs_all):.0f} tokens), {torch.get_num_threads()} CPU threads, "
-             f"{platform.processor() or platform.machine()}; median of {args.repeats} runs; "
+             f"{platform.processor() or platform.machine()}; the four measured in turn, median of at least {args.repeats} rounds and 10 s each; "
              f"every row checked: the ensemble's labels equal the majority vote of the k separate passes.", "",
              "| prompt length | requests per batch | k passes (ex/s) | k passes, grouped by length (ex/s) | "
              "ensemble, prompts recomputed (ex/s) | served ensemble: cached prompts (ex/s) | "
@@ -83,10 +88,10 @@ def main() -> None:
             inputs = inputs_all[:size]
             assert [label for label, _ in ensemble.predict(["rt"] * size, inputs)] == separate(inputs) \
                 == separate(inputs, grouped=True)
-            many = timed(lambda: separate(inputs), args.repeats)
-            grouped = timed(lambda: separate(inputs, grouped=True), args.repeats)
-            plain = timed(lambda: uncached.predict(["rt"] * size, inputs), args.repeats)
-            one = timed(lambda: ensemble.predict(["rt"] * size, inputs), args.repeats)
+            seconds = timed({"many": lambda: separate(inputs), "grouped": lambda: separate(inputs, grouped=True),
+                             "plain": lambda: uncached.predict(["rt"] * size, inputs),
+                             "one": lambda: ensemble.predict(["rt"] * size, inputs)}, args.repeats)
+            many, grouped, plain, one = (seconds[name] for name in ("many", "grouped", "plain", "one"))
             lines.append(f"| {length} | {size} | {size / many:.1f} | {size / grouped:.1f} | {size / plain:.1f} | "
                          f"{size / one:.1f} | {many / one:.2f}x | {grouped / one:.2f}x |")
             print(lines[-1], flush=True)
