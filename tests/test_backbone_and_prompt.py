@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainables.backbone import BackboneError, load_backbone
+from trainables.backbone import BackboneError, avoid_cudnn_attention, load_backbone
 from trainables.config import TrainConfig
 from trainables.data import encode_task, make_batch
 from trainables.evaluate import ILLEGAL, exact_match, f1_score, rank_classify
@@ -61,6 +61,19 @@ def test_fingerprint_is_stable_across_loads_and_dtypes_but_differs_between_check
     assert again.dtype == torch.bfloat16
     assert again.fingerprint == tiny_llama.fingerprint
     assert tiny_t5.fingerprint != tiny_llama.fingerprint
+
+
+def test_a_backbone_on_cuda_turns_cudnn_attention_off_and_one_on_cpu_leaves_it_alone():
+    """cuDNN attention plans every new sequence width anew (bench/results/gpu-attention.txt)."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        avoid_cudnn_attention(torch.device("cpu"))
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        avoid_cudnn_attention(torch.device("cuda"))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 def test_unknown_model_raises_backbone_error_naming_the_offline_aliases(tmp_path):

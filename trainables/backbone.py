@@ -163,10 +163,29 @@ def check_model(name: str) -> None:
                             f"folder with config.json, nor a hub id that is cached here or reachable ({problem})")
 
 
+def cap_gpu_memory(fraction: float, device: torch.device) -> None:
+    """Ray's fractional GPUs are logical shares with no memory isolation: a trial given
+    `fraction` of a GPU caps its own process's CUDA memory to that share (beyond it,
+    torch.OutOfMemoryError, which ends that trial only)."""
+    if device.type == "cuda" and 0 < fraction < 1:
+        torch.cuda.set_per_process_memory_fraction(fraction, device.index)  # None: the current device
+
+
+def avoid_cudnn_attention(device: torch.device) -> None:
+    """cuDNN's attention kernel builds a plan for every new sequence width it meets: on an H200 a
+    prompt-tuning step in bfloat16 ran at 142 examples/s on widths it had not seen and 523 on
+    widths it had, and a trial meets dozens of widths (length-bucketed batches, evaluation).
+    Without it PyTorch's other fused kernels ran 355 to 524, seen widths or not
+    (bench/results/gpu-attention.txt)."""
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def load_backbone(name: str, dtype: str = "auto", device: torch.device | None = None) -> Backbone:
     """Load `name` (offline alias, hub id or local folder) with every weight frozen."""
     started = time.perf_counter()
     device = device or default_device()
+    avoid_cudnn_attention(device)
     hf_logging.disable_progress_bar()  # a per-load weights bar is noise; the GGUF conversion says so itself
     check_model(name)
     source = str(OFFLINE_MODELS[name]()) if name in OFFLINE_MODELS else name

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from ray import tune
 
-from trainables.backbone import cached_backbone, default_device
+from trainables.backbone import cached_backbone, cap_gpu_memory, default_device
 from trainables.checkpoint import load_checkpoint
 from trainables.config import TrainConfig, fields_from_params
 from trainables.data import EncodedTask
@@ -47,9 +47,7 @@ def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: f
     cfg = TrainConfig(**{**base, **fields_from_params(config, base["max_steps"])})
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint is noise
     device = default_device()
-    if device.type == "cuda" and 0 < gpu_fraction < 1:
-        # Ray's fractional GPUs are logical shares with no memory isolation: cap our own.
-        torch.cuda.set_per_process_memory_fraction(gpu_fraction)
+    cap_gpu_memory(gpu_fraction, device)
     started = time.perf_counter()
     backbone, reused = cached_backbone(cfg.model, cfg.dtype, device)
     data = _cached_data(cfg, backbone)
