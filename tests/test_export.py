@@ -12,6 +12,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from search.export import export_mlflow_model, export_npy, export_peft_adapter, 
 from trainables.backbone import _smollm2_folder, load_backbone
 from trainables.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from trainables.data import encode_task, verbalizer_ids
-from trainables.ensemble import PromptEnsemble, TaskPrompts, length_groups, load_bundle
+from trainables.ensemble import PromptEnsemble, TaskPrompts, cache_kwarg, length_groups, load_bundle, returned_cache
 from trainables.evaluate import rank_classify
 from trainables.prompt import PromptedModel, SoftPrompt
 from trainables.tasks import load_task
@@ -298,3 +299,16 @@ def test_registered_model_served_by_mlflow_answers_http_with_rank_classify_label
     assert [p["label_id"] for p in predictions] == list(expected)
     assert [p["label"] for p in predictions] == [TASKS["rotten_tomatoes"][i] for i in expected]
     assert all({"score_negative", "score_positive"} <= set(p) for p in predictions)
+
+
+def test_the_cache_goes_to_forward_under_the_name_the_model_takes():
+    """transformers 5.24 renamed `past_key_values` to `cache`; the project allows 5.23 to 5.x."""
+    class Before:
+        def forward(self, input_ids=None, past_key_values=None): ...
+
+    class After:
+        def forward(self, input_ids=None, cache=None): ...
+
+    assert (cache_kwarg(Before), cache_kwarg(After)) == ("past_key_values", "cache")
+    assert returned_cache(SimpleNamespace(past_key_values="kv")) == "kv"
+    assert returned_cache(SimpleNamespace(cache="kv", past_key_values=None)) == "kv"

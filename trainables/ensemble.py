@@ -8,6 +8,8 @@ real tokens; encoder-only prompts for T5), so each member scores as it does alon
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 from collections import Counter
@@ -71,7 +73,7 @@ class Prefix:
             embeds = prompt.to(backbone.device, backbone.dtype).unsqueeze(0)
             try:
                 out = backbone.model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
-                layers = getattr(out.past_key_values, "layers", None)
+                layers = getattr(returned_cache(out), "layers", None)
                 if not layers or any(type(layer) is not DynamicLayer or not torch.is_tensor(layer.keys)
                                      for layer in layers):
                     return None
@@ -100,6 +102,18 @@ class Prefix:
         return Prefix([(k[rows], v[rows]) for k, v in self.layers], self.mask[rows])
 
 
+@functools.cache
+def cache_kwarg(model_class: type) -> str:
+    """transformers 5.24 renamed forward's `past_key_values` to `cache`; 5.40 drops the old name."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The key/value cache a forward returned, under its name before or after transformers 5.24."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
 def _causal_logits(backbone: Backbone, prompts, sequences, keep: int, prefix: Prefix | None = None) -> torch.Tensor:
     if prefix is None:
         embeds, mask = _embed_rows(backbone, prompts, sequences, left=True)
@@ -109,9 +123,9 @@ def _causal_logits(backbone: Backbone, prompts, sequences, keep: int, prefix: Pr
     none = [torch.zeros(0, backbone.width)] * len(sequences)
     embeds, mask = _embed_rows(backbone, none, sequences, left=True)
     positions = prefix.mask.sum(-1, keepdim=True) + (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = {cache_kwarg(type(backbone.model)): DynamicCache(ddp_cache_data=prefix.layers)}
     return backbone.model(inputs_embeds=embeds, attention_mask=torch.cat([prefix.mask, mask], 1),
-                          position_ids=positions, past_key_values=DynamicCache(ddp_cache_data=prefix.layers),
-                          use_cache=True, logits_to_keep=keep).logits.float()
+                          position_ids=positions, use_cache=True, logits_to_keep=keep, **cache).logits.float()
 
 
 def _sum_logprobs(logits: torch.Tensor, targets: list[list[int]], right_aligned: bool) -> torch.Tensor:
@@ -154,8 +168,9 @@ def row_class_scores(backbone: Backbone, prompts: list[torch.Tensor], inputs: li
 
 
 # A pass holds at least this many real tokens before a length group may close: a CPU is busy with a
-# few hundred; a GPU needs thousands (a guess, not measured: no GPU was lent to this project).
-MIN_PASS_TOKENS = {"cpu": 256, "cuda": 8192}
+# few hundred; on an H200 a SmolLM2-135M pass took 20 ms from 64 up to 8,192 tokens and reached 94%
+# of its best tokens/s at 16,384 (bench/results/gpu.md).
+MIN_PASS_TOKENS = {"cpu": 256, "cuda": 16384}
 
 
 def length_groups(lengths: list[int], members: list[int], min_tokens: int, waste: float = 0.25) -> list[list[int]]:
