@@ -43,31 +43,35 @@ def timed_steps(step_fn, batches) -> tuple[float, int]:
     started, examples = time.perf_counter(), 0
     for batch in batches:
         examples += step_fn(batch)
+    if torch.cuda.is_available():  # a GPU runs behind the Python that queues its work
+        torch.cuda.synchronize()
     return time.perf_counter() - started, examples
 
 
-def speed(cfg: TrainConfig, steps: int, block: int) -> dict:
-    ours_bb = load_backbone(cfg.model, "float32")
+def speed(cfg: TrainConfig, steps: int, block: int, dtype: str = "float32") -> dict:
+    """Examples/s of our loop and PEFT's on the default device (bench/bench_gpu.py runs this on a GPU)."""
+    ours_bb = load_backbone(cfg.model, dtype)
+    device = ours_bb.device
     data = prepare_data(cfg.replace(max_train_examples=steps * cfg.batch_size), ours_bb)
-    prompt = SoftPrompt(initial_prompt(cfg.replace(init="random_uniform"), ours_bb, data))
+    prompt = SoftPrompt(initial_prompt(cfg.replace(init="random_uniform"), ours_bb, data)).to(device)
     pm = PromptedModel(ours_bb, prompt)
     ours_opt = torch.optim.AdamW([prompt.weight], lr=cfg.lr)
 
-    peft_bb = load_backbone(cfg.model, "float32")
+    peft_bb = load_backbone(cfg.model, dtype)
     peft_model = get_peft_model(peft_bb.model, PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.prompt_length, prompt_tuning_init=PromptTuningInit.RANDOM))
     peft_opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=cfg.lr)
     pad_id = data.pad_id
 
     def ours_step(batch):
-        loss = pm.loss(batch)
+        loss = pm.loss(batch.to(device))
         loss.backward()
         ours_opt.step()
         ours_opt.zero_grad(set_to_none=True)
         return len(batch.classes)
 
     def peft_step(batch):
-        ids, mask, labels = batch
+        ids, mask, labels = (t.to(device) for t in batch)
         loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         peft_opt.step()
