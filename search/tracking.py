@@ -12,6 +12,7 @@ import dataclasses
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from search.config import ConfigError, SearchConfig
@@ -170,7 +171,9 @@ def _log_optuna_plots(mlflow_client, run_id: str, cfg: SearchConfig, folder: Pat
     study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{folder / 'optuna.db'}")
     for plot in (plots.plot_optimization_history, plots.plot_param_importances, plots.plot_parallel_coordinate):
         try:
-            axes = plot(study)
+            with warnings.catch_warnings():  # Optuna's "experimental" notes and matplotlib's flat-axis
+                warnings.simplefilter("ignore")  # note would end every search's output: noise to a user
+                axes = plot(study)
         except (ValueError, RuntimeError) as error:  # e.g. importances need 2+ finished trials
             mlflow_client.log_text(run_id, str(error), f"optuna/{plot.__name__}.txt")
             continue
