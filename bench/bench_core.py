@@ -90,9 +90,12 @@ def speed(cfg: TrainConfig, steps: int, block: int, dtype: str = "float32") -> d
 
     ours_step(fixed_ours[0]), peft_step(fixed_peft[0])  # warm-up
     totals = {key: [0.0, 0] for key in ("fixed_ours", "fixed_peft", "epoch_ours", "epoch_peft")}
-    for start in range(0, steps, block):
-        for key, fn, batches in (("fixed_ours", ours_step, fixed_ours), ("fixed_peft", peft_step, fixed_peft),
-                                 ("epoch_ours", ours_step, epoch_ours), ("epoch_peft", peft_step, epoch_peft)):
+    arms = [("fixed_ours", ours_step, fixed_ours), ("fixed_peft", peft_step, fixed_peft),
+            ("epoch_ours", ours_step, epoch_ours), ("epoch_peft", peft_step, epoch_peft)]
+    for number, start in enumerate(range(0, steps, block)):
+        # every other block in reverse: the side that meets a block's batches first (cold caches; on a
+        # GPU, kernel plans for new widths) is not always the same
+        for key, fn, batches in arms if number % 2 == 0 else arms[::-1]:
             seconds, n = timed_steps(fn, batches[start:start + block])
             totals[key][0] += seconds
             totals[key][1] += n
