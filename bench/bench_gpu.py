@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from bench_core import speed
 from trainables.backbone import cap_gpu_memory, load_backbone
 from trainables.config import TrainConfig
 from trainables.loop import prepare_data, train
@@ -53,18 +54,15 @@ def random_weights(folder: str, seed: int = 0) -> str:
     return str(out)
 
 
-def trial_config(model: str, steps: int, warmup: int, **changes) -> TrainConfig:
+def trial_config(model: str, steps: int, warmup: int) -> TrainConfig:
     """The paper's trial shape: a 100-token prompt, batch 32, Adafactor at 0.3; evaluation only
     at `warmup` (ending the warm-up) and at the end, on few examples."""
     return TrainConfig(model=model, prompt_length=100, batch_size=32, max_steps=warmup + steps,
                        eval_steps=(warmup, warmup + steps), max_eval_examples=64,
-                       max_train_examples=(warmup + steps) * 32, **changes)
+                       max_train_examples=(warmup + steps) * 32)
 
 
 def loop_speeds(model: str, steps: int) -> list[dict]:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_core import speed
-
     rows = []
     for dtype in ("float32", "bfloat16"):
         cfg = TrainConfig(model=model, prompt_length=100, batch_size=32, init="random_uniform", optimizer="adamw",
