@@ -48,12 +48,14 @@ def cmd_train(args) -> int:
 
 
 def _print_trials(rows: list[dict], metric: str) -> None:
-    print(f"{'trial':<12}{'status':<15}{'step':>6}{metric:>20}{'test acc':>10}  parameters")
+    """`confirmed`: the metric on further dev examples, for trials that ran to the end (the winner
+    is the best of those)."""
+    show = lambda value: f"{value:.4f}" if value is not None else "-"
+    print(f"{'trial':<12}{'status':<15}{'step':>6}{metric:>20}{'confirmed':>11}{'test acc':>10}  parameters")
     for r in rows:
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
-        value = f"{r['metric']:.4f}" if r["metric"] is not None else "-"
-        test = f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-"
-        print(f"{r['trial_id']:<12}{r['status']:<15}{r['step'] or '-':>6}{value:>20}{test:>10}  {params}")
+        print(f"{r['trial_id']:<12}{r['status']:<15}{r['step'] or '-':>6}{show(r['metric']):>20}"
+              f"{show(r['confirmed']):>11}{show(r['test_accuracy']):>10}  {params}")
 
 
 def _finish_search(storage_path: str, name: str) -> int:
@@ -85,11 +87,13 @@ def _finish_search(storage_path: str, name: str) -> int:
         test_accuracy = evaluate(PromptedModel(backbone, SoftPrompt(prompt)), data, "test", train_cfg.eval_mode,
                                  train_cfg.eval_batch_size)["accuracy"]
     summary = {"search": name, "best_trial": best["trial_id"], "params": best["params"], cfg.metric: best["metric"],
-               "test_accuracy": test_accuracy, "zero_shot_test_accuracy": baseline["accuracy"],
+               "confirmed": best["confirmed"], "test_accuracy": test_accuracy, "zero_shot_test_accuracy": baseline["accuracy"],
                "prompt": best["prompt"], "trials": len(rows),
                "statuses": {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}}
     path = write_summary(storage_path, name, summary)
-    print(f"\nbest trial {best['trial_id']}: {cfg.metric} {best['metric']:.4f}")
+    confirmed = (f", {best['confirmed']:.4f} on {len(data.splits.get('confirm', ()))} further dev examples"
+                 if best["confirmed"] is not None else "")
+    print(f"\nbest trial {best['trial_id']}: {cfg.metric} {best['metric']:.4f}{confirmed}")
     print(f"  held-out test accuracy  {test_accuracy:.4f}  (task {data.name}, {len(data.splits['test'])} examples)")
     print(f"  zero-shot test accuracy {baseline['accuracy']:.4f}  (same model, no prompt)")
     print(f"  prompt: {best['prompt']}\n  summary: {path}")
@@ -204,6 +208,8 @@ def cmd_search_best(args) -> int:
         return 0
     print(f"{'best trial':<20}{best['trial_id']} ({best['status']})")
     print(f"{cfg.metric:<20}{best['metric']:.4f}")
+    if best["confirmed"] is not None:
+        print(f"{'confirmed':<20}{best['confirmed']:.4f}  (on up to {cfg.train.confirm_examples} further dev examples)")
     if best["test_accuracy"] is not None:
         print(f"{'test accuracy':<20}{best['test_accuracy']:.4f}")
     for key, value in best["params"].items():

@@ -73,6 +73,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "max_length": integer(8),
     "max_train_examples": integer(1, optional=True),
     "max_eval_examples": integer(1, optional=True),
+    "confirm_examples": integer(0),
     "prompt_length": integer(1, 1000),
     "init": one_of(*INITS),
     "init_scale": number(0, low_open=True),
@@ -141,6 +142,10 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
 # ---- search configs ----
 
 SEARCH_METRICS = {"best_dev_accuracy": "max", "dev_accuracy": "max", "dev_f1": "max", "train_loss": "min"}
+# A search's trials that run to max_steps score their best prompt on this many further dev examples
+# (train.confirm_examples), and the winner is picked by that score: a trial's best dev accuracy is
+# the maximum of several scores on max_eval_examples, biased upwards by noise.
+SEARCH_CONFIRM_EXAMPLES = 500
 
 
 @dataclass(frozen=True)
@@ -252,7 +257,8 @@ def search_config(values: dict, source: str | None = None, default_name: str = "
     merged = {**SEARCH_DEFAULTS, **values}
     if "max_steps" in merged["train"]:
         raise ConfigError("train.max_steps", merged["train"]["max_steps"], "set the budget with the top-level max_steps", source)
-    train = train_config({**merged["train"], "max_steps": merged["max_steps"]}, source, prefix="train.")
+    train = train_config({"confirm_examples": SEARCH_CONFIRM_EXAMPLES, **merged["train"], "max_steps": merged["max_steps"]},
+                         source, prefix="train.")
     checkpoints = tuple(merged["checkpoints"] or [train.model])
     for model in checkpoints:
         check_model_name("checkpoints", model, source)

@@ -29,20 +29,18 @@ ALIAS = "production"
 
 def search_prompts(storage_path: str, name: str, trial: str | None = None, top: int = 1) -> list[Path]:
     """The prompt folders of a search: its `top` best trials, or one named trial."""
-    from search.tuner import best_trial, load_saved_config, trial_rows
+    from search.tuner import ranked_trials, trial_rows
 
-    rows = [r for r in trial_rows(storage_path, name) if r["prompt"] and r["metric"] is not None]
     if trial is not None:
+        rows = [r for r in trial_rows(storage_path, name) if r["prompt"] and r["metric"] is not None]
         found = [r for r in rows if r["trial_id"] == trial]
         if not found:
             raise ConfigError("--trial", trial, f"a trial of search {name} with a prompt: "
                                                 f"{', '.join(r['trial_id'] for r in rows)}")
         return [Path(found[0]["prompt"])]
-    cfg = load_saved_config(storage_path, name)
-    sign = -1 if cfg.mode == "max" else 1
-    ranked = sorted(rows, key=lambda r: (sign * r["metric"], r["status"] != "completed"))
-    if top == 1:
-        return [Path(best_trial(storage_path, name)["prompt"])]
+    ranked = ranked_trials(storage_path, name)
+    if not ranked:
+        raise ConfigError("search", name, "a search with at least one evaluated trial")
     return [Path(r["prompt"]) for r in ranked[:top]]
 
 

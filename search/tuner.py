@@ -25,6 +25,9 @@ from trainables.tasks import is_task_file
 from trainables.trainable import tune_trial
 
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
+# The search metric's counterpart on the confirm split (trainables.loop.final_metrics); none for train_loss.
+CONFIRMED = {"best_dev_accuracy": "confirmed_dev_accuracy", "dev_accuracy": "confirmed_dev_accuracy",
+             "dev_f1": "confirmed_dev_f1"}
 CONFIG_FILE, SUMMARY_FILE, STUDY_FILE = "softprompt-search.yaml", "softprompt-summary.json", "optuna.db"
 
 
@@ -187,7 +190,8 @@ def trial_status(trial_state: str, last: dict) -> str:
 
 
 def trial_rows(storage_path: str, name: str) -> list[dict]:
-    """One row per trial: id, status, parameters, last step and metrics, checkpoint folder."""
+    """One row per trial: id, status, parameters, last step and metrics (`confirmed`: the search
+    metric on the confirm split, for trials that ran to the end), checkpoint folder."""
     from ray.tune import ExperimentAnalysis
 
     folder = experiment_dir(storage_path, name)
@@ -199,17 +203,31 @@ def trial_rows(storage_path: str, name: str) -> list[dict]:
         checkpoint = trial.checkpoint.path if trial.checkpoint else None
         rows.append({"trial_id": trial.trial_id, "status": trial_status(trial.status, last),
                      "params": trial.config, "step": last.get("step"), "metric": last.get(cfg.metric),
-                     "test_accuracy": last.get("test_accuracy"), "prompt": f"{checkpoint}/best" if checkpoint else None})
+                     "confirmed": last.get(CONFIRMED.get(cfg.metric, "")), "test_accuracy": last.get("test_accuracy"), "prompt": f"{checkpoint}/best" if checkpoint else None})
     return rows
 
 
+def ranked_trials(storage_path: str, name: str) -> list[dict]:
+    """The evaluated trials with a prompt, best first. Trials confirmed on further dev examples
+    come first, by that score: a search metric like best_dev_accuracy is the largest of several
+    small-sample scores, and a lucky one would win otherwise. The rest follow by the metric."""
+    mode = load_saved_config(storage_path, name).mode
+    return rank_rows([r for r in trial_rows(storage_path, name) if r["metric"] is not None and r["prompt"]], mode)
+
+
+def rank_rows(rows: list[dict], mode: str) -> list[dict]:
+    """`trial_rows` rows best first: confirmed ones by `confirmed`, then the rest by `metric`
+    (`mode` max or min); on a tie, a completed trial first."""
+    sign = 1 if mode == "max" else -1
+    return sorted(rows, reverse=True, key=lambda r: (r["confirmed"] is not None, r["confirmed"] or 0.0,
+                                                     sign * r["metric"], r["status"] == "completed"))
+
+
 def best_trial(storage_path: str, name: str) -> dict:
-    cfg = load_saved_config(storage_path, name)
-    rows = [r for r in trial_rows(storage_path, name) if r["metric"] is not None and r["prompt"]]
-    if not rows:
+    ranked = ranked_trials(storage_path, name)
+    if not ranked:
         raise ConfigError("search", name, "a search with at least one evaluated trial")
-    sign = 1 if cfg.mode == "max" else -1
-    return max(rows, key=lambda r: (sign * r["metric"], r["status"] == "completed"))
+    return ranked[0]
 
 
 def write_summary(storage_path: str, name: str, summary: dict) -> Path:

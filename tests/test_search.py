@@ -130,6 +130,41 @@ def test_a_trial_evaluates_at_its_eval_steps_and_at_the_end(tiny_llama):
     assert steps == [(2, False), (3, False), (7, True)]
 
 
+def test_a_trial_confirms_its_best_prompt_on_further_dev_examples(tiny_llama):
+    from trainables.config import TrainConfig
+    from trainables.evaluate import evaluate
+    from trainables.loop import prepare_data, train
+    from trainables.prompt import PromptedModel, SoftPrompt
+
+    cfg = TrainConfig(model=tiny_llama.name, batch_size=2, max_steps=4, eval_every=2, max_train_examples=32,
+                      max_eval_examples=4, confirm_examples=40)
+    reports = []
+    result = train(cfg, tiny_llama, report=lambda metrics, save: reports.append(metrics))
+    data = prepare_data(cfg, tiny_llama)
+    assert len(data.splits["dev"]) == 4 and len(data.splits["confirm"]) == 40
+    expected = evaluate(PromptedModel(tiny_llama, SoftPrompt(result["prompt"])), data, "confirm")
+    assert result["confirmed_dev_accuracy"] == expected["accuracy"]
+    assert reports[-1]["confirmed_dev_accuracy"] == expected["accuracy"] and reports[-1]["confirmed_dev_examples"] == 40
+    assert "confirmed_dev_accuracy" not in reports[0]  # only the last report, with the test result
+
+
+def test_confirmed_trials_rank_first_by_their_confirmed_score():
+    from search.tuner import rank_rows
+
+    row = lambda trial, metric, confirmed=None, status="completed": {"trial_id": trial, "metric": metric,
+                                                                      "confirmed": confirmed, "status": status}
+    rows = [row("lucky", 0.95, status="stopped early"), row("a", 0.80, 0.71), row("b", 0.84, 0.70),
+            row("c", 0.90, status="stopped early")]
+    assert [r["trial_id"] for r in rank_rows(rows, "max")] == ["a", "b", "lucky", "c"]
+    losses = [row("x", 0.5, status="stopped early"), row("y", 0.5), row("z", 0.2)]
+    assert [r["trial_id"] for r in rank_rows(losses, "min")] == ["z", "y", "x"]
+
+
+def test_a_search_confirms_on_500_dev_examples_unless_told_otherwise():
+    assert search_config({"train": {"task": "rotten_tomatoes"}}).train.confirm_examples == 500
+    assert search_config({"train": {"task": "rotten_tomatoes", "confirm_examples": 0}}).train.confirm_examples == 0
+
+
 # ---- the Tuner, on the session's Ray cluster ----
 
 def test_small_search_runs_the_default_point_first_and_asha_prunes_weak_trials(ray_cluster, tiny_llama_dir, tmp_path):
@@ -161,11 +196,15 @@ def test_small_search_runs_the_default_point_first_and_asha_prunes_weak_trials(r
 
 def test_workers_reuse_the_frozen_backbone_across_trials(ray_cluster, tiny_llama_dir, tmp_path):
     cfg = tiny_search(tiny_llama_dir, tmp_path, name="reuse", trials=4, scheduler="none", max_steps=2,
-                      train={"eval_every": 2})
+                      metric="best_dev_accuracy", train={"eval_every": 2, "confirm_examples": 64})
     grid = run_search(cfg)
     reused = [r.metrics["backbone_reused"] for r in grid]
     # 2 workers, 4 trials: at most the first trial on each worker loads the model
     assert reused.count(False) <= 2 and reused.count(True) >= 2
+    # every trial ran to the end, so each was confirmed on 64 more dev examples and the best of those won
+    rows = trial_rows(cfg.storage_path, cfg.name)
+    assert all(r["confirmed"] is not None for r in rows)
+    assert best_trial(cfg.storage_path, cfg.name)["confirmed"] == max(r["confirmed"] for r in rows)
 
 
 def test_trial_workers_run_with_two_malloc_arenas(ray_cluster):
@@ -295,6 +334,7 @@ BAD_SEARCH_CONFIGS = [
     ({"space": {"lr": {"low": 1e-4, "high": 0.1, "step": 2}}}, "space.lr", "a mapping with keys"),
     ({"checkpoints": []}, "checkpoints", "non-empty list"),
     ({"gpus_per_trial": -1}, "gpus_per_trial", ">= 0"),
+    ({"train": {"confirm_examples": -5}}, "train.confirm_examples", "an integer >= 0"),
 ]
 
 

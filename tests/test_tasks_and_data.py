@@ -163,10 +163,21 @@ def test_unreadable_task_file_says_which_format_it_was_read_as(tmp_path):
 
 # ---- encoding and batches ----
 
-def encoded(tokenizer, is_encoder_decoder, max_length=256):
+def encoded(tokenizer, is_encoder_decoder, max_length=256, **limits):
     rows = datasets.Dataset.from_dict({"input": [r["text"] for r in ROWS], "label": [i % 2 for i in range(30)]})
     task = Task("t", ["negative", "very positive"], datasets.DatasetDict({s: rows for s in ("train", "dev", "test")}))
-    return encode_task(task, tokenizer, is_encoder_decoder, is_encoder_decoder, max_length)
+    return encode_task(task, tokenizer, is_encoder_decoder, is_encoder_decoder, max_length, **limits)
+
+
+def test_confirm_split_is_the_dev_examples_after_the_evaluated_ones(smollm2_tokenizer):
+    whole = encoded(smollm2_tokenizer, False).splits["dev"]
+    assert "confirm" not in encoded(smollm2_tokenizer, False).splits  # confirm=0: none
+    splits = encoded(smollm2_tokenizer, False, max_eval=10, confirm=5).splits
+    assert splits["dev"].input_ids == whole.input_ids[:10]
+    assert splits["confirm"].input_ids == whole.input_ids[10:15] and splits["confirm"].labels == whole.labels[10:15]
+    assert splits["test"].input_ids == whole.input_ids[:10]  # the test split is not touched
+    assert encoded(smollm2_tokenizer, False, max_eval=10, confirm=100).splits["confirm"].labels == whole.labels[10:]
+    assert len(encoded(smollm2_tokenizer, False, max_eval=None, confirm=5).splits["confirm"]) == 0  # dev has them all
 
 
 def test_encoding_targets_follow_a_space_for_causal_models_and_end_with_eos_for_t5(smollm2_tokenizer):

@@ -19,6 +19,9 @@ class TrainConfig:
     max_length: int = 256             # input tokens kept per example
     max_train_examples: int | None = None
     max_eval_examples: int | None = 400
+    confirm_examples: int = 0         # after the last step, the best prompt is also scored on this many
+                                      # further dev examples (past max_eval_examples): a search picks its
+                                      # winner by that score, not by the maximum of many small-sample ones
     # soft prompt
     prompt_length: int = 20
     init: str = "class_label"

@@ -62,18 +62,25 @@ def verbalizer_ids(tokenizer, verbalizers: list[str], is_encoder_decoder: bool) 
 
 
 def encode_task(task: Task, tokenizer, is_encoder_decoder: bool, vocab_is_frequency_ordered: bool,
-                max_length: int, max_train: int | None = None, max_eval: int | None = None) -> EncodedTask:
+                max_length: int, max_train: int | None = None, max_eval: int | None = None,
+                confirm: int = 0) -> EncodedTask:
     """Tokenise every split once; truncation keeps the end of causal inputs (where the cue is)
-    and the start of encoder inputs."""
-    def encode(split: str, limit: int | None) -> EncodedSplit:
+    and the start of encoder inputs. `confirm` > 0 adds a "confirm" split: up to that many dev
+    examples after the first `max_eval` (none when every dev example is already in "dev")."""
+    def encode(split: str, limit: int | None, skip: int = 0) -> EncodedSplit:
         rows = task.splits[split]
-        if limit is not None and limit < len(rows):
-            rows = rows.select(range(limit))
+        end = len(rows) if limit is None else min(len(rows), skip + limit)
+        if skip >= end:
+            return EncodedSplit([], [])
+        if (skip, end) != (0, len(rows)):
+            rows = rows.select(range(skip, end))
         ids = tokenizer(list(rows["input"]), add_special_tokens=True)["input_ids"]
         ids = [x[:max_length] if is_encoder_decoder else x[-max_length:] for x in ids]
         return EncodedSplit(ids, list(rows["label"]))
 
     splits = {"train": encode("train", max_train), "dev": encode("dev", max_eval), "test": encode("test", max_eval)}
+    if confirm:
+        splits["confirm"] = encode("dev", confirm, skip=len(task.splits["dev"]) if max_eval is None else max_eval)
     targets = verbalizer_ids(tokenizer, task.verbalizers, is_encoder_decoder)
     common = common_token_ids(splits["train"].input_ids, len(tokenizer), set(tokenizer.all_special_ids),
                               vocab_is_frequency_ordered)

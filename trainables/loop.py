@@ -40,7 +40,7 @@ class Diverged(RuntimeError):
 def prepare_data(cfg: TrainConfig, backbone: Backbone) -> EncodedTask:
     task = load_task(cfg.task, cfg.text_column, cfg.label_column, cfg.verbalizers)
     return encode_task(task, backbone.tokenizer, backbone.is_encoder_decoder, backbone.vocab_is_frequency_ordered,
-                       cfg.max_length, cfg.max_train_examples, cfg.max_eval_examples)
+                       cfg.max_length, cfg.max_train_examples, cfg.max_eval_examples, cfg.confirm_examples)
 
 
 def initial_prompt(cfg: TrainConfig, backbone: Backbone, data: EncodedTask) -> torch.Tensor:
@@ -113,7 +113,7 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
                    "train_s": total_train_seconds}  # inside training steps, since this process started
         losses, examples, train_seconds = [], 0, 0.0
         if done == cfg.max_steps:  # the last report carries the held-out result of the best prompt
-            metrics.update({f"test_{k}": v for k, v in _evaluate_prompt(pm, best["prompt"], data, cfg).items()})
+            metrics.update(final_metrics(pm, best["prompt"], data, cfg))
         eval_seconds += time.perf_counter() - started
         metrics["eval_s"] = eval_seconds  # inside dev/test evaluation, since this process started
         if progress:
@@ -129,9 +129,10 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
             report(metrics, save)
 
     if start >= cfg.max_steps:  # resumed from the final checkpoint: nothing left but the result
-        metrics = {f"test_{k}": v for k, v in _evaluate_prompt(pm, best["prompt"], data, cfg).items()}
+        metrics = final_metrics(pm, best["prompt"], data, cfg)
     return {"best_step": best["step"], "best_dev_accuracy": best["dev_accuracy"],
-            **{k: v for k, v in metrics.items() if k.startswith("test_")}, "prompt": best["prompt"].detach().cpu()}
+            **{k: v for k, v in metrics.items() if k.startswith(("test_", "confirmed_"))},
+            "prompt": best["prompt"].detach().cpu()}
 
 
 def is_eval_step(cfg: TrainConfig, step: int) -> bool:
@@ -142,14 +143,20 @@ def is_eval_step(cfg: TrainConfig, step: int) -> bool:
     return step in cfg.eval_steps if cfg.eval_steps else step % cfg.eval_every == 0
 
 
-def _evaluate_prompt(pm: PromptedModel, values: torch.Tensor, data: EncodedTask, cfg: TrainConfig) -> dict:
-    """Evaluate `values` as the prompt on the test split, then put the current prompt back."""
+def final_metrics(pm: PromptedModel, values: torch.Tensor, data: EncodedTask, cfg: TrainConfig) -> dict:
+    """The best prompt `values` on the test split (`test_*`) and, if the task has a confirm split,
+    on it (`confirmed_dev_*`); the current prompt is put back after."""
     current = pm.prompt.weight.detach().clone()
+    splits = {"test": "test_", **({"confirm": "confirmed_dev_"} if len(data.splits.get("confirm", ())) else {})}
+    metrics = {}
     with torch.no_grad():
         pm.prompt.weight.copy_(values)
-        result = evaluate(pm, data, "test", cfg.eval_mode, cfg.eval_batch_size)
+        for split, prefix in splits.items():
+            metrics.update({prefix + k: v for k, v in evaluate(pm, data, split, cfg.eval_mode, cfg.eval_batch_size).items()})
+        if "confirm" in splits:
+            metrics["confirmed_dev_examples"] = len(data.splits["confirm"])
         pm.prompt.weight.copy_(current)
-    return result
+    return metrics
 
 
 def zero_shot(cfg: TrainConfig, backbone: Backbone, data: EncodedTask, split: str = "test") -> dict:
