@@ -5,13 +5,19 @@ Reports total trial-steps, wall time, the best dev accuracy each reached, and th
 search wall time spent inside training steps (model reuse, no idle workers). The search without
 early stopping evaluates every trial at ASHA's rungs, so the report also shows each trial's dev
 accuracy there, where ASHA stopped it, and how well each rung's ranking predicts the final one
-(Spearman): whether early stopping can be trusted at this budget. Writes
-bench/results/search.md (the README quotes it) and search.json.
+(Spearman): whether early stopping can be trusted at this budget.
+
+A trial's best dev accuracy is the largest of its scores on 100 examples, so it is biased upwards.
+Trials that run to the end are also scored on 500 further dev examples (`confirm_examples`), and each
+search's winner is the best of those. The bench then scores both winners on the whole test split,
+which neither search saw: what each winner is really worth. Writes bench/results/search.md (the
+README quotes it) and search.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -19,9 +25,15 @@ from pathlib import Path
 
 import pandas as pd
 import ray
+import torch
 
 from search.config import asha_rungs, load_search_config
-from search.tuner import run_search, trial_rows
+from search.tuner import best_trial, run_search, trial_rows
+from trainables.backbone import load_backbone
+from trainables.checkpoint import load_checkpoint
+from trainables.evaluate import evaluate
+from trainables.loop import prepare_data
+from trainables.prompt import PromptedModel, SoftPrompt
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -35,10 +47,12 @@ def measure(cfg) -> dict:
     train_seconds = sum(m.get("train_s", 0.0) for m in last)
     eval_seconds = sum(m.get("eval_s", 0.0) for m in last)
     loads = [m for m in last if "backbone_reused" in m]
-    curves = [{"params": r.config, "status": r.metrics.get("status"),
+    curves = [{"params": r.config, "status": r.metrics.get("status"), "test_accuracy": r.metrics.get("test_accuracy"),
+               "confirmed": r.metrics.get("confirmed_dev_accuracy"),
                "dev_accuracy": {int(step): float(acc) for step, acc in
                                 zip(r.metrics_dataframe["step"], r.metrics_dataframe["dev_accuracy"]) if acc == acc}}
               for r in grid if r.metrics_dataframe is not None and "dev_accuracy" in r.metrics_dataframe]
+    winner = best_trial(cfg.storage_path, cfg.name)
     return {"trials": len(rows), "trial_steps": sum(r["step"] or 0 for r in rows),
             "statuses": {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}},
             "best_dev_accuracy": max(r["metric"] for r in rows if r["metric"] is not None),
@@ -47,15 +61,32 @@ def measure(cfg) -> dict:
             "eval_s": eval_seconds, "loop_fraction": (train_seconds + eval_seconds) / (wall * cfg.concurrency),
             "backbone_loads": sum(not m["backbone_reused"] for m in loads),
             "backbone_load_s_saved": sum(m["backbone_load_s"] for m in loads if m["backbone_reused"]),
+            "winner": {"trial_id": winner["trial_id"], "params": winner["params"], "prompt": winner["prompt"],
+                       "best_dev_accuracy": winner["metric"], "confirmed_dev_accuracy": winner["confirmed"]},
             "curves": curves}
+
+
+def test_accuracy(cfg, prompt_folders: dict[str, str]) -> tuple[dict[str, float], int]:
+    """Each prompt's accuracy on the whole test split: no search selected on it."""
+    backbone = load_backbone(cfg.train.model, cfg.train.dtype)
+    data = prepare_data(cfg.train.replace(max_eval_examples=None, confirm_examples=0), backbone)
+    scores = {}
+    for name, folder in prompt_folders.items():
+        prompt = load_checkpoint(folder, backbone.fingerprint, backbone.width).prompt
+        pm = PromptedModel(backbone, SoftPrompt(prompt).to(backbone.device))
+        with torch.no_grad():
+            scores[name] = evaluate(pm, data, "test", cfg.train.eval_mode, cfg.train.eval_batch_size)["accuracy"]
+    return scores, len(data.splits["test"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(Path(__file__).parents[1] / "examples" / "demo.yaml"))
+    parser.add_argument("--seed", type=int, help="the searches' seed (default: the config's)")
+    parser.add_argument("--out", default="search", help="results file name, without .md/.json")
     args = parser.parse_args()
     storage = tempfile.mkdtemp(prefix="softprompt-bench-")
-    overrides = [f"storage_path={storage}"]
+    overrides = [f"storage_path={storage}", *([f"seed={args.seed}"] if args.seed is not None else [])]
     asha = load_search_config(args.config, [*overrides, "name=asha-tpe"])
     # The same trials' budget and the same dev evaluations (at ASHA's rungs), no early stopping.
     random = load_search_config(args.config, [*overrides, "name=random-full", "scheduler=none", "sampler=random",
@@ -66,9 +97,16 @@ def main() -> None:
     report["step_ratio"] = a["trial_steps"] / r["trial_steps"]
     report["accuracy_gap_points"] = 100 * (r["best_dev_accuracy"] - a["best_dev_accuracy"])
     report["rung_rank_correlation"] = rung_correlations(r["curves"], asha.train.max_steps)
+    scores, n_test = test_accuracy(asha, {"asha_tpe": a["winner"]["prompt"], "random_no_stopping": r["winner"]["prompt"]})
+    for name, accuracy in scores.items():
+        report[name]["winner"]["test_accuracy"] = accuracy
+    report["test_examples"] = n_test
+    report["confirmed_gap_points"] = 100 * (r["winner"]["confirmed_dev_accuracy"] - a["winner"]["confirmed_dev_accuracy"])
+    report["test_gap_points"] = 100 * (scores["random_no_stopping"] - scores["asha_tpe"])
+    report["seed"] = asha.seed
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "search.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / "search.md").write_text(render(report, asha))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"{args.out}.md").write_text(render(report, asha))
     print(render(report, asha))
     shutil.rmtree(storage, ignore_errors=True)
 
@@ -87,20 +125,25 @@ def rung_correlations(curves: list[dict], final_step: int) -> dict:
             for step in steps}
 
 
+def short(params: dict) -> str:
+    return ", ".join(f"{k.split('@')[0]}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
 def curve_table(report: dict, final_step: int) -> str:
     """One row per trial of the search without early stopping, best last result first: its dev
     accuracy at each evaluated step, and how far ASHA + TPE ran the same point (if it sampled it)."""
     stopped_at = {_key(c["params"]): max(c["dev_accuracy"], default=0) for c in report["asha_tpe"]["curves"]}
     curves = sorted(report["random_no_stopping"]["curves"], key=lambda c: -c["dev_accuracy"].get(final_step, 0))
     steps = sorted({s for c in curves for s in c["dev_accuracy"]})
-    short = lambda params: ", ".join(f"{k.split('@')[0]}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                     for k, v in params.items())
-    lines = [f"| parameters | {' | '.join(f'dev acc @ {s}' for s in steps)} | ASHA + TPE ran it to step |",
-             f"|---|{'---:|' * len(steps)}---:|"]
+    lines = [f"| parameters | {' | '.join(f'dev acc @ {s}' for s in steps)} | confirmed | test acc (first 100) "
+             f"| ASHA + TPE ran it to step |", f"|---|{'---:|' * len(steps)}---:|---:|---:|"]
     for c in curves:
         accuracies = " | ".join(f"{c['dev_accuracy'][s]:.2f}" if s in c["dev_accuracy"] else "-" for s in steps)
         where = stopped_at.get(_key(c["params"]))
-        lines.append(f"| {short(c['params'])} | {accuracies} | {where if where is not None else 'not sampled'} |")
+        test = f"{c['test_accuracy']:.2f}" if c.get("test_accuracy") is not None else "-"
+        confirmed = f"{c['confirmed']:.3f}" if c.get("confirmed") is not None else "-"
+        lines.append(f"| {short(c['params'])} | {accuracies} | {confirmed} | {test} "
+                     f"| {where if where is not None else 'not sampled'} |")
     return "\n".join(lines)
 
 
@@ -110,7 +153,13 @@ def render(report: dict, cfg) -> str:
     row = lambda name, m: (f"| {name} | {m['trials']} | {m['trial_steps']} | {m['wall_s']:.0f} s | "
                            f"{m['best_dev_accuracy']:.4f} | {100 * m['loop_fraction']:.0f}% | "
                            f"{100 * m['train_fraction']:.0f}% | {m['backbone_loads']} |")
-    return f"""# Search benchmark (bench/bench_search.py)
+    n = report["test_examples"]
+    se = 100 * max(math.sqrt(m["winner"]["test_accuracy"] * (1 - m["winner"]["test_accuracy"]) / n) for m in (a, r))
+    show = lambda value, digits: f"{value:.{digits}f}" if value is not None else "-"
+    winner_row = lambda name, m: (f"| {name} | {m['winner']['trial_id']} | {short(m['winner']['params'])} | "
+                                  f"{show(m['winner']['best_dev_accuracy'], 2)} | "
+                                  f"{show(m['winner']['confirmed_dev_accuracy'], 4)} | {m['winner']['test_accuracy']:.4f} |")
+    return f"""# Search benchmark (bench/bench_search.py, seed {report['seed']})
 
 The demo setting ({report['config'].split('/')[-1]}): SmolLM2-135M, rotten_tomatoes, {cfg.trials} trials of up to
 {cfg.train.max_steps} steps, {cfg.concurrency} at a time on 2 CPU cores, dev accuracy on {cfg.train.max_eval_examples} examples.
@@ -122,6 +171,20 @@ The demo setting ({report['config'].split('/')[-1]}): SmolLM2-135M, rotten_tomat
 
 ASHA + TPE spent {100 * report['step_ratio']:.0f}% of the random search's trial-steps; its best dev accuracy is
 {-report['accuracy_gap_points']:+.1f} points from the random search's. ASHA statuses: {a['statuses']}.
+
+"Best dev accuracy" is the largest of a trial's scores on {cfg.train.max_eval_examples} dev examples, biased upwards
+by noise, and more so for the search that makes more evaluations. Each search's winner is
+therefore the trial with the best accuracy on {cfg.train.confirm_examples} further dev examples (`confirm_examples`;
+only trials that ran to step {cfg.train.max_steps} have one), and both winners are scored on the whole test
+split ({report['test_examples']} examples, standard error about {se:.1f} points), which no search saw:
+
+| search | winner | its parameters | best dev accuracy ({cfg.train.max_eval_examples}) | confirmed dev accuracy ({cfg.train.confirm_examples}) | test accuracy ({report['test_examples']}) |
+|---|---|---|---:|---:|---:|
+{winner_row("ASHA + TPE", a)}
+{winner_row("random, no early stopping", r)}
+
+ASHA + TPE's winner is {-report['confirmed_gap_points']:+.1f} points from the random search's on confirmed dev accuracy
+and {-report['test_gap_points']:+.1f} points on the test split.
 Model reuse saved {a['backbone_load_s_saved'] + r['backbone_load_s_saved']:.1f} s of backbone loading over both searches.
 Both searches evaluate on dev only at ASHA's rungs (steps {rungs}), so every evaluation
 is one ASHA uses and both see the same checkpoints.
