@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from search.config import ConfigError, SearchConfig
-from search.tuner import CONFIG_FILE, best_trial, experiment_dir, load_saved_config, trial_rows
+from search.tuner import CONFIG_FILE, CONFIRMED, best_trial, experiment_dir, load_saved_config, trial_rows
 from trainables.tracking import (PARENT_TAG, TRIAL_TAG, TrackingTarget, client, find_or_create_child,
                                  replay_spool, set_status)
 
@@ -148,6 +148,8 @@ def _log_results(mlflow_client, run_id: str, cfg: SearchConfig, storage_path: st
     metrics = {f"winner_{cfg.metric}": best["metric"], "trials": len(rows)}
     if best["test_accuracy"] is not None:
         metrics["winner_test_accuracy"] = best["test_accuracy"]
+    if best["confirmed"] is not None:  # what the winner was picked by
+        metrics[f"winner_{CONFIRMED[cfg.metric]}"] = best["confirmed"]
     mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
     for key, value in {"softprompt.best_trial": best["trial_id"], "softprompt.statuses": json.dumps(statuses),
                        "softprompt.best_params": json.dumps(best["params"], default=str)}.items():

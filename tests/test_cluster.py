@@ -418,6 +418,10 @@ def _assert_tracked_on_the_head(tracking_uri: str, name: str, trials: int) -> st
         assert child.info.status == "FINISHED"
         assert {"prompt_length", "init", "optimizer", f"lr/{child.data.params['optimizer']}"} <= set(child.data.params)
         assert 0 <= child.data.metrics["best_dev_accuracy"] <= 1
+    # both trials ran to the end, so both were confirmed on further dev examples; the best of those won
+    confirmed = {c.data.tags[TRIAL_TAG]: c.data.metrics["confirmed_dev_accuracy"] for c in children}
+    assert parent.data.metrics["winner_confirmed_dev_accuracy"] == confirmed[parent.data.tags["softprompt.best_trial"]]
+    assert confirmed[parent.data.tags["softprompt.best_trial"]] == max(confirmed.values())
     winner = [a.path for a in client.list_artifacts(parent.info.run_id, "winning_prompt")]
     assert "winning_prompt/prompt.safetensors" in winner
     return parent.info.run_id
