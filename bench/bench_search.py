@@ -84,9 +84,13 @@ def main() -> None:
     parser.add_argument("--config", default=str(Path(__file__).parents[1] / "examples" / "demo.yaml"))
     parser.add_argument("--seed", type=int, help="the searches' seed (default: the config's)")
     parser.add_argument("--out", default="search", help="results file name, without .md/.json")
+    parser.add_argument("--confirm", type=int, default=500,
+                        help="train.confirm_examples for both searches (the results in bench/results used 500; "
+                             "the demo's 200 keeps it under 10 minutes)")
     args = parser.parse_args()
     storage = tempfile.mkdtemp(prefix="softprompt-bench-")
-    overrides = [f"storage_path={storage}", *([f"seed={args.seed}"] if args.seed is not None else [])]
+    overrides = [f"storage_path={storage}", f"train.confirm_examples={args.confirm}",
+                 *([f"seed={args.seed}"] if args.seed is not None else [])]
     asha = load_search_config(args.config, [*overrides, "name=asha-tpe"])
     # The same trials' budget and the same dev evaluations (at ASHA's rungs), no early stopping.
     random = load_search_config(args.config, [*overrides, "name=random-full", "scheduler=none", "sampler=random",
