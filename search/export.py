@@ -38,10 +38,7 @@ def search_prompts(storage_path: str, name: str, trial: str | None = None, top: 
             raise ConfigError("--trial", trial, f"a trial of search {name} with a prompt: "
                                                 f"{', '.join(r['trial_id'] for r in rows)}")
         return [Path(found[0]["prompt"])]
-    ranked = ranked_trials(storage_path, name)
-    if not ranked:
-        raise ConfigError("search", name, "a search with at least one evaluated trial")
-    return [Path(r["prompt"]) for r in ranked[:top]]
+    return [Path(r["prompt"]) for r in ranked_trials(storage_path, name)[:top]]
 
 
 def run_prompt(run_id: str, tracking_uri: str, into: Path) -> Path:

@@ -203,16 +203,21 @@ def trial_rows(storage_path: str, name: str) -> list[dict]:
         checkpoint = trial.checkpoint.path if trial.checkpoint else None
         rows.append({"trial_id": trial.trial_id, "status": trial_status(trial.status, last),
                      "params": trial.config, "step": last.get("step"), "metric": last.get(cfg.metric),
-                     "confirmed": last.get(CONFIRMED.get(cfg.metric, "")), "test_accuracy": last.get("test_accuracy"), "prompt": f"{checkpoint}/best" if checkpoint else None})
+                     "confirmed": last.get(CONFIRMED.get(cfg.metric, "")), "test_accuracy": last.get("test_accuracy"),
+                     "prompt": f"{checkpoint}/best" if checkpoint else None})
     return rows
 
 
 def ranked_trials(storage_path: str, name: str) -> list[dict]:
     """The evaluated trials with a prompt, best first. Trials confirmed on further dev examples
     come first, by that score: a search metric like best_dev_accuracy is the largest of several
-    small-sample scores, and a lucky one would win otherwise. The rest follow by the metric."""
+    small-sample scores, and a lucky one would win otherwise. The rest follow by the metric.
+    A search with no such trial is an error."""
     mode = load_saved_config(storage_path, name).mode
-    return rank_rows([r for r in trial_rows(storage_path, name) if r["metric"] is not None and r["prompt"]], mode)
+    rows = [r for r in trial_rows(storage_path, name) if r["metric"] is not None and r["prompt"]]
+    if not rows:
+        raise ConfigError("search", name, "a search with at least one evaluated trial")
+    return rank_rows(rows, mode)
 
 
 def rank_rows(rows: list[dict], mode: str) -> list[dict]:
@@ -224,10 +229,7 @@ def rank_rows(rows: list[dict], mode: str) -> list[dict]:
 
 
 def best_trial(storage_path: str, name: str) -> dict:
-    ranked = ranked_trials(storage_path, name)
-    if not ranked:
-        raise ConfigError("search", name, "a search with at least one evaluated trial")
-    return ranked[0]
+    return ranked_trials(storage_path, name)[0]
 
 
 def write_summary(storage_path: str, name: str, summary: dict) -> Path:

@@ -147,14 +147,13 @@ def final_metrics(pm: PromptedModel, values: torch.Tensor, data: EncodedTask, cf
     """The best prompt `values` on the test split (`test_*`) and, if the task has a confirm split,
     on it (`confirmed_dev_*`); the current prompt is put back after."""
     current = pm.prompt.weight.detach().clone()
-    splits = {"test": "test_", **({"confirm": "confirmed_dev_"} if len(data.splits.get("confirm", ())) else {})}
-    metrics = {}
+    confirm = data.splits.get("confirm")
+    splits = {"test": "test_", **({"confirm": "confirmed_dev_"} if confirm else {})}
+    metrics = {"confirmed_dev_examples": len(confirm)} if confirm else {}
     with torch.no_grad():
         pm.prompt.weight.copy_(values)
         for split, prefix in splits.items():
             metrics.update({prefix + k: v for k, v in evaluate(pm, data, split, cfg.eval_mode, cfg.eval_batch_size).items()})
-        if "confirm" in splits:
-            metrics["confirmed_dev_examples"] = len(data.splits["confirm"])
         pm.prompt.weight.copy_(current)
     return metrics
 
