@@ -11,7 +11,7 @@ import torch
 from trainables.backbone import BackboneError, avoid_cudnn_attention, load_backbone
 from trainables.config import TrainConfig
 from trainables.data import encode_task, make_batch
-from trainables.evaluate import ILLEGAL, exact_match, f1_score, rank_classify
+from trainables.evaluate import ILLEGAL, auc, exact_match, f1_score, log_loss, rank_classify
 from trainables.loop import initial_prompt, train
 from trainables.prompt import PromptedModel, SoftPrompt
 from trainables.tasks import Task, split_three
@@ -294,3 +294,25 @@ def test_f1_is_the_positive_class_f1_for_binary_and_macro_f1_otherwise():
     # class 0: tp 1, 2 predicted, 2 true -> 0.5; class 1: tp 2, 3 predicted, 2 true -> 0.8; class 2: 1/(1+2)*2 -> 2/3
     assert f1_score(predictions3, labels3, 3) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
     assert f1_score(labels3, labels3, 3) == 1.0
+
+
+def test_auc_counts_correctly_ordered_pairs_and_ignores_a_shift_of_every_score():
+    labels = np.array([1, 1, 0, 0, 0])
+    scores = np.array([[0, 1.0], [0, 2.0], [0, -1.0], [0, 0.5], [0, 1.0]])  # class-1 margins
+    # positive margins 1 and 2 against negatives -1, 0.5, 1: 5 pairs right, one tie (1 vs 1) counts 1/2
+    assert auc(scores, labels) == pytest.approx(5.5 / 6)
+    shifted = scores + np.array([0, -10.0])  # every example now predicted class 0: accuracy 0.6, AUC unchanged
+    assert np.mean(shifted.argmax(-1) == labels) == pytest.approx(0.6)
+    assert auc(shifted, labels) == pytest.approx(5.5 / 6)
+    assert auc(scores[:, ::-1], labels) == pytest.approx(0.5 / 6)  # the margins reversed
+    # three classes: each class's renormalised score against the rest, averaged; perfect ranking gives 1
+    labels3 = np.array([0, 1, 2, 2])
+    assert auc(np.eye(3)[labels3] * 3.0, labels3) == 1.0
+    assert np.isnan(auc(scores, np.ones(5, dtype=int)))  # one class only: no pair to order
+
+
+def test_log_loss_renormalises_the_class_scores_over_the_classes():
+    labels = np.array([1, 0])
+    scores = np.log(np.array([[0.1, 0.3], [0.02, 0.06]]))  # both renormalise to (0.25, 0.75)
+    assert log_loss(scores, labels) == pytest.approx(-(np.log(0.75) + np.log(0.25)) / 2)
+

@@ -1,4 +1,5 @@
-"""Held-out evaluation: rank classification or exact-match generation; accuracy and F1."""
+"""Held-out evaluation: rank classification or exact-match generation; accuracy and F1, and for
+rank classification the log-loss and AUC of the class scores."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,13 +10,17 @@ from trainables.prompt import PromptedModel
 ILLEGAL = -1  # a generation that matches no verbalizer
 
 
+def class_scores(pm: PromptedModel, data: EncodedTask, split: EncodedSplit, batch_size: int) -> np.ndarray:
+    """[N, C] log-likelihood of every class's verbalizer under the prompted model."""
+    scores = np.empty((len(split), len(data.target_ids)), dtype=np.float64)
+    for idx in eval_chunks(split, batch_size):
+        scores[idx] = pm.class_scores(data, [split.input_ids[i] for i in idx]).float().cpu().numpy()
+    return scores
+
+
 def rank_classify(pm: PromptedModel, data: EncodedTask, split: EncodedSplit, batch_size: int) -> np.ndarray:
     """The class whose verbalizer is most likely under the prompted model."""
-    predictions = np.empty(len(split), dtype=np.int64)
-    for idx in eval_chunks(split, batch_size):
-        scores = pm.class_scores(data, [split.input_ids[i] for i in idx])
-        predictions[idx] = scores.argmax(-1).cpu().numpy()
-    return predictions
+    return class_scores(pm, data, split, batch_size).argmax(-1)
 
 
 def exact_match(pm: PromptedModel, data: EncodedTask, split: EncodedSplit, batch_size: int) -> np.ndarray:
@@ -36,6 +41,8 @@ def _first_line(text: str) -> str:
 
 
 EVAL_MODES = {"rank": rank_classify, "exact_match": exact_match}
+# Metrics only rank classification has: they come from the class scores, not the predictions.
+SCORE_METRICS = ("log_loss", "auc")
 
 
 def f1_score(predictions: np.ndarray, labels: np.ndarray, n_classes: int) -> float:
@@ -48,14 +55,51 @@ def f1_score(predictions: np.ndarray, labels: np.ndarray, n_classes: int) -> flo
     return float(np.mean([f1(c) for c in classes]))
 
 
+def log_loss(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-probability of the true class, the class scores renormalised over the classes."""
+    logp = scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
+    return float(-np.mean(logp[np.arange(len(labels)), labels]))
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC of each class's renormalised score against the rest, averaged over the classes that
+    occur (for two classes both give the same value: that of the margin). Unlike accuracy it does
+    not move when every score shifts one way, so it is not fooled by a prompt's calibration."""
+    logp = scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
+    values = []
+    for c in range(scores.shape[1]):
+        positive = labels == c
+        n_pos = int(positive.sum())
+        if 0 < n_pos < len(labels):
+            ranks = _average_ranks(logp[:, c])
+            values.append((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(labels) - n_pos)))
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank (the Mann-Whitney statistic's convention)."""
+    order = np.argsort(values, kind="stable")
+    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(values))
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
+    return ranks
+
+
 def evaluate(pm: PromptedModel, data: EncodedTask, split: str = "dev", mode: str = "rank",
              batch_size: int = 32) -> dict:
-    """accuracy, f1 and (for exact match) the fraction of outputs that are a legal label."""
+    """accuracy and f1; for rank classification also log_loss and auc (SCORE_METRICS), for exact
+    match the fraction of outputs that are a legal label."""
     rows = data.splits[split]
     labels = np.asarray(rows.labels)
-    predictions = EVAL_MODES[mode](pm, data, rows, batch_size)
+    if mode == "rank":
+        scores = class_scores(pm, data, rows, batch_size)
+        predictions = scores.argmax(-1)
+    else:
+        predictions = EVAL_MODES[mode](pm, data, rows, batch_size)
     metrics = {"accuracy": float(np.mean(predictions == labels)),
                "f1": f1_score(predictions, labels, len(data.verbalizers))}
-    if mode == "exact_match":
+    if mode == "rank":
+        metrics.update(log_loss=log_loss(scores, labels), auc=auc(scores, labels))
+    else:
         metrics["legal_rate"] = float(np.mean(predictions != ILLEGAL))
     return metrics
