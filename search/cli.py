@@ -111,8 +111,9 @@ def cmd_search_run(args) -> int:
     cfg = load_search_config(args.config, args.set)
     tracking_uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
     print(f"search {cfg.name}: {cfg.trials} trials of up to {cfg.train.max_steps} steps, {cfg.concurrency} at a time, "
-          f"space {cfg.space if isinstance(cfg.space, str) else 'custom'}, scheduler {cfg.scheduler}, "
-          f"metric {cfg.metric}" + (f", tracked in {tracking_uri}" if tracking_uri else ""))
+          f"space {cfg.space if isinstance(cfg.space, str) else 'custom'}, scheduler {cfg.scheduler}"
+          + (f" (by {cfg.asha_metric})" if cfg.scheduler == "asha" and cfg.asha_metric != cfg.metric else "")
+          + f", metric {cfg.metric}" + (f", tracked in {tracking_uri}" if tracking_uri else ""))
     run_search(cfg, tracking_uri=tracking_uri)
     return _finish_search(cfg.storage_path, cfg.name)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from search.configfile import ConfigError, load_yaml, parse_overrides
 from trainables.backbone import MODELS_ALLOWED, model_problem
 from trainables.config import FIELDS, TrainConfig
-from trainables.evaluate import EVAL_MODES
+from trainables.evaluate import EVAL_MODES, SCORE_METRICS
 from trainables.inits import INITS
 from trainables.optimizers import DEFAULT_LR, OPTIMIZERS
 from trainables.tasks import FILE_SUFFIXES, file_task, is_task_file, task_names
@@ -31,8 +31,9 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def one_of(*choices) -> Rule:
-    return Rule(lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
+def one_of(*choices, optional: bool = False) -> Rule:
+    return Rule(lambda v: (optional and v is None) or v in choices,
+                "one of " + ", ".join(map(str, choices)) + (" or null" if optional else ""))
 
 
 def integer(low: int, high: int | None = None, optional: bool = False) -> Rule:
@@ -142,6 +143,9 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
 # ---- search configs ----
 
 SEARCH_METRICS = {"best_dev_accuracy": "max", "dev_accuracy": "max", "dev_f1": "max", "train_loss": "min"}
+# What ASHA may compare trials by at its rungs: a search metric, or a score of rank classification
+# (trainables.evaluate.SCORE_METRICS) on the dev examples.
+ASHA_METRICS = {**SEARCH_METRICS, "dev_auc": "max", "dev_log_loss": "min"}
 # A search's trials that run to max_steps score their best prompt on this many further dev examples
 # (train.confirm_examples), and the winner is picked by that score: a trial's best dev accuracy is
 # the maximum of several scores on max_eval_examples, biased upwards by noise.
@@ -156,6 +160,7 @@ class SearchConfig:
     checkpoints: tuple[str, ...]  # the models a space may choose among
     points_to_evaluate: tuple[dict, ...] | None
     metric: str
+    asha_metric: str              # what ASHA compares trials by at its rungs
     sampler: str                  # tpe | random
     trials: int
     time_limit_s: float | None
@@ -173,10 +178,14 @@ class SearchConfig:
     def mode(self) -> str:
         return SEARCH_METRICS[self.metric]
 
+    @property
+    def asha_mode(self) -> str:
+        return ASHA_METRICS[self.asha_metric]
+
 
 SEARCH_DEFAULTS = {
     "name": None, "train": {}, "space": "quick", "checkpoints": None, "points_to_evaluate": None,
-    "metric": "best_dev_accuracy", "sampler": "tpe", "trials": 8, "max_steps": 100, "time_limit_s": None,
+    "metric": "best_dev_accuracy", "asha_metric": None, "sampler": "tpe", "trials": 8, "max_steps": 100, "time_limit_s": None,
     "scheduler": "asha", "grace_period": None, "reduction_factor": 3, "concurrency": 2,
     "cpus_per_trial": 1, "gpus_per_trial": 0, "storage_path": "runs/search", "seed": 0, "max_failures": 1,
 }
@@ -195,6 +204,7 @@ SEARCH_RULES: dict[str, Rule] = {
     "points_to_evaluate": Rule(lambda v: v is None or (isinstance(v, list) and all(isinstance(p, dict) for p in v)),
                                "null or a list of parameter mappings"),
     "metric": one_of(*SEARCH_METRICS),
+    "asha_metric": one_of(*ASHA_METRICS, optional=True),
     "sampler": one_of("tpe", "random"),
     "trials": integer(1, 10000),
     "max_steps": integer(1),
@@ -281,12 +291,17 @@ def search_config(values: dict, source: str | None = None, default_name: str = "
         if "eval_every" in merged["train"]:
             steps |= set(range(train.eval_every, merged["max_steps"], train.eval_every))
         train = train.replace(eval_steps=tuple(sorted(steps)))
+    asha_metric = merged["asha_metric"] or merged["metric"]
+    if asha_metric.removeprefix("dev_") in SCORE_METRICS and train.eval_mode != "rank":
+        raise ConfigError("asha_metric", asha_metric, f"a metric exact-match evaluation reports "
+                          f"({', '.join(m for m in ASHA_METRICS if m.removeprefix('dev_') not in SCORE_METRICS)}), "
+                          f"or train.eval_mode: rank", source)
     if merged["concurrency"] > merged["trials"]:
         merged["concurrency"] = merged["trials"]
     return SearchConfig(
         name=merged["name"] or default_name, train=train, space=merged["space"], checkpoints=checkpoints,
         points_to_evaluate=tuple(merged["points_to_evaluate"]) if merged["points_to_evaluate"] is not None else None,
-        metric=merged["metric"], sampler=merged["sampler"], trials=merged["trials"], time_limit_s=merged["time_limit_s"],
+        metric=merged["metric"], asha_metric=asha_metric, sampler=merged["sampler"], trials=merged["trials"], time_limit_s=merged["time_limit_s"],
         scheduler=merged["scheduler"], grace_period=grace, reduction_factor=merged["reduction_factor"],
         concurrency=merged["concurrency"], cpus_per_trial=merged["cpus_per_trial"],
         gpus_per_trial=merged["gpus_per_trial"], storage_path=merged["storage_path"], seed=merged["seed"],

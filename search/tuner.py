@@ -89,7 +89,7 @@ def build_tuner(cfg: SearchConfig, trainable=tune_trial, tracking=None) -> tune.
         space=_space_function(cfg), metric=cfg.metric, mode=cfg.mode, points_to_evaluate=_points(cfg) or None,
         sampler=SAMPLERS[cfg.sampler](seed=cfg.seed),
         storage=optuna.storages.RDBStorage(f"sqlite:///{folder / STUDY_FILE}"), study_name=cfg.name)
-    scheduler = (ASHAScheduler(time_attr="step", metric=cfg.metric, mode=cfg.mode, max_t=cfg.train.max_steps,
+    scheduler = (ASHAScheduler(time_attr="step", metric=cfg.asha_metric, mode=cfg.asha_mode, max_t=cfg.train.max_steps,
                                grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor)
                  if cfg.scheduler == "asha" else FIFOScheduler())
     return tune.Tuner(
@@ -119,6 +119,7 @@ def load_saved_config(storage_path: str, name: str) -> SearchConfig:
     train = values["train"]
     values["train"] = TrainConfig(**{**train, "eval_steps": tuple(train["eval_steps"]) if train.get("eval_steps") else None})
     values["checkpoints"] = tuple(values["checkpoints"])
+    values.setdefault("asha_metric", values["metric"])  # saved before ASHA's metric could differ
     if values["points_to_evaluate"] is not None:
         values["points_to_evaluate"] = tuple(values["points_to_evaluate"])
     return SearchConfig(**values)

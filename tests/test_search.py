@@ -194,6 +194,28 @@ def test_small_search_runs_the_default_point_first_and_asha_prunes_weak_trials(r
     assert (Path(best["prompt"]) / "prompt.safetensors").is_file()
 
 
+def test_asha_can_compare_trials_by_another_metric_than_the_search_picks_by(ray_cluster, tiny_llama_dir, tmp_path):
+    cfg = tiny_search(tiny_llama_dir, tmp_path, name="asha-metric", metric="best_dev_accuracy", asha_metric="dev_log_loss")
+    assert (cfg.asha_metric, cfg.asha_mode, cfg.mode) == ("dev_log_loss", "min", "max")
+    run_search(cfg)
+    rows = trial_rows(cfg.storage_path, cfg.name)
+    folder = experiment_dir(cfg.storage_path, cfg.name)
+    results = {r["trial_id"]: [json.loads(line) for line in (folder / f"trial_{r['trial_id']}" / "result.json")
+                               .read_text().splitlines()] for r in rows}
+    assert all(0.0 <= res["dev_auc"] <= 1.0 and res["dev_log_loss"] > 0.0 for rs in results.values() for res in rs)
+    stopped = [r for r in rows if r["status"] == "stopped early"]
+    assert stopped
+    for r in stopped:  # stopped for its log-loss: some other trial did better at that rung
+        last = results[r["trial_id"]][-1]
+        others = [res["dev_log_loss"] for tid, rs in results.items() if tid != r["trial_id"]
+                  for res in rs if res["step"] == last["step"]]
+        assert last["dev_log_loss"] > min(others)
+    # the winner is still picked by the search metric (here confirmed accuracy), and the saved config keeps both
+    assert best_trial(cfg.storage_path, cfg.name)["confirmed"] == max(r["confirmed"] for r in rows if r["confirmed"] is not None)
+    saved = yaml.safe_load((folder / "softprompt-search.yaml").read_text())
+    assert (saved["metric"], saved["asha_metric"]) == ("best_dev_accuracy", "dev_log_loss")
+
+
 def test_workers_reuse_the_frozen_backbone_across_trials(ray_cluster, tiny_llama_dir, tmp_path):
     cfg = tiny_search(tiny_llama_dir, tmp_path, name="reuse", trials=4, scheduler="none", max_steps=2,
                       metric="best_dev_accuracy", train={"eval_every": 2, "confirm_examples": 64})
@@ -335,6 +357,8 @@ BAD_SEARCH_CONFIGS = [
     ({"checkpoints": []}, "checkpoints", "non-empty list"),
     ({"gpus_per_trial": -1}, "gpus_per_trial", ">= 0"),
     ({"train": {"confirm_examples": -5}}, "train.confirm_examples", "an integer >= 0"),
+    ({"asha_metric": "auc"}, "asha_metric", "dev_auc"),
+    ({"asha_metric": "dev_auc", "train": {"eval_mode": "exact_match"}}, "asha_metric", "train.eval_mode: rank"),
 ]
 
 
