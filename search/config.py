@@ -11,7 +11,7 @@ from pathlib import Path
 from search.configfile import ConfigError, load_yaml, parse_overrides
 from trainables.backbone import MODELS_ALLOWED, model_problem
 from trainables.config import FIELDS, TrainConfig
-from trainables.evaluate import EVAL_MODES, SCORE_METRICS
+from trainables.evaluate import EVAL_MODES
 from trainables.inits import INITS
 from trainables.optimizers import DEFAULT_LR, OPTIMIZERS
 from trainables.tasks import FILE_SUFFIXES, file_task, is_task_file, task_names
@@ -143,9 +143,10 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
 # ---- search configs ----
 
 SEARCH_METRICS = {"best_dev_accuracy": "max", "dev_accuracy": "max", "dev_f1": "max", "train_loss": "min"}
-# What ASHA may compare trials by at its rungs: a search metric, or a score of rank classification
-# (trainables.evaluate.SCORE_METRICS) on the dev examples.
-ASHA_METRICS = {**SEARCH_METRICS, "dev_auc": "max", "dev_log_loss": "min"}
+# What ASHA may compare trials by at its rungs: a search metric, or one that only rank classification
+# reports (trainables.evaluate: from the class scores).
+RANK_ONLY_METRICS = {"dev_auc": "max", "dev_log_loss": "min"}
+ASHA_METRICS = {**SEARCH_METRICS, **RANK_ONLY_METRICS}
 # A search's trials that run to max_steps score their best prompt on this many further dev examples
 # (train.confirm_examples), and the winner is picked by that score: a trial's best dev accuracy is
 # the maximum of several scores on max_eval_examples, biased upwards by noise.
@@ -185,7 +186,8 @@ class SearchConfig:
 
 SEARCH_DEFAULTS = {
     "name": None, "train": {}, "space": "quick", "checkpoints": None, "points_to_evaluate": None,
-    "metric": "best_dev_accuracy", "asha_metric": None, "sampler": "tpe", "trials": 8, "max_steps": 100, "time_limit_s": None,
+    "metric": "best_dev_accuracy", "asha_metric": None, "sampler": "tpe", "trials": 8, "max_steps": 100,
+    "time_limit_s": None,
     "scheduler": "asha", "grace_period": None, "reduction_factor": 3, "concurrency": 2,
     "cpus_per_trial": 1, "gpus_per_trial": 0, "storage_path": "runs/search", "seed": 0, "max_failures": 1,
 }
@@ -292,16 +294,16 @@ def search_config(values: dict, source: str | None = None, default_name: str = "
             steps |= set(range(train.eval_every, merged["max_steps"], train.eval_every))
         train = train.replace(eval_steps=tuple(sorted(steps)))
     asha_metric = merged["asha_metric"] or merged["metric"]
-    if asha_metric.removeprefix("dev_") in SCORE_METRICS and train.eval_mode != "rank":
-        raise ConfigError("asha_metric", asha_metric, f"a metric exact-match evaluation reports "
-                          f"({', '.join(m for m in ASHA_METRICS if m.removeprefix('dev_') not in SCORE_METRICS)}), "
-                          f"or train.eval_mode: rank", source)
+    if asha_metric in RANK_ONLY_METRICS and train.eval_mode != "rank":
+        raise ConfigError("asha_metric", asha_metric, f"one of {', '.join(SEARCH_METRICS)} with exact-match "
+                                                      f"evaluation, or train.eval_mode: rank", source)
     if merged["concurrency"] > merged["trials"]:
         merged["concurrency"] = merged["trials"]
     return SearchConfig(
         name=merged["name"] or default_name, train=train, space=merged["space"], checkpoints=checkpoints,
         points_to_evaluate=tuple(merged["points_to_evaluate"]) if merged["points_to_evaluate"] is not None else None,
-        metric=merged["metric"], asha_metric=asha_metric, sampler=merged["sampler"], trials=merged["trials"], time_limit_s=merged["time_limit_s"],
+        metric=merged["metric"], asha_metric=asha_metric, sampler=merged["sampler"], trials=merged["trials"],
+        time_limit_s=merged["time_limit_s"],
         scheduler=merged["scheduler"], grace_period=grace, reduction_factor=merged["reduction_factor"],
         concurrency=merged["concurrency"], cpus_per_trial=merged["cpus_per_trial"],
         gpus_per_trial=merged["gpus_per_trial"], storage_path=merged["storage_path"], seed=merged["seed"],

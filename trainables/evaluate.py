@@ -41,8 +41,6 @@ def _first_line(text: str) -> str:
 
 
 EVAL_MODES = {"rank": rank_classify, "exact_match": exact_match}
-# Metrics only rank classification has: they come from the class scores, not the predictions.
-SCORE_METRICS = ("log_loss", "auc")
 
 
 def f1_score(predictions: np.ndarray, labels: np.ndarray, n_classes: int) -> float:
@@ -87,8 +85,8 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 
 def evaluate(pm: PromptedModel, data: EncodedTask, split: str = "dev", mode: str = "rank",
              batch_size: int = 32) -> dict:
-    """accuracy and f1; for rank classification also log_loss and auc (SCORE_METRICS), for exact
-    match the fraction of outputs that are a legal label."""
+    """accuracy and f1; for rank classification also log_loss and auc (from the class scores), for
+    exact match the fraction of outputs that are a legal label."""
     rows = data.splits[split]
     labels = np.asarray(rows.labels)
     if mode == "rank":
