@@ -47,16 +47,13 @@ def points(seed: int, n: int) -> list[dict]:
 
 def signals(scores: torch.Tensor, labels: np.ndarray) -> dict:
     """Rank-classification signals from [N, 2] class log-likelihoods."""
+    from trainables.evaluate import auc, log_loss
     s = scores.float().numpy()
     margin = s[:, 1] - s[:, 0]
-    logp = s - np.logaddexp(s[:, :1], s[:, 1:])
-    pos, neg = margin[labels == 1], margin[labels == 0]
-    auc = float(np.mean((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])))
     centred = margin - np.median(margin)
     return {"accuracy": float(np.mean((margin > 0) == (labels == 1))),
             "centred_accuracy": float(np.mean((centred > 0) == (labels == 1))),
-            "auc": auc, "log_loss": float(-np.mean(logp[np.arange(len(labels)), labels])),
-            "margin": margin.tolist()}
+            "auc": auc(s, labels), "log_loss": log_loss(s, labels), "margin": margin.tolist()}
 
 
 def run_trial(job: tuple) -> dict:

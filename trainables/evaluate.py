@@ -60,16 +60,16 @@ def log_loss(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC of each class's renormalised score against the rest, averaged over the classes that
-    occur (for two classes both give the same value: that of the margin). Unlike accuracy it does
-    not move when every score shifts one way, so it is not fooled by a prompt's calibration."""
-    logp = scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
+    """ROC AUC of each class's log-odds against the other classes, averaged over the classes that
+    occur (for two classes both give the AUC of the margin between the two scores). Unlike accuracy
+    it does not move when every score shifts one way, so it is not fooled by a prompt's calibration."""
     values = []
     for c in range(scores.shape[1]):
         positive = labels == c
         n_pos = int(positive.sum())
         if 0 < n_pos < len(labels):
-            ranks = _average_ranks(logp[:, c])
+            log_odds = scores[:, c] - np.logaddexp.reduce(np.delete(scores, c, axis=1), axis=1)
+            ranks = _average_ranks(log_odds)
             values.append((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(labels) - n_pos)))
     return float(np.mean(values)) if values else float("nan")
 
