@@ -1,9 +1,9 @@
 """Which early signal predicts a trial's final quality? For the search bench's sampled points
 (each seed's 8 trials of the demo setting), trains every trial to the end with no early stopping
 and records, at ASHA's rungs, several signals computed from the same forward passes on the 100
-dev examples: accuracy (what ASHA ranks by now), the accuracy with the decision threshold
-re-centred (calibration-free), ROC AUC of the class-score margin, the dev log-loss, and the
-training loss. The target is each trial's confirmed dev accuracy (500 further examples).
+dev examples: accuracy (the search metric, which ASHA compared before the demo moved to training
+loss), the accuracy with the decision threshold re-centred (calibration-free), ROC AUC of the
+class-score margin, the dev log-loss, and the training loss. The target is each trial's confirmed dev accuracy (500 further examples).
 
 Then replays ASHA offline on those curves, once per signal: the demo's rungs (5, 15, 45), factor 3,
 two workers, Ray's cutoff rule (a trial reaching a rung stops if it is below the (1 - 1/3)
@@ -11,8 +11,8 @@ quantile of the values recorded there before it). Per seed, and over many draws 
 (the default point first, then 7 of the others at random): the share of steps ASHA spends, and
 how often its winner (the best confirmed trial that ran to the end) is within 1 point of the best.
 
-Writes bench/results/rung_signals.json (about 40 min for seeds 0 and 1 on 2 cores) and rung_signals.md;
-`--analyse` redoes only the second part from the JSON file.
+Writes bench/results/rung_signals.json (about 40 min for seeds 0 and 1 on 2 cores) and
+rung_signals.md; `--analyse` redoes only the second part from the JSON file.
 """
 from __future__ import annotations
 
