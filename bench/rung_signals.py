@@ -45,10 +45,10 @@ def points(seed: int, n: int) -> list[dict]:
     return out
 
 
-def signals(scores: torch.Tensor, labels: np.ndarray) -> dict:
+def signals(scores: np.ndarray, labels: np.ndarray) -> dict:
     """Rank-classification signals from [N, 2] class log-likelihoods."""
     from trainables.evaluate import auc, log_loss
-    s = scores.float().numpy()
+    s = scores.astype(np.float32)  # as recorded: margins of float32 scores
     margin = s[:, 1] - s[:, 0]
     centred = margin - np.median(margin)
     return {"accuracy": float(np.mean((margin > 0) == (labels == 1))),
@@ -63,8 +63,7 @@ def run_trial(job: tuple) -> dict:
     from search.config import load_search_config
     from trainables.backbone import cached_backbone, default_device
     from trainables.config import fields_from_params
-    from trainables.data import eval_chunks
-    from trainables.evaluate import evaluate
+    from trainables.evaluate import class_scores, evaluate
 
     search = load_search_config(str(DEMO), ["train.confirm_examples=500"])
     cfg = search.train.replace(**fields_from_params(params, search.train.max_steps))
@@ -79,11 +78,7 @@ def run_trial(job: tuple) -> dict:
         if split != "dev":
             return evaluate(pm, data, split, mode, batch_size)
         rows = data.splits["dev"]
-        scores = torch.empty(len(rows), len(data.verbalizers))
-        with torch.no_grad():
-            for idx in eval_chunks(rows, batch_size):
-                scores[idx] = pm.class_scores(data, [rows.input_ids[i] for i in idx]).float().cpu()
-        recorded["last"] = signals(scores, np.asarray(rows.labels))
+        recorded["last"] = signals(class_scores(pm, data, rows, batch_size), np.asarray(rows.labels))
         return {"accuracy": recorded["last"]["accuracy"], "f1": 0.0}
 
     loop.evaluate = recording_evaluate

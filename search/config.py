@@ -187,8 +187,7 @@ class SearchConfig:
 SEARCH_DEFAULTS = {
     "name": None, "train": {}, "space": "quick", "checkpoints": None, "points_to_evaluate": None,
     "metric": "best_dev_accuracy", "asha_metric": None, "sampler": "tpe", "trials": 8, "max_steps": 100,
-    "time_limit_s": None,
-    "scheduler": "asha", "grace_period": None, "reduction_factor": 3, "concurrency": 2,
+    "time_limit_s": None, "scheduler": "asha", "grace_period": None, "reduction_factor": 3, "concurrency": 2,
     "cpus_per_trial": 1, "gpus_per_trial": 0, "storage_path": "runs/search", "seed": 0, "max_failures": 1,
 }
 

@@ -305,7 +305,7 @@ def test_auc_counts_correctly_ordered_pairs_and_ignores_a_shift_of_every_score()
     assert np.mean(shifted.argmax(-1) == labels) == pytest.approx(0.6)
     assert auc(shifted, labels) == pytest.approx(5.5 / 6)
     assert auc(scores[:, ::-1], labels) == pytest.approx(0.5 / 6)  # the margins reversed
-    # three classes: each class's renormalised score against the rest, averaged; perfect ranking gives 1
+    # three classes: each class's log-odds against the rest, averaged; perfect ranking gives 1
     labels3 = np.array([0, 1, 2, 2])
     assert auc(np.eye(3)[labels3] * 3.0, labels3) == 1.0
     assert np.isnan(auc(scores, np.ones(5, dtype=int)))  # one class only: no pair to order
@@ -315,4 +315,3 @@ def test_log_loss_renormalises_the_class_scores_over_the_classes():
     labels = np.array([1, 0])
     scores = np.log(np.array([[0.1, 0.3], [0.02, 0.06]]))  # both renormalise to (0.25, 0.75)
     assert log_loss(scores, labels) == pytest.approx(-(np.log(0.75) + np.log(0.25)) / 2)
-

@@ -92,12 +92,9 @@ def evaluate(pm: PromptedModel, data: EncodedTask, split: str = "dev", mode: str
     if mode == "rank":
         scores = class_scores(pm, data, rows, batch_size)
         predictions = scores.argmax(-1)
+        extra = {"log_loss": log_loss(scores, labels), "auc": auc(scores, labels)}
     else:
         predictions = EVAL_MODES[mode](pm, data, rows, batch_size)
-    metrics = {"accuracy": float(np.mean(predictions == labels)),
-               "f1": f1_score(predictions, labels, len(data.verbalizers))}
-    if mode == "rank":
-        metrics.update(log_loss=log_loss(scores, labels), auc=auc(scores, labels))
-    else:
-        metrics["legal_rate"] = float(np.mean(predictions != ILLEGAL))
-    return metrics
+        extra = {"legal_rate": float(np.mean(predictions != ILLEGAL))}
+    return {"accuracy": float(np.mean(predictions == labels)),
+            "f1": f1_score(predictions, labels, len(data.verbalizers)), **extra}
