@@ -26,7 +26,9 @@ demo: install
 train: install
 	$(BIN)/softprompt train examples/train.yaml
 
+# The loopback `ray up` test needs sshd and rsync: installed here as root with apt, else that test skips.
 test: install
+	@bash tests/install_prerequisites.sh
 	$(BIN)/python -m pytest -q
 
 bench: install
