@@ -49,14 +49,15 @@ def _project_root() -> Path:
 
 
 def _staged_config(config: str, overrides: list[str], folder: Path) -> str:
-    """Copy the config into the job's working dir; its storage_path must be an absolute path that
-    every node mounts (NFS, EFS): a relative one would land in the job's temporary working dir and
-    vanish, and the Optuna study (sqlite) and Tune's resume need a POSIX file system, not S3."""
+    """Copy the config into the job's working dir; its storage_path must be S3 (search.storage keeps
+    the driver's files there too) or an absolute path that every node mounts (NFS, EFS): a relative
+    one would land in the job's temporary working dir and vanish."""
     values = load_yaml(config)
     storage = {**values, **parse_overrides(overrides)}.get("storage_path", "runs/search")
-    if not Path(str(storage)).is_absolute():
-        raise ConfigError("storage_path", storage, "an absolute path on storage every node mounts, e.g. "
-                                                   "/mnt/softprompt/runs (--set storage_path=...)", source=config)
+    if "://" not in str(storage) and not Path(str(storage)).is_absolute():
+        raise ConfigError("storage_path", storage, "s3://BUCKET/PREFIX, or an absolute path on storage every node "
+                                                   "mounts, e.g. /mnt/softprompt/runs (--set storage_path=...)",
+                          source=config)
     name = Path(config).name
     shutil.copyfile(config, folder / name)
     return name
