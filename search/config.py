@@ -10,10 +10,10 @@ from pathlib import Path
 
 from search.configfile import ConfigError, load_yaml, parse_overrides
 from trainables.backbone import MODELS_ALLOWED, model_problem
-from trainables.config import FIELDS, TrainConfig
+from trainables.config import ASHA_METRICS, FIELDS, RANK_ONLY_METRICS, SEARCH_METRICS, SELECT_METRICS, TrainConfig
 from trainables.evaluate import EVAL_MODES
 from trainables.inits import INITS
-from trainables.optimizers import DEFAULT_LR, OPTIMIZERS
+from trainables.optimizers import OPTIMIZERS
 from trainables.tasks import FILE_SUFFIXES, file_task, is_task_file, task_names
 
 
@@ -80,7 +80,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "init_scale": number(0, low_open=True),
     "init_text": text(optional=True),
     "optimizer": one_of(*OPTIMIZERS),
-    "lr": number(0, 10, low_open=True),
+    "lr": number(0, 10, low_open=True, optional=True),
     "weight_decay": number(0, 1),
     "warmup_steps": integer(0),
     "decay_factor": number(0, 1, low_open=True, optional=True),
@@ -92,6 +92,7 @@ TRAIN_RULES: dict[str, Rule] = {
                        "null or a list of steps (integers >= 1)"),
     "eval_mode": one_of(*EVAL_MODES),
     "eval_batch_size": integer(1, 4096),
+    "select_metric": one_of(*SELECT_METRICS),
     "seed": integer(0),
     "output_dir": text(),
 }
@@ -116,13 +117,11 @@ def check_model_name(field: str, name: str, source: str | None) -> None:
 
 
 def train_config(values: dict, source: str | None = None, prefix: str = "") -> TrainConfig:
-    """A TrainConfig from a plain mapping; the optimizer's default lr when none is given."""
+    """A TrainConfig from a plain mapping (no lr: the optimizer's default, see TrainConfig.lr)."""
     if not isinstance(values, dict):
         raise ConfigError(prefix.rstrip(".") or "config", values, "a mapping of field: value", source)
     check_fields(values, TRAIN_RULES, source, prefix)
     values = dict(values)
-    if "lr" not in values and "optimizer" in values:
-        values["lr"] = DEFAULT_LR[values["optimizer"]]
     if values.get("init") == "text" and not values.get("init_text"):
         raise ConfigError(prefix + "init_text", values.get("init_text"), "a non-empty string when init is text", source)
     if is_task_file(values.get("task", "")) and not Path(values["task"]).is_file():
@@ -142,11 +141,9 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
 
 # ---- search configs ----
 
-SEARCH_METRICS = {"best_dev_accuracy": "max", "dev_accuracy": "max", "dev_f1": "max", "train_loss": "min"}
-# What ASHA may compare trials by at its rungs: a search metric, or one that only rank classification
-# reports (trainables.evaluate: from the class scores).
-RANK_ONLY_METRICS = {"dev_auc": "max", "dev_log_loss": "min"}
-ASHA_METRICS = {**SEARCH_METRICS, **RANK_ONLY_METRICS}
+# SEARCH_METRICS, ASHA_METRICS: trainables.config (a failed trial reports them all).
+# The dev metric that keeps each trial's best prompt, by search metric; train_loss: train.select_metric.
+SELECT_BY_METRIC = {"best_dev_accuracy": "accuracy", "dev_accuracy": "accuracy", "dev_f1": "f1"}
 # A search's trials that run to max_steps score their best prompt on this many further dev examples
 # (train.confirm_examples), and the winner is picked by that score: a trial's best dev accuracy is
 # the maximum of several scores on max_eval_examples, biased upwards by noise.
@@ -270,6 +267,11 @@ def search_config(values: dict, source: str | None = None, default_name: str = "
         raise ConfigError("train.max_steps", merged["train"]["max_steps"], "set the budget with the top-level max_steps", source)
     train = train_config({"confirm_examples": SEARCH_CONFIRM_EXAMPLES, **merged["train"], "max_steps": merged["max_steps"]},
                          source, prefix="train.")
+    select = SELECT_BY_METRIC.get(merged["metric"], train.select_metric)
+    if train.select_metric != select and "select_metric" in merged["train"]:
+        raise ConfigError("train.select_metric", train.select_metric, f"{select} (set by metric: {merged['metric']}), "
+                                                                      f"or leave it out", source)
+    train = train.replace(select_metric=select)
     checkpoints = tuple(merged["checkpoints"] or [train.model])
     for model in checkpoints:
         check_model_name("checkpoints", model, source)

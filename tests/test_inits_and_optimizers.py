@@ -4,22 +4,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainables.config import TrainConfig
+from search.config import search_config
+from trainables.config import TrainConfig, trial_config
 from trainables.data import encode_task
 from trainables.inits import (INITS, VOCAB_SAMPLE_SIZE, InitContext, class_label, common_token_ids, random_uniform,
-                              sampled_vocab, text)
+                              random_uniform_relative, sampled_vocab, text)
 from trainables.loop import initial_prompt
 from trainables.optimizers import DEFAULT_LR, build_optimizer, lr_multiplier
 from trainables.tasks import Task, split_three
 
 VOCAB, WIDTH = 8000, 8
+TABLE = torch.randn(VOCAB, WIDTH, generator=torch.Generator().manual_seed(0))  # what the model receives per token
 
 
 def context(**changes) -> InitContext:
     """A random embedding table whose 5,000 'most common' tokens are a shuffled subset of the vocabulary."""
-    generator = torch.Generator().manual_seed(0)
-    values = {"embeddings": torch.randn(VOCAB, WIDTH, generator=generator),
-              "common_token_ids": torch.randperm(VOCAB, generator=generator).tolist()[:VOCAB_SAMPLE_SIZE],
+    values = {"embed": lambda ids: TABLE[ids], "width": WIDTH,
+              "common_token_ids": torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0)).tolist()[:VOCAB_SAMPLE_SIZE],
               "class_token_ids": [[11, 12, 13], [40], [7, 8]], "text_token_ids": [5, 6, 9],
               "scale": 0.5, "generator": torch.Generator().manual_seed(1)}
     return InitContext(**{**values, **changes})
@@ -29,15 +30,15 @@ def row_ids(ctx: InitContext, rows: torch.Tensor) -> list[int]:
     """The vocabulary id of each row, which must be an exact row of the embedding table."""
     ids = []
     for row in rows:
-        matches = (ctx.embeddings == row).all(-1).nonzero().flatten().tolist()
+        matches = (TABLE == row).all(-1).nonzero().flatten().tolist()
         assert len(matches) == 1, "not a row of the embedding table"
         ids.append(matches[0])
     return ids
 
 
 def test_inits_are_registered_by_name():
-    assert INITS == {"random_uniform": random_uniform, "sampled_vocab": sampled_vocab,
-                     "class_label": class_label, "text": text}
+    assert INITS == {"random_uniform": random_uniform, "random_uniform_relative": random_uniform_relative,
+                     "sampled_vocab": sampled_vocab, "class_label": class_label, "text": text}
 
 
 @pytest.mark.parametrize("scale", [0.5, 0.01])
@@ -48,6 +49,15 @@ def test_random_uniform_draws_within_minus_scale_to_scale(scale):
     assert values.max() > 0.95 * scale and values.min() < -0.95 * scale  # fills the range
     assert values.std() == pytest.approx(scale / 3 ** 0.5, rel=0.1)  # uniform, not normal
     assert values.unique().numel() == values.numel()
+
+
+def test_random_uniform_relative_draws_within_scale_times_the_common_tokens_embedding_rms():
+    ctx = context(embed=lambda ids: 40.0 * TABLE[ids])  # a model whose token embeddings are far from T5's scale
+    rms = (40.0 * TABLE[ctx.common_token_ids]).pow(2).mean().sqrt()
+    values = random_uniform_relative(100, ctx)
+    assert values.dtype == torch.float32
+    assert values.abs().max() <= 0.5 * rms and values.abs().max() > 0.95 * 0.5 * rms
+    torch.testing.assert_close(values, random_uniform(100, context()) * rms)  # the same draw, in units of the rms
 
 
 def test_inits_are_reproducible_from_the_generator_seed():
@@ -76,20 +86,20 @@ def test_class_label_rows_are_verbalizer_means_then_common_tokens():
     values = class_label(10, ctx)
     assert values.shape == (10, WIDTH)
     for i, ids in enumerate(ctx.class_token_ids):
-        torch.testing.assert_close(values[i], ctx.embeddings[ids].mean(0), atol=1e-6, rtol=0)
+        torch.testing.assert_close(values[i], TABLE[ids].mean(0), atol=1e-6, rtol=0)
     assert set(row_ids(ctx, values[3:])) <= set(ctx.common_token_ids)
 
 
 def test_class_label_shorter_than_the_class_count_keeps_the_first_classes():
     ctx = context()
     values = class_label(2, ctx)
-    torch.testing.assert_close(values, torch.stack([ctx.embeddings[[11, 12, 13]].mean(0), ctx.embeddings[40]]))
+    torch.testing.assert_close(values, torch.stack([TABLE[[11, 12, 13]].mean(0), TABLE[40]]))
 
 
 def test_text_init_repeats_the_texts_token_embeddings():
     ctx = context()
-    assert torch.equal(text(7, ctx), ctx.embeddings[[5, 6, 9, 5, 6, 9, 5]])
-    assert torch.equal(text(2, ctx), ctx.embeddings[[5, 6]])
+    assert torch.equal(text(7, ctx), TABLE[[5, 6, 9, 5, 6, 9, 5]])
+    assert torch.equal(text(2, ctx), TABLE[[5, 6]])
 
 
 def test_common_token_ids_for_bpe_counts_frequencies_most_frequent_first():
@@ -122,6 +132,58 @@ def test_class_label_init_on_t5_averages_the_verbalizer_without_its_eos(tiny_t5)
     torch.testing.assert_close(values[0], embeddings[words].mean(0), atol=1e-6, rtol=0)
 
 
+
+# ---- a model that scales its embeddings (the Gemma family: by sqrt(width)) ----
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(smollm2_tokenizer, tmp_path_factory):
+    """A randomly initialised 2-layer Gemma 3 on SmolLM2's vocabulary, saved and loaded through load_backbone."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from trainables.backbone import load_backbone
+
+    tok = smollm2_tokenizer
+    config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
+                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-gemma3")
+    Gemma3ForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    backbone = load_backbone(str(folder), device=torch.device("cpu"))
+    assert backbone.model.get_input_embeddings().embed_scale == pytest.approx(32 ** 0.5)
+    return backbone
+
+
+def tiny_task(backbone):
+    task = Task("t", ["negative", "positive"], split_three([f"text {i}" for i in range(30)], [i % 2 for i in range(30)]))
+    return encode_task(task, backbone.tokenizer, False, backbone.vocab_is_frequency_ordered, 32)
+
+
+def test_class_label_init_copies_what_a_scaling_model_receives_for_the_verbalizer(tiny_gemma3):
+    data = tiny_task(tiny_gemma3)
+    values = initial_prompt(TrainConfig(prompt_length=4, init="class_label"), tiny_gemma3, data)
+    module = tiny_gemma3.model.get_input_embeddings()
+    for row, ids in zip(values, data.target_ids):
+        received = module(torch.tensor(ids)).mean(0)
+        torch.testing.assert_close(row, received.detach())
+        torch.testing.assert_close(row, 32 ** 0.5 * module.weight[ids].mean(0))  # sqrt(width) times the table's rows
+
+
+def test_a_text_init_prompt_acts_on_a_scaling_model_exactly_as_its_tokens_do(tiny_gemma3):
+    """The prompt sits beside the module's (scaled) token embeddings and is not scaled again: a prompt
+    initialised from some text scores every class as that text written before the input does."""
+    from trainables.prompt import PromptedModel, SoftPrompt
+
+    data = tiny_task(tiny_gemma3)
+    words = tiny_gemma3.tokenizer("a review of a film:", add_special_tokens=False)["input_ids"]
+    cfg = TrainConfig(prompt_length=len(words), init="text", init_text="a review of a film:")
+    prompted = PromptedModel(tiny_gemma3, SoftPrompt(initial_prompt(cfg, tiny_gemma3, data)))
+    plain = PromptedModel(tiny_gemma3, SoftPrompt(torch.zeros(0, tiny_gemma3.width)))
+    inputs = data.splits["test"].input_ids[:3]
+    torch.testing.assert_close(prompted.class_scores(data, inputs), plain.class_scores(data, [words + x for x in inputs]))
+
+
 # ---- optimizers ----
 
 def test_adafactor_uses_the_papers_settings():
@@ -140,10 +202,41 @@ def test_adafactor_uses_the_papers_settings():
     assert group["beta1"] is None
 
 
+def optimizer_lr(cfg: TrainConfig) -> float:
+    """The lr that reaches the optimizer of a run with this config."""
+    optimizer, _ = build_optimizer(cfg.optimizer, torch.nn.Parameter(torch.zeros(4, WIDTH)), cfg.lr, cfg.weight_decay,
+                                   cfg.warmup_steps, cfg.decay_factor, cfg.max_steps)
+    return optimizer.param_groups[0]["lr"]
+
+
 def test_the_default_run_is_the_papers_optimizer_setting():
     cfg = TrainConfig()
-    assert (cfg.optimizer, cfg.lr, cfg.weight_decay) == ("adafactor", 0.3, 1e-5)
+    assert (cfg.optimizer, optimizer_lr(cfg), cfg.weight_decay) == ("adafactor", 0.3, 1e-5)
     assert DEFAULT_LR == {"adafactor": 0.3, "adamw": 0.03}
+
+
+def test_naming_only_the_optimizer_runs_it_at_its_own_default_lr():
+    assert optimizer_lr(TrainConfig(optimizer="adamw")) == 0.03
+    assert optimizer_lr(TrainConfig(optimizer="adamw", lr=0.1)) == 0.1
+
+
+def search_train_fields(model_dir, train: dict, space: dict) -> dict:
+    """The fixed TrainConfig fields a search hands every trial."""
+    return search_config({"space": space, "train": {"model": str(model_dir), **train}}).train.to_dict()
+
+
+def test_a_trial_whose_space_picks_the_optimizer_but_not_the_lr_runs_at_that_optimizers_default(tiny_llama_dir):
+    base = search_train_fields(tiny_llama_dir, {}, {"optimizer": {"choices": ["adamw"]}})
+    assert optimizer_lr(trial_config({"optimizer": "adamw"}, base)) == 0.03  # not Adafactor's 0.3
+    assert optimizer_lr(trial_config({"optimizer": "adafactor"}, base)) == 0.3
+    assert optimizer_lr(trial_config({"optimizer": "adamw", "lr@adamw": 0.01}, base)) == 0.01  # the space's lr wins
+
+
+def test_a_search_that_sets_train_lr_runs_every_trial_at_it_unless_the_space_sets_lr(tiny_llama_dir):
+    base = search_train_fields(tiny_llama_dir, {"lr": 0.1}, {"optimizer": {"choices": ["adamw", "adafactor"]}})
+    assert optimizer_lr(trial_config({"optimizer": "adamw"}, base)) == 0.1
+    assert optimizer_lr(trial_config({"optimizer": "adafactor"}, base)) == 0.1
+    assert optimizer_lr(trial_config({"optimizer": "adamw", "lr": 0.02}, base)) == 0.02
 
 
 def test_adamw_gets_the_given_lr_and_weight_decay():

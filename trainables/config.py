@@ -5,6 +5,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+# What a search may pick trials by (`metric`), and what ASHA may compare them by at its rungs
+# (`asha_metric`), each with the direction that is better. A trial's reports carry them all, a
+# failed trial's last report too (with worst values): Ray ends the whole search on a result that
+# lacks the scheduler's or the searcher's metric.
+SEARCH_METRICS = {"best_dev_accuracy": "max", "dev_accuracy": "max", "dev_f1": "max", "train_loss": "min"}
+RANK_ONLY_METRICS = {"dev_auc": "max", "dev_log_loss": "min"}  # only rank classification reports these
+ASHA_METRICS = {**SEARCH_METRICS, **RANK_ONLY_METRICS}
+SELECT_METRICS = ("accuracy", "f1")  # dev metrics that may pick the kept prompt (higher is better)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -25,11 +34,14 @@ class TrainConfig:
     # soft prompt
     prompt_length: int = 20
     init: str = "class_label"
-    init_scale: float = 0.5           # random_uniform draws from [-scale, scale]
+    init_scale: float = 0.5           # random_uniform draws from [-scale, scale]; random_uniform_relative from
+                                      # [-scale, scale] times the RMS of the model's common-token embeddings
     init_text: str | None = None      # text init only
     # optimisation (the paper: Adafactor, lr 0.3, weight decay 1e-5, batch 32)
     optimizer: str = "adafactor"
-    lr: float = 0.3
+    lr: float | None = None           # None: the optimizer's own default (optimizers.DEFAULT_LR: adafactor 0.3,
+                                      # adamw 0.03), so a trial whose space picks the optimizer but not the lr
+                                      # gets its optimizer's; a search's train.lr, if set, is every such trial's
     weight_decay: float = 1e-5
     warmup_steps: int = 0
     decay_factor: float | None = None  # lr reaches lr * decay_factor at max_steps (exponential)
@@ -40,6 +52,8 @@ class TrainConfig:
                                       # with ASHA sets its rungs, so every evaluation is one ASHA uses
     eval_mode: str = "rank"           # rank | exact_match
     eval_batch_size: int = 32
+    select_metric: str = "accuracy"   # the dev metric that picks the kept (best) prompt: accuracy | f1; a
+                                      # search sets it from its metric (dev_f1: f1)
     seed: int = 0
     output_dir: str = "runs/train"
 
@@ -51,6 +65,11 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def trial_config(params: dict, base: dict) -> TrainConfig:
+    """A search trial's TrainConfig: the search's fixed fields `base`, then the trial's parameters."""
+    return TrainConfig(**{**base, **fields_from_params(params, base["max_steps"])})
 
 
 def fields_from_params(params: dict, max_steps: int) -> dict:

@@ -1,9 +1,15 @@
 """Soft-prompt initialisers, after google-research/prompt-tuning: small named functions of the
-frozen embedding table, chosen by name. Each returns a float32 [length, width] tensor."""
+frozen input embeddings, chosen by name. Each returns a float32 [length, width] tensor.
+
+Token rows are what the model receives for those tokens (the embedding module's output): some
+architectures (Gemma) scale it by sqrt(width), and a prompt copied from the bare table would start
+that much smaller than the tokens beside it. random_uniform's [-init_scale, init_scale] is the
+paper's range for T5, whose token embeddings are of that order; random_uniform_relative takes the
+range in units of the model's own embeddings' RMS, for models whose embeddings are not."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +20,8 @@ VOCAB_SAMPLE_SIZE = 5000  # the paper samples from the 5,000 most common tokens
 @dataclass
 class InitContext:
     """What an initialiser may draw on besides the prompt's shape."""
-    embeddings: torch.Tensor                 # the frozen input embedding table [vocab, width]
+    embed: Callable[[list[int]], torch.Tensor]  # token ids -> float32 [n, width], as the model receives them
+    width: int
     common_token_ids: list[int]              # most common tokens first (see common_token_ids)
     class_token_ids: list[list[int]]         # each class's verbalizer sub-tokens
     text_token_ids: list[int]                # the `text` init's tokens
@@ -23,8 +30,15 @@ class InitContext:
 
 
 def random_uniform(length: int, ctx: InitContext) -> torch.Tensor:
-    width = ctx.embeddings.shape[1]
-    return (torch.rand(length, width, generator=ctx.generator) * 2 - 1) * ctx.scale
+    """Uniform in [-scale, scale] (the paper's [-0.5, 0.5] at the default scale)."""
+    return (torch.rand(length, ctx.width, generator=ctx.generator) * 2 - 1) * ctx.scale
+
+
+def random_uniform_relative(length: int, ctx: InitContext) -> torch.Tensor:
+    """Uniform in [-scale, scale] times the RMS of the most common tokens' embeddings: the same
+    range on any model, relative to what it receives for real tokens."""
+    rms = ctx.embed(ctx.common_token_ids[:VOCAB_SAMPLE_SIZE]).pow(2).mean().sqrt()
+    return random_uniform(length, ctx) * rms
 
 
 def sampled_vocab(length: int, ctx: InitContext) -> torch.Tensor:
@@ -34,12 +48,12 @@ def sampled_vocab(length: int, ctx: InitContext) -> torch.Tensor:
         picks = torch.randint(len(pool), (length,), generator=ctx.generator)
     else:
         picks = torch.randperm(len(pool), generator=ctx.generator)[:length]
-    return ctx.embeddings[pool[picks]].float().clone()
+    return ctx.embed(pool[picks].tolist())
 
 
 def class_label(length: int, ctx: InitContext) -> torch.Tensor:
     """Slot i < #classes: mean embedding of class i's verbalizer sub-tokens; the rest sampled vocab."""
-    labels = [ctx.embeddings[ids].float().mean(0) for ids in ctx.class_token_ids[:length]]
+    labels = [ctx.embed(ids).mean(0) for ids in ctx.class_token_ids[:length]]
     rest = sampled_vocab(length - len(labels), ctx)
     return torch.cat([torch.stack(labels), rest]) if labels else rest
 
@@ -47,10 +61,10 @@ def class_label(length: int, ctx: InitContext) -> torch.Tensor:
 def text(length: int, ctx: InitContext) -> torch.Tensor:
     """Embeddings of the init text's tokens, repeated to fill the prompt (as PEFT's TEXT init)."""
     ids = (ctx.text_token_ids * (length // len(ctx.text_token_ids) + 1))[:length]
-    return ctx.embeddings[ids].float().clone()
+    return ctx.embed(ids)
 
 
-INITS = {f.__name__: f for f in (random_uniform, sampled_vocab, class_label, text)}
+INITS = {f.__name__: f for f in (random_uniform, random_uniform_relative, sampled_vocab, class_label, text)}
 
 
 def common_token_ids(tokenized_texts: Iterable[list[int]], vocab_size: int, special_ids: set[int],

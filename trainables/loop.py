@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from trainables.backbone import Backbone
 from trainables.checkpoint import load_checkpoint, save_checkpoint
-from trainables.config import TrainConfig
+from trainables.config import SELECT_METRICS, TrainConfig
 from trainables.data import EncodedTask, TrainOrder, encode_task, train_batch
 from trainables.evaluate import evaluate
 from trainables.inits import INITS, InitContext
@@ -45,8 +45,16 @@ def prepare_data(cfg: TrainConfig, backbone: Backbone) -> EncodedTask:
 
 def initial_prompt(cfg: TrainConfig, backbone: Backbone, data: EncodedTask) -> torch.Tensor:
     text_ids = backbone.tokenizer(cfg.init_text or "", add_special_tokens=False)["input_ids"]
+    module = backbone.model.get_input_embeddings()
+
+    @torch.no_grad()
+    def embed(ids) -> torch.Tensor:
+        # through the module, not its .weight: Gemma's scales its output by sqrt(width), and a
+        # prompt sits beside that output (PromptedModel), so it must copy what the model receives
+        return module(torch.as_tensor(ids, dtype=torch.long, device=backbone.device)).float().cpu()
+
     ctx = InitContext(
-        embeddings=backbone.model.get_input_embeddings().weight.detach().cpu(),
+        embed=embed, width=backbone.width,
         common_token_ids=data.common_token_ids,
         class_token_ids=[ids[:-1] if data.is_encoder_decoder else ids for ids in data.target_ids],  # no EOS
         text_token_ids=text_ids, scale=cfg.init_scale,
@@ -67,7 +75,7 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
     prompt = SoftPrompt(initial_prompt(cfg, backbone, data)).to(device)
     optimizer, schedule = build_optimizer(cfg.optimizer, prompt.weight, cfg.lr, cfg.weight_decay,
                                           cfg.warmup_steps, cfg.decay_factor, cfg.max_steps)
-    start, best = 0, {"dev_accuracy": -1.0, "step": 0, "prompt": prompt.weight.detach().clone()}
+    start, best = 0, {"dev": None, "step": 0, "prompt": prompt.weight.detach().clone()}
     if resume_from is not None:
         current = load_checkpoint(Path(resume_from) / "current", backbone.fingerprint, backbone.width)
         best_saved = load_checkpoint(Path(resume_from) / "best", backbone.fingerprint, backbone.width)
@@ -76,8 +84,9 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
         optimizer.load_state_dict(current.optimizer_state)
         schedule.load_state_dict(current.meta["scheduler"])
         start = current.meta["step"]
-        best = {"dev_accuracy": best_saved.meta["metrics"]["dev_accuracy"], "step": best_saved.meta["step"],
-                "prompt": best_saved.prompt.to(device)}
+        # the kept prompt's dev metrics (dev_accuracy only, in checkpoints made before select_metric)
+        best = {"dev": {k.removeprefix("dev_"): v for k, v in best_saved.meta["metrics"].items()},
+                "step": best_saved.meta["step"], "prompt": best_saved.prompt.to(device)}
     pm = PromptedModel(backbone, prompt)
     order = TrainOrder([len(x) for x in data.splits["train"].input_ids], cfg.batch_size, cfg.seed)
 
@@ -89,7 +98,7 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
         batch = train_batch(data, order, step).to(device)
         loss = pm.loss(batch)
         if not math.isfinite(loss.item()):
-            raise Diverged(step, loss.item())
+            raise Diverged(step + 1, loss.item())  # counted from 1, as reports count steps
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -105,10 +114,10 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
             continue
         started = time.perf_counter()
         dev = evaluate(pm, data, "dev", cfg.eval_mode, cfg.eval_batch_size)
-        if dev["accuracy"] > best["dev_accuracy"]:
-            best = {"dev_accuracy": dev["accuracy"], "step": done, "prompt": prompt.weight.detach().clone()}
+        if keeps(dev, best["dev"], cfg.select_metric):
+            best = {"dev": dev, "step": done, "prompt": prompt.weight.detach().clone()}
         metrics = {"step": done, "train_loss": sum(losses) / len(losses),
-                   **{f"dev_{k}": v for k, v in dev.items()}, "best_dev_accuracy": best["dev_accuracy"],
+                   **{f"dev_{k}": v for k, v in dev.items()}, **best_metrics(best),
                    "best_step": best["step"], "examples_per_s": examples / train_seconds,
                    "train_s": total_train_seconds}  # inside training steps, since this process started
         losses, examples, train_seconds = [], 0, 0.0
@@ -117,22 +126,35 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
         eval_seconds += time.perf_counter() - started
         metrics["eval_s"] = eval_seconds  # inside dev/test evaluation, since this process started
         if progress:
-            bar.write(f"step {done}: train_loss {metrics['train_loss']:.4f}  dev_accuracy {dev['accuracy']:.4f}"
-                      f"  best {best['dev_accuracy']:.4f} @ {best['step']}")
+            bar.write(f"step {done}: train_loss {metrics['train_loss']:.4f}  dev_{cfg.select_metric} "
+                      f"{dev[cfg.select_metric]:.4f}  best {best['dev'][cfg.select_metric]:.4f} @ {best['step']}")
         if report is not None:
             def save(folder: Path, step=done, metrics=metrics, best=dict(best)):
                 save_checkpoint(Path(folder) / "current", prompt.weight,
                                 {**checkpoint_meta(cfg, backbone, data, step, metrics),
                                  "scheduler": schedule.state_dict()}, optimizer.state_dict())
                 save_checkpoint(Path(folder) / "best", best["prompt"],
-                                checkpoint_meta(cfg, backbone, data, best["step"], {"dev_accuracy": best["dev_accuracy"]}))
+                                checkpoint_meta(cfg, backbone, data, best["step"],
+                                                {f"dev_{k}": v for k, v in best["dev"].items()}))
             report(metrics, save)
 
     if start >= cfg.max_steps:  # resumed from the final checkpoint: nothing left but the result
         metrics = final_metrics(pm, best["prompt"], data, cfg)
-    return {"best_step": best["step"], "best_dev_accuracy": best["dev_accuracy"],
+    return {"best_step": best["step"], **best_metrics(best),
             **{k: v for k, v in metrics.items() if k.startswith(("test_", "confirmed_"))},
             "prompt": best["prompt"].detach().cpu()}
+
+
+def keeps(dev: dict, best_dev: dict | None, select_metric: str) -> bool:
+    """Whether an evaluation's prompt replaces the kept one: a higher dev `select_metric` (on a tie
+    the earlier prompt stays; the first evaluation is always kept)."""
+    return best_dev is None or dev[select_metric] > best_dev[select_metric]
+
+
+def best_metrics(best: dict) -> dict:
+    """The kept prompt's dev accuracy and f1, as `best_dev_*`: each is the highest so far only when it
+    is the select_metric. (Checkpoints made before select_metric kept dev accuracy only.)"""
+    return {f"best_dev_{k}": best["dev"][k] for k in SELECT_METRICS if k in best["dev"]}
 
 
 def is_eval_step(cfg: TrainConfig, step: int) -> bool:

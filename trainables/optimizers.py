@@ -30,9 +30,10 @@ def lr_multiplier(step: int, warmup_steps: int, decay_factor: float | None, max_
     return warmup * decay
 
 
-def build_optimizer(name: str, prompt: torch.nn.Parameter, lr: float, weight_decay: float,
+def build_optimizer(name: str, prompt: torch.nn.Parameter, lr: float | None, weight_decay: float,
                     warmup_steps: int, decay_factor: float | None, max_steps: int):
-    optimizer = OPTIMIZERS[name]([prompt], lr, weight_decay)
+    """The named optimizer at `lr`, or at its own default (DEFAULT_LR) when `lr` is None, with its schedule."""
+    optimizer = OPTIMIZERS[name]([prompt], DEFAULT_LR[name] if lr is None else lr, weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, warmup_steps, decay_factor, max_steps))
     return optimizer, schedule

@@ -18,7 +18,7 @@ from ray import tune
 
 from trainables.backbone import cached_backbone, cap_gpu_memory, default_device
 from trainables.checkpoint import load_checkpoint
-from trainables.config import TrainConfig, fields_from_params
+from trainables.config import ASHA_METRICS, TrainConfig, trial_config
 from trainables.data import EncodedTask
 from trainables.loop import Diverged, prepare_data, train
 from trainables.tracking import TrackingTarget, TrialTracker
@@ -40,11 +40,17 @@ def worst_value(mode: str) -> float:
     return 0.0 if mode == "max" else 1e9
 
 
+def worst_metrics(metric: str, mode: str) -> dict:
+    """Every metric ASHA or Optuna may read, each at its worst: a failed trial's last report. The
+    trial is not told ASHA's metric, and Ray ends the whole search on a result that lacks it."""
+    return {**{name: worst_value(better) for name, better in ASHA_METRICS.items()}, metric: worst_value(mode)}
+
+
 def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: float = 0.0,
                tracking: TrackingTarget | None = None) -> None:
     """`config` holds this trial's sampled parameters, `base` the search's fixed TrainConfig fields;
     `tracking`, if given, is where the trial's MLflow child run goes."""
-    cfg = TrainConfig(**{**base, **fields_from_params(config, base["max_steps"])})
+    cfg = trial_config(config, base)
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint is noise
     device = default_device()
     cap_gpu_memory(gpu_fraction, device)
@@ -78,7 +84,7 @@ def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: f
         status = "diverged" if isinstance(error, Diverged) else "out_of_memory"
         if device.type == "cuda":  # this worker's next trial should not start with the failed one's cache
             torch.cuda.empty_cache()
-        final = {metric: worst_value(mode), "step": cfg.max_steps, "status": status, "error": str(error), **setup}
+        final = {**worst_metrics(metric, mode), "step": cfg.max_steps, "status": status, "error": str(error), **setup}
         if tracker:
             tracker.log(final)
             tracker.finish(status)

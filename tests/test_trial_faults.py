@@ -1,0 +1,206 @@
+"""What a trial must report and keep so that a search survives it: a diverged trial reports every
+metric ASHA and Optuna read (issue 15, item 1), a trial gets its own optimizer's default lr (item 3),
+and the kept prompt is the best by the search's own metric (item 6)."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import optuna
+import pytest
+import ray
+import torch
+from ray import tune
+
+from search.config import ConfigError, search_config
+from search.tuner import experiment_dir, resume_search, run_search, trial_rows
+from trainables.checkpoint import load_checkpoint, save_checkpoint
+from trainables.config import ASHA_METRICS, SEARCH_METRICS
+from trainables.loop import keeps, prepare_data, train
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this module by name
+
+DIVERGES = 1.0e39  # as init_scale of random_uniform: overflows float32, so the loss is NaN at step 1
+
+
+def tiny_search(model_dir, tmp_path, **overrides):
+    values = {"name": "tiny", "trials": 2, "max_steps": 4, "concurrency": 1, "scheduler": "asha",
+              "storage_path": str(tmp_path / "runs"), "seed": 0,
+              "train": {"model": str(model_dir), "task": "rotten_tomatoes", "batch_size": 4, "prompt_length": 2,
+                        "max_eval_examples": 16, "max_train_examples": 64, "confirm_examples": 0,
+                        "output_dir": str(tmp_path)}}
+    for key, value in overrides.items():
+        values[key] = {**values["train"], **value} if key == "train" else value
+    return search_config(values)
+
+
+def diverging_search(model_dir, tmp_path, asha_metric: str):
+    """Two trials, the diverging one first: before the fix its report ended the search right there."""
+    return tiny_search(model_dir, tmp_path, name="diverging", asha_metric=asha_metric,
+                       space={"init_scale": {"choices": [0.5, DIVERGES]}},
+                       points_to_evaluate=[{"init_scale": DIVERGES}, {"init_scale": 0.5}],
+                       train={"init": "random_uniform"})
+
+
+def reports(cfg, trial_id: str) -> list[dict]:
+    path = experiment_dir(cfg.storage_path, cfg.name) / f"trial_{trial_id}" / "result.json"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def study_trials(cfg) -> list:
+    folder = experiment_dir(cfg.storage_path, cfg.name)
+    return optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{folder / 'optuna.db'}").trials
+
+
+def assert_the_diverged_trial_ended_with_every_worst_value_and_the_search_went_on(cfg):
+    rows = {r["params"]["init_scale"]: r for r in trial_rows(cfg.storage_path, cfg.name)}
+    assert {scale: r["status"] for scale, r in rows.items()} == {DIVERGES: "diverged", 0.5: "completed"}
+    last = reports(cfg, rows[DIVERGES]["trial_id"])[-1]
+    for name, mode in ASHA_METRICS.items():  # ASHA reads asha_metric, Optuna metric: both finite, both worst
+        assert math.isfinite(last[name])
+        assert last[name] == 0.0 if mode == "max" else last[name] >= 1e9
+    assert last["step"] == cfg.train.max_steps  # ASHA's time_attr
+    assert all(cfg.asha_metric in r for r in reports(cfg, rows[0.5]["trial_id"]))
+    values = {t.params["init_scale"]: (t.state.name, t.value) for t in study_trials(cfg)}
+    assert values[DIVERGES] == ("COMPLETE", 0.0)  # told to Optuna, at the worst best_dev_accuracy
+    assert values[0.5][0] == "COMPLETE"
+
+
+# ---- 1. a diverged trial ----
+
+@pytest.mark.parametrize("asha_metric", list(ASHA_METRICS))
+def test_a_diverged_trial_reports_every_metric_asha_and_optuna_read_and_the_search_goes_on(
+        ray_cluster, tiny_llama_dir, tmp_path, asha_metric):
+    cfg = diverging_search(tiny_llama_dir, tmp_path, asha_metric)
+    assert cfg.metric == "best_dev_accuracy" and cfg.scheduler == "asha"
+    run_search(cfg)
+    assert_the_diverged_trial_ended_with_every_worst_value_and_the_search_went_on(cfg)
+
+
+def reports_only_the_search_metric_on_failure(config, base, metric, mode, gpu_fraction=0.0, tracking=None):
+    """The real trainable, but a failed trial's last report carries only the search metric, as softprompt's
+    did before issue 15: it leaves a search that Ray ended mid-way, as an older version left it."""
+    from trainables.trainable import tune_trial
+
+    report = tune.report
+
+    def trimmed(metrics, checkpoint=None):
+        if metrics.get("status") == "diverged":
+            metrics = {k: v for k, v in metrics.items() if k not in ASHA_METRICS or k == metric}
+        report(metrics, checkpoint=checkpoint)
+
+    tune.report = trimmed
+    try:
+        tune_trial(config, base, metric, mode, gpu_fraction, tracking)
+    finally:
+        tune.report = report  # workers are reused by later trials
+
+
+# Tune restores a search only with a trainable of the name it started with, as the older version's was.
+reports_only_the_search_metric_on_failure.__name__ = "tune_trial"
+
+
+def test_a_search_that_a_diverged_trial_ended_resumes_to_its_end(ray_cluster, tiny_llama_dir, tmp_path):
+    cfg = diverging_search(tiny_llama_dir, tmp_path, "train_loss")
+    with pytest.raises(Exception, match="did not include the specified metric"):
+        run_search(cfg, trainable=reports_only_the_search_metric_on_failure)
+    resume_search(cfg.storage_path, cfg.name)
+    assert_the_diverged_trial_ended_with_every_worst_value_and_the_search_went_on(cfg)
+
+
+# ---- 3 and 6: a trial's lr, and the prompt it keeps ----
+
+def test_a_trial_runs_at_its_optimizers_default_lr_and_keeps_the_prompt_with_the_best_dev_f1(
+        ray_cluster, tiny_llama_dir, tmp_path):
+    cfg = tiny_search(tiny_llama_dir, tmp_path, name="adamw-f1", trials=1, scheduler="none", metric="dev_f1",
+                      space={"optimizer": {"choices": ["adamw"]}}, train={"eval_every": 2})
+    assert (cfg.train.optimizer, cfg.train.select_metric) == ("adafactor", "f1")
+    run_search(cfg)
+    (row,) = trial_rows(cfg.storage_path, cfg.name)
+    assert row["params"] == {"optimizer": "adamw"} and row["status"] == "completed"
+    current = load_checkpoint(row["prompt"].removesuffix("best") + "current")
+    assert current.meta["config"]["optimizer"] == "adamw"
+    assert [g["lr"] for g in current.optimizer_state["param_groups"]] == [0.03]  # not Adafactor's 0.3
+
+    steps = reports(cfg, row["trial_id"])
+    last = steps[-1]
+    kept = next(r for r in steps if r["step"] == last["best_step"])
+    assert last["best_dev_f1"] == max(r["dev_f1"] for r in steps) == kept["dev_f1"]
+    assert last["best_dev_accuracy"] == kept["dev_accuracy"]  # the kept prompt's, not the highest seen
+    best = load_checkpoint(row["prompt"])
+    assert best.meta["step"] == last["best_step"]
+    assert (best.meta["metrics"]["dev_f1"], best.meta["metrics"]["dev_accuracy"]) == (kept["dev_f1"], kept["dev_accuracy"])
+
+
+def kept_step(evaluations: list[tuple[int, dict]], select_metric: str) -> int:
+    best_step, best_dev = 0, None
+    for step, dev in evaluations:
+        if keeps(dev, best_dev, select_metric):
+            best_step, best_dev = step, dev
+    return best_step
+
+
+def test_the_kept_prompt_is_the_first_with_the_highest_select_metric():
+    evaluations = [(2, {"accuracy": 0.6, "f1": 0.5}), (4, {"accuracy": 0.7, "f1": 0.4}),
+                   (6, {"accuracy": 0.65, "f1": 0.8}), (8, {"accuracy": 0.7, "f1": 0.8})]
+    assert kept_step(evaluations, "accuracy") == 4
+    assert kept_step(evaluations, "f1") == 6
+
+
+def test_a_run_keeps_the_prompt_of_the_step_its_select_metric_picks(tiny_llama, tmp_path):
+    """A real run whose dev accuracy and dev f1 peak at different steps (16 dev examples, seed 2)."""
+    from trainables.config import TrainConfig
+
+    cfg = TrainConfig(model="tiny", task="rotten_tomatoes", batch_size=4, max_steps=8, eval_every=1, max_eval_examples=16,
+                      max_train_examples=64, prompt_length=2, init="random_uniform", optimizer="adamw", lr=0.1, seed=2)
+    data = prepare_data(cfg, tiny_llama)
+    runs = {}
+    for select in ("accuracy", "f1"):
+        seen = []
+        result = train(cfg.replace(select_metric=select), tiny_llama, data, report=lambda m, save: seen.append(m))
+        first_best = max(seen, key=lambda m: m[f"dev_{select}"])  # max() returns the first of equals
+        assert result["best_step"] == first_best["step"]
+        assert result[f"best_dev_{select}"] == first_best[f"dev_{select}"]
+        runs[select] = result
+    assert runs["accuracy"]["best_step"] != runs["f1"]["best_step"]  # the two metrics disagree in this run
+    assert runs["f1"]["best_dev_f1"] > runs["accuracy"]["best_dev_f1"]
+    assert not torch.equal(runs["accuracy"]["prompt"], runs["f1"]["prompt"])
+
+
+def test_a_run_checkpointed_before_select_metric_existed_resumes_to_the_same_result(tiny_llama, tmp_path):
+    """Such a checkpoint's best prompt records its dev accuracy only; here that prompt (step 2) stays the best."""
+    from trainables.config import TrainConfig
+
+    cfg = TrainConfig(model="tiny", task="rotten_tomatoes", batch_size=4, max_steps=4, eval_every=2, max_eval_examples=16,
+                      max_train_examples=64, prompt_length=2, optimizer="adamw", seed=1)
+    data = prepare_data(cfg, tiny_llama)
+    straight = train(cfg, tiny_llama, data, report=lambda m, save: save(tmp_path / str(m["step"])))
+    assert straight["best_step"] == 2
+    best = load_checkpoint(tmp_path / "2" / "best")
+    old_meta = {k: v for k, v in best.meta.items() if k not in ("format", "length", "width", "prompt_sha256")}
+    save_checkpoint(tmp_path / "2" / "best", best.prompt, {**old_meta, "metrics": {"dev_accuracy": best.meta["metrics"]["dev_accuracy"]}})
+    resumed = train(cfg, tiny_llama, data, resume_from=tmp_path / "2")
+    assert torch.equal(resumed.pop("prompt"), straight.pop("prompt"))
+    assert "best_dev_f1" not in resumed  # never measured for that prompt
+    assert resumed == {k: v for k, v in straight.items() if k != "best_dev_f1"}
+
+
+# ---- the search config sets what the trial keeps ----
+
+@pytest.mark.parametrize("metric", list(SEARCH_METRICS))
+def test_the_search_metric_sets_the_dev_metric_that_keeps_each_trials_prompt(tiny_llama_dir, tmp_path, metric):
+    cfg = tiny_search(tiny_llama_dir, tmp_path, metric=metric)
+    assert cfg.train.select_metric == {"dev_f1": "f1"}.get(metric, "accuracy")
+
+
+def test_a_train_loss_search_keeps_prompts_by_the_dev_metric_the_user_chose(tiny_llama_dir, tmp_path):
+    cfg = tiny_search(tiny_llama_dir, tmp_path, metric="train_loss", train={"select_metric": "f1"})
+    assert cfg.train.select_metric == "f1"
+
+
+def test_a_select_metric_that_contradicts_the_search_metric_is_refused(tiny_llama_dir, tmp_path):
+    with pytest.raises(ConfigError) as error:
+        tiny_search(tiny_llama_dir, tmp_path, metric="dev_f1", train={"select_metric": "accuracy"})
+    assert str(error.value).splitlines()[0].startswith("train.select_metric = 'accuracy' is not allowed: f1")
