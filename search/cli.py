@@ -31,7 +31,7 @@ def cmd_train(args) -> int:
           f"loaded in {backbone.load_seconds:.1f} s on {backbone.device}")
     data = prepare_data(cfg, backbone)
     sizes = ", ".join(f"{name} {len(split)}" for name, split in data.splits.items())
-    print(f"task {data.name}: {sizes}; verbalizers {data.verbalizers}")
+    print(f"task {data.name}: {sizes}; verbalizers {data.verbalizers}; template {data.template!r}")
     baseline = zero_shot(cfg, backbone, data)
     result = train(cfg, backbone, data, progress=True)
     out = Path(cfg.output_dir)
@@ -42,7 +42,7 @@ def cmd_train(args) -> int:
     print(f"\n{'':24}{'accuracy':>10}{'f1':>8}")
     print(f"{'zero-shot (no prompt)':24}{baseline['accuracy']:>10.4f}{baseline['f1']:>8.4f}")
     print(f"{'prompt-tuned':24}{result['test_accuracy']:>10.4f}{result['test_f1']:>8.4f}"
-          f"   (test split, best dev step {result['best_step']})")
+          f"   (test split: {result['test_examples']} examples, best dev step {result['best_step']})")
     print(f"prompt saved to {out / 'best'}")
     return 0
 
@@ -58,8 +58,18 @@ def _print_trials(rows: list[dict], metric: str) -> None:
               f"{show(r['confirmed']):>11}{show(r['test_accuracy']):>10}  {params}")
 
 
+def _zero_shot_verdict(summary: dict) -> str | None:
+    """A line for a winner that does not beat the zero-shot baseline on test (None if it does)."""
+    if summary["beats_zero_shot"]:
+        return None
+    return (f"the winner does not beat zero-shot ({summary['test_accuracy']:.4f} vs "
+            f"{summary['zero_shot_test_accuracy']:.4f} test accuracy): the model does as well without this "
+            f"prompt; a longer or wider search may find one that helps")
+
+
 def _finish_search(storage_path: str, name: str) -> int:
     """After a search (new or resumed): the trial table, then the winner against zero-shot."""
+    from search.tracking import log_verdict
     from search.tuner import best_trial, load_saved_config, trial_rows, write_summary
     from trainables.backbone import load_backbone
     from trainables.checkpoint import load_checkpoint
@@ -87,15 +97,19 @@ def _finish_search(storage_path: str, name: str) -> int:
         test_accuracy = evaluate(PromptedModel(backbone, SoftPrompt(prompt)), data, "test", train_cfg.eval_mode,
                                  train_cfg.eval_batch_size)["accuracy"]
     summary = {"search": name, "best_trial": best["trial_id"], "params": best["params"], cfg.metric: best["metric"],
-               "confirmed": best["confirmed"], "test_accuracy": test_accuracy, "zero_shot_test_accuracy": baseline["accuracy"],
-               "prompt": best["prompt"], "trials": len(rows),
+               "confirmed": best["confirmed"], "test_accuracy": test_accuracy, "test_examples": len(data.splits["test"]),
+               "zero_shot_test_accuracy": baseline["accuracy"],
+               "beats_zero_shot": test_accuracy > baseline["accuracy"], "prompt": best["prompt"], "trials": len(rows),
                "statuses": {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}}
     path = write_summary(storage_path, name, summary)
+    log_verdict(storage_path, name)
     confirmed = (f", {best['confirmed']:.4f} on {len(data.splits.get('confirm', ()))} further dev examples"
                  if best["confirmed"] is not None else "")
     print(f"\nbest trial {best['trial_id']}: {cfg.metric} {best['metric']:.4f}{confirmed}")
     print(f"  held-out test accuracy  {test_accuracy:.4f}  (task {data.name}, {len(data.splits['test'])} examples)")
     print(f"  zero-shot test accuracy {baseline['accuracy']:.4f}  (same model, no prompt)")
+    if verdict := _zero_shot_verdict(summary):
+        print(f"  {verdict}")
     print(f"  prompt: {best['prompt']}\n  summary: {path}")
     if unfinished:
         print(f"\n{len(unfinished)} trial(s) unfinished: `softprompt search resume {name}` continues them")
@@ -152,7 +166,8 @@ def cmd_mlflow_sync(args) -> int:
 
 def cmd_export(args) -> int:
     """Write a search's best prompt (or a trial's, a run's, the top k) as a PEFT adapter, an .npy
-    array, or a registered MLflow model."""
+    array, or a registered MLflow model; several searches (each its task's top k) as one MLflow model
+    that serves every task."""
     import tempfile
 
     from search.config import ConfigError
@@ -160,30 +175,56 @@ def cmd_export(args) -> int:
                                search_prompts, write_bundle)
     from search.configfile import check_tracking_uri
     from search.tracking import default_tracking_uri
-    from trainables.checkpoint import load_checkpoint
 
-    if (args.search is None) == (args.run is None):
-        raise ConfigError("export source", args.search or args.run, "a search name or --run RUN_ID (one of them)")
+    if bool(args.search) == (args.run is not None):
+        raise ConfigError("export source", args.search or args.run, "a search name or --run RUN_ID (one of them; "
+                                                                    "several search names make one --format mlflow bundle)")
+    if len(set(args.search)) < len(args.search):
+        raise ConfigError("export source", args.search, "each search once (--top K ensembles one search's best K)")
+    if len(args.search) > 1 and (args.format != "mlflow" or args.trial):
+        raise ConfigError("export source", args.search, f"one search for --format {args.format}"
+                          + (" and --trial" if args.trial else "") + "; several searches export as one --format mlflow "
+                                                                     "bundle, a task per search")
     if args.top > 1 and args.format != "mlflow":
         raise ConfigError("--top", args.top, f"1 for --format {args.format} (an ensemble exports as --format mlflow)")
     uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
     with tempfile.TemporaryDirectory() as scratch:
-        prompts = ([run_prompt(args.run, uri, Path(scratch))] if args.run else
-                   search_prompts(args.storage_path, args.search, args.trial, args.top))
-        name = args.name or args.search or f"run-{args.run[:8]}"
+        by_source = ({f"run {args.run}": [run_prompt(args.run, uri, Path(scratch))]} if args.run else
+                     {search: search_prompts(args.storage_path, search, args.trial, args.top) for search in args.search})
+        prompts = next(iter(by_source.values()))
+        name = args.name or "-".join(args.search) or f"run-{args.run[:8]}"
         out = Path(args.out or f"runs/export/{name}")
         if args.format == "npy":
             print(f"prompt array: {export_npy(prompts[0], out)}")
         elif args.format == "peft":
             print(f"PEFT adapter: {export_peft_adapter(prompts[0], out)}")
         else:
-            task = load_checkpoint(prompts[0]).meta["task"]
-            bundle = write_bundle({task: prompts}, out, args.combine)
+            tasks = _tasks_by_name(by_source)
+            bundle = write_bundle(tasks, out, args.combine)
             version = export_mlflow_model(bundle, name, uri)
-            print(f"registered model {name} version {version} (alias {ALIAS}, {len(prompts)} prompt(s), "
+            counts = ", ".join(f"{task}: {len(members)} prompt(s)" for task, members in tasks.items())
+            print(f"registered model {name} version {version} (alias {ALIAS}; {counts}; "
                   f"combine {args.combine}) in {uri}\n"
                   f"serve it: MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{name}@{ALIAS} --env-manager local")
     return 0
+
+
+def _tasks_by_name(by_source: dict[str, list[Path]]) -> dict[str, list[Path]]:
+    """Each source's prompts under their task's name (a bundle routes requests by it): two searches of
+    one task are refused, as the bundle could serve only one of them."""
+    from search.configfile import ConfigError
+    from trainables.checkpoint import load_checkpoint
+
+    tasks, sources = {}, {}
+    for source, prompts in by_source.items():
+        task = load_checkpoint(prompts[0]).meta["task"]
+        if task in tasks:
+            raise ConfigError("export source", list(by_source), f"searches of different tasks; {sources[task]} and "
+                                                                f"{source} are both on task {task!r} (give one a task "
+                                                                f"mapping with its own name:, or ensemble one search "
+                                                                f"with --top K)")
+        tasks[task], sources[task] = prompts, source
+    return tasks
 
 
 def cmd_verify(args) -> int:
@@ -200,10 +241,15 @@ def cmd_verify(args) -> int:
 
 
 def cmd_search_best(args) -> int:
-    from search.tuner import best_trial, load_saved_config
+    """The best trial; with the summary `search run|resume` wrote for it, its test accuracy against zero-shot."""
+    from search.tuner import SUMMARY_FILE, best_trial, experiment_dir, load_saved_config
 
     cfg = load_saved_config(args.storage_path, args.name)
     best = best_trial(args.storage_path, args.name)
+    path = experiment_dir(args.storage_path, args.name) / SUMMARY_FILE
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    if summary.get("best_trial") == best["trial_id"] and "beats_zero_shot" in summary:  # written for this winner
+        best = {**best, **{k: summary[k] for k in ("test_accuracy", "zero_shot_test_accuracy", "beats_zero_shot")}}
     if args.json:
         print(json.dumps(best, indent=2, default=str))
         return 0
@@ -213,6 +259,10 @@ def cmd_search_best(args) -> int:
         print(f"{'confirmed':<20}{best['confirmed']:.4f}  (on up to {cfg.train.confirm_examples} further dev examples)")
     if best["test_accuracy"] is not None:
         print(f"{'test accuracy':<20}{best['test_accuracy']:.4f}")
+    if "beats_zero_shot" in best:
+        print(f"{'zero-shot accuracy':<20}{best['zero_shot_test_accuracy']:.4f}  (same model, no prompt)")
+        if verdict := _zero_shot_verdict(best):
+            print(verdict)
     for key, value in best["params"].items():
         print(f"  {key:<18}{value}")
     print(f"{'prompt':<20}{best['prompt']}")
@@ -283,8 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a search's best prompt (or --trial ID, or the --top K as one ensemble), or a tracked "
                     "run's prompt (--run). --format peft writes a folder peft.PeftModel.from_pretrained loads; npy "
                     "the bare [length, width] array; mlflow a pyfunc model registered under --name with alias "
-                    "production (input: a DataFrame with a text column; output: label and per-class scores).")
-    export.add_argument("search", nargs="?", help="the search's name (its folder under --storage-path)")
+                    "production (input: a DataFrame with the task's raw columns, e.g. text, which it formats with the "
+                    "task's template; output: label and per-class scores). Several searches export as one mlflow "
+                    "model that serves each search's task (a `task` column routes each row).")
+    export.add_argument("search", nargs="*", help="the search's name (its folder under --storage-path); several, for "
+                                                  "--format mlflow: one model that serves each search's task")
     export.add_argument("--format", choices=["peft", "npy", "mlflow"], default="peft", help="default: peft")
     export.add_argument("--trial", help="export this trial instead of the best one")
     export.add_argument("--top", type=int, default=1, metavar="K",
@@ -368,8 +421,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"softprompt: error: {' '.join(str(error).split())}", file=sys.stderr)  # always one line
         return 2
-    except KeyboardInterrupt:
-        print("softprompt: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # search.tuner.SearchInterrupted says how to resume
+        print(f"softprompt: {str(interrupt) or 'interrupted'}", file=sys.stderr)
         return 130
 
 

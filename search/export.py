@@ -28,7 +28,9 @@ ALIAS = "production"
 # ---- where prompts come from ----
 
 def search_prompts(storage_path: str, name: str, trial: str | None = None, top: int = 1) -> list[Path]:
-    """The prompt folders of a search: its `top` best trials, or one named trial."""
+    """The prompt folders of a search on this machine (for a search on a URI, downloaded): its `top`
+    best trials, or one named trial."""
+    from search.storage import SearchStorage
     from search.tuner import ranked_trials, trial_rows
 
     if trial is not None:
@@ -37,8 +39,9 @@ def search_prompts(storage_path: str, name: str, trial: str | None = None, top: 
         if not found:
             raise ConfigError("--trial", trial, f"a trial of search {name} with a prompt: "
                                                 f"{', '.join(r['trial_id'] for r in rows)}")
-        return [Path(found[0]["prompt"])]
-    return [Path(r["prompt"]) for r in ranked_trials(storage_path, name)[:top]]
+    else:
+        found = ranked_trials(storage_path, name)[:top]
+    return [SearchStorage(storage_path, name).local_copy(r["prompt"]) for r in found]
 
 
 def run_prompt(run_id: str, tracking_uri: str, into: Path) -> Path:
@@ -70,7 +73,7 @@ def export_npy(prompt_dir: Path, out: Path) -> Path:
     return out
 
 
-PROVENANCE = ("backbone", "fingerprint", "task", "verbalizers", "length", "width", "step", "prompt_sha256")
+PROVENANCE = ("backbone", "fingerprint", "task", "template", "verbalizers", "length", "width", "step", "prompt_sha256")
 PEFT_TENSORS, PEFT_PROVENANCE = "adapter_model.safetensors", "softprompt.json"
 
 
@@ -176,7 +179,8 @@ def write_bundle(tasks: dict[str, list[Path]], out: Path, how: str = "vote") -> 
             record.setdefault("backbone", _model_reference(meta["backbone"]))
             save_checkpoint(out / task / str(i), checkpoint.prompt, {k: v for k, v in meta.items() if k != "optimizer"})
             members.append(f"{task}/{i}")
-        record["tasks"][task] = {"verbalizers": meta["verbalizers"], "members": members,
+        # the template travels with the prompts: the served model formats raw columns as training did
+        record["tasks"][task] = {"template": meta.get("template"), "verbalizers": meta["verbalizers"], "members": members,
                                  "max_length": meta["config"]["max_length"]}
     (out / BUNDLE_FILE).write_text(json.dumps(record, indent=2))
     return out
@@ -192,7 +196,8 @@ def export_mlflow_model(bundle: Path, registered_name: str, tracking_uri: str) -
     record = json.loads((Path(bundle) / BUNDLE_FILE).read_text())
     verbalizers = sorted({v for t in record["tasks"].values() for v in t["verbalizers"]})
     signature = ModelSignature(
-        inputs=Schema([ColSpec("string", "text"), ColSpec("string", "task", required=False)]),
+        inputs=Schema([*(ColSpec("string", c, required=required) for c, required in _input_columns(record).items()),
+                       ColSpec("string", "task", required=False)]),
         outputs=Schema([ColSpec("string", "task"), ColSpec("string", "label"), ColSpec("long", "label_id"),
                         *(ColSpec("double", f"score_{v}", required=False) for v in verbalizers)]))
     from search.tracking import softprompt_experiment  # it imports the tuner, which export need not
@@ -211,7 +216,17 @@ def export_mlflow_model(bundle: Path, registered_name: str, tracking_uri: str) -
     return version
 
 
+def _input_columns(record: dict) -> dict[str, bool]:
+    """The raw columns the served model reads, each required if every task's template names it
+    (a bundle made before templates travelled: `text`, the formatted input)."""
+    from trainables.served_model import UNFORMATTED
+    from trainables.tasks import template_columns
+
+    per_task = [template_columns(t.get("template") or UNFORMATTED) for t in record["tasks"].values()]
+    return {c: all(c in columns for columns in per_task) for columns in per_task for c in columns}
+
+
 def _requirements() -> list[str]:
     from importlib.metadata import version
-    return [f"{p}=={version(p)}" for p in ("mlflow", "torch", "transformers", "safetensors", "pandas")]
+    return [f"{p}=={version(p)}" for p in ("mlflow", "torch", "transformers", "safetensors", "pandas", "datasets")]
 

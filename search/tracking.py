@@ -16,14 +16,16 @@ import warnings
 from pathlib import Path
 
 from search.config import ConfigError, SearchConfig
-from search.tuner import CONFIG_FILE, CONFIRMED, best_trial, experiment_dir, load_saved_config, trial_rows
+from search.storage import RUN_FILE, SearchStorage
+from search.tuner import CONFIG_FILE, CONFIRMED, SUMMARY_FILE, best_trial, experiment_dir, load_saved_config, trial_rows
 from trainables.tracking import (PARENT_TAG, TRIAL_TAG, TrackingTarget, client, find_or_create_child,
                                  replay_spool, set_status)
 
 EXPERIMENT = "softprompt"
 SEARCH_TAG = "softprompt.search"
-RUN_FILE, SPOOL_DIR = "mlflow-run.json", "mlflow-spool"
+SPOOL_DIR = "mlflow-spool"
 NEAREST_TOKENS = 5
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's name for model training
 
 
 def default_tracking_uri() -> str:
@@ -33,12 +35,17 @@ def default_tracking_uri() -> str:
 
 def softprompt_experiment(mlflow_client, uri: str) -> str:
     """The experiment every softprompt run goes in; with a sqlite store its artifacts sit beside the
-    database (MLflow would otherwise put them in ./mlruns of whatever folder it runs from)."""
+    database (MLflow would otherwise put them in ./mlruns of whatever folder it runs from). It is
+    marked as model training, also when an older softprompt made it: MLflow 3's UI opens an
+    experiment without a kind on its GenAI (traces) overview, not on the runs table."""
     experiment = mlflow_client.get_experiment_by_name(EXPERIMENT)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-    return mlflow_client.create_experiment(EXPERIMENT, artifact_location=location)
+    if experiment is None:
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+        return mlflow_client.create_experiment(EXPERIMENT, artifact_location=location, tags=EXPERIMENT_KIND)
+    for key, value in EXPERIMENT_KIND.items():
+        if experiment.tags.get(key) != value:
+            mlflow_client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def _search_params(cfg: SearchConfig) -> dict[str, str]:
@@ -58,13 +65,13 @@ def _create_parent(mlflow_client, cfg: SearchConfig, uri: str, folder: Path) -> 
     return experiment_id, run.info.run_id
 
 
-def _save_target(folder: Path, target: TrackingTarget) -> None:
-    (folder / RUN_FILE).write_text(json.dumps(dataclasses.asdict(target), indent=2))
+def _save_target(storage_path: str, name: str, target: TrackingTarget) -> None:
+    SearchStorage(storage_path, name).write_text(RUN_FILE, json.dumps(dataclasses.asdict(target), indent=2))
 
 
 def load_target(storage_path: str, name: str, uri: str | None = None) -> TrackingTarget | None:
     """The search's saved tracking target (None if it was never tracked); `uri` overrides the server."""
-    path = experiment_dir(storage_path, name) / RUN_FILE
+    path = SearchStorage(storage_path, name).pull() / RUN_FILE
     if not path.is_file():
         return None
     target = TrackingTarget(**json.loads(path.read_text()))
@@ -90,7 +97,7 @@ def start_search_run(cfg: SearchConfig, uri: str) -> TrackingTarget:
         print(f"softprompt: tracking server {uri} unreachable ({str(error).splitlines()[0][:200]}); the search runs "
               f"and records go to {target.spool_dir}: `softprompt mlflow sync {cfg.name}` logs them later",
               file=sys.stderr, flush=True)
-    _save_target(folder, target)
+    _save_target(cfg.storage_path, cfg.name, target)
     return target
 
 
@@ -113,7 +120,7 @@ def finish_search_run(storage_path: str, name: str, uri: str | None = None) -> T
         if target.parent_run_id is None:
             experiment_id, parent = _create_parent(mlflow_client, cfg, target.uri, folder)
             target = dataclasses.replace(target, experiment_id=experiment_id, parent_run_id=parent)
-            _save_target(folder, target)
+            _save_target(storage_path, name, target)
         for spool in sorted(Path(target.spool_dir).glob("*.jsonl")):
             replay_spool(mlflow_client, target, spool)
         rows = trial_rows(storage_path, name)
@@ -155,11 +162,40 @@ def _log_results(mlflow_client, run_id: str, cfg: SearchConfig, storage_path: st
                        "softprompt.best_params": json.dumps(best["params"], default=str)}.items():
         mlflow_client.set_tag(run_id, key, value)
     mlflow_client.log_artifacts(run_id, best["prompt"], "winning_prompt")
+    _log_verdict(mlflow_client, run_id, experiment_dir(storage_path, name), best["trial_id"])
     _log_optuna_plots(mlflow_client, run_id, cfg, experiment_dir(storage_path, name))
     from trainables.checkpoint import load_checkpoint
     checkpoint = load_checkpoint(best["prompt"])
     mlflow_client.log_table(run_id, nearest_tokens_table(checkpoint.prompt, checkpoint.meta["backbone"]),
                             "nearest_tokens.json")
+
+
+def _log_verdict(mlflow_client, run_id: str, folder: Path, best_trial_id: str | None = None) -> None:
+    """The winner's test accuracy against zero-shot, from the search's summary (written after the
+    search, by `softprompt search run|resume`), if there is one for this winner."""
+    from mlflow.entities import Metric
+
+    path = folder / SUMMARY_FILE
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    if "beats_zero_shot" not in summary or best_trial_id not in (None, summary["best_trial"]):
+        return
+    now = int(time.time() * 1000)
+    metrics = {"winner_test_accuracy": summary["test_accuracy"], "zero_shot_test_accuracy": summary["zero_shot_test_accuracy"]}
+    mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    mlflow_client.set_tag(run_id, "softprompt.beats_zero_shot", str(summary["beats_zero_shot"]).lower())
+
+
+def log_verdict(storage_path: str, name: str) -> None:
+    """Put the summary's winner-against-zero-shot on a tracked search's parent run; where the server
+    cannot be reached, `softprompt mlflow sync` logs it later."""
+    target = load_target(storage_path, name)
+    if target is None or target.parent_run_id is None:  # not tracked, or sync creates the parent later
+        return
+    try:
+        _log_verdict(client(target.uri), target.parent_run_id, experiment_dir(storage_path, name))
+    except Exception as error:
+        print(f"softprompt: could not log to tracking server {target.uri} ({str(error).splitlines()[0][:200]}); "
+              f"`softprompt mlflow sync {name}` logs the result later", file=sys.stderr, flush=True)
 
 
 def _log_optuna_plots(mlflow_client, run_id: str, cfg: SearchConfig, folder: Path) -> None:
@@ -185,12 +221,14 @@ def _log_optuna_plots(mlflow_client, run_id: str, cfg: SearchConfig, folder: Pat
 
 
 def nearest_tokens_table(prompt, model: str, k: int = NEAREST_TOKENS) -> dict[str, list]:
-    """Each prompt vector's k nearest vocabulary tokens by cosine (the paper's interpretability view)."""
+    """Each prompt vector's k nearest vocabulary tokens by cosine (the paper's interpretability view).
+    Only the embedding matrix is read, unscaled: a model that scales its embeddings (Gemma, by
+    sqrt(width)) scales every row alike, and cosine ignores a global scale."""
     import torch
-    from trainables.backbone import load_backbone
+    from trainables.backbone import input_embeddings
 
-    backbone = load_backbone(model, "float32", torch.device("cpu"))
-    vocab = torch.nn.functional.normalize(backbone.model.get_input_embeddings().weight.float(), dim=-1)
+    embeddings, tokenizer = input_embeddings(model)
+    vocab = torch.nn.functional.normalize(embeddings.float(), dim=-1)
     cosine = torch.nn.functional.normalize(prompt.float(), dim=-1) @ vocab.T
     top = cosine.topk(k, dim=-1)
     table = {"position": [], "rank": [], "token": [], "cosine": []}
@@ -198,6 +236,6 @@ def nearest_tokens_table(prompt, model: str, k: int = NEAREST_TOKENS) -> dict[st
         for rank, (score, token) in enumerate(zip(top.values[position].tolist(), top.indices[position].tolist())):
             table["position"].append(position)
             table["rank"].append(rank + 1)
-            table["token"].append(backbone.tokenizer.decode([token]))
+            table["token"].append(tokenizer.decode([token]))
             table["cosine"].append(round(score, 4))
     return table

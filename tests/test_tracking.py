@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from search.cli import main
 from search.config import search_config
-from search.tracking import SEARCH_TAG, finish_search_run, start_search_run
+from search.tracking import SEARCH_TAG, finish_search_run, nearest_tokens_table, softprompt_experiment, start_search_run
 from search.tuner import build_tuner, ensure_ray, experiment_dir, run_search, save_search_config, trial_rows
 from trainables.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG
 
@@ -86,6 +86,7 @@ def test_a_tracked_search_has_one_parent_with_one_child_per_trial_and_right_stat
     assert {"diverged", "stopped early", "completed"} <= statuses
 
     assert parent.info.status == "FINISHED"
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent.data.params["trials"] == "5" and parent.data.params["metric"] == "train_loss"
     assert parent.data.tags["softprompt.best_trial"] in {r["trial_id"] for r in rows}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -174,3 +175,74 @@ def test_a_tracking_server_stopped_during_a_search_loses_nothing(ray_cluster, ti
     finally:
         if server.poll() is None:
             stop(server)
+
+
+def test_an_experiment_made_before_it_had_a_kind_opens_on_the_runs_table_too(tmp_path):
+    """MLflow 3's UI opens an experiment without a kind on its GenAI overview."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    older = client.create_experiment("softprompt")
+    assert "mlflow.experimentKind" not in client.get_experiment(older).tags
+    assert softprompt_experiment(client, uri) == older
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+@pytest.fixture
+def no_whole_model(monkeypatch):
+    """Loading a whole model fails: what is read must be the embedding matrix alone."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the whole model was loaded")
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM):
+        monkeypatch.setattr(auto, "from_pretrained", refuse)
+
+
+def sharded_copy(folder: Path, out: Path) -> Path:
+    """`folder`'s model saved in ~1 MB shards, then every shard deleted but the embeddings': a
+    reader that opens any other tensor fails."""
+    import transformers
+
+    model = transformers.AutoModel.from_pretrained(folder)
+    model.save_pretrained(out, max_shard_size="1MB")
+    transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(out)
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    keep = {shard for key, shard in weight_map.items() if key.endswith("embed_tokens.weight")}
+    assert len(set(weight_map.values())) > len(keep) == 1
+    for shard in set(weight_map.values()) - keep:
+        (out / shard).unlink()
+    return out
+
+
+def zip_checkpoint_copy(folder: Path, out: Path) -> Path:
+    """`folder`'s model as one pytorch_model.bin (how older hub checkpoints, T5's among them, ship)."""
+    import torch
+    import transformers
+
+    transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(out)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    config.save_pretrained(out)
+    auto = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
+    torch.save(auto.from_pretrained(folder).state_dict(), out / "pytorch_model.bin")
+    return out
+
+
+@pytest.mark.parametrize("backbone_fixture,layout", [("tiny_llama", "as saved"), ("tiny_t5", "as saved"),
+                                                     ("tiny_llama", "sharded"), ("tiny_t5", "one .bin file")])
+def test_the_nearest_token_table_reads_only_the_embedding_matrix_and_finds_each_tokens_own_row(
+        request, backbone_fixture, layout, tmp_path):
+    import torch
+    from trainables.backbone import input_embeddings
+
+    backbone = request.getfixturevalue(backbone_fixture)
+    folder = {"as saved": lambda: backbone.name, "sharded": lambda: str(sharded_copy(Path(backbone.name), tmp_path)),
+              "one .bin file": lambda: str(zip_checkpoint_copy(Path(backbone.name), tmp_path))}[layout]()
+    full = backbone.model.get_input_embeddings().weight
+    request.getfixturevalue("no_whole_model")
+    embeddings, _ = input_embeddings(folder)
+    assert torch.equal(embeddings, full)
+    tokens = [1000, 2000, 3000]
+    table = nearest_tokens_table(full[tokens] * 25.3, folder)  # a global scale (Gemma's sqrt(d)) changes nothing
+    firsts = [i for i, rank in enumerate(table["rank"]) if rank == 1]
+    assert [table["token"][i] for i in firsts] == [backbone.tokenizer.decode([t]) for t in tokens]
+    assert [table["cosine"][i] for i in firsts] == [1.0, 1.0, 1.0]
