@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +15,9 @@ from trainables.backbone import MODELS_ALLOWED, model_problem
 from trainables.config import ASHA_METRICS, FIELDS, RANK_ONLY_METRICS, SEARCH_METRICS, SELECT_METRICS, TrainConfig
 from trainables.evaluate import EVAL_MODES
 from trainables.inits import INITS
-from trainables.optimizers import OPTIMIZERS
-from trainables.tasks import FILE_SUFFIXES, file_task, is_task_file, task_names
+from trainables.optimizers import OPTIMIZERS, PARAMETER_SCALING
+from trainables.tasks import (FILE_SUFFIXES, OFFLINE_TASKS, ROLES, TASK_KEYS, TaskError, is_local_source, is_task_file,
+                               load_task, task_names)
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ def text(optional: bool = False) -> Rule:
 
 
 def _valid_task(v) -> bool:
-    return isinstance(v, str) and (v in task_names() or is_task_file(v))
+    return isinstance(v, dict) or (isinstance(v, str) and (v in task_names() or is_task_file(v)))
 
 
 def _valid_verbalizers(v) -> bool:
@@ -64,16 +67,41 @@ def _valid_verbalizers(v) -> bool:
                          and all(isinstance(x, str) and x.strip() for x in v.values()))
 
 
+def _valid_task_name(v) -> bool:  # it names the task's folder in an exported bundle: no way out of it
+    return isinstance(v, str) and re.fullmatch(r"[\w.-]+(/[\w.-]+)*", v) is not None and ".." not in v.split("/")
+
+
+# A task mapping (trainables.tasks.dataset_task); what its data holds is checked when it is read.
+TASK_RULES: dict[str, Rule] = {
+    "name": Rule(_valid_task_name, "letters, digits, '-', '_' and '.', in '/'-separated parts"),
+    "dataset": text(),
+    "config": text(optional=True),
+    "revision": text(optional=True),
+    "splits": Rule(lambda v: isinstance(v, dict) and set(v) <= set(ROLES)
+                   and all(s is None or (isinstance(s, str) and s.strip()) for s in v.values()),
+                   "a mapping of train / dev / test to split names (dev or test null: carved from train)"),
+    "template": text(optional=True),
+    "label_column": text(optional=True),
+    "verbalizers": Rule(lambda v: _valid_verbalizers(v) or (isinstance(v, list) and len(v) >= 2 and len(set(v)) == len(v)
+                                                            and all(isinstance(x, str) and x.strip() for x in v)),
+                        "null, a list of 2+ distinct non-empty strings (class i: the i-th), or a mapping of 2+ label "
+                        "values to non-empty strings"),
+}
+assert set(TASK_RULES) == set(TASK_KEYS), "every task mapping key needs a rule"
+
+
 TRAIN_RULES: dict[str, Rule] = {
     "model": text(),
     "dtype": one_of("auto", "float32", "bfloat16", "float16"),
-    "task": Rule(_valid_task, f"one of {', '.join(task_names())}, or a data file ({', '.join(FILE_SUFFIXES)})"),
+    "task": Rule(_valid_task, f"one of {', '.join(task_names())}, a data file ({', '.join(FILE_SUFFIXES)}), "
+                              f"or a mapping with dataset: (a hub id, a save_to_disk folder, or files)"),
     "text_column": text(),
     "label_column": text(),
     "verbalizers": Rule(_valid_verbalizers, "null or a mapping of 2+ label values to non-empty strings"),
     "max_length": integer(8),
     "max_train_examples": integer(1, optional=True),
     "max_eval_examples": integer(1, optional=True),
+    "max_test_examples": integer(1, optional=True),
     "confirm_examples": integer(0),
     "prompt_length": integer(1, 1000),
     "init": one_of(*INITS),
@@ -82,8 +110,11 @@ TRAIN_RULES: dict[str, Rule] = {
     "optimizer": one_of(*OPTIMIZERS),
     "lr": number(0, 10, low_open=True, optional=True),
     "weight_decay": number(0, 1),
+    "parameter_scaling": Rule(lambda v: isinstance(v, bool), "true or false"),
     "warmup_steps": integer(0),
     "decay_factor": number(0, 1, low_open=True, optional=True),
+    "decay_steps": integer(1, optional=True),
+    "dropout": Rule(lambda v: _is_number(v) and 0 <= v < 1, "a finite number >= 0 and < 1"),
     "batch_size": integer(1, 4096),
     "max_steps": integer(1),
     "eval_every": integer(1),
@@ -124,15 +155,40 @@ def train_config(values: dict, source: str | None = None, prefix: str = "") -> T
     values = dict(values)
     if values.get("init") == "text" and not values.get("init_text"):
         raise ConfigError(prefix + "init_text", values.get("init_text"), "a non-empty string when init is text", source)
+    optimizer = values.get("optimizer", TrainConfig.optimizer)
+    if values.get("parameter_scaling") and optimizer not in PARAMETER_SCALING:
+        raise ConfigError(prefix + "parameter_scaling", True, f"false with optimizer {optimizer} (only "
+                                                              f"{', '.join(PARAMETER_SCALING)} have it)", source)
     if is_task_file(values.get("task", "")) and not Path(values["task"]).is_file():
         raise ConfigError(prefix + "task", values["task"], "an existing data file (no such file)", source)
+    if isinstance(values.get("task"), dict):
+        values["task"] = _task_mapping(values, source, prefix)
     if values.get("eval_steps") is not None:  # a tuple: the config is frozen and hashable
         values["eval_steps"] = tuple(sorted(set(values["eval_steps"])))
     cfg = TrainConfig(**values)
     check_model_name(prefix + "model", cfg.model, source)
-    if is_task_file(cfg.task):  # read it once here: a bad row must not surface in every trial
-        file_task(cfg.task, cfg.text_column, cfg.label_column, cfg.verbalizers)
+    if not (isinstance(cfg.task, str) and cfg.task in OFFLINE_TASKS):  # read it once here: a bad row, split or hub id must not surface in every trial
+        try:
+            load_task(cfg.task, cfg.text_column, cfg.label_column, cfg.verbalizers)
+        except TaskError as error:
+            if error.field is None:  # a task file's error names the file and row
+                raise
+            raise TaskError(f"{source}: {prefix}{error}" if source else f"{prefix}{error}") from None
     return cfg
+
+
+def _task_mapping(values: dict, source: str | None, prefix: str) -> dict:
+    """A task mapping, its keys checked; a local `dataset` made absolute, as trials may run elsewhere."""
+    task = values["task"]
+    check_fields(task, TASK_RULES, source, prefix + "task.")
+    if "dataset" not in task:
+        raise ConfigError(prefix + "task.dataset", None, "a hub dataset id, a save_to_disk folder, or a data file / "
+                                                         "glob / folder of files", source)
+    for key, instead in (("text_column", "template"), ("label_column", "label_column"), ("verbalizers", "verbalizers")):
+        if key in values:
+            raise ConfigError(prefix + key, values[key], f"left out with a task mapping: set task.{instead}", source)
+    local = is_local_source(task["dataset"])
+    return {**task, "dataset": os.path.abspath(task["dataset"]) if local else task["dataset"]}
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
@@ -218,7 +274,7 @@ SEARCH_RULES: dict[str, Rule] = {
     "max_failures": integer(0, 100),
 }
 SPACE_KEYS = {"choices", "low", "high", "log", "int", "when"}
-SPACE_EXTRA_PARAMS = {"warmup_fraction": number(0, 1)}
+SPACE_EXTRA_PARAMS = {"warmup_fraction": number(0, 1), "decay_fraction": number(0, 1, low_open=True)}
 
 
 def _check_space(space: dict, source: str | None) -> None:

@@ -45,6 +45,25 @@ def task_file(ctx, text: str, suffix: str = ".csv", **train) -> list[str]:
     return search_file(ctx, {"train": {"task": str(path), **train}})
 
 
+def task_mapping(ctx, empty_test: bool = False, **spec) -> list[str]:
+    """A search whose task is a mapping over a `datasets` folder (train / validation / test, ClassLabel
+    labels), a stand-in for a hub dataset."""
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    rows = datasets.Dataset.from_dict({"text": [f"{'good' if i % 2 else 'bad'} film number {i}" for i in range(30)],
+                                       "label": [i % 2 for i in range(30)]}, features)
+    datasets.disable_progress_bars()
+    try:
+        test = rows.filter(lambda row: False) if empty_test else rows.select(range(5, 10))
+        datasets.DatasetDict({"train": rows, "validation": rows.select(range(5)), "test": test}).save_to_disk(
+            str(ctx.tmp / "reviews"))
+    finally:
+        datasets.enable_progress_bars()
+    return search_file(ctx, {"train": {"task": {"dataset": str(ctx.tmp / "reviews"), **spec}}})
+
+
 def raw_file(ctx, text: str) -> list[str]:
     path = ctx.tmp / "raw.yaml"
     path.write_text(text)
@@ -101,7 +120,7 @@ CASES = [
     ("one-checkpoint-not-the-model", lambda c: S(c, {"checkpoints": [str(c.other_model)]}),
      ["checkpoints", "the same model as train.model"]),
     ("space-name", lambda c: S(c, {"space": "huge"}), ["space = 'huge'", "quick, paper, or a mapping"]),
-    ("space-unknown-param", lambda c: S(c, {"space": {"dropout": {"choices": [0.1]}}}), ["space.dropout", "a training field"]),
+    ("space-unknown-param", lambda c: S(c, {"space": {"label_smoothing": {"choices": [0.1]}}}), ["space.label_smoothing", "a training field"]),
     ("space-init", lambda c: S(c, {"space": {"init": {"choices": ["zeros"]}}}), ["space.init.choices", "one of random_uniform"]),
     ("space-optimizer", lambda c: S(c, {"space": {"optimizer": {"choices": ["sgd"]}}}),
      ["space.optimizer.choices = 'sgd'", "one of adafactor, adamw"]),
@@ -140,6 +159,22 @@ CASES = [
     ("task-empty-file", lambda c: task_file(c, ""), ["task.csv", "could not be read as csv", "allowed: a readable"]),
     ("task-bad-jsonl", lambda c: task_file(c, '{"text": "a", "label": "pos"}\n{not json\n', ".jsonl"),
      ["task.jsonl", "could not be read as json"]),
+    # task mappings: a datasets folder, files or a hub id, with splits, template and verbalizers
+    ("task-template-column", lambda c: task_mapping(c, template="review: {review}\nsentiment:"),
+     ["train.task.template", "names column 'review'", "its columns: ['text', 'label']"]),
+    ("task-split-missing", lambda c: task_mapping(c, splits={"dev": "valid"}),
+     ["train.task.splits.dev", "no split 'valid'", "its splits: ['train', 'validation', 'test']"]),
+    ("task-label-outside-verbalizers", lambda c: task_mapping(c, verbalizers={"positive": "good", "neutral": "meh"}),
+     ["train.task.label_column", "split 'train', row 1", "label 0 ('negative') is not one of ['neutral', 'positive']"]),
+    ("task-empty-split", lambda c: task_mapping(c, empty_test=True), ["train.task.splits.test", "split 'test'", "no rows"]),
+    ("task-hub-unreachable", lambda c: S(c, {"train": {"task": {"dataset": "no-such-org/no-such-dataset"}}}),
+     ["train.task.dataset", "'no-such-org/no-such-dataset'", "neither in datasets' cache here nor reachable on the hub"]),
+    ("task-mapping-unknown-key", lambda c: task_mapping(c, templte="{text}"), ["train.task.templte", "did you mean 'template'"]),
+    ("task-mapping-no-dataset", lambda c: S(c, {"train": {"task": {"template": "{text}"}}}),
+     ["train.task.dataset = None", "a hub dataset id, a save_to_disk folder"]),
+    ("task-mapping-and-text-column", lambda c: S(c, {"train": {"task": {"dataset": "x"}, "text_column": "review"}}),
+     ["train.text_column = 'review'", "left out with a task mapping: set task.template"]),
+    ("max-test-examples-0", lambda c: S(c, {"train": {"max_test_examples": 0}}), ["train.max_test_examples = 0", "an integer >= 1"]),
     ("verbalizers-one", lambda c: S(c, {"train": {"verbalizers": {"pos": "positive"}}}),
      ["train.verbalizers", "a mapping of 2+ label values"]),
     # the files and arguments around the config

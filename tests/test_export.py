@@ -27,9 +27,10 @@ from trainables.data import encode_task, verbalizer_ids
 from trainables.ensemble import PromptEnsemble, TaskPrompts, cache_kwarg, length_groups, load_bundle, returned_cache
 from trainables.evaluate import rank_classify
 from trainables.prompt import PromptedModel, SoftPrompt
-from trainables.tasks import load_task
+from trainables.tasks import format_input, load_task
 
 TASKS = {"rotten_tomatoes": ["negative", "positive"], "sms_spam": ["ham", "spam"]}
+TEMPLATES = {"rotten_tomatoes": "review: {text}\nsentiment:", "sms_spam": "message: {text}\nspam:"}
 
 
 def save_tiny(folder: Path, kind: str, seed: int = 0) -> Path:
@@ -64,14 +65,15 @@ def backbones(tiny_llama, tiny_t5):
 def make_prompt(folder: Path, backbone, task: str, length: int, seed: int) -> Path:
     values = torch.randn(length, backbone.width, generator=torch.Generator().manual_seed(seed)) * 0.5
     return save_checkpoint(folder, values, {"backbone": backbone.name, "fingerprint": backbone.fingerprint,
-                                            "task": task, "verbalizers": TASKS[task], "step": 0, "metrics": {},
+                                            "task": task, "template": TEMPLATES[task], "verbalizers": TASKS[task],
+                                            "step": 0, "metrics": {},
                                             "config": {"max_length": 256}})
 
 
 def encoded(backbone, task: str, n: int = 24):
     raw = load_task(task)
     data = encode_task(raw, backbone.tokenizer, backbone.is_encoder_decoder, backbone.vocab_is_frequency_ordered,
-                       256, 64, n)
+                       256, 64, n, max_test=n)
     return data, list(raw.splits["test"]["input"][:n])
 
 
@@ -97,7 +99,9 @@ def test_peft_round_trip_gives_identical_logits(kind, models, tmp_path):
     assert torch.equal(ours, theirs)
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["num_transformer_submodules"] == 1 and config["num_virtual_tokens"] == 5
-    assert json.loads((adapter / "softprompt.json").read_text())["fingerprint"] == backbone.fingerprint
+    provenance = json.loads((adapter / "softprompt.json").read_text())
+    assert provenance["fingerprint"] == backbone.fingerprint
+    assert (provenance["template"], provenance["verbalizers"]) == (TEMPLATES["rotten_tomatoes"], TASKS["rotten_tomatoes"])
 
 
 def test_npy_export_is_the_bare_prompt_array_with_its_backbone_recorded_beside_it(backbones, tmp_path):
@@ -254,7 +258,9 @@ def serving_env(uri: str) -> dict:
     return {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path}
 
 
-def test_registered_model_served_by_mlflow_answers_http_with_rank_classify_labels(backbones, tmp_path):
+def test_registered_model_served_by_mlflow_applies_the_template_to_raw_text(backbones, tmp_path):
+    """Raw text gets the labels (and scores) formatted input got before the template travelled with the
+    prompt; formatted input is still scored as formatted, not formatted twice."""
     import mlflow
 
     backbone = backbones["llama"]
@@ -269,8 +275,12 @@ def test_registered_model_served_by_mlflow_answers_http_with_rank_classify_label
     for path in model_dir.rglob("*"):  # no pickle anywhere in the registered model
         assert path.suffix not in {".pkl", ".pickle"}
         assert not (path.is_file() and path.read_bytes()[:1] == b"\x80"), path
+    inputs = mlflow.models.Model.load(str(model_dir)).signature.inputs.to_dict()
+    assert [(c["name"], c["required"]) for c in inputs] == [("text", True), ("task", False)]
 
-    data, texts = encoded(backbone, "rotten_tomatoes", 12)
+    data, formatted = encoded(backbone, "rotten_tomatoes", 12)
+    raw = [text.removeprefix("review: ").removesuffix("\nsentiment:") for text in formatted]
+    assert [format_input(TEMPLATES["rotten_tomatoes"], {"text": r}) for r in raw] == formatted
     expected = rank_classify(PromptedModel(backbone, SoftPrompt(load_checkpoint(tmp_path / "p").prompt)), data,
                              data.splits["test"], 8)
     port = free_port()
@@ -278,6 +288,11 @@ def test_registered_model_served_by_mlflow_answers_http_with_rank_classify_label
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                               env=serving_env(uri), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, start_new_session=True)
+
+    def post(column: str, texts: list[str]) -> requests.Response:
+        body = {"dataframe_split": {"columns": [column], "data": [[t] for t in texts]}}
+        return requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=60)
+
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -289,16 +304,18 @@ def test_registered_model_served_by_mlflow_answers_http_with_rank_classify_label
             assert server.poll() is None, server.stderr.read().decode()[-2000:]
             assert time.monotonic() < deadline, "mlflow models serve did not answer /ping in 120 s"
             time.sleep(0.5)
-        body = {"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}}
-        answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=60)
-        assert answer.ok, answer.text
-        predictions = answer.json()["predictions"]
+        answers = {"raw": post("text", raw), "formatted": post("text", formatted)}
+        wrong_column = post("review", raw)
     finally:
         os.killpg(server.pid, 9)  # its own session: the server and its workers
         server.wait(timeout=10)
-    assert [p["label_id"] for p in predictions] == list(expected)
-    assert [p["label"] for p in predictions] == [TASKS["rotten_tomatoes"][i] for i in expected]
-    assert all({"score_negative", "score_positive"} <= set(p) for p in predictions)
+    assert all(answer.ok for answer in answers.values()), {k: a.text for k, a in answers.items()}
+    raw_predictions, formatted_predictions = (answers[k].json()["predictions"] for k in ("raw", "formatted"))
+    assert [p["label_id"] for p in raw_predictions] == list(expected)
+    assert [p["label"] for p in raw_predictions] == [TASKS["rotten_tomatoes"][i] for i in expected]
+    assert raw_predictions == formatted_predictions  # labels and scores alike
+    assert all({"score_negative", "score_positive"} <= set(p) for p in raw_predictions)
+    assert wrong_column.status_code == 400 and "text" in wrong_column.text  # the signature names the column
 
 
 def test_the_cache_goes_to_forward_under_the_name_the_model_takes():

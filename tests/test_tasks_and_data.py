@@ -8,7 +8,8 @@ import torch
 
 from trainables.data import (BUCKET_BATCHES, IGNORE, EncodedSplit, EncodedTask, TrainOrder, encode_task, make_batch,
                              train_batch)
-from trainables.tasks import HUB_TASKS, OFFLINE_TASKS, Task, TaskError, file_task, hub_task, load_task
+from trainables.tasks import (HUB_TASKS, OFFLINE_TASKS, TASK_KEYS, Task, TaskError, file_task, format_input, hub_task,
+                               load_task)
 
 EXPECTED_CLASSES = {"rotten_tomatoes": ["negative", "positive"], "sms_spam": ["ham", "spam"],
                     "trec": ["abbreviation", "description", "entity", "human", "location", "numeric"]}
@@ -90,10 +91,18 @@ def test_hub_task_splits_are_deterministic():
     assert list(first.splits["dev"]["input"]) == list(second.splits["dev"]["input"])
 
 
-def test_every_hub_task_formats_its_fields_in_order():
+HUB_FIELDS = {"glue/sst2": ("sentence",), "glue/mrpc": ("sentence1", "sentence2"), "glue/qqp": ("question1", "question2"),
+              "super_glue/boolq": ("question", "passage"), "super_glue/rte": ("premise", "hypothesis"),
+              "super_glue/cb": ("premise", "hypothesis")}
+
+
+def test_every_hub_task_is_a_task_mapping_that_formats_its_fields_in_order():
+    assert set(HUB_TASKS) == set(HUB_FIELDS)
     for name, spec in HUB_TASKS.items():
-        row = {field: f"<{field}>" for field in spec.fields}
-        assert spec.format(row) == spec.config + "".join(f" {field}: <{field}>" for field in spec.fields), name
+        assert set(spec) <= set(TASK_KEYS), name
+        assert spec["splits"] == {"train": "train", "dev": None, "test": "validation"}, name  # dev: carved from train
+        row = {field: f"<{field}>" for field in HUB_FIELDS[name]}
+        assert format_input(spec["template"], row) == spec["config"] + "".join(f" {f}: <{f}>" for f in HUB_FIELDS[name])
 
 
 # ---- file tasks ----
@@ -175,7 +184,8 @@ def test_confirm_split_is_the_dev_examples_after_the_evaluated_ones(smollm2_toke
     splits = encoded(smollm2_tokenizer, False, max_eval=10, confirm=5).splits
     assert splits["dev"].input_ids == whole.input_ids[:10]
     assert splits["confirm"].input_ids == whole.input_ids[10:15] and splits["confirm"].labels == whole.labels[10:15]
-    assert splits["test"].input_ids == whole.input_ids[:10]  # the test split is not touched
+    assert splits["test"].input_ids == whole.input_ids  # the test split is whole: max_eval does not cut it
+    assert encoded(smollm2_tokenizer, False, max_eval=10, max_test=7).splits["test"].input_ids == whole.input_ids[:7]
     assert encoded(smollm2_tokenizer, False, max_eval=10, confirm=100).splits["confirm"].labels == whole.labels[10:]
     assert len(encoded(smollm2_tokenizer, False, max_eval=None, confirm=5).splits["confirm"]) == 0  # dev has them all
 

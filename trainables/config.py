@@ -21,13 +21,16 @@ class TrainConfig:
     model: str = "smollm2-135m"       # offline alias, hub id, or local folder
     dtype: str = "auto"               # auto: bfloat16 on CUDA, float32 on CPU
     # task
-    task: str = "rotten_tomatoes"     # registered name or a .csv/.jsonl/.parquet file
+    task: str | dict = "rotten_tomatoes"  # registered name, a .csv/.jsonl/.parquet file, or a mapping
+                                      # (trainables.tasks.TASK_KEYS: dataset, splits, template, ...)
     text_column: str = "text"         # file tasks only
     label_column: str = "label"       # file tasks only
     verbalizers: dict | None = None   # file tasks: label value -> verbalizer string
     max_length: int = 256             # input tokens kept per example
     max_train_examples: int | None = None
-    max_eval_examples: int | None = 400
+    max_eval_examples: int | None = 400  # dev examples per evaluation (many evaluations per trial)
+    max_test_examples: int | None = None  # None: the whole test split, once per trial, so its score can
+                                      # be compared with published ones; set it to cap the test split
     confirm_examples: int = 0         # after the last step, the best prompt is also scored on this many
                                       # further dev examples (past max_eval_examples): a search picks its
                                       # winner by that score, not by the maximum of many small-sample ones
@@ -43,8 +46,17 @@ class TrainConfig:
                                       # adamw 0.03), so a trial whose space picks the optimizer but not the lr
                                       # gets its optimizer's; a search's train.lr, if set, is every such trial's
     weight_decay: float = 1e-5
+    parameter_scaling: bool = False   # adafactor (and adafactor_hf) only: each step is lr times the prompt's RMS
+                                      # (T5X's multiply_by_parameter_scale); the paper's runs: off, Table 6 searched it
     warmup_steps: int = 0
-    decay_factor: float | None = None  # lr reaches lr * decay_factor at max_steps (exponential)
+    decay_factor: float | None = None  # lr is multiplied by decay_factor every decay_steps steps (the paper's
+                                       # Table 6); without decay_steps it decays smoothly, reaching lr * decay_factor
+                                       # at max_steps
+    decay_steps: int | None = None    # Table 6's "steps per decay"; no effect without decay_factor
+    dropout: float = 0.0              # dropout on the embedded input, prompt included, in training only. The paper's
+                                      # T5 fine-tuning used 0.1 in every layer of the model; here the model is frozen
+                                      # in eval mode, so only the input part can be reproduced, and the default
+                                      # backbone (SmolLM2, a Llama) was pretrained without dropout: 0 until measured
     batch_size: int = 8
     max_steps: int = 200
     eval_every: int = 50
@@ -74,8 +86,11 @@ def trial_config(params: dict, base: dict) -> TrainConfig:
 
 def fields_from_params(params: dict, max_steps: int) -> dict:
     """TrainConfig fields from a search trial's parameters: a branch suffix (`lr@adamw`) is
-    dropped, and `warmup_fraction` of the step budget becomes `warmup_steps`."""
+    dropped, and `warmup_fraction` / `decay_fraction` of the step budget become `warmup_steps` /
+    `decay_steps`."""
     fields = {name.split("@")[0]: value for name, value in params.items()}
     if "warmup_fraction" in fields:
         fields["warmup_steps"] = round(fields.pop("warmup_fraction") * max_steps)
+    if "decay_fraction" in fields:
+        fields["decay_steps"] = max(1, round(fields.pop("decay_fraction") * max_steps))
     return fields

@@ -36,6 +36,7 @@ class EncodedTask:
     common_token_ids: list[int]         # for sampled-vocab inits, most common first
     is_encoder_decoder: bool
     pad_id: int
+    template: str = "{text}"            # the task's raw columns -> its input (trainables.tasks.format_input)
 
     @property
     def single_token_targets(self) -> bool:
@@ -63,9 +64,10 @@ def verbalizer_ids(tokenizer, verbalizers: list[str], is_encoder_decoder: bool) 
 
 def encode_task(task: Task, tokenizer, is_encoder_decoder: bool, vocab_is_frequency_ordered: bool,
                 max_length: int, max_train: int | None = None, max_eval: int | None = None,
-                confirm: int = 0) -> EncodedTask:
+                confirm: int = 0, max_test: int | None = None) -> EncodedTask:
     """Tokenise every split once; truncation keeps the end of causal inputs (where the cue is)
-    and the start of encoder inputs. `confirm` > 0 adds a "confirm" split: up to that many dev
+    and the start of encoder inputs. The test split is whole unless `max_test` caps it: its score
+    is compared with published ones. `confirm` > 0 adds a "confirm" split: up to that many dev
     examples after the first `max_eval` (none when every dev example is already in "dev")."""
     def encode(split: str, limit: int | None, skip: int = 0) -> EncodedSplit:
         rows = task.splits[split]
@@ -78,14 +80,14 @@ def encode_task(task: Task, tokenizer, is_encoder_decoder: bool, vocab_is_freque
         ids = [x[:max_length] if is_encoder_decoder else x[-max_length:] for x in ids]
         return EncodedSplit(ids, list(rows["label"]))
 
-    splits = {"train": encode("train", max_train), "dev": encode("dev", max_eval), "test": encode("test", max_eval)}
+    splits = {"train": encode("train", max_train), "dev": encode("dev", max_eval), "test": encode("test", max_test)}
     if confirm:
         splits["confirm"] = encode("dev", confirm, skip=len(task.splits["dev"]) if max_eval is None else max_eval)
     targets = verbalizer_ids(tokenizer, task.verbalizers, is_encoder_decoder)
     common = common_token_ids(splits["train"].input_ids, len(tokenizer), set(tokenizer.all_special_ids),
                               vocab_is_frequency_ordered)
     return EncodedTask(task.name, task.verbalizers, targets, splits, common, is_encoder_decoder,
-                       tokenizer.pad_token_id)
+                       tokenizer.pad_token_id, task.template)
 
 
 def pad_rows(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:

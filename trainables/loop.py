@@ -22,7 +22,7 @@ from trainables.data import EncodedTask, TrainOrder, encode_task, train_batch
 from trainables.evaluate import evaluate
 from trainables.inits import INITS, InitContext
 from trainables.optimizers import build_optimizer
-from trainables.prompt import PromptedModel, SoftPrompt
+from trainables.prompt import InputDropout, PromptedModel, SoftPrompt
 from trainables.tasks import load_task
 
 # report(metrics, save): called after every evaluation; save(folder) writes a resumable checkpoint.
@@ -40,7 +40,8 @@ class Diverged(RuntimeError):
 def prepare_data(cfg: TrainConfig, backbone: Backbone) -> EncodedTask:
     task = load_task(cfg.task, cfg.text_column, cfg.label_column, cfg.verbalizers)
     return encode_task(task, backbone.tokenizer, backbone.is_encoder_decoder, backbone.vocab_is_frequency_ordered,
-                       cfg.max_length, cfg.max_train_examples, cfg.max_eval_examples, cfg.confirm_examples)
+                       cfg.max_length, cfg.max_train_examples, cfg.max_eval_examples, cfg.confirm_examples,
+                       cfg.max_test_examples)
 
 
 def initial_prompt(cfg: TrainConfig, backbone: Backbone, data: EncodedTask) -> torch.Tensor:
@@ -63,8 +64,11 @@ def initial_prompt(cfg: TrainConfig, backbone: Backbone, data: EncodedTask) -> t
 
 
 def checkpoint_meta(cfg: TrainConfig, backbone: Backbone, data: EncodedTask, step: int, metrics: dict) -> dict:
+    """What a prompt belongs to; the template and verbalizers travel with it to every export, so a
+    served prompt formats raw input as it was trained."""
     return {"backbone": cfg.model, "fingerprint": backbone.fingerprint, "init": cfg.init, "task": data.name,
-            "verbalizers": data.verbalizers, "step": step, "metrics": metrics, "config": cfg.to_dict()}
+            "template": data.template, "verbalizers": data.verbalizers, "step": step, "metrics": metrics,
+            "config": cfg.to_dict()}
 
 
 def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None, report: Reporter | None = None,
@@ -74,7 +78,8 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
     device = backbone.device
     prompt = SoftPrompt(initial_prompt(cfg, backbone, data)).to(device)
     optimizer, schedule = build_optimizer(cfg.optimizer, prompt.weight, cfg.lr, cfg.weight_decay,
-                                          cfg.warmup_steps, cfg.decay_factor, cfg.max_steps)
+                                          cfg.warmup_steps, cfg.decay_factor, cfg.max_steps, cfg.decay_steps,
+                                          cfg.parameter_scaling)
     start, best = 0, {"dev": None, "step": 0, "prompt": prompt.weight.detach().clone()}
     if resume_from is not None:
         current = load_checkpoint(Path(resume_from) / "current", backbone.fingerprint, backbone.width)
@@ -96,7 +101,7 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
     for step in bar:
         started = time.perf_counter()
         batch = train_batch(data, order, step).to(device)
-        loss = pm.loss(batch)
+        loss = pm.loss(batch, InputDropout.for_step(cfg.dropout, cfg.seed, step, device))
         if not math.isfinite(loss.item()):
             raise Diverged(step + 1, loss.item())  # counted from 1, as reports count steps
         loss.backward()
@@ -166,12 +171,13 @@ def is_eval_step(cfg: TrainConfig, step: int) -> bool:
 
 
 def final_metrics(pm: PromptedModel, values: torch.Tensor, data: EncodedTask, cfg: TrainConfig) -> dict:
-    """The best prompt `values` on the test split (`test_*`) and, if the task has a confirm split,
-    on it (`confirmed_dev_*`); the current prompt is put back after."""
+    """The best prompt `values` on the test split (`test_*`, with `test_examples`: how many were
+    scored) and, if the task has a confirm split, on it (`confirmed_dev_*`); the current prompt is put
+    back after."""
     current = pm.prompt.weight.detach().clone()
     confirm = data.splits.get("confirm")
     splits = {"test": "test_", **({"confirm": "confirmed_dev_"} if confirm else {})}
-    metrics = {"confirmed_dev_examples": len(confirm)} if confirm else {}
+    metrics = {"test_examples": len(data.splits["test"]), **({"confirmed_dev_examples": len(confirm)} if confirm else {})}
     with torch.no_grad():
         pm.prompt.weight.copy_(values)
         for split, prefix in splits.items():

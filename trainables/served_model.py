@@ -1,19 +1,43 @@
 """The MLflow pyfunc model of an exported prompt bundle, logged as code ("models from code"), so
 the registered model holds this file, the prompts' safetensors and JSON, and no pickle.
 
-`predict` takes a DataFrame with `text` (the task's input, formatted as in training, e.g.
-"review: ...\\nsentiment:") and optionally `task` (which of the bundle's tasks; default: the first),
-and returns `task`, `label`, `label_id` and a `score_<verbalizer>` column per class (mean
-log-likelihood over the task's prompts). Each example runs with all its task's prompts in one
-forward pass, shared with the batch's other examples of similar length, whatever their tasks.
+`predict` takes a DataFrame with each task's raw columns (those its template names: `text`, or
+`question` and `passage`...) and optionally `task` (which of the bundle's tasks; default: the
+first). It applies the task's template itself, as training did, and returns `task`, `label`,
+`label_id` and a `score_<verbalizer>` column per class (mean log-likelihood over the task's
+prompts). Each example runs with all its task's prompts in one forward pass, shared with the
+batch's other examples of similar length, whatever their tasks.
 """
 from __future__ import annotations
+
+from string import Formatter
 
 import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from trainables.ensemble import load_bundle
+from trainables.tasks import format_input, template_columns
+
+UNFORMATTED = "{text}"  # bundles exported before templates travelled with prompts took formatted text
+
+
+def request_input(template: str, row: dict, task: str, number: int) -> str:
+    """A request row's model input: the template over its raw columns. A one-column value that
+    already carries the template's text around it (formatted input, as this model took before it
+    applied templates) is taken as it is: formatting it again would score it wrongly."""
+    columns = template_columns(template)
+    missing = [c for c in columns if not isinstance(row.get(c), str)]
+    if missing:
+        raise ValueError(f"row {number}: task {task!r} needs the raw text column(s) {missing} (its template is "
+                         f"{template!r}); got columns {sorted(k for k, v in row.items() if isinstance(v, str))}")
+    literals = [literal for literal, _, _, _ in Formatter().parse(template)]
+    if len(columns) == 1 and len(literals) == 2 and any(literals):
+        head, tail = literals
+        value = row[columns[0]]
+        if value.startswith(head) and value.rstrip().endswith(tail.rstrip()):
+            return value
+    return format_input(template, row)
 
 
 class PromptBundleModel(PythonModel):
@@ -21,19 +45,20 @@ class PromptBundleModel(PythonModel):
         self.ensemble, self.record = load_bundle(context.artifacts["bundle"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        tasks = list(self.record["tasks"])
-        names = list(model_input["task"]) if "task" in model_input else [tasks[0]] * len(model_input)
+        tasks = self.record["tasks"]
+        names = list(model_input["task"]) if "task" in model_input else [next(iter(tasks))] * len(model_input)
         unknown = sorted(set(names) - set(tasks))
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}: this model serves {tasks}")
+            raise ValueError(f"unknown task(s) {unknown}: this model serves {list(tasks)}")
+        texts = [request_input(tasks[task].get("template") or UNFORMATTED, row, task, number)
+                 for number, (task, row) in enumerate(zip(names, model_input.to_dict("records")), start=1)]
         tokenizer = self.ensemble.backbone.tokenizer
-        inputs = tokenizer(list(model_input["text"]), add_special_tokens=True)["input_ids"]
+        inputs = tokenizer(texts, add_special_tokens=True)["input_ids"]
         causal = not self.ensemble.backbone.is_encoder_decoder
-        inputs = [x[-self.record["tasks"][t]["max_length"]:] if causal else x[:self.record["tasks"][t]["max_length"]]
-                  for x, t in zip(inputs, names)]
+        inputs = [x[-tasks[t]["max_length"]:] if causal else x[:tasks[t]["max_length"]] for x, t in zip(inputs, names)]
         rows = []
         for task, (label, scores) in zip(names, self.ensemble.predict(names, inputs)):
-            verbalizers = self.record["tasks"][task]["verbalizers"]
+            verbalizers = tasks[task]["verbalizers"]
             rows.append({"task": task, "label": verbalizers[label], "label_id": label,
                          **{f"score_{v}": float(s) for v, s in zip(verbalizers, scores)}})
         return pd.DataFrame(rows)

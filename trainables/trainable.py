@@ -21,14 +21,15 @@ from trainables.checkpoint import load_checkpoint
 from trainables.config import ASHA_METRICS, TrainConfig, trial_config
 from trainables.data import EncodedTask
 from trainables.loop import Diverged, prepare_data, train
+from trainables.tasks import task_key
 from trainables.tracking import TrackingTarget, TrialTracker
 
 _WORKER_DATA: dict[tuple, EncodedTask] = {}
 
 
 def _cached_data(cfg: TrainConfig, backbone) -> EncodedTask:
-    key = (cfg.task, cfg.text_column, cfg.label_column, str(cfg.verbalizers), backbone.fingerprint,
-           cfg.max_length, cfg.max_train_examples, cfg.max_eval_examples, cfg.confirm_examples)
+    key = (task_key(cfg.task), cfg.text_column, cfg.label_column, str(cfg.verbalizers), backbone.fingerprint,
+           cfg.max_length, cfg.max_train_examples, cfg.max_eval_examples, cfg.confirm_examples, cfg.max_test_examples)
     if key not in _WORKER_DATA:
         _WORKER_DATA.clear()  # one task per search: keep only the latest
         _WORKER_DATA[key] = prepare_data(cfg, backbone)
