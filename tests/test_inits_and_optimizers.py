@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.optimization import Adafactor as TransformersAdafactor
 
 from search.config import search_config
+from trainables.adafactor import Adafactor
 from trainables.config import TrainConfig, trial_config
 from trainables.data import encode_task
 from trainables.inits import (INITS, VOCAB_SAMPLE_SIZE, InitContext, class_label, common_token_ids, random_uniform,
                               random_uniform_relative, sampled_vocab, text)
 from trainables.loop import initial_prompt
-from trainables.optimizers import DEFAULT_LR, build_optimizer, lr_multiplier
+from trainables.optimizers import DEFAULT_LR, OPTIMIZERS, adafactor, adafactor_hf, adamw, build_optimizer, lr_multiplier
 from trainables.tasks import Task, split_three
 
 VOCAB, WIDTH = 8000, 8
@@ -186,11 +188,27 @@ def test_a_text_init_prompt_acts_on_a_scaling_model_exactly_as_its_tokens_do(tin
 
 # ---- optimizers ----
 
-def test_adafactor_uses_the_papers_settings():
+def test_optimizers_are_registered_by_name():
+    assert OPTIMIZERS == {"adafactor": adafactor, "adamw": adamw, "adafactor_hf": adafactor_hf}
+
+
+def test_adafactor_is_t5xs_with_the_papers_settings():
     prompt = torch.nn.Parameter(torch.zeros(4, WIDTH))
     optimizer, _ = build_optimizer("adafactor", prompt, lr=0.3, weight_decay=1e-5, warmup_steps=0,
                                    decay_factor=None, max_steps=100)
-    assert type(optimizer).__name__ == "Adafactor"
+    assert isinstance(optimizer, Adafactor)
+    (group,) = optimizer.param_groups
+    assert group.pop("params") == [prompt]
+    assert group == {"lr": 0.3, "initial_lr": 0.3, "weight_decay": 1e-5, "decay_rate": 0.8,  # beta2_t = 1 - t^-0.8
+                     "clipping_threshold": 1.0, "min_dim_size_to_factor": 128, "epsilon1": 1e-30, "epsilon2": 1e-3,
+                     "multiply_by_parameter_scale": False}
+
+
+def test_adafactor_hf_is_transformers_adafactor_at_the_papers_settings():
+    prompt = torch.nn.Parameter(torch.zeros(4, WIDTH))
+    optimizer, _ = build_optimizer("adafactor_hf", prompt, lr=0.3, weight_decay=1e-5, warmup_steps=0,
+                                   decay_factor=None, max_steps=100)
+    assert isinstance(optimizer, TransformersAdafactor)
     (group,) = optimizer.param_groups
     assert group["params"] == [prompt]
     assert group["lr"] == 0.3
@@ -202,17 +220,27 @@ def test_adafactor_uses_the_papers_settings():
     assert group["beta1"] is None
 
 
+@pytest.mark.parametrize("name, option", [("adafactor", "multiply_by_parameter_scale"),
+                                          ("adafactor_hf", "scale_parameter")])
+def test_parameter_scaling_turns_on_each_adafactors_own_option(name, option):
+    prompt = torch.nn.Parameter(torch.zeros(4, WIDTH))
+    optimizer, _ = build_optimizer(name, prompt, lr=0.3, weight_decay=1e-5, warmup_steps=0,
+                                   decay_factor=None, max_steps=100, parameter_scaling=True)
+    assert optimizer.param_groups[0][option] is True
+
+
 def optimizer_lr(cfg: TrainConfig) -> float:
     """The lr that reaches the optimizer of a run with this config."""
     optimizer, _ = build_optimizer(cfg.optimizer, torch.nn.Parameter(torch.zeros(4, WIDTH)), cfg.lr, cfg.weight_decay,
-                                   cfg.warmup_steps, cfg.decay_factor, cfg.max_steps)
+                                   cfg.warmup_steps, cfg.decay_factor, cfg.max_steps, cfg.decay_steps,
+                                   cfg.parameter_scaling)
     return optimizer.param_groups[0]["lr"]
 
 
 def test_the_default_run_is_the_papers_optimizer_setting():
     cfg = TrainConfig()
     assert (cfg.optimizer, optimizer_lr(cfg), cfg.weight_decay) == ("adafactor", 0.3, 1e-5)
-    assert DEFAULT_LR == {"adafactor": 0.3, "adamw": 0.03}
+    assert DEFAULT_LR == {"adafactor": 0.3, "adamw": 0.03, "adafactor_hf": 0.3}
 
 
 def test_naming_only_the_optimizer_runs_it_at_its_own_default_lr():
@@ -257,6 +285,16 @@ def test_lr_multiplier_decays_exponentially_to_the_factor_at_max_steps():
     assert lr_multiplier(50, 0, 0.1, 100) == pytest.approx(0.1 ** 0.5)
     assert lr_multiplier(100, 0, 0.1, 100) == pytest.approx(0.1)
     assert lr_multiplier(1, 4, 0.1, 100) == pytest.approx(0.5 * 0.1 ** 0.01)  # warmup and decay multiply
+
+
+def test_lr_multiplier_with_decay_steps_multiplies_by_the_factor_every_decay_steps():
+    assert [lr_multiplier(s, 0, 0.5, 100, decay_steps=3) for s in range(8)] == [1, 1, 1, 0.5, 0.5, 0.5, 0.25, 0.25]
+    # warmup multiplies, and the steps count from 0, not from the end of warmup (T5X's decay_every)
+    assert [lr_multiplier(s, 4, 0.1, 100, decay_steps=2) for s in range(5)] == pytest.approx([0.25, 0.5, 0.075, 0.1, 0.01])
+
+
+def test_decay_steps_without_a_decay_factor_keeps_the_lr():
+    assert [lr_multiplier(s, 0, None, 100, decay_steps=2) for s in range(5)] == [1.0] * 5
 
 
 def test_the_schedule_sets_the_optimizers_lr_every_step():

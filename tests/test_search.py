@@ -347,7 +347,7 @@ BAD_SEARCH_CONFIGS = [
     ({"train": {"max_steps": 10}}, "train.max_steps", "top-level max_steps"),
     ({"train": {"optimizer": "sgd"}}, "train.optimizer", "one of adafactor, adamw"),
     ({"space": "huge"}, "space", "quick, paper"),
-    ({"space": {"dropout": {"choices": [0.1]}}}, "space.dropout", "training field"),
+    ({"space": {"label_smoothing": {"choices": [0.1]}}}, "space.label_smoothing", "training field"),
     ({"space": {"init": {"choices": ["zeros"]}}}, "space.init.choices", "one of random_uniform"),
     ({"space": {"prompt_length": {"choices": [0, 5]}}}, "space.prompt_length.choices", "an integer >= 1"),
     ({"space": {"lr": {"low": 0.1, "high": 0.01}}}, "space.lr", "low < high"),

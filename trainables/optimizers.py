@@ -2,38 +2,67 @@
 from __future__ import annotations
 
 import torch
-from transformers.optimization import Adafactor
+from transformers.optimization import Adafactor as TransformersAdafactor
+
+from trainables.adafactor import Adafactor
 
 
 def adafactor(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """The paper's setting (t5_1_1_prompt.gin): constant lr, no parameter scaling, no relative
-    step, beta2 decay 0.8. HF's decay_rate is the exponent of 1 - t^decay_rate, hence -0.8."""
-    return Adafactor(params, lr=lr, weight_decay=weight_decay, decay_rate=-0.8,
-                     scale_parameter=False, relative_step=False, warmup_init=False,
-                     clip_threshold=1.0, beta1=None)
+    """The paper's optimizer: T5X's Adafactor as t5_1_1_prompt.gin sets it (beta2 decay 0.8, no
+    momentum, no parameter scaling, update clipping 1.0, second moment factored only when both
+    dimensions are >= 128)."""
+    return Adafactor(params, lr=lr, weight_decay=weight_decay)
+
+
+def adafactor_hf(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """transformers' Adafactor at the same settings, kept so a bench can measure what the paper's
+    differs by: it factors every 2-D tensor (so its first step is not lr * sign(grad)) and removes
+    lr * weight_decay per step. Its decay_rate is the exponent of 1 - t^decay_rate, hence -0.8."""
+    return TransformersAdafactor(params, lr=lr, weight_decay=weight_decay, decay_rate=-0.8,
+                                 scale_parameter=False, relative_step=False, warmup_init=False,
+                                 clip_threshold=1.0, beta1=None)
 
 
 def adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-OPTIMIZERS = {f.__name__: f for f in (adafactor, adamw)}
+OPTIMIZERS = {f.__name__: f for f in (adafactor, adamw, adafactor_hf)}
 
 # The defaults a user gets when naming only the optimizer.
-DEFAULT_LR = {"adafactor": 0.3, "adamw": 0.03}
+DEFAULT_LR = {"adafactor": 0.3, "adamw": 0.03, "adafactor_hf": 0.3}
+
+# The param-group option that turns on "parameter scaling" (paper Table 6: each step is lr times the
+# prompt's RMS, at least 1e-3), for the optimizers that have it.
+PARAMETER_SCALING = {"adafactor": "multiply_by_parameter_scale", "adafactor_hf": "scale_parameter"}
 
 
-def lr_multiplier(step: int, warmup_steps: int, decay_factor: float | None, max_steps: int) -> float:
-    """Linear warmup, then exponential decay reaching `decay_factor` at max_steps (paper Table 6)."""
+def lr_multiplier(step: int, warmup_steps: int, decay_factor: float | None, max_steps: int,
+                  decay_steps: int | None = None) -> float:
+    """Linear warmup, times a decay by `decay_factor`: every `decay_steps` steps (a staircase, the
+    paper's Table 6 "steps per decay", as T5X's `decay_every`), or without decay_steps smoothly,
+    reaching decay_factor at max_steps."""
     warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-    decay = decay_factor ** (step / max_steps) if decay_factor is not None else 1.0
+    if decay_factor is None:
+        decay = 1.0
+    elif decay_steps:
+        decay = decay_factor ** (step // decay_steps)
+    else:
+        decay = decay_factor ** (step / max_steps)
     return warmup * decay
 
 
 def build_optimizer(name: str, prompt: torch.nn.Parameter, lr: float | None, weight_decay: float,
-                    warmup_steps: int, decay_factor: float | None, max_steps: int):
+                    warmup_steps: int, decay_factor: float | None, max_steps: int,
+                    decay_steps: int | None = None, parameter_scaling: bool = False):
     """The named optimizer at `lr`, or at its own default (DEFAULT_LR) when `lr` is None, with its schedule."""
-    optimizer = OPTIMIZERS[name]([prompt], DEFAULT_LR[name] if lr is None else lr, weight_decay)
+    group = {"params": [prompt]}
+    if parameter_scaling:
+        if name not in PARAMETER_SCALING:  # a custom space can pair it with any optimizer
+            raise ValueError(f"parameter_scaling = True is not allowed with optimizer {name}: "
+                             f"only {', '.join(PARAMETER_SCALING)} scale their steps by the prompt's RMS")
+        group[PARAMETER_SCALING[name]] = True
+    optimizer = OPTIMIZERS[name]([group], DEFAULT_LR[name] if lr is None else lr, weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, warmup_steps, decay_factor, max_steps))
+        optimizer, lambda step: lr_multiplier(step, warmup_steps, decay_factor, max_steps, decay_steps))
     return optimizer, schedule

@@ -7,6 +7,9 @@ default prefixes the decoder too).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,6 +27,26 @@ class SoftPrompt(nn.Module):
         return self.weight.shape[0]
 
 
+@dataclass(frozen=True)
+class InputDropout:
+    """Dropout on the embedded input, prompt included, while training (the paper's fine-tuning
+    config: 0.1). Its masks come from `generator`, so they are fixed by (seed, step) as the batch
+    is (TrainOrder), and a resumed run drops what it would have dropped."""
+    rate: float
+    generator: torch.Generator
+
+    @classmethod
+    def for_step(cls, rate: float, seed: int, step: int, device: torch.device) -> "InputDropout | None":
+        if rate == 0:
+            return None
+        mixed = int(np.random.SeedSequence([seed, step]).generate_state(1)[0])  # nearby steps, unrelated masks
+        return cls(rate, torch.Generator(device).manual_seed(mixed))
+
+    def __call__(self, embeds: torch.Tensor) -> torch.Tensor:
+        keep = torch.rand(embeds.shape, generator=self.generator, device=embeds.device) >= self.rate
+        return embeds * keep.to(embeds.dtype) / (1 - self.rate)
+
+
 class PromptedModel:
     """A frozen backbone with one soft prompt in front of every input."""
 
@@ -32,36 +55,39 @@ class PromptedModel:
         self.model = backbone.model
         self.prompt = prompt
 
-    def _prompted_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def _prompted_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         dropout: InputDropout | None = None):
         embeds = self.model.get_input_embeddings()(input_ids)
         batch = embeds.shape[0]
         prompt = self.prompt.weight.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         ones = attention_mask.new_ones(batch, self.prompt.length)
-        return torch.cat([prompt, embeds], 1), torch.cat([ones, attention_mask], 1)
+        embeds = torch.cat([prompt, embeds], 1)
+        return embeds if dropout is None else dropout(embeds), torch.cat([ones, attention_mask], 1)
 
-    def _causal_logits(self, batch: Batch, keep: int) -> torch.Tensor:
+    def _causal_logits(self, batch: Batch, keep: int, dropout: InputDropout | None = None) -> torch.Tensor:
         """Logits of the last `keep` positions only: the full-vocabulary projection of every
         position would cost a fifth of the forward pass for nothing."""
-        embeds, mask = self._prompted_inputs(batch.input_ids, batch.attention_mask)
+        embeds, mask = self._prompted_inputs(batch.input_ids, batch.attention_mask, dropout)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                          logits_to_keep=keep, use_cache=False)
         return out.logits.float()
 
-    def target_logprobs(self, batch: Batch) -> torch.Tensor:
-        """[B, L] log-probability of each target token (0 where the target is padding)."""
+    def target_logprobs(self, batch: Batch, dropout: InputDropout | None = None) -> torch.Tensor:
+        """[B, L] log-probability of each target token (0 where the target is padding); `dropout`
+        only in training."""
         if self.backbone.is_encoder_decoder:
-            embeds, mask = self._prompted_inputs(batch.input_ids, batch.attention_mask)
+            embeds, mask = self._prompted_inputs(batch.input_ids, batch.attention_mask, dropout)
             decoder_ids = self.model.prepare_decoder_input_ids_from_labels(labels=batch.labels)
             logits = self.model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids,
                                 use_cache=False).logits.float()
         else:
-            logits = self._causal_logits(batch, batch.labels.shape[1] + 1)[:, :-1]
+            logits = self._causal_logits(batch, batch.labels.shape[1] + 1, dropout)[:, :-1]
         return _gather_targets(logits, batch.labels)
 
-    def loss(self, batch: Batch) -> torch.Tensor:
-        """Mean negative log-likelihood per target token."""
-        logp = self.target_logprobs(batch)
+    def loss(self, batch: Batch, dropout: InputDropout | None = None) -> torch.Tensor:
+        """Mean negative log-likelihood per target token (the training loss)."""
+        logp = self.target_logprobs(batch, dropout)
         return -logp.sum() / (batch.labels != IGNORE).sum()
 
     @torch.no_grad()
