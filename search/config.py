@@ -199,7 +199,7 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
 
 # SEARCH_METRICS, ASHA_METRICS: trainables.config (a failed trial reports them all).
 # The dev metric that keeps each trial's best prompt, by search metric; train_loss: train.select_metric.
-SELECT_BY_METRIC = {"best_dev_accuracy": "accuracy", "dev_accuracy": "accuracy", "dev_f1": "f1"}
+SELECT_BY_METRIC = {"best_dev_accuracy": "accuracy", "dev_accuracy": "accuracy", "best_dev_f1": "f1", "dev_f1": "f1"}
 # A search's trials that run to max_steps score their best prompt on this many further dev examples
 # (train.confirm_examples), and the winner is picked by that score: a trial's best dev accuracy is
 # the maximum of several scores on max_eval_examples, biased upwards by noise.

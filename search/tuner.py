@@ -30,7 +30,7 @@ from trainables.trainable import tune_trial
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
 # The search metric's counterpart on the confirm split (trainables.loop.final_metrics); none for train_loss.
 CONFIRMED = {"best_dev_accuracy": "confirmed_dev_accuracy", "dev_accuracy": "confirmed_dev_accuracy",
-             "dev_f1": "confirmed_dev_f1"}
+             "best_dev_f1": "confirmed_dev_f1", "dev_f1": "confirmed_dev_f1"}
 
 
 class AshaAwareOptunaSearch(OptunaSearch):

@@ -112,9 +112,10 @@ def test_a_search_that_a_diverged_trial_ended_resumes_to_its_end(ray_cluster, ti
 
 # ---- 3 and 6: a trial's lr, and the prompt it keeps ----
 
+@pytest.mark.parametrize("metric", ["dev_f1", "best_dev_f1"])
 def test_a_trial_runs_at_its_optimizers_default_lr_and_keeps_the_prompt_with_the_best_dev_f1(
-        ray_cluster, tiny_llama_dir, tmp_path):
-    cfg = tiny_search(tiny_llama_dir, tmp_path, name="adamw-f1", trials=1, scheduler="none", metric="dev_f1",
+        ray_cluster, tiny_llama_dir, tmp_path, metric):
+    cfg = tiny_search(tiny_llama_dir, tmp_path, name="adamw-f1", trials=1, scheduler="none", metric=metric,
                       space={"optimizer": {"choices": ["adamw"]}}, train={"eval_every": 2})
     assert (cfg.train.optimizer, cfg.train.select_metric) == ("adafactor", "f1")
     run_search(cfg)
@@ -132,6 +133,7 @@ def test_a_trial_runs_at_its_optimizers_default_lr_and_keeps_the_prompt_with_the
     best = load_checkpoint(row["prompt"])
     assert best.meta["step"] == last["best_step"]
     assert (best.meta["metrics"]["dev_f1"], best.meta["metrics"]["dev_accuracy"]) == (kept["dev_f1"], kept["dev_accuracy"])
+    assert row["metric"] == last[metric]  # best_dev_f1 ranks trials by their kept prompt's F1
 
 
 def kept_step(evaluations: list[tuple[int, dict]], select_metric: str) -> int:
@@ -192,7 +194,7 @@ def test_a_run_checkpointed_before_select_metric_existed_resumes_to_the_same_res
 @pytest.mark.parametrize("metric", list(SEARCH_METRICS))
 def test_the_search_metric_sets_the_dev_metric_that_keeps_each_trials_prompt(tiny_llama_dir, tmp_path, metric):
     cfg = tiny_search(tiny_llama_dir, tmp_path, metric=metric)
-    assert cfg.train.select_metric == {"dev_f1": "f1"}.get(metric, "accuracy")
+    assert cfg.train.select_metric == {"dev_f1": "f1", "best_dev_f1": "f1"}.get(metric, "accuracy")
 
 
 def test_a_train_loss_search_keeps_prompts_by_the_dev_metric_the_user_chose(tiny_llama_dir, tmp_path):

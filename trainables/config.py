@@ -9,7 +9,9 @@ from dataclasses import dataclass
 # (`asha_metric`), each with the direction that is better. A trial's reports carry them all, a
 # failed trial's last report too (with worst values): Ray ends the whole search on a result that
 # lacks the scheduler's or the searcher's metric.
-SEARCH_METRICS = {"best_dev_accuracy": "max", "dev_accuracy": "max", "dev_f1": "max", "train_loss": "min"}
+# best_dev_*: the kept prompt's (trainables.loop.best_metrics); dev_*: the latest evaluation's.
+SEARCH_METRICS = {"best_dev_accuracy": "max", "best_dev_f1": "max", "dev_accuracy": "max", "dev_f1": "max",
+                  "train_loss": "min"}
 RANK_ONLY_METRICS = {"dev_auc": "max", "dev_log_loss": "min"}  # only rank classification reports these
 ASHA_METRICS = {**SEARCH_METRICS, **RANK_ONLY_METRICS}
 SELECT_METRICS = ("accuracy", "f1")  # dev metrics that may pick the kept prompt (higher is better)
