@@ -73,7 +73,7 @@ def _finish_search(storage_path: str, name: str) -> int:
     from search.tuner import best_trial, load_saved_config, trial_rows, write_summary
     from trainables.backbone import load_backbone
     from trainables.checkpoint import load_checkpoint
-    from trainables.config import fields_from_params
+    from trainables.config import trial_config
     from trainables.evaluate import evaluate
     from trainables.loop import prepare_data, zero_shot
     from trainables.prompt import PromptedModel, SoftPrompt
@@ -87,7 +87,7 @@ def _finish_search(storage_path: str, name: str) -> int:
         print(f"\nno trial has been evaluated yet: `softprompt search resume {name}` continues the search")
         return 1
     best = best_trial(storage_path, name)
-    train_cfg = cfg.train.replace(**fields_from_params(best["params"], cfg.train.max_steps))
+    train_cfg = trial_config(best["params"], cfg.train.to_dict())
     backbone = load_backbone(train_cfg.model, train_cfg.dtype)
     data = prepare_data(train_cfg, backbone)
     baseline = zero_shot(train_cfg, backbone, data)

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from search.config import ConfigError, SearchConfig
-from search.storage import RUN_FILE, SearchStorage
+from search.storage import RUN_FILE, STUDY_FILE, SearchStorage
 from search.tuner import CONFIG_FILE, CONFIRMED, SUMMARY_FILE, best_trial, experiment_dir, load_saved_config, trial_rows
 from trainables.tracking import (PARENT_TAG, TRIAL_TAG, TrackingTarget, client, find_or_create_child,
                                  replay_spool, set_status)
@@ -206,7 +206,7 @@ def _log_optuna_plots(mlflow_client, run_id: str, cfg: SearchConfig, folder: Pat
     import optuna
     import optuna.visualization.matplotlib as plots
 
-    study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{folder / 'optuna.db'}")
+    study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{folder / STUDY_FILE}")
     for plot in (plots.plot_optimization_history, plots.plot_param_importances, plots.plot_parallel_coordinate):
         try:
             with warnings.catch_warnings():  # Optuna's "experimental" notes and matplotlib's flat-axis

@@ -329,3 +329,12 @@ def test_the_cache_goes_to_forward_under_the_name_the_model_takes():
     assert (cache_kwarg(Before), cache_kwarg(After)) == ("past_key_values", "cache")
     assert returned_cache(SimpleNamespace(past_key_values="kv")) == "kv"
     assert returned_cache(SimpleNamespace(cache="kv", past_key_values=None)) == "kv"
+
+
+@pytest.mark.parametrize("template", ["sst2 sentence: {sentence}", "{sentence}\nlabel:", "review: {sentence}\nsentiment:"])
+def test_served_input_is_formatted_once_whether_the_request_sends_raw_or_formatted_text(template):
+    from trainables.served_model import request_input
+
+    formatted = template.format(sentence="a fine film")
+    assert request_input(template, {"sentence": "a fine film"}, "t", 1) == formatted
+    assert request_input(template, {"sentence": formatted}, "t", 1) == formatted  # not "sst2 sentence: sst2 sentence: ..."

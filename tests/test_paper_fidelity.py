@@ -189,11 +189,6 @@ def test_a_decay_every_decay_steps_reaches_the_optimizer_as_a_staircase():
     assert seen == pytest.approx([0.3] * 4 + [0.15] * 4 + [0.075] * 4)
 
 
-def test_parameter_scaling_is_refused_for_an_optimizer_without_it():
-    with pytest.raises(ValueError, match="parameter_scaling = True is not allowed with optimizer adamw"):
-        build_optimizer("adamw", torch.nn.Parameter(torch.zeros(4, 8)), 0.03, 0.0, 0, None, 10, parameter_scaling=True)
-
-
 # ---- dropout on the embedded input ----
 
 BACKBONES = ["tiny_llama", "tiny_t5"]
@@ -308,3 +303,10 @@ def test_bad_new_training_fields_are_named_with_what_is_allowed(values, field, a
     with pytest.raises(ConfigError) as caught:
         train_config(values)
     assert f"{field} = " in str(caught.value) and allowed in str(caught.value)
+
+
+def test_parameter_scaling_drawn_beside_adamw_leaves_adamw_as_it_is():
+    prompt = torch.nn.Parameter(torch.zeros(4, 8))
+    optimizer, _ = build_optimizer("adamw", prompt, 0.03, 1e-5, warmup_steps=0, decay_factor=None, max_steps=10,
+                                   parameter_scaling=True)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["lr"] == 0.03

@@ -189,6 +189,20 @@ def test_a_run_checkpointed_before_select_metric_existed_resumes_to_the_same_res
     assert resumed == {k: v for k, v in straight.items() if k != "best_dev_f1"}
 
 
+def test_a_trial_checkpointed_when_adafactor_was_transformers_resumes_with_that_optimizer(tiny_llama, tmp_path):
+    """A search started before `adafactor` meant T5X's: its trials' saved config says adafactor, their
+    optimizer state is transformers' Adafactor's, and resuming must continue that run, not fail."""
+    from trainables.config import TrainConfig
+
+    old = TrainConfig(model="tiny", task="rotten_tomatoes", batch_size=4, max_steps=4, eval_every=2, max_eval_examples=16,
+                      max_train_examples=64, prompt_length=2, optimizer="adafactor_hf", seed=1)
+    data = prepare_data(old, tiny_llama)
+    straight = train(old, tiny_llama, data, report=lambda m, save: save(tmp_path / str(m["step"])))
+    resumed = train(old.replace(optimizer="adafactor"), tiny_llama, data, resume_from=tmp_path / "2")
+    assert torch.equal(resumed.pop("prompt"), straight.pop("prompt"))
+    assert resumed == straight
+
+
 # ---- the search config sets what the trial keeps ----
 
 @pytest.mark.parametrize("metric", list(SEARCH_METRICS))

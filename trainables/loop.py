@@ -77,12 +77,13 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
     data = data or prepare_data(cfg, backbone)
     device = backbone.device
     prompt = SoftPrompt(initial_prompt(cfg, backbone, data)).to(device)
-    optimizer, schedule = build_optimizer(cfg.optimizer, prompt.weight, cfg.lr, cfg.weight_decay,
+    current = load_checkpoint(Path(resume_from) / "current", backbone.fingerprint, backbone.width) if resume_from else None
+    optimizer_name = resumed_optimizer(cfg.optimizer, current.optimizer_state) if current else cfg.optimizer
+    optimizer, schedule = build_optimizer(optimizer_name, prompt.weight, cfg.lr, cfg.weight_decay,
                                           cfg.warmup_steps, cfg.decay_factor, cfg.max_steps, cfg.decay_steps,
                                           cfg.parameter_scaling)
     start, best = 0, {"dev": None, "step": 0, "prompt": prompt.weight.detach().clone()}
-    if resume_from is not None:
-        current = load_checkpoint(Path(resume_from) / "current", backbone.fingerprint, backbone.width)
+    if current is not None:
         best_saved = load_checkpoint(Path(resume_from) / "best", backbone.fingerprint, backbone.width)
         with torch.no_grad():
             prompt.weight.copy_(current.prompt)
@@ -148,6 +149,15 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
     return {"best_step": best["step"], **best_metrics(best),
             **{k: v for k, v in metrics.items() if k.startswith(("test_", "confirmed_"))},
             "prompt": best["prompt"].detach().cpu()}
+
+
+def resumed_optimizer(name: str, state: dict) -> str:
+    """The optimizer that wrote `state`: `adafactor` named transformers' Adafactor (now
+    `adafactor_hf`) before it meant T5X's, and a trial of a search started then resumes with it."""
+    hf_keys = {"exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"}
+    if name == "adafactor" and any(hf_keys & s.keys() for s in state["state"].values()):
+        return "adafactor_hf"
+    return name
 
 
 def keeps(dev: dict, best_dev: dict | None, select_metric: str) -> bool:

@@ -31,11 +31,11 @@ def request_input(template: str, row: dict, task: str, number: int) -> str:
     if missing:
         raise ValueError(f"row {number}: task {task!r} needs the raw text column(s) {missing} (its template is "
                          f"{template!r}); got columns {sorted(k for k, v in row.items() if isinstance(v, str))}")
-    literals = [literal for literal, _, _, _ in Formatter().parse(template)]
-    if len(columns) == 1 and len(literals) == 2 and any(literals):
-        head, tail = literals
+    parts = list(Formatter().parse(template))  # (literal before, field, ...), then the trailing literal
+    if len(columns) == 1 and len(parts) <= 2 and parts[0][1] is not None:
+        head, tail = parts[0][0], (parts[1][0] if len(parts) == 2 else "")
         value = row[columns[0]]
-        if value.startswith(head) and value.rstrip().endswith(tail.rstrip()):
+        if (head or tail.strip()) and value.startswith(head) and value.rstrip().endswith(tail.rstrip()):
             return value
     return format_input(template, row)
 
