@@ -220,3 +220,43 @@ def test_a_select_metric_that_contradicts_the_search_metric_is_refused(tiny_llam
     with pytest.raises(ConfigError) as error:
         tiny_search(tiny_llama_dir, tmp_path, metric="dev_f1", train={"select_metric": "accuracy"})
     assert str(error.value).splitlines()[0].startswith("train.select_metric = 'accuracy' is not allowed: f1")
+
+
+# ---- a retried trial whose checkpoint is incomplete starts over instead of failing ----
+
+DAMAGED_SEARCH = None  # the search folder the damaging trainable works in (pickled with it by value)
+
+
+def tune_trial(config, base, metric, mode, gpu_fraction=0.0, tracking=None):
+    """The real trainable; but its first attempt, once its first checkpoint is stored, deletes that
+    checkpoint's current/prompt.json and fails, as a driver killed while Ray prunes or uploads
+    checkpoints leaves one (Ray then retries the trial from it)."""
+    import trainables.trainable as trainable
+
+    report = tune.report
+
+    def report_then_damage(metrics, checkpoint=None):
+        report(metrics, checkpoint=checkpoint)
+        trial_dir = DAMAGED_SEARCH / f"trial_{tune.get_context().get_trial_id()}"
+        (next(trial_dir.glob("checkpoint_*")) / "current" / "prompt.json").unlink()
+        raise RuntimeError("injected: the trial fails after its first checkpoint")
+
+    if tune.get_checkpoint() is None:
+        tune.report = report_then_damage
+    try:
+        trainable.tune_trial(config, base, metric, mode, gpu_fraction, tracking)
+    finally:
+        tune.report = report  # workers are reused by later trials
+
+
+def test_a_retried_trial_whose_checkpoint_is_incomplete_starts_over_and_completes(ray_cluster, tiny_llama_dir, tmp_path):
+    global DAMAGED_SEARCH
+    cfg = tiny_search(tiny_llama_dir, tmp_path, name="damaged", trials=1, scheduler="none", max_failures=1,
+                      train={"eval_every": 2})
+    DAMAGED_SEARCH = experiment_dir(cfg.storage_path, cfg.name)
+    run_search(cfg, trainable=tune_trial)
+    (row,) = trial_rows(cfg.storage_path, cfg.name)
+    assert row["status"] == "completed"
+    steps = reports(cfg, row["trial_id"])
+    assert [r["step"] for r in steps] == [2, 2, 4]  # the failed attempt's step 2, then a whole run
+    assert steps[-1]["resumed_from_step"] == 0 and "current/prompt.json: missing" in steps[-1]["resume_error"]

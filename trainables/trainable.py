@@ -17,7 +17,7 @@ import torch
 from ray import tune
 
 from trainables.backbone import cached_backbone, cap_gpu_memory, default_device
-from trainables.checkpoint import load_checkpoint
+from trainables.checkpoint import CheckpointError, load_checkpoint
 from trainables.config import ASHA_METRICS, TrainConfig, trial_config
 from trainables.data import EncodedTask
 from trainables.loop import Diverged, prepare_data, train
@@ -79,8 +79,15 @@ def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: f
         else:
             with checkpoint.as_directory() as folder:
                 # a restarted trial (Ray retrying a failure, or a resumed search) says where it picked up
-                setup["resumed_from_step"] = load_checkpoint(Path(folder) / "current").meta["step"]
-                train(cfg, backbone, data, report=report, resume_from=Path(folder))
+                try:
+                    load_checkpoint(Path(folder) / "best")
+                    setup["resumed_from_step"] = load_checkpoint(Path(folder) / "current").meta["step"]
+                except CheckpointError as error:
+                    # A driver killed while Ray uploads or prunes checkpoints can leave the one its state
+                    # names incomplete. The trial starts over rather than fail: its steps are lost, not it.
+                    setup.update(resumed_from_step=0, resume_error=str(error))
+                    folder = None
+                train(cfg, backbone, data, report=report, resume_from=Path(folder) if folder else None)
     except (Diverged, torch.OutOfMemoryError) as error:
         status = "diverged" if isinstance(error, Diverged) else "out_of_memory"
         if device.type == "cuda":  # this worker's next trial should not start with the failed one's cache
