@@ -91,7 +91,7 @@ CASES = [
     ("scheduler", lambda c: S(c, {"scheduler": "hyperband"}), ["scheduler = 'hyperband'", "one of asha, none"]),
     ("trials-0", lambda c: S(c, {"trials": 0}), ["trials = 0", "an integer >= 1"]),
     ("trials--1", lambda c: S(c, {"trials": -1}), ["trials = -1", "an integer >= 1"]),
-    ("metric", lambda c: S(c, {"metric": "accuracy"}), ["metric = 'accuracy'", "best_dev_accuracy, dev_accuracy"]),
+    ("metric", lambda c: S(c, {"metric": "accuracy"}), ["metric = 'accuracy'", "best_dev_accuracy, best_dev_f1, dev_accuracy"]),
     ("sampler", lambda c: S(c, {"sampler": "grid"}), ["sampler = 'grid'", "one of tpe, random"]),
     ("concurrency-float", lambda c: S(c, {"concurrency": 1.5}), ["concurrency = 1.5", "an integer >= 1"]),
     ("grace-period", lambda c: S(c, {"grace_period": 50}), ["grace_period = 50", "at most max_steps (4)"]),
