@@ -242,13 +242,12 @@ def cmd_verify(args) -> int:
 
 def cmd_search_best(args) -> int:
     """The best trial; with the summary `search run|resume` wrote for it, its test accuracy against zero-shot."""
-    from search.tuner import SUMMARY_FILE, best_trial, experiment_dir, load_saved_config
+    from search.tuner import best_trial, load_saved_config, read_summary
 
     cfg = load_saved_config(args.storage_path, args.name)
     best = best_trial(args.storage_path, args.name)
-    path = experiment_dir(args.storage_path, args.name) / SUMMARY_FILE
-    summary = json.loads(path.read_text()) if path.is_file() else {}
-    if summary.get("best_trial") == best["trial_id"] and "beats_zero_shot" in summary:  # written for this winner
+    summary = read_summary(args.storage_path, args.name, best["trial_id"])
+    if summary:  # written for this winner
         best = {**best, **{k: summary[k] for k in ("test_accuracy", "zero_shot_test_accuracy", "beats_zero_shot")}}
     if args.json:
         print(json.dumps(best, indent=2, default=str))

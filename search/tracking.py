@@ -17,7 +17,7 @@ from pathlib import Path
 
 from search.config import ConfigError, SearchConfig
 from search.storage import RUN_FILE, STUDY_FILE, SearchStorage
-from search.tuner import CONFIG_FILE, CONFIRMED, SUMMARY_FILE, best_trial, experiment_dir, load_saved_config, trial_rows
+from search.tuner import CONFIG_FILE, CONFIRMED, best_trial, experiment_dir, load_saved_config, read_summary, trial_rows
 from trainables.tracking import (PARENT_TAG, TRIAL_TAG, TrackingTarget, client, find_or_create_child,
                                  replay_spool, set_status)
 
@@ -162,7 +162,7 @@ def _log_results(mlflow_client, run_id: str, cfg: SearchConfig, storage_path: st
                        "softprompt.best_params": json.dumps(best["params"], default=str)}.items():
         mlflow_client.set_tag(run_id, key, value)
     mlflow_client.log_artifacts(run_id, best["prompt"], "winning_prompt")
-    _log_verdict(mlflow_client, run_id, experiment_dir(storage_path, name), best["trial_id"])
+    _log_verdict(mlflow_client, run_id, read_summary(storage_path, name, best["trial_id"]))
     _log_optuna_plots(mlflow_client, run_id, cfg, experiment_dir(storage_path, name))
     from trainables.checkpoint import load_checkpoint
     checkpoint = load_checkpoint(best["prompt"])
@@ -170,14 +170,11 @@ def _log_results(mlflow_client, run_id: str, cfg: SearchConfig, storage_path: st
                             "nearest_tokens.json")
 
 
-def _log_verdict(mlflow_client, run_id: str, folder: Path, best_trial_id: str | None = None) -> None:
-    """The winner's test accuracy against zero-shot, from the search's summary (written after the
-    search, by `softprompt search run|resume`), if there is one for this winner."""
+def _log_verdict(mlflow_client, run_id: str, summary: dict | None) -> None:
+    """The winner's test accuracy against zero-shot, from the search's summary (`read_summary`), if any."""
     from mlflow.entities import Metric
 
-    path = folder / SUMMARY_FILE
-    summary = json.loads(path.read_text()) if path.is_file() else {}
-    if "beats_zero_shot" not in summary or best_trial_id not in (None, summary["best_trial"]):
+    if summary is None:
         return
     now = int(time.time() * 1000)
     metrics = {"winner_test_accuracy": summary["test_accuracy"], "zero_shot_test_accuracy": summary["zero_shot_test_accuracy"]}
@@ -192,7 +189,7 @@ def log_verdict(storage_path: str, name: str) -> None:
     if target is None or target.parent_run_id is None:  # not tracked, or sync creates the parent later
         return
     try:
-        _log_verdict(client(target.uri), target.parent_run_id, experiment_dir(storage_path, name))
+        _log_verdict(client(target.uri), target.parent_run_id, read_summary(storage_path, name))
     except Exception as error:
         print(f"softprompt: could not log to tracking server {target.uri} ({str(error).splitlines()[0][:200]}); "
               f"`softprompt mlflow sync {name}` logs the result later", file=sys.stderr, flush=True)

@@ -322,5 +322,15 @@ def best_trial(storage_path: str, name: str) -> dict:
     return {**best, "prompt": str(SearchStorage(storage_path, name).local_copy(best["prompt"]))}
 
 
+def read_summary(storage_path: str, name: str, trial_id: str | None = None) -> dict | None:
+    """The summary `search run|resume` wrote with the winner against zero-shot; None if there is none,
+    or (given `trial_id`) if it was written for another winner."""
+    path = experiment_dir(storage_path, name) / SUMMARY_FILE
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    if "beats_zero_shot" not in summary or trial_id not in (None, summary["best_trial"]):
+        return None
+    return summary
+
+
 def write_summary(storage_path: str, name: str, summary: dict) -> Path:
     return SearchStorage(storage_path, name).write_text(SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
