@@ -298,9 +298,12 @@ def test_a_driver_killed_mid_search_on_s3_resumes_elsewhere_with_nothing_lost(s3
     assert [r["status"] for r in after["rows"].values()] == ["completed"] * 3, seen
     for tid in finished:
         assert after["results"][tid] == before["results"][tid], seen
-    # the trial whose named checkpoint was half gone went on from the newer one beside it
+    # the trial whose named checkpoint was half gone went on from the newer one beside it; where the kill
+    # also cut that newer one's upload short, no whole checkpoint is left and the trial starts over, saying why
     resumed = [json.loads(line) for line in after["results"][running["trial_id"]].decode().splitlines()]
-    assert {r["resumed_from_step"] for r in resumed if "resumed_from_step" in r} == {running["newest_step"]}, seen
+    starts = {r["resumed_from_step"] for r in resumed if "resumed_from_step" in r}
+    restarted = starts == {0} and all("missing" in r["resume_error"] for r in resumed if "resume_error" in r)
+    assert starts == {running["newest_step"]} or restarted, seen
     assert running["newest_step"] >= running["step"], seen
     # the study on S3 keeps the trials it had told before the kill, and ends with every trial COMPLETE
     told_before = [t for t in before["optuna"] if t[1] == "COMPLETE"]
