@@ -7,15 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-USER_ERRORS = {"search.configfile": "ConfigError", "trainables.tasks": "TaskError",
-               "trainables.backbone": "BackboneError", "trainables.checkpoint": "CheckpointError"}
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """The user-mistake errors of the modules this command loaded: a module that was never
-    imported raised nothing, and importing it here would cost a command that needs no torch
-    (`cluster check`, `jobs`) seconds of start-up."""
-    return tuple(getattr(sys.modules[m], name) for m, name in USER_ERRORS.items() if m in sys.modules)
+from trainables.errors import UserError
 
 
 def cmd_train(args) -> int:
@@ -416,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except Exception as error:
-        if args.debug or not isinstance(error, _user_errors()):
+        if args.debug or not isinstance(error, UserError):
             raise
         print(f"softprompt: error: {' '.join(str(error).split())}", file=sys.stderr)  # always one line
         return 2

@@ -8,8 +8,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from trainables.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A user mistake in a config: one line, no traceback."""
 
     def __init__(self, field: str, value, allowed: str, source: str | None = None):

@@ -21,10 +21,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from trainables.errors import UserError
+
 SENTENCEPIECE_MODEL_TYPES = {"t5", "mt5", "umt5"}
 
 
-class BackboneError(RuntimeError):
+class BackboneError(UserError, RuntimeError):
     """A backbone that cannot be found or loaded; the message says what to do."""
 
 

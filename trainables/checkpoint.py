@@ -15,11 +15,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from trainables.errors import UserError
+
 FORMAT = "softprompt-prompt/1"
 TENSORS, META = "prompt.safetensors", "prompt.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, damaged, or belongs to another backbone."""
 
 

@@ -25,6 +25,8 @@ from typing import Callable
 import datasets
 import numpy as np
 
+from trainables.errors import UserError
+
 SPLIT_SEED = 2021  # fixed, so every trial of every search sees the same splits
 FILE_SUFFIXES = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TASK_KEYS = ("name", "dataset", "config", "revision", "splits", "template", "label_column", "verbalizers")
@@ -33,7 +35,7 @@ DEV_SPLITS = ("validation", "dev", "valid", "val")  # a dataset's dev split, as 
 CARVE_FRACTION = 0.1  # of train, for each of dev and test a dataset lacks (a single file: 80/10/10)
 
 
-class TaskError(ValueError):
+class TaskError(UserError):
     """A task that cannot be built; the message names the file, column or row at fault, and for a
     task mapping the field first (`task.template: ...`)."""
 
