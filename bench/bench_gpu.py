@@ -5,7 +5,7 @@
    processes at once, each capped to 1/n of the GPU's memory as a trial caps itself
    (trainables/backbone.py cap_gpu_memory); their summed examples/s, each one's peak memory,
    and whether the cap holds;
-3. how many tokens one forward pass needs before the GPU is busy (trainables/ensemble.py
+3. how many tokens one forward pass needs before the GPU is busy (serving/ensemble.py
    MIN_PASS_TOKENS["cuda"], the served ensemble's smallest pass).
 
     python bench/bench_gpu.py [--model smollm2-135m] [--random-weights]

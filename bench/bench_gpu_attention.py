@@ -18,7 +18,7 @@ from trainables.backbone import load_backbone
 from trainables.config import TrainConfig
 from trainables.data import make_batch, IGNORE
 from trainables.loop import prepare_data, initial_prompt
-from trainables.prompt import PromptedModel, SoftPrompt, _gather_targets
+from trainables.prompt import SoftPrompt, _gather_targets, prompted_inputs
 from bench_core import peft_batch
 from bench_gpu import random_weights
 
@@ -32,11 +32,11 @@ idxs = [perm[i * 32:(i + 1) * 32] for i in range(150)]
 ours_b = [make_batch(data, [split.input_ids[i] for i in idx], [split.labels[i] for i in idx]) for idx in idxs]
 peft_b = [peft_batch(data, idx, data.pad_id) for idx in idxs]
 print("distinct widths", len({b.input_ids.shape[1] for b in ours_b}), flush=True)
-prompt = SoftPrompt(initial_prompt(cfg, bb, data)).to(dev); pm = PromptedModel(bb, prompt)
+prompt = SoftPrompt(initial_prompt(cfg, bb, data)).to(dev)
 opt = torch.optim.AdamW([prompt.weight], lr=0.03)
 def ours(b, positions=True):
     b = b.to(dev)
-    embeds, m = pm._prompted_inputs(b.input_ids, b.attention_mask)
+    embeds, m = prompted_inputs(bb, prompt.weight, b.input_ids, b.attention_mask)
     kw = {"position_ids": (m.cumsum(-1) - 1).clamp(min=0)} if positions else {}
     out = bb.model(inputs_embeds=embeds, attention_mask=m, logits_to_keep=b.labels.shape[1] + 1, use_cache=False, **kw)
     loss = -_gather_targets(out.logits.float()[:, :-1], b.labels).sum() / (b.labels != IGNORE).sum()

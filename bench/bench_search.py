@@ -28,7 +28,8 @@ import ray
 import torch
 
 from search.config import asha_rungs, load_search_config
-from search.tuner import best_trial, run_search, trial_rows
+from search.record import SearchRecord
+from search.tuner import run_search
 from trainables.backbone import load_backbone
 from trainables.checkpoint import load_checkpoint
 from trainables.evaluate import evaluate
@@ -42,7 +43,7 @@ def measure(cfg) -> dict:
     started = time.perf_counter()
     grid = run_search(cfg)
     wall = time.perf_counter() - started
-    rows = trial_rows(cfg.storage_path, cfg.name)
+    rows = SearchRecord.load(cfg.storage_path, cfg.name).trials
     last = [r.metrics for r in grid]
     train_seconds = sum(m.get("train_s", 0.0) for m in last)
     eval_seconds = sum(m.get("eval_s", 0.0) for m in last)
@@ -52,7 +53,7 @@ def measure(cfg) -> dict:
                "dev_accuracy": {int(step): float(acc) for step, acc in
                                 zip(r.metrics_dataframe["step"], r.metrics_dataframe["dev_accuracy"]) if acc == acc}}
               for r in grid if r.metrics_dataframe is not None and "dev_accuracy" in r.metrics_dataframe]
-    winner = best_trial(cfg.storage_path, cfg.name)
+    winner = SearchRecord.load(cfg.storage_path, cfg.name).best()
     return {"trials": len(rows), "trial_steps": sum(r["step"] or 0 for r in rows),
             "statuses": {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}},
             "best_dev_accuracy": max(r["metric"] for r in rows if r["metric"] is not None),

@@ -1,5 +1,5 @@
 """Serving throughput of a k-prompt ensemble: one batched pass with per-example prompts
-(trainables/ensemble.py) against k separate passes, one per prompt (what PEFT's one-active-prompt
+(serving/ensemble.py) against k separate passes, one per prompt (what PEFT's one-active-prompt
 forward allows). The served ensemble keeps its prompts as cached keys and values (computed once at
 load) and lets requests of similar length share a pass (less padding). To separate the effects the
 table also shows the k passes with the same length grouping, and the ensemble recomputing its
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from bench_gpu import random_weights
+from serving.ensemble import MIN_PASS_TOKENS, PromptEnsemble, TaskPrompts, length_groups
 from trainables.backbone import load_backbone
 from trainables.data import encode_task
-from trainables.ensemble import MIN_PASS_TOKENS, PromptEnsemble, TaskPrompts, length_groups
 from trainables.prompt import PromptedModel, SoftPrompt
 from trainables.tasks import load_task
 

@@ -5,8 +5,11 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
+from search.configfile import STORAGE_PATH, ConfigError, check_tracking_uri
+from search.jobs import DEFAULT_ADDRESS  # yaml and the config file helpers: no torch, no ray, for a fast --help
 from trainables.errors import UserError
 
 
@@ -61,56 +64,32 @@ def _zero_shot_verdict(summary: dict) -> str | None:
 
 def _finish_search(storage_path: str, name: str) -> int:
     """After a search (new or resumed): the trial table, then the winner against zero-shot."""
-    from search.tracking import log_verdict
-    from search.tuner import best_trial, load_saved_config, trial_rows, write_summary
-    from trainables.backbone import load_backbone
-    from trainables.checkpoint import load_checkpoint
-    from trainables.config import trial_config
-    from trainables.evaluate import evaluate
-    from trainables.loop import prepare_data, zero_shot
-    from trainables.prompt import PromptedModel, SoftPrompt
+    from search.record import ERRORED, UNFINISHED, SearchRecord
+    from search.verdict import judge_winner
 
-    cfg = load_saved_config(storage_path, name)
-    rows = trial_rows(storage_path, name)
+    record = SearchRecord.load(storage_path, name)
     print()
-    _print_trials(rows, cfg.metric)
-    unfinished = [r for r in rows if r["status"] in ("unfinished", "errored")]
-    if not any(r["metric"] is not None and r["prompt"] for r in rows):
+    _print_trials(record.trials, record.config.metric)
+    if not record.evaluated():
         print(f"\nno trial has been evaluated yet: `softprompt search resume {name}` continues the search")
         return 1
-    best = best_trial(storage_path, name)
-    train_cfg = trial_config(best["params"], cfg.train.to_dict())
-    backbone = load_backbone(train_cfg.model, train_cfg.dtype)
-    data = prepare_data(train_cfg, backbone)
-    baseline = zero_shot(train_cfg, backbone, data)
-    test_accuracy = best["test_accuracy"]
-    if test_accuracy is None:  # the winner was stopped before its own test evaluation
-        prompt = load_checkpoint(best["prompt"], backbone.fingerprint, backbone.width).prompt
-        test_accuracy = evaluate(PromptedModel(backbone, SoftPrompt(prompt)), data, "test", train_cfg.eval_mode,
-                                 train_cfg.eval_batch_size)["accuracy"]
-    summary = {"search": name, "best_trial": best["trial_id"], "params": best["params"], cfg.metric: best["metric"],
-               "confirmed": best["confirmed"], "test_accuracy": test_accuracy, "test_examples": len(data.splits["test"]),
-               "zero_shot_test_accuracy": baseline["accuracy"],
-               "beats_zero_shot": test_accuracy > baseline["accuracy"], "prompt": best["prompt"], "trials": len(rows),
-               "statuses": {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}}
-    path = write_summary(storage_path, name, summary)
-    log_verdict(storage_path, name)
-    confirmed = (f", {best['confirmed']:.4f} on {len(data.splits.get('confirm', ()))} further dev examples"
-                 if best["confirmed"] is not None else "")
-    print(f"\nbest trial {best['trial_id']}: {cfg.metric} {best['metric']:.4f}{confirmed}")
-    print(f"  held-out test accuracy  {test_accuracy:.4f}  (task {data.name}, {len(data.splits['test'])} examples)")
-    print(f"  zero-shot test accuracy {baseline['accuracy']:.4f}  (same model, no prompt)")
+    summary, data = judge_winner(record)
+    confirmed = (f", {summary['confirmed']:.4f} on {len(data.splits.get('confirm', ()))} further dev examples"
+                 if summary["confirmed"] is not None else "")
+    metric = record.config.metric
+    print(f"\nbest trial {summary['best_trial']}: {metric} {summary[metric]:.4f}{confirmed}")
+    print(f"  held-out test accuracy  {summary['test_accuracy']:.4f}  (task {data.name}, {summary['test_examples']} examples)")
+    print(f"  zero-shot test accuracy {summary['zero_shot_test_accuracy']:.4f}  (same model, no prompt)")
     if verdict := _zero_shot_verdict(summary):
         print(f"  {verdict}")
-    print(f"  prompt: {best['prompt']}\n  summary: {path}")
-    if unfinished:
-        print(f"\n{len(unfinished)} trial(s) unfinished: `softprompt search resume {name}` continues them")
+    print(f"  prompt: {summary['prompt']}\n  summary: {record.summary_path}")
+    if unfinished := sum(r["status"] in (UNFINISHED, ERRORED) for r in record.trials):
+        print(f"\n{unfinished} trial(s) unfinished: `softprompt search resume {name}` continues them")
     return 0
 
 
 def cmd_search_run(args) -> int:
     from search.config import load_search_config
-    from search.configfile import check_tracking_uri
     from search.tracking import default_tracking_uri
     from search.tuner import run_search
 
@@ -125,7 +104,6 @@ def cmd_search_run(args) -> int:
 
 
 def cmd_search_resume(args) -> int:
-    from search.configfile import check_tracking_uri
     from search.tuner import resume_search
 
     resume_search(args.storage_path, args.name, tracking_uri=check_tracking_uri(args.tracking_uri or "none"))
@@ -133,23 +111,22 @@ def cmd_search_resume(args) -> int:
 
 
 def cmd_search_status(args) -> int:
-    from search.tuner import load_saved_config, trial_rows
+    from search.record import SearchRecord
 
-    cfg = load_saved_config(args.storage_path, args.name)
-    rows = trial_rows(args.storage_path, args.name)
-    _print_trials(rows, cfg.metric)
-    counts = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in sorted({r["status"] for r in rows}))
-    print(f"\n{args.name}: {len(rows)} of {cfg.trials} trials started ({counts})")
+    record = SearchRecord.load(args.storage_path, args.name)
+    _print_trials(record.trials, record.config.metric)
+    counts = ", ".join(f"{count} {status}" for status, count in sorted(record.statuses().items()))
+    print(f"\n{args.name}: {len(record.trials)} of {record.config.trials} trials started ({counts})")
     return 0
 
 
 def cmd_mlflow_sync(args) -> int:
     """Log what an unreachable tracking server missed, and the search's final results."""
-    from search.configfile import check_tracking_uri
+    from search.record import SearchRecord
     from search.tracking import finish_search_run
 
     uri = check_tracking_uri(args.tracking_uri) if args.tracking_uri else None
-    target = finish_search_run(args.storage_path, args.name, uri)
+    target = finish_search_run(SearchRecord.load(args.storage_path, args.name), uri)
     if target is None:
         return 1
     print(f"search {args.name} synced to {target.uri} (parent run {target.parent_run_id})")
@@ -160,12 +137,9 @@ def cmd_export(args) -> int:
     """Write a search's best prompt (or a trial's, a run's, the top k) as a PEFT adapter, an .npy
     array, or a registered MLflow model; several searches (each its task's top k) as one MLflow model
     that serves every task."""
-    import tempfile
-
-    from search.config import ConfigError
     from search.export import (ALIAS, export_mlflow_model, export_npy, export_peft_adapter, run_prompt,
                                search_prompts, write_bundle)
-    from search.configfile import check_tracking_uri
+    from search.record import SearchRecord
     from search.tracking import default_tracking_uri
 
     if bool(args.search) == (args.run is not None):
@@ -182,7 +156,8 @@ def cmd_export(args) -> int:
     uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
     with tempfile.TemporaryDirectory() as scratch:
         by_source = ({f"run {args.run}": [run_prompt(args.run, uri, Path(scratch))]} if args.run else
-                     {search: search_prompts(args.storage_path, search, args.trial, args.top) for search in args.search})
+                     {search: search_prompts(SearchRecord.load(args.storage_path, search), args.trial, args.top)
+                      for search in args.search})
         prompts = next(iter(by_source.values()))
         name = args.name or "-".join(args.search) or f"run-{args.run[:8]}"
         out = Path(args.out or f"runs/export/{name}")
@@ -204,7 +179,6 @@ def cmd_export(args) -> int:
 def _tasks_by_name(by_source: dict[str, list[Path]]) -> dict[str, list[Path]]:
     """Each source's prompts under their task's name (a bundle routes requests by it): two searches of
     one task are refused, as the bundle could serve only one of them."""
-    from search.configfile import ConfigError
     from trainables.checkpoint import load_checkpoint
 
     tasks, sources = {}, {}
@@ -234,12 +208,11 @@ def cmd_verify(args) -> int:
 
 def cmd_search_best(args) -> int:
     """The best trial; with the summary `search run|resume` wrote for it, its test accuracy against zero-shot."""
-    from search.tuner import best_trial, load_saved_config, read_summary
+    from search.record import SearchRecord
 
-    cfg = load_saved_config(args.storage_path, args.name)
-    best = best_trial(args.storage_path, args.name)
-    summary = read_summary(args.storage_path, args.name, best["trial_id"])
-    if summary:  # written for this winner
+    record = SearchRecord.load(args.storage_path, args.name)
+    cfg, best = record.config, record.best()
+    if summary := record.summary_of(best["trial_id"]):  # written for this winner
         best = {**best, **{k: summary[k] for k in ("test_accuracy", "zero_shot_test_accuracy", "beats_zero_shot")}}
     if args.json:
         print(json.dumps(best, indent=2, default=str))
@@ -258,6 +231,16 @@ def cmd_search_best(args) -> int:
         print(f"  {key:<18}{value}")
     print(f"{'prompt':<20}{best['prompt']}")
     return 0
+
+
+def _command_group(commands, name: str, help: str, description: str):
+    """A command whose actions (`search run`, `jobs logs`, ...) are subcommands: their subparsers."""
+    group = commands.add_parser(name, help=help, description=description)
+    return group.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+
+def _storage_path_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage-path", default=STORAGE_PATH, help=f"where searches live (default: {STORAGE_PATH})")
 
 
 def _config_arguments(parser: argparse.ArgumentParser, what: str, example: str) -> None:
@@ -280,9 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(train, "YAML file of training fields", "max_steps=50")
     train.set_defaults(handler=cmd_train)
 
-    search = commands.add_parser("search", help="run, resume and inspect hyperparameter searches",
-                                 description="Ray Tune trials over an Optuna search space, ASHA early stopping.")
-    actions = search.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = _command_group(commands, "search", "run, resume and inspect hyperparameter searches",
+                             "Ray Tune trials over an Optuna search space, ASHA early stopping.")
     run = actions.add_parser("run", help="start a search from a YAML config (see examples/demo.yaml)",
                              description="Start a search. Results go to STORAGE_PATH/NAME; Ctrl-C stops it "
                                          "and `softprompt search resume NAME` continues it.")
@@ -298,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("best", cmd_search_best, "show the best trial: its metric, parameters and prompt folder")):
         sub = actions.add_parser(action, help=text, description=text)
         sub.add_argument("name", help="the search's name (its folder under --storage-path)")
-        sub.add_argument("--storage-path", default="runs/search", help="where searches live (default: runs/search)")
+        _storage_path_argument(sub)
         if action == "best":
             sub.add_argument("--json", action="store_true", help="print the best trial as JSON")
         if action == "resume":
@@ -306,16 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
                              help="log to this MLflow server from now on (default: where the search logged)")
         sub.set_defaults(handler=handler)
 
-    mlflow = commands.add_parser("mlflow", help="MLflow tracking of searches",
-                                 description="Every search is tracked in MLflow: a parent run per search, "
-                                             "a child run per trial.")
-    mlflow_actions = mlflow.add_subparsers(dest="action", required=True, metavar="ACTION")
-    sync = mlflow_actions.add_parser(
-        "sync", help="log what an unreachable tracking server missed",
-        description="Replay the records trials spooled while the tracking server was unreachable, then log "
-                    "the search's final statuses, winner and plots. Safe to repeat.")
+    mlflow_actions = _command_group(commands, "mlflow", "MLflow tracking of searches",
+                                    "Every search is tracked in MLflow: a parent run per search, a child run per trial.")
+    sync = mlflow_actions.add_parser("sync", help="log what an unreachable tracking server missed", description=(
+        "Replay the records trials spooled while the tracking server was unreachable, then log the search's final "
+        "statuses, winner and plots. Safe to repeat."))
     sync.add_argument("name", help="the search's name (its folder under --storage-path)")
-    sync.add_argument("--storage-path", default="runs/search", help="where searches live (default: runs/search)")
+    _storage_path_argument(sync)
     sync.add_argument("--tracking-uri", metavar="URI", help="sync to this server instead of the search's own")
     sync.set_defaults(handler=cmd_mlflow_sync)
 
@@ -338,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", metavar="RUN_ID", help="export the prompt of this MLflow run instead of a search")
     export.add_argument("--name", help="registered model name / output name (default: the search's name)")
     export.add_argument("--out", help="output path (default: runs/export/NAME)")
-    export.add_argument("--storage-path", default="runs/search", help="where searches live (default: runs/search)")
+    _storage_path_argument(export)
     export.add_argument("--tracking-uri", metavar="URI",
                         help="MLflow server for --run and --format mlflow (default: sqlite:///mlflow.db here)")
     export.set_defaults(handler=cmd_export)
@@ -364,13 +343,10 @@ def _handler(module: str, name: str):
 
 def _add_cluster_commands(commands) -> None:
     """`cluster check`, `submit` and `jobs status|logs|stop` (search/cluster.py, search/jobs.py)."""
-    from search.jobs import DEFAULT_ADDRESS  # yaml and the config file helpers only: no torch, no ray
-
     address = os.environ.get("RAY_API_SERVER_ADDRESS", DEFAULT_ADDRESS)
     address_help = f"the head's job API (default: {address}, where `ray dashboard cluster.yaml` forwards it)"
-    cluster = commands.add_parser("cluster", help="check a Ray cluster-launcher file before `ray up`",
-                                  description="Ray cluster files for searches (cluster.yaml, cluster-onprem.yaml).")
-    cluster_actions = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
+    cluster_actions = _command_group(commands, "cluster", "check a Ray cluster-launcher file before `ray up`",
+                                     "Ray cluster files for searches (cluster.yaml, cluster-onprem.yaml).")
     check = cluster_actions.add_parser(
         "check", help="validate a cluster file offline",
         description="Ray's schema, then: GPUs declared on GPU node types, no dashboard/GCS/client/MLflow port open "
@@ -389,9 +365,8 @@ def _add_cluster_commands(commands) -> None:
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
     submit.set_defaults(handler=_handler("search.jobs", "cmd_submit"))
 
-    jobs = commands.add_parser("jobs", help="status, logs or stop of a submitted search",
-                               description="Searches submitted with `softprompt submit`, by job id.")
-    job_actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    job_actions = _command_group(commands, "jobs", "status, logs or stop of a submitted search",
+                                 "Searches submitted with `softprompt submit`, by job id.")
     for action, text in (("status", "the job's status and message"), ("logs", "the job's output so far"),
                          ("stop", "stop the job (its search can be resumed)")):
         sub = job_actions.add_parser(action, help=text, description=text)

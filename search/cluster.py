@@ -9,6 +9,7 @@ key path, the value and what is allowed.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import re
 import shlex
@@ -59,8 +60,6 @@ def _ray_config(raw: dict, source: str) -> tuple[dict | None, list[ConfigError]]
 
 
 def _schema_keys() -> list[str]:
-    import json
-
     import ray.autoscaler
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
     return list(schema["properties"])
@@ -211,13 +210,13 @@ def _summary(config: dict, path: str) -> list[str]:
     if provider["type"] == "local":
         lines.append(f"  nodes: head {provider['head_ip']}, workers {provider.get('worker_ips') or 'none'} "
                      f"(GPUs detected by `ray start` on each machine)")
-    for name, node_type in config["available_node_types"].items():
-        if provider["type"] == "local":
-            continue
-        node_config = node_type.get("node_config", {})
-        kind = node_config.get("InstanceType") or node_config.get("machineType") or "?"
-        role = "head" if name == config["head_node_type"] else f"{node_type.get('min_workers', 0)}-{node_type.get('max_workers')}"
-        lines.append(f"  {name}: {kind}, resources {node_type.get('resources') or 'detected'}, {role}")
+    else:
+        for name, node_type in config["available_node_types"].items():
+            node_config = node_type.get("node_config", {})
+            kind = node_config.get("InstanceType") or node_config.get("machineType") or "?"
+            role = ("head" if name == config["head_node_type"]
+                    else f"{node_type.get('min_workers', 0)}-{node_type.get('max_workers')}")
+            lines.append(f"  {name}: {kind}, resources {node_type.get('resources') or 'detected'}, {role}")
     if provider["type"] == "local":
         exposure = f"Ray and MLflow (port {mlflow_port(config)}) listen on the head's address: keep it behind your firewall"
     else:

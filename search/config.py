@@ -7,10 +7,10 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
-from search.configfile import ConfigError, load_yaml, parse_overrides
+from search.configfile import STORAGE_PATH, ConfigError, load_yaml, parse_overrides
 from trainables.backbone import MODELS_ALLOWED, model_problem
 from trainables.config import ASHA_METRICS, FIELDS, RANK_ONLY_METRICS, SEARCH_METRICS, SELECT_METRICS, TrainConfig
 from trainables.evaluate import EVAL_MODES
@@ -206,27 +206,28 @@ SELECT_BY_METRIC = {"best_dev_accuracy": "accuracy", "dev_accuracy": "accuracy",
 SEARCH_CONFIRM_EXAMPLES = 500
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SearchConfig:
-    name: str
+    """A validated search; a field without a default here gets one from the others (`search_config`)."""
+    name: str                     # default: the config file's name
     train: TrainConfig            # fixed fields of every trial (max_steps is the budget's)
-    space: str | dict             # a name in spaces.SPACES, or a validated custom definition
-    checkpoints: tuple[str, ...]  # the models a space may choose among
-    points_to_evaluate: tuple[dict, ...] | None
-    metric: str
-    asha_metric: str              # what ASHA compares trials by at its rungs
-    sampler: str                  # tpe | random
-    trials: int
-    time_limit_s: float | None
-    scheduler: str                # asha | none
-    grace_period: int
-    reduction_factor: int
-    concurrency: int
-    cpus_per_trial: float
-    gpus_per_trial: float
-    storage_path: str
-    seed: int
-    max_failures: int
+    space: str | dict = "quick"   # a name in spaces.SPACES, or a validated custom definition
+    checkpoints: tuple[str, ...]  # the models a space may choose among (default: train.model)
+    points_to_evaluate: tuple[dict, ...] | None = None
+    metric: str = "best_dev_accuracy"
+    asha_metric: str              # what ASHA compares trials by at its rungs (default: metric)
+    sampler: str = "tpe"          # tpe | random
+    trials: int = 8
+    time_limit_s: float | None = None
+    scheduler: str = "asha"       # asha | none
+    grace_period: int             # default: three ASHA rungs (search_config)
+    reduction_factor: int = 3
+    concurrency: int = 2          # at most trials
+    cpus_per_trial: float = 1
+    gpus_per_trial: float = 0
+    storage_path: str = STORAGE_PATH
+    seed: int = 0
+    max_failures: int = 1
 
     @property
     def mode(self) -> str:
@@ -237,20 +238,14 @@ class SearchConfig:
         return ASHA_METRICS[self.asha_metric]
 
 
-SEARCH_DEFAULTS = {
-    "name": None, "train": {}, "space": "quick", "checkpoints": None, "points_to_evaluate": None,
-    "metric": "best_dev_accuracy", "asha_metric": None, "sampler": "tpe", "trials": 8, "max_steps": 100,
-    "time_limit_s": None, "scheduler": "asha", "grace_period": None, "reduction_factor": 3, "concurrency": 2,
-    "cpus_per_trial": 1, "gpus_per_trial": 0, "storage_path": "runs/search", "seed": 0, "max_failures": 1,
-}
-
-
-def _name(v) -> bool:
-    return isinstance(v, str) and v.replace("-", "").replace("_", "").isalnum()
+# What a search config file leaves out: None where the field's default comes from other fields;
+# max_steps, every trial's budget, becomes train.max_steps.
+SEARCH_DEFAULTS = {**{f.name: None if f.default is MISSING else f.default for f in fields(SearchConfig)},
+                   "train": {}, "max_steps": 100}
 
 
 SEARCH_RULES: dict[str, Rule] = {
-    "name": Rule(_name, "letters, digits, '-' and '_'"),
+    "name": Rule(lambda v: isinstance(v, str) and v.replace("-", "").replace("_", "").isalnum(), "letters, digits, '-' and '_'"),
     "train": Rule(lambda v: isinstance(v, dict), "a mapping of training fields (see `softprompt train --help`)"),
     "space": Rule(lambda v: isinstance(v, dict) or v in ("quick", "paper"), "quick, paper, or a mapping of parameters"),
     "checkpoints": Rule(lambda v: v is None or (isinstance(v, list) and v and all(isinstance(x, str) and x for x in v)),
@@ -273,6 +268,7 @@ SEARCH_RULES: dict[str, Rule] = {
     "seed": integer(0),
     "max_failures": integer(0, 100),
 }
+assert set(SEARCH_RULES) == set(SEARCH_DEFAULTS), "every SearchConfig field needs a rule"
 SPACE_KEYS = {"choices", "low", "high", "log", "int", "when"}
 SPACE_EXTRA_PARAMS = {"warmup_fraction": number(0, 1), "decay_fraction": number(0, 1, low_open=True)}
 
@@ -354,17 +350,11 @@ def search_config(values: dict, source: str | None = None, default_name: str = "
     if asha_metric in RANK_ONLY_METRICS and train.eval_mode != "rank":
         raise ConfigError("asha_metric", asha_metric, f"one of {', '.join(SEARCH_METRICS)} with exact-match "
                                                       f"evaluation, or train.eval_mode: rank", source)
-    if merged["concurrency"] > merged["trials"]:
-        merged["concurrency"] = merged["trials"]
-    return SearchConfig(
-        name=merged["name"] or default_name, train=train, space=merged["space"], checkpoints=checkpoints,
-        points_to_evaluate=tuple(merged["points_to_evaluate"]) if merged["points_to_evaluate"] is not None else None,
-        metric=merged["metric"], asha_metric=asha_metric, sampler=merged["sampler"], trials=merged["trials"],
-        time_limit_s=merged["time_limit_s"],
-        scheduler=merged["scheduler"], grace_period=grace, reduction_factor=merged["reduction_factor"],
-        concurrency=merged["concurrency"], cpus_per_trial=merged["cpus_per_trial"],
-        gpus_per_trial=merged["gpus_per_trial"], storage_path=merged["storage_path"], seed=merged["seed"],
-        max_failures=merged["max_failures"])
+    points = merged["points_to_evaluate"]
+    merged.update(name=merged["name"] or default_name, train=train, checkpoints=checkpoints, asha_metric=asha_metric,
+                  points_to_evaluate=tuple(points) if points is not None else None, grace_period=grace,
+                  concurrency=min(merged["concurrency"], merged["trials"]))
+    return SearchConfig(**{f.name: merged[f.name] for f in fields(SearchConfig)})
 
 
 def load_search_config(path: str | Path, overrides: list[str] = ()) -> SearchConfig:

@@ -10,6 +10,8 @@ import yaml
 
 from trainables.errors import UserError
 
+STORAGE_PATH = "runs/search"  # where searches live unless a config or --storage-path names another place
+
 
 class ConfigError(UserError):
     """A user mistake in a config: one line, no traceback."""

@@ -1,10 +1,10 @@
 """Export winning prompts for production: a PEFT adapter folder, a bare `.npy` array (as
 google-research/prompt-tuning releases prompts), or an MLflow pyfunc model in the Model Registry
 under alias `production`. Several prompts (the top-k trials, or several tasks) export as one
-bundle that scores them all in one batched pass (trainables/ensemble.py).
+bundle that scores them all in one batched pass (serving/ensemble.py).
 
 Every artifact records the backbone fingerprint and the prompt tensor's SHA-256, and `load_export`
-checks both; none holds a pickle.
+checks both (trainables/checkpoint.py:verify_prompt); none holds a pickle.
 """
 from __future__ import annotations
 
@@ -17,31 +17,32 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from search.config import ConfigError
+from search.record import SearchRecord
+from search.tracking import softprompt_experiment
+from serving.ensemble import COMBINE
 from trainables.backbone import OFFLINE_MODELS
-from trainables.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, tensor_sha256
-from trainables.ensemble import BUNDLE_FILE, BUNDLE_FORMAT, COMBINE
+from trainables.checkpoint import (BUNDLE_FILE, CheckpointError, load_bundle_prompts, load_bundle_record,
+                                   load_checkpoint, save_bundle_record, save_checkpoint, verify_prompt)
 
-SERVED_MODEL_CODE = Path(__file__).resolve().parent.parent / "trainables" / "served_model.py"
+ROOT = Path(__file__).resolve().parent.parent
+SERVED_MODEL_CODE = ROOT / "serving" / "served_model.py"
 ALIAS = "production"
 
 
 # ---- where prompts come from ----
 
-def search_prompts(storage_path: str, name: str, trial: str | None = None, top: int = 1) -> list[Path]:
-    """The prompt folders of a search on this machine (for a search on a URI, downloaded): its `top`
-    best trials, or one named trial."""
-    from search.storage import SearchStorage
-    from search.tuner import ranked_trials, trial_rows
-
+def search_prompts(record: SearchRecord, trial: str | None = None, top: int = 1) -> list[Path]:
+    """The prompt folders of a search on this machine (for a search on
+    a URI, downloaded): its `top` best trials, or one named trial."""
     if trial is not None:
-        rows = [r for r in trial_rows(storage_path, name) if r["prompt"] and r["metric"] is not None]
+        rows = record.evaluated()
         found = [r for r in rows if r["trial_id"] == trial]
         if not found:
-            raise ConfigError("--trial", trial, f"a trial of search {name} with a prompt: "
+            raise ConfigError("--trial", trial, f"a trial of search {record.storage.name} with a prompt: "
                                                 f"{', '.join(r['trial_id'] for r in rows)}")
     else:
-        found = ranked_trials(storage_path, name)[:top]
-    return [SearchStorage(storage_path, name).local_copy(r["prompt"]) for r in found]
+        found = record.ranked()[:top]
+    return [record.storage.local_copy(r["prompt"]) for r in found]
 
 
 def run_prompt(run_id: str, tracking_uri: str, into: Path) -> Path:
@@ -131,15 +132,8 @@ def load_export(path: str | Path, fingerprint: str | None = None, width: int | N
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir() and (path / BUNDLE_FILE).is_file():
-        try:
-            record = json.loads((path / BUNDLE_FILE).read_text())
-            members = [m for task in record["tasks"].values() for m in task["members"]]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
-            raise CheckpointError(f"{path / BUNDLE_FILE}: not a valid bundle record ({error})") from None
-        if fingerprint is not None and record.get("fingerprint") != fingerprint:
-            raise CheckpointError(f"{path / BUNDLE_FILE}: prompts were trained on backbone {record.get('backbone')!r} "
-                                  f"(fingerprint {record.get('fingerprint')}), not on this one ({fingerprint})")
-        return [load_checkpoint(path / m, record.get("fingerprint"), width).prompt for m in members]
+        prompts = load_bundle_prompts(path, load_bundle_record(path), fingerprint, width)
+        return [prompt for members in prompts.values() for prompt in members]
     if path.is_dir() and not (path / PEFT_TENSORS).exists():
         return [load_checkpoint(path, fingerprint, width).prompt]
     tensor_path, record_path = ((path / PEFT_TENSORS, path / PEFT_PROVENANCE) if path.is_dir()
@@ -148,17 +142,7 @@ def load_export(path: str | Path, fingerprint: str | None = None, width: int | N
         raise CheckpointError(f"{path}: not a prompt export; allowed: a .npy file with its .json, a PEFT adapter "
                               f"folder, an MLflow bundle folder, or a checkpoint folder")
     record = _read_provenance(record_path)
-    prompt = _read_exported_tensor(tensor_path)
-    if prompt.ndim != 2 or tensor_sha256(prompt) != record["prompt_sha256"]:
-        raise CheckpointError(f"{tensor_path}: does not match the prompt_sha256 in {record_path}; "
-                              f"the file was damaged or edited")
-    if width is not None and prompt.shape[1] != width:
-        raise CheckpointError(f"{tensor_path}: prompt width {prompt.shape[1]} does not match the backbone's "
-                              f"embedding width {width}")
-    if fingerprint is not None and record["fingerprint"] != fingerprint:
-        raise CheckpointError(f"{tensor_path}: prompt was trained on backbone {record.get('backbone')!r} "
-                              f"(fingerprint {record['fingerprint']}), not on this one ({fingerprint})")
-    return [prompt]
+    return [verify_prompt(record, tensor_path, fingerprint, width, _read_exported_tensor(tensor_path))]
 
 
 def write_bundle(tasks: dict[str, list[Path]], out: Path, how: str = "vote") -> Path:
@@ -167,23 +151,20 @@ def write_bundle(tasks: dict[str, list[Path]], out: Path, how: str = "vote") -> 
     if how not in COMBINE:
         raise ConfigError("--combine", how, f"one of {', '.join(COMBINE)}")
     out.mkdir(parents=True, exist_ok=True)
-    record = {"format": BUNDLE_FORMAT, "combine": how, "tasks": {}}
+    record = {"combine": how, "tasks": {}}
     for task, folders in tasks.items():
         members = []
-        for i, folder in enumerate(folders):
-            checkpoint = load_checkpoint(folder)
+        for i, folder in enumerate(folders):  # every member on the first one's backbone
+            checkpoint = load_checkpoint(folder, record.get("fingerprint"))
             meta = checkpoint.meta
-            if record.setdefault("fingerprint", meta["fingerprint"]) != meta["fingerprint"]:
-                raise CheckpointError(f"{folder}: trained on backbone {meta['backbone']!r} ({meta['fingerprint']}), "
-                                      f"but the bundle's other prompts use {record['fingerprint']}")
+            record.setdefault("fingerprint", meta["fingerprint"])
             record.setdefault("backbone", _model_reference(meta["backbone"]))
             save_checkpoint(out / task / str(i), checkpoint.prompt, {k: v for k, v in meta.items() if k != "optimizer"})
             members.append(f"{task}/{i}")
         # the template travels with the prompts: the served model formats raw columns as training did
         record["tasks"][task] = {"template": meta.get("template"), "verbalizers": meta["verbalizers"], "members": members,
                                  "max_length": meta["config"]["max_length"]}
-    (out / BUNDLE_FILE).write_text(json.dumps(record, indent=2))
-    return out
+    return save_bundle_record(out, record)
 
 
 def export_mlflow_model(bundle: Path, registered_name: str, tracking_uri: str) -> int:
@@ -193,14 +174,13 @@ def export_mlflow_model(bundle: Path, registered_name: str, tracking_uri: str) -
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    record = json.loads((Path(bundle) / BUNDLE_FILE).read_text())
+    record = load_bundle_record(bundle)
     verbalizers = sorted({v for t in record["tasks"].values() for v in t["verbalizers"]})
     signature = ModelSignature(
         inputs=Schema([*(ColSpec("string", c, required=required) for c, required in _input_columns(record).items()),
                        ColSpec("string", "task", required=False)]),
         outputs=Schema([ColSpec("string", "task"), ColSpec("string", "label"), ColSpec("long", "label_id"),
                         *(ColSpec("double", f"score_{v}", required=False) for v in verbalizers)]))
-    from search.tracking import softprompt_experiment  # it imports the tuner, which export need not
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
@@ -209,7 +189,7 @@ def export_mlflow_model(bundle: Path, registered_name: str, tracking_uri: str) -
         mlflow.set_tags({"softprompt.fingerprint": record["fingerprint"], "softprompt.backbone": record["backbone"]})
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(SERVED_MODEL_CODE), artifacts={"bundle": str(bundle)},
-            code_paths=[str(SERVED_MODEL_CODE.parent)], signature=signature,
+            code_paths=[str(ROOT / "serving"), str(ROOT / "trainables")], signature=signature,
             pip_requirements=_requirements(), registered_model_name=registered_name)
     version = int(info.registered_model_version)
     mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri).set_registered_model_alias(registered_name, ALIAS, version)
@@ -219,7 +199,7 @@ def export_mlflow_model(bundle: Path, registered_name: str, tracking_uri: str) -
 def _input_columns(record: dict) -> dict[str, bool]:
     """The raw columns the served model reads, each required if every task's template names it
     (a bundle made before templates travelled: `text`, the formatted input)."""
-    from trainables.served_model import UNFORMATTED
+    from serving.served_model import UNFORMATTED
     from trainables.tasks import template_columns
 
     per_task = [template_columns(t.get("template") or UNFORMATTED) for t in record["tasks"].values()]

@@ -12,13 +12,14 @@ import asyncio
 import shlex
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
 
-from search.configfile import ConfigError, check_tracking_uri, load_yaml, parse_overrides
+from search.configfile import STORAGE_PATH, ConfigError, check_tracking_uri, load_yaml, parse_overrides
 
-PACKAGES = ("search", "spaces", "trainables")
+PACKAGES = ("search", "serving", "spaces", "trainables")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Expanded by the job's shell on the head; a head started without it fails the job with this message.
 CLUSTER_TRACKING_URI = '"${SOFTPROMPT_TRACKING_URI:?is not set on the head: start Ray with the cluster file}"'
@@ -53,7 +54,7 @@ def _staged_config(config: str, overrides: list[str], folder: Path) -> str:
     the driver's files there too) or an absolute path that every node mounts (NFS, EFS): a relative
     one would land in the job's temporary working dir and vanish."""
     values = load_yaml(config)
-    storage = {**values, **parse_overrides(overrides)}.get("storage_path", "runs/search")
+    storage = {**values, **parse_overrides(overrides)}.get("storage_path", STORAGE_PATH)
     if "://" not in str(storage) and not Path(str(storage)).is_absolute():
         raise ConfigError("storage_path", storage, "s3://BUCKET/PREFIX, or an absolute path on storage every node "
                                                    "mounts, e.g. /mnt/softprompt/runs (--set storage_path=...)",
@@ -63,35 +64,43 @@ def _staged_config(config: str, overrides: list[str], folder: Path) -> str:
     return name
 
 
-def entrypoint(config_name: str, overrides: list[str], tracking_uri: str | None) -> str:
-    """The shell command the head runs: the search, logging to the given or the cluster's MLflow server."""
-    words = ["python", "-m", "search.cli", "search", "run", config_name]
-    for pair in overrides:
-        words += ["--set", pair]
-    command = " ".join(shlex.quote(w) for w in words)
+def entrypoint(words: list[str], tracking_uri: str | None) -> str:
+    """The shell command the head runs: a softprompt command, logging to the given or the cluster's MLflow server."""
+    command = " ".join(shlex.quote(w) for w in ["python", "-m", "search.cli", *words])
     return f"{command} --tracking-uri " + (shlex.quote(tracking_uri) if tracking_uri else CLUSTER_TRACKING_URI)
+
+
+def submit_command(address: str, words: list[str], tracking_uri: str | None, working_dir: Path | None = None) -> str:
+    """Submit `softprompt WORDS` as a Ray job carrying this project's code; returns its id."""
+    if tracking_uri:  # Ray keeps the entrypoint and shows it: no credentials in it
+        check_tracking_uri(tracking_uri)
+    client = job_client(address)
+    root = _project_root()
+    runtime_env = {"py_modules": [str(root / p) for p in PACKAGES], "excludes": ["__pycache__"], "env_vars": JOB_ENV,
+                   **({"working_dir": str(working_dir)} if working_dir else {})}
+    return client.submit_job(entrypoint=entrypoint(words, tracking_uri), runtime_env=runtime_env)
 
 
 def submit_search(address: str, config: str, overrides: list[str], tracking_uri: str | None, scratch: Path) -> str:
     """Submit a search as a Ray job; returns its id."""
     # refused before any connection: unreadable YAML, a storage_path not on shared storage, and a
-    # tracking URI carrying credentials (Ray would keep it in the job's entrypoint and show it);
-    # the rest of the config is checked on the head, where the job fails with the same one line
+    # tracking URI carrying credentials; the rest of the config is checked on the head, where the
+    # job fails with the same one line
     if tracking_uri:
         check_tracking_uri(tracking_uri)
     name = _staged_config(config, overrides, scratch)
-    client = job_client(address)
-    root = _project_root()
-    runtime_env = {"working_dir": str(scratch), "py_modules": [str(root / p) for p in PACKAGES],
-                   "excludes": ["__pycache__"], "env_vars": JOB_ENV}
-    return client.submit_job(entrypoint=entrypoint(name, overrides, tracking_uri), runtime_env=runtime_env)
+    words = ["search", "run", name, *[w for pair in overrides for w in ("--set", pair)]]
+    return submit_command(address, words, tracking_uri, scratch)
 
 
-def _known_job(client, job_id: str, address: str):
+def _known_job(args):
+    """The cluster's job client and the job's info; an unknown job id is a one-line user error."""
+    client = job_client(args.address)
     try:
-        return client.get_job_info(job_id)
+        return client, client.get_job_info(args.job_id)
     except RuntimeError:
-        raise ConfigError("job id", job_id, f"a job of the cluster at {address} (`ray job list --address {address}`)") from None
+        raise ConfigError("job id", args.job_id, f"a job of the cluster at {args.address} "
+                                                 f"(`ray job list --address {args.address}`)") from None
 
 
 def follow_logs(client, job_id: str) -> int:
@@ -116,20 +125,22 @@ def finish_status(client, job_id: str) -> int:
 
 def cmd_submit(args) -> int:
     """Submit a search to a cluster, print the job id, then follow its logs unless --no-wait."""
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="softprompt-job-") as scratch:
         job_id = submit_search(args.address, args.config, args.set, args.tracking_uri, Path(scratch))
-    print(f"submitted job {job_id} to {args.address}", flush=True)
-    if args.no_wait:
-        print(f"follow it: softprompt jobs logs {job_id} --follow --address {args.address}")
+    return submitted(args.address, job_id, args.no_wait)
+
+
+def submitted(address: str, job_id: str, no_wait: bool) -> int:
+    """Say a job was submitted; then follow its logs to its end, unless `no_wait`."""
+    print(f"submitted job {job_id} to {address}", flush=True)
+    if no_wait:
+        print(f"follow it: softprompt jobs logs {job_id} --follow --address {address}")
         return 0
-    return follow_logs(job_client(args.address), job_id)
+    return follow_logs(job_client(address), job_id)
 
 
 def cmd_jobs_status(args) -> int:
-    client = job_client(args.address)
-    info = _known_job(client, args.job_id, args.address)
+    _, info = _known_job(args)
     print(yaml.safe_dump({"job": args.job_id, "status": info.status.value, "message": info.message,
                           "entrypoint": info.entrypoint, "start_time": info.start_time, "end_time": info.end_time},
                          sort_keys=False).rstrip())
@@ -137,8 +148,7 @@ def cmd_jobs_status(args) -> int:
 
 
 def cmd_jobs_logs(args) -> int:
-    client = job_client(args.address)
-    _known_job(client, args.job_id, args.address)
+    client, _ = _known_job(args)
     if args.follow:
         return follow_logs(client, args.job_id)
     print(client.get_job_logs(args.job_id), end="")
@@ -146,8 +156,7 @@ def cmd_jobs_logs(args) -> int:
 
 
 def cmd_jobs_stop(args) -> int:
-    client = job_client(args.address)
-    _known_job(client, args.job_id, args.address)
+    client, _ = _known_job(args)
     stopped = client.stop_job(args.job_id)
     print(f"job {args.job_id}: " + ("stop requested" if stopped else "already finished"))
     return 0

@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import optuna
+import pyarrow.fs
 
 from search.configfile import ConfigError
 
@@ -43,8 +44,6 @@ def _filesystem(storage_path: str):
 
 @functools.lru_cache(maxsize=None)
 def _resolved(storage_path: str, aws_settings: tuple):
-    import pyarrow.fs
-
     with reachable(storage_path):
         return pyarrow.fs.FileSystem.from_uri(storage_path)
 
@@ -131,8 +130,6 @@ class SearchStorage:
         """Whether a search was started here (its config saved): for a URI, asked of the URI."""
         if not self.remote:
             return (self.folder / CONFIG_FILE).exists()
-        import pyarrow.fs
-
         filesystem, path = self._remote(CONFIG_FILE)
         with reachable(self.storage_path):
             return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
@@ -142,8 +139,6 @@ class SearchStorage:
         the local mirror a deleted search of the same name may have left."""
         if not self.remote:
             return
-        import pyarrow.fs
-
         filesystem, root = _filesystem(self.storage_path)
         bucket = root.split("/")[0]
         with reachable(self.storage_path):
@@ -157,8 +152,6 @@ class SearchStorage:
         downloaded first (a copy keeps the remote's modification time: the next pull skips it)."""
         if not self.remote:
             return self.folder
-        import pyarrow.fs
-
         filesystem, root = _filesystem(self.storage_path)
         with reachable(self.storage_path):
             found = {Path(info.path).name: info for info in filesystem.get_file_info(
@@ -169,17 +162,13 @@ class SearchStorage:
                     self._download(filename, local, info.mtime_ns)
         return self.folder
 
-    def download(self, filename: str, local: Path) -> bool:
-        """Copy one of the search's remote files to `local`; False if the remote copy has none."""
-        import pyarrow.fs
-
+    def download(self, filename: str, local: Path) -> None:
+        """Copy one of the search's remote files to `local`, if the remote copy has it."""
         filesystem, path = self._remote(filename)
         with reachable(self.storage_path):
             info = filesystem.get_file_info(path)
-            if info.type == pyarrow.fs.FileType.NotFound:
-                return False
-            self._download(filename, local, info.mtime_ns)
-        return True
+            if info.type != pyarrow.fs.FileType.NotFound:
+                self._download(filename, local, info.mtime_ns)
 
     def _download(self, filename: str, local: Path, mtime_ns: int) -> None:
         filesystem, path = self._remote(filename)
@@ -213,8 +202,6 @@ class SearchStorage:
         into the mirror (checkpoint folders never change once written)."""
         if not is_uri(location):
             return Path(location)
-        import pyarrow.fs
-
         filesystem, root = _filesystem(self.storage_path)
         path = location.split("://", 1)[1]
         local = self.folder / Path(path).relative_to(f"{root}/{self.name}")

@@ -16,8 +16,8 @@ import warnings
 from pathlib import Path
 
 from search.config import ConfigError, SearchConfig
-from search.storage import RUN_FILE, STUDY_FILE, SearchStorage
-from search.tuner import CONFIG_FILE, CONFIRMED, best_trial, experiment_dir, load_saved_config, read_summary, trial_rows
+from search.record import CONFIRMED, SearchRecord
+from search.storage import CONFIG_FILE, RUN_FILE, STUDY_FILE, SearchStorage
 from trainables.tracking import (PARENT_TAG, TRIAL_TAG, TrackingTarget, client, find_or_create_child,
                                  replay_spool, set_status)
 
@@ -55,23 +55,24 @@ def _search_params(cfg: SearchConfig) -> dict[str, str]:
     return {k: json.dumps(v) if isinstance(v, (dict, list, tuple)) else str(v) for k, v in flat.items()}
 
 
-def _create_parent(mlflow_client, cfg: SearchConfig, uri: str, folder: Path) -> tuple[str, str]:
+def _with_parent(mlflow_client, target: TrackingTarget, cfg: SearchConfig, folder: Path) -> TrackingTarget:
+    """`target` with a new parent run for the search, its config logged as parameters and as a file."""
     from mlflow.entities import Param
-    experiment_id = softprompt_experiment(mlflow_client, uri)
+    experiment_id = softprompt_experiment(mlflow_client, target.uri)
     run = mlflow_client.create_run(experiment_id, run_name=cfg.name, tags={SEARCH_TAG: cfg.name})
     mlflow_client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in _search_params(cfg).items()])
     if (folder / CONFIG_FILE).is_file():
         mlflow_client.log_artifact(run.info.run_id, str(folder / CONFIG_FILE))
-    return experiment_id, run.info.run_id
+    return dataclasses.replace(target, experiment_id=experiment_id, parent_run_id=run.info.run_id)
 
 
-def _save_target(storage_path: str, name: str, target: TrackingTarget) -> None:
-    SearchStorage(storage_path, name).write_text(RUN_FILE, json.dumps(dataclasses.asdict(target), indent=2))
+def _save_target(search: SearchStorage, target: TrackingTarget) -> None:
+    search.write_text(RUN_FILE, json.dumps(dataclasses.asdict(target), indent=2))
 
 
-def load_target(storage_path: str, name: str, uri: str | None = None) -> TrackingTarget | None:
+def load_target(search: SearchStorage, uri: str | None = None) -> TrackingTarget | None:
     """The search's saved tracking target (None if it was never tracked); `uri` overrides the server."""
-    path = SearchStorage(storage_path, name).pull() / RUN_FILE
+    path = search.pull() / RUN_FILE
     if not path.is_file():
         return None
     target = TrackingTarget(**json.loads(path.read_text()))
@@ -83,21 +84,19 @@ def load_target(storage_path: str, name: str, uri: str | None = None) -> Trackin
 def start_search_run(cfg: SearchConfig, uri: str) -> TrackingTarget:
     """The search's parent run: created, or on resume the saved one, reopened. If the server cannot
     be reached the search runs anyway and every trial spools."""
-    folder = experiment_dir(cfg.storage_path, cfg.name)
-    saved = load_target(cfg.storage_path, cfg.name, uri)
-    target = saved or TrackingTarget(uri, None, None, str(folder / SPOOL_DIR))
+    search = SearchStorage(cfg.storage_path, cfg.name)
+    target = load_target(search, uri) or TrackingTarget(uri, None, None, str(search.folder / SPOOL_DIR))
     try:
         mlflow_client = client(uri)
         if target.parent_run_id is None:
-            experiment_id, parent = _create_parent(mlflow_client, cfg, uri, folder)
-            target = dataclasses.replace(target, experiment_id=experiment_id, parent_run_id=parent)
+            target = _with_parent(mlflow_client, target, cfg, search.folder)
         else:
             mlflow_client.update_run(target.parent_run_id, status="RUNNING")
     except Exception as error:
         print(f"softprompt: tracking server {uri} unreachable ({str(error).splitlines()[0][:200]}); the search runs "
               f"and records go to {target.spool_dir}: `softprompt mlflow sync {cfg.name}` logs them later",
               file=sys.stderr, flush=True)
-    _save_target(cfg.storage_path, cfg.name, target)
+    _save_target(search, target)
     return target
 
 
@@ -107,63 +106,55 @@ def _child_runs(mlflow_client, target: TrackingTarget) -> dict[str, str]:
     return {run.data.tags[TRIAL_TAG]: run.info.run_id for run in runs if TRIAL_TAG in run.data.tags}
 
 
-def finish_search_run(storage_path: str, name: str, uri: str | None = None) -> TrackingTarget | None:
+def finish_search_run(record: SearchRecord, uri: str | None = None) -> TrackingTarget | None:
     """Replay spools, then put each trial's final status on its child run and the search's results
     on the parent. Safe to repeat. Returns the target, or None if the server is still unreachable."""
-    target = load_target(storage_path, name, uri)
+    target = load_target(record.storage, uri)
     if target is None:
-        raise ConfigError("search", name, "a search that was tracked (no mlflow-run.json in its folder)")
-    cfg = load_saved_config(storage_path, name)
-    folder = experiment_dir(storage_path, name)
+        raise ConfigError("search", record.storage.name, f"a search that was tracked (no {RUN_FILE} in its folder)")
     try:
         mlflow_client = client(target.uri)
         if target.parent_run_id is None:
-            experiment_id, parent = _create_parent(mlflow_client, cfg, target.uri, folder)
-            target = dataclasses.replace(target, experiment_id=experiment_id, parent_run_id=parent)
-            _save_target(storage_path, name, target)
+            target = _with_parent(mlflow_client, target, record.config, record.storage.folder)
+            _save_target(record.storage, target)
         for spool in sorted(Path(target.spool_dir).glob("*.jsonl")):
             replay_spool(mlflow_client, target, spool)
-        rows = trial_rows(storage_path, name)
         children = _child_runs(mlflow_client, target)
-        for row in rows:  # ASHA-stopped trials never say so themselves; Ray's record is the truth
+        for row in record.trials:  # ASHA-stopped trials never say so themselves; Ray's record is the truth
             run_id = children.get(row["trial_id"]) or find_or_create_child(mlflow_client, target, row["trial_id"],
                                                                            row["params"])
             set_status(mlflow_client, run_id, row["status"])
-        _log_results(mlflow_client, target.parent_run_id, cfg, storage_path, name, rows)
+        _log_results(mlflow_client, target.parent_run_id, record)
         mlflow_client.set_terminated(target.parent_run_id, "FINISHED")
     except ConfigError:
         raise
     except Exception as error:
         print(f"softprompt: could not log to tracking server {target.uri}, unreachable? "
-              f"({str(error).splitlines()[0][:200]}); nothing is lost: `softprompt mlflow sync {name}` "
-              f"logs the search when it is back",
-              file=sys.stderr, flush=True)
+              f"({str(error).splitlines()[0][:200]}); nothing is lost: `softprompt mlflow sync {record.storage.name}` "
+              f"logs the search when it is back", file=sys.stderr, flush=True)
         return None
     return target
 
 
-def _log_results(mlflow_client, run_id: str, cfg: SearchConfig, storage_path: str, name: str, rows: list[dict]) -> None:
-    from mlflow.entities import Metric
+def _log_results(mlflow_client, run_id: str, record: SearchRecord) -> None:
+    from mlflow.entities import Metric, RunTag
 
-    statuses = {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}
-    try:
-        best = best_trial(storage_path, name)
-    except ConfigError:  # no trial was evaluated: nothing to name
-        mlflow_client.set_tag(run_id, "softprompt.statuses", json.dumps(statuses))
+    mlflow_client.set_tag(run_id, "softprompt.statuses", json.dumps(record.statuses()))
+    if not record.evaluated():  # nothing to name
         return
+    cfg, best = record.config, record.best()
     now = int(time.time() * 1000)
-    metrics = {f"winner_{cfg.metric}": best["metric"], "trials": len(rows)}
+    metrics = {f"winner_{cfg.metric}": best["metric"], "trials": len(record.trials)}
     if best["test_accuracy"] is not None:
         metrics["winner_test_accuracy"] = best["test_accuracy"]
     if best["confirmed"] is not None:  # what the winner was picked by
         metrics[f"winner_{CONFIRMED[cfg.metric]}"] = best["confirmed"]
-    mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-    for key, value in {"softprompt.best_trial": best["trial_id"], "softprompt.statuses": json.dumps(statuses),
-                       "softprompt.best_params": json.dumps(best["params"], default=str)}.items():
-        mlflow_client.set_tag(run_id, key, value)
+    tags = {"softprompt.best_trial": best["trial_id"], "softprompt.best_params": json.dumps(best["params"], default=str)}
+    mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                            tags=[RunTag(k, v) for k, v in tags.items()])
     mlflow_client.log_artifacts(run_id, best["prompt"], "winning_prompt")
-    _log_verdict(mlflow_client, run_id, read_summary(storage_path, name, best["trial_id"]))
-    _log_optuna_plots(mlflow_client, run_id, cfg, experiment_dir(storage_path, name))
+    _log_verdict(mlflow_client, run_id, record.summary_of(best["trial_id"]))
+    _log_optuna_plots(mlflow_client, run_id, cfg, record.storage.folder)
     from trainables.checkpoint import load_checkpoint
     checkpoint = load_checkpoint(best["prompt"])
     mlflow_client.log_table(run_id, nearest_tokens_table(checkpoint.prompt, checkpoint.meta["backbone"]),
@@ -171,7 +162,7 @@ def _log_results(mlflow_client, run_id: str, cfg: SearchConfig, storage_path: st
 
 
 def _log_verdict(mlflow_client, run_id: str, summary: dict | None) -> None:
-    """The winner's test accuracy against zero-shot, from the search's summary (`read_summary`), if any."""
+    """The winner's test accuracy against zero-shot, from the search's summary, if any."""
     from mlflow.entities import Metric
 
     if summary is None:
@@ -182,17 +173,17 @@ def _log_verdict(mlflow_client, run_id: str, summary: dict | None) -> None:
     mlflow_client.set_tag(run_id, "softprompt.beats_zero_shot", str(summary["beats_zero_shot"]).lower())
 
 
-def log_verdict(storage_path: str, name: str) -> None:
+def log_verdict(search: SearchStorage, summary: dict) -> None:
     """Put the summary's winner-against-zero-shot on a tracked search's parent run; where the server
     cannot be reached, `softprompt mlflow sync` logs it later."""
-    target = load_target(storage_path, name)
+    target = load_target(search)
     if target is None or target.parent_run_id is None:  # not tracked, or sync creates the parent later
         return
     try:
-        _log_verdict(client(target.uri), target.parent_run_id, read_summary(storage_path, name))
+        _log_verdict(client(target.uri), target.parent_run_id, summary)
     except Exception as error:
         print(f"softprompt: could not log to tracking server {target.uri} ({str(error).splitlines()[0][:200]}); "
-              f"`softprompt mlflow sync {name}` logs the result later", file=sys.stderr, flush=True)
+              f"`softprompt mlflow sync {search.name}` logs the result later", file=sys.stderr, flush=True)
 
 
 def _log_optuna_plots(mlflow_client, run_id: str, cfg: SearchConfig, folder: Path) -> None:

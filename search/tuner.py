@@ -1,10 +1,8 @@
-"""The search driver: Ray Tune trials over an Optuna define-by-run space with ASHA early
-stopping, resumable, with the winner's held-out accuracy next to the zero-shot baseline."""
+"""The search driver: runs and resumes Ray Tune trials over an Optuna define-by-run space with ASHA
+early stopping. What a search found is read by search/record.py, its winner judged by search/verdict.py."""
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import os
 import signal
 import threading
@@ -12,25 +10,27 @@ import warnings
 from pathlib import Path
 
 import optuna
+import pyarrow.fs
 import ray
-import yaml
 from optuna.trial import TrialState
 from ray import tune
+from ray.tune import ExperimentAnalysis
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from search.config import SEARCH_DEFAULTS, ConfigError, SearchConfig
+from adaptation.lm_adapt import adaptation_steps
+from search.config import SearchConfig
+from search.configfile import STORAGE_PATH, ConfigError
 from search.jobs import WORKER_ENV
-from search.storage import CONFIG_FILE, STUDY_FILE, SUMMARY_FILE, SearchStorage, WorkingCopyStorage, copy_study
+from search.record import RUNNING, SearchRecord, read_config, save_config
+from search.resources import check_cluster
+from search.storage import STUDY_FILE, SearchStorage, WorkingCopyStorage, copy_study
+from search.tracking import finish_search_run, load_target, start_search_run
 from spaces import DEFAULT_POINTS, SPACES, CustomSpace
-from trainables.config import TrainConfig
 from trainables.tasks import is_task_file
 from trainables.trainable import tune_trial
 
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
-# The search metric's counterpart on the confirm split (trainables.loop.final_metrics); none for train_loss.
-CONFIRMED = {"best_dev_accuracy": "confirmed_dev_accuracy", "dev_accuracy": "confirmed_dev_accuracy",
-             "best_dev_f1": "confirmed_dev_f1", "dev_f1": "confirmed_dev_f1"}
 
 
 class AshaAwareOptunaSearch(OptunaSearch):
@@ -39,7 +39,7 @@ class AshaAwareOptunaSearch(OptunaSearch):
     A trial that finished reports status completed/diverged last; a stopped one is still running."""
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if error or not result or result.get("status") != "running" or trial_id in self._completed_trials:
+        if error or not result or result.get("status") != RUNNING or trial_id in self._completed_trials:
             return super().on_trial_complete(trial_id, result, error)
         ot_trial = self._ot_trials[trial_id]
         with warnings.catch_warnings():  # the stopping result may already be reported at this step
@@ -54,11 +54,6 @@ class AshaAwareOptunaSearch(OptunaSearch):
         super().save_to_dir(checkpoint_dir, session_str)
         if isinstance(self._storage, WorkingCopyStorage):
             copy_study(self._storage.search.study_file, Path(checkpoint_dir) / STUDY_FILE)
-
-
-def experiment_dir(storage_path: str, name: str) -> Path:
-    """The search's folder on this machine: for a URI, its local mirror (search/storage.py)."""
-    return SearchStorage(storage_path, name).folder
 
 
 def _space_function(cfg: SearchConfig):
@@ -113,27 +108,6 @@ def build_tuner(cfg: SearchConfig, trainable=tune_trial, tracking=None) -> tune.
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures), verbose=1))
 
 
-def save_search_config(cfg: SearchConfig) -> None:
-    SearchStorage(cfg.storage_path, cfg.name).write_text(CONFIG_FILE, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-
-
-def load_saved_config(storage_path: str, name: str) -> SearchConfig:
-    """The search's saved config; for a URI, with the search's own files brought to this machine first."""
-    search = SearchStorage(storage_path, name)
-    path = search.pull() / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError("search name", name, f"a search under {search.location.rsplit('/', 1)[0]} "
-                                               f"(no {CONFIG_FILE} there)")
-    values = yaml.safe_load(path.read_text())
-    train = values["train"]
-    values["train"] = TrainConfig(**{**train, "eval_steps": tuple(train["eval_steps"]) if train.get("eval_steps") else None})
-    values["checkpoints"] = tuple(values["checkpoints"])
-    values.setdefault("asha_metric", values["metric"])  # saved before ASHA's metric could differ
-    if values["points_to_evaluate"] is not None:
-        values["points_to_evaluate"] = tuple(values["points_to_evaluate"])
-    return SearchConfig(**values)
-
-
 def give_local_workers_env() -> None:
     """A local Ray started after this call runs its workers with WORKER_ENV: they inherit this
     process's environment (glibc reads MALLOC_ARENA_MAX once, when a process starts)."""
@@ -144,8 +118,6 @@ def give_local_workers_env() -> None:
 def ensure_ray(cfg: SearchConfig) -> None:
     """Join the cluster named by RAY_ADDRESS (a submitted job), else start a local Ray; then refuse
     a search whose trials the cluster can never hold (search/resources.py)."""
-    from search.resources import check_cluster
-
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     # Snapshotting after each checkpoint is what num_to_keep=1 asks for; the warning is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -163,7 +135,7 @@ class SearchInterrupted(KeyboardInterrupt):
     """Ctrl-C during a search: Tune has saved it, and the message says how to continue it."""
 
     def __init__(self, storage_path: str, name: str):
-        where = "" if storage_path == SEARCH_DEFAULTS["storage_path"] else f" --storage-path {storage_path}"
+        where = "" if storage_path == STORAGE_PATH else f" --storage-path {storage_path}"
         super().__init__(f"search {name} stopped; `softprompt search resume {name}{where}` continues it")
 
 
@@ -198,38 +170,35 @@ def run_search(cfg: SearchConfig, trainable=tune_trial, tracking_uri: str | None
                                             f"(`softprompt search resume {cfg.name}` continues it)")
     search.start()
     ensure_ray(cfg)
-    save_search_config(cfg)
-    if tracking_uri is None:
-        return fit_unless_interrupted(build_tuner(cfg, trainable), cfg.storage_path, cfg.name)
-    from search.tracking import finish_search_run, start_search_run  # it imports this module
-    tuner = build_tuner(cfg, trainable, start_search_run(cfg, tracking_uri))
-    results = fit_unless_interrupted(tuner, cfg.storage_path, cfg.name)
-    finish_search_run(cfg.storage_path, cfg.name)
-    return results
+    save_config(cfg)
+    tracking = start_search_run(cfg, tracking_uri) if tracking_uri else None
+    return _fit(build_tuner(cfg, trainable, tracking), search, tracking)
 
 
 def resume_search(storage_path: str, name: str, trainable=tune_trial, tracking_uri: str | None = None) -> tune.ResultGrid:
     """Continue an interrupted search: finished trials are kept, unfinished ones resume from
     their last checkpoint, errored ones are retried. A tracked search keeps logging to its parent
     run (or to a new one at `tracking_uri`)."""
-    from search.tracking import finish_search_run, load_target, start_search_run  # it imports this module
-
-    cfg = load_saved_config(storage_path, name)
+    search = SearchStorage(storage_path, name)
+    cfg = read_config(search)
     ensure_ray(cfg)
-    saved = load_target(storage_path, name)
+    saved = load_target(search)
     uri = tracking_uri or (saved.uri if saved else None)
     tracking = start_search_run(cfg, uri) if uri else None
-    tuner = restore_tuner(storage_path, name, build_trainable(cfg, trainable, tracking))
-    results = fit_unless_interrupted(tuner, storage_path, name)
+    return _fit(restore_tuner(search, build_trainable(cfg, trainable, tracking)), search, tracking)
+
+
+def _fit(tuner: tune.Tuner, search: SearchStorage, tracking) -> tune.ResultGrid:
+    """Run the search to its end, then close a tracked one's parent run with its results."""
+    results = fit_unless_interrupted(tuner, search.storage_path, search.name)
     if tracking:
-        finish_search_run(storage_path, name)
+        finish_search_run(SearchRecord.load(search.storage_path, search.name))
     return results
 
 
-def restore_tuner(storage_path: str, name: str, trainable) -> tune.Tuner:
+def restore_tuner(search: SearchStorage, trainable) -> tune.Tuner:
     """Tune's saved search, to continue. For a URI, the study copy saved with Tune's last state
     becomes this machine's working copy first: the searcher that Tune unpickles opens it."""
-    search = SearchStorage(storage_path, name)
     if search.remote:
         search.download(STUDY_FILE, search.study_file)
     _put_back_deleted_checkpoints(search)
@@ -243,9 +212,6 @@ def _put_back_deleted_checkpoints(search: SearchStorage) -> None:
     (a wider gap on S3, where a deletion takes several requests) leaves an unfinished trial naming a
     checkpoint that is gone or half gone, and its restore fails. The newer one is complete (Tune
     registers a checkpoint once it is stored): copy it to where the state looks."""
-    import pyarrow.fs
-    from ray.tune import ExperimentAnalysis
-
     def files(filesystem, path: str) -> int:
         return sum(info.is_file for info in filesystem.get_file_info(
             pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True)))
@@ -266,71 +232,3 @@ def _put_back_deleted_checkpoints(search: SearchStorage) -> None:
         if filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
             filesystem.delete_dir(path)
         pyarrow.fs.copy_files(newest, path, source_filesystem=filesystem, destination_filesystem=filesystem)
-
-
-def trial_status(trial_state: str, last: dict) -> str:
-    if trial_state == "ERROR":
-        return "errored"
-    if trial_state != "TERMINATED":
-        return "unfinished"
-    return {"running": "stopped early", "completed": "completed"}.get(last.get("status"), last.get("status", "?"))
-
-
-def trial_rows(storage_path: str, name: str) -> list[dict]:
-    """One row per trial: id, status, parameters, last step and metrics (`confirmed`: the search
-    metric on the confirm split, for trials that ran to the end), and `prompt`: the best prompt's
-    folder (for a search on a URI, its URI: `SearchStorage.local_copy` brings it here)."""
-    from ray.tune import ExperimentAnalysis
-
-    cfg = load_saved_config(storage_path, name)
-    search = SearchStorage(storage_path, name)
-    analysis = ExperimentAnalysis(search.tune_path(), storage_filesystem=search.tune_storage()[1])
-    rows = []
-    for trial in analysis.trials:
-        last = trial.last_result or {}
-        checkpoint = trial.checkpoint.path if trial.checkpoint else None
-        rows.append({"trial_id": trial.trial_id, "status": trial_status(trial.status, last),
-                     "params": trial.config, "step": last.get("step"), "metric": last.get(cfg.metric),
-                     "confirmed": last.get(CONFIRMED.get(cfg.metric, "")), "test_accuracy": last.get("test_accuracy"),
-                     "prompt": search.remote_location(f"{checkpoint}/best") if checkpoint else None})
-    return rows
-
-
-def ranked_trials(storage_path: str, name: str) -> list[dict]:
-    """The evaluated trials with a prompt, best first. Trials confirmed on further dev examples
-    come first, by that score: a search metric like best_dev_accuracy is the largest of several
-    small-sample scores, and a lucky one would win otherwise. The rest follow by the metric.
-    A search with no such trial is an error."""
-    mode = load_saved_config(storage_path, name).mode
-    rows = [r for r in trial_rows(storage_path, name) if r["metric"] is not None and r["prompt"]]
-    if not rows:
-        raise ConfigError("search", name, "a search with at least one evaluated trial")
-    return rank_rows(rows, mode)
-
-
-def rank_rows(rows: list[dict], mode: str) -> list[dict]:
-    """`trial_rows` rows best first: confirmed ones by `confirmed`, then the rest by `metric`
-    (`mode` max or min); on a tie, a completed trial first."""
-    sign = 1 if mode == "max" else -1
-    return sorted(rows, reverse=True, key=lambda r: (r["confirmed"] is not None, r["confirmed"] or 0.0,
-                                                     sign * r["metric"], r["status"] == "completed"))
-
-
-def best_trial(storage_path: str, name: str) -> dict:
-    """The winner (`ranked_trials`), its `prompt` a folder on this machine."""
-    best = ranked_trials(storage_path, name)[0]
-    return {**best, "prompt": str(SearchStorage(storage_path, name).local_copy(best["prompt"]))}
-
-
-def read_summary(storage_path: str, name: str, trial_id: str | None = None) -> dict | None:
-    """The summary `search run|resume` wrote with the winner against zero-shot; None if there is none,
-    or (given `trial_id`) if it was written for another winner."""
-    path = experiment_dir(storage_path, name) / SUMMARY_FILE
-    summary = json.loads(path.read_text()) if path.is_file() else {}
-    if "beats_zero_shot" not in summary or trial_id not in (None, summary["best_trial"]):
-        return None
-    return summary
-
-
-def write_summary(storage_path: str, name: str, summary: dict) -> Path:
-    return SearchStorage(storage_path, name).write_text(SUMMARY_FILE, json.dumps(summary, indent=2, default=str))

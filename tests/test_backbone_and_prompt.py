@@ -13,7 +13,7 @@ from trainables.config import TrainConfig
 from trainables.data import encode_task, make_batch
 from trainables.evaluate import ILLEGAL, auc, exact_match, f1_score, log_loss, rank_classify
 from trainables.loop import initial_prompt, train
-from trainables.prompt import PromptedModel, SoftPrompt
+from trainables.prompt import PromptedModel, SoftPrompt, loss
 from trainables.tasks import Task, split_three
 
 BACKBONES = ["tiny_llama", "tiny_t5"]
@@ -110,6 +110,25 @@ def test_only_the_prompt_receives_gradients(name, request):
     grad = pm.prompt.weight.grad
     assert grad is not None and grad.shape == (5, 32)
     assert torch.isfinite(grad).all() and (grad.abs().sum(-1) > 0).all()  # every prompt vector gets a gradient
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_rows_with_own_prompts_of_different_lengths_give_each_group_its_alone_loss_and_gradient(name, request):
+    """Several trials in one pass, each with its own prompt: a group's loss and its prompt's gradient
+    are what that prompt gets with its rows alone."""
+    backbone = request.getfixturevalue(name)
+    data, train_split = encoded(backbone), encoded(backbone).splits["train"]
+    inputs, classes, groups = train_split.input_ids[:6], train_split.labels[:6], [0, 1, 0, 1, 1, 0]
+    prompts = [prompted(backbone, length, seed=length).prompt for length in (3, 7)]
+    fused = loss(backbone, [prompts[g].weight for g in groups], make_batch(data, inputs, classes), groups=groups)
+    fused.sum().backward()
+    for g, prompt in enumerate(prompts):
+        alone = PromptedModel(backbone, SoftPrompt(prompt.weight.detach()))
+        rows = [i for i, group in enumerate(groups) if group == g]
+        expected = alone.loss(make_batch(data, [inputs[i] for i in rows], [classes[i] for i in rows]))
+        expected.backward()
+        torch.testing.assert_close(fused[g], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(prompt.weight.grad, alone.prompt.weight.grad, atol=1e-5, rtol=1e-4)
 
 
 # ---- where the prompt goes ----

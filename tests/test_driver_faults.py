@@ -22,7 +22,8 @@ from mlflow.tracking import MlflowClient
 from search.cli import main
 from search.configfile import ConfigError
 from search.resources import check_trial_resources
-from search.tuner import SUMMARY_FILE, experiment_dir, trial_rows
+from search.record import SearchRecord
+from search.storage import SUMMARY_FILE, SearchStorage
 from trainables.data import encode_task
 from trainables.evaluate import rank_classify
 from trainables.prompt import PromptedModel, SoftPrompt
@@ -67,7 +68,7 @@ def test_a_local_search_asking_for_more_than_the_machine_has_is_refused_before_i
     assert refused.returncode == 2, refused.stderr
     assert softprompt_errors(refused.stderr) == [f"softprompt: error: {line.format(cpus=cpus)}"]
     assert "Traceback" not in refused.stderr
-    assert not experiment_dir(str(tmp_path / "runs"), "too-big").exists()  # nothing saved: the name is free
+    assert not SearchStorage(str(tmp_path / "runs"), "too-big").folder.exists()  # nothing saved: the name is free
 
 
 def test_a_search_on_a_cluster_without_an_autoscaler_gets_what_its_nodes_declare(ray_cluster, tiny_llama_dir, tmp_path):
@@ -80,7 +81,7 @@ def test_a_search_on_a_cluster_without_an_autoscaler_gets_what_its_nodes_declare
     assert softprompt_errors(refused.stderr) == [
         "softprompt: error: gpus_per_trial = 2 is not allowed: at most 1, the most GPUs one node of this Ray "
         "cluster has, and it cannot add nodes (a trial runs on one node)"]
-    assert not experiment_dir(str(tmp_path / "runs"), "two-gpus").exists()
+    assert not SearchStorage(str(tmp_path / "runs"), "two-gpus").folder.exists()
 
 
 NODE = {"CPU": 2.0, "GPU": 1.0, "memory": 8e9}
@@ -132,14 +133,14 @@ def test_ctrl_c_stops_a_search_without_scoring_a_winner_and_says_how_to_resume_i
     assert softprompt_errors(err) == [
         f"softprompt: search ctrl-c stopped; `softprompt search resume ctrl-c --storage-path {runs}` continues it"]
     assert "Traceback" not in err and "best trial" not in out  # no winner was loaded or scored
-    assert not (experiment_dir(str(runs), "ctrl-c") / SUMMARY_FILE).exists()
-    assert any(r["status"] != "completed" for r in trial_rows(str(runs), "ctrl-c"))
+    assert not (SearchStorage(str(runs), "ctrl-c").folder / SUMMARY_FILE).exists()
+    assert any(r["status"] != "completed" for r in SearchRecord.load(str(runs), "ctrl-c").trials)
 
     resumed = subprocess.run([*SOFTPROMPT, "search", "resume", "ctrl-c", "--storage-path", str(runs)], env=env,
                              cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "best trial" in resumed.stdout
-    assert [r["status"] for r in trial_rows(str(runs), "ctrl-c")] == ["completed"] * 4
+    assert [r["status"] for r in SearchRecord.load(str(runs), "ctrl-c").trials] == ["completed"] * 4
 
 
 # ---- a winner below zero-shot ----
@@ -179,7 +180,7 @@ def test_a_winner_that_does_not_beat_zero_shot_is_called_out_in_the_summary_best
     uri, runs = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "runs")
     assert main(["search", "run", str(config), "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
-    summary = json.loads((experiment_dir(runs, "below") / SUMMARY_FILE).read_text())
+    summary = json.loads((SearchStorage(runs, "below").folder / SUMMARY_FILE).read_text())
     assert summary["zero_shot_test_accuracy"] == 1.0 and summary["beats_zero_shot"] is False
     verdict = (f"the winner does not beat zero-shot ({summary['test_accuracy']:.4f} vs 1.0000 test accuracy): the "
                f"model does as well without this prompt; a longer or wider search may find one that helps")

@@ -19,14 +19,14 @@ import pytest
 import requests
 import torch
 
-import trainables.ensemble
+import serving.ensemble
 from search.export import export_mlflow_model, export_npy, export_peft_adapter, write_bundle
+from serving.ensemble import PromptEnsemble, TaskPrompts, length_groups, load_bundle
 from trainables.backbone import _smollm2_folder, load_backbone
 from trainables.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from trainables.data import encode_task, verbalizer_ids
-from trainables.ensemble import PromptEnsemble, TaskPrompts, cache_kwarg, length_groups, load_bundle, returned_cache
 from trainables.evaluate import rank_classify
-from trainables.prompt import PromptedModel, SoftPrompt
+from trainables.prompt import PromptedModel, SoftPrompt, cache_kwarg, prompted_inputs, returned_cache
 from trainables.tasks import format_input, load_task
 
 TASKS = {"rotten_tomatoes": ["negative", "positive"], "sms_spam": ["ham", "spam"]}
@@ -88,8 +88,7 @@ def test_peft_round_trip_gives_identical_logits(kind, models, tmp_path):
     ids = backbone.tokenizer(["review: a fine film\nsentiment:", "review: dull and long\nsentiment:"],
                              return_tensors="pt", padding=True)
     assert ids["attention_mask"].all()  # equal lengths: PEFT's own forward does not handle padding positions
-    pm = PromptedModel(backbone, SoftPrompt(prompt))
-    embeds, mask = pm._prompted_inputs(ids["input_ids"], ids["attention_mask"])
+    embeds, mask = prompted_inputs(backbone, prompt, ids["input_ids"], ids["attention_mask"])
     decoder = {"decoder_input_ids": torch.tensor([[backbone.model.config.decoder_start_token_id, 5]] * 2)} \
         if kind == "t5" else {}
     with torch.no_grad():
@@ -156,7 +155,7 @@ def test_requests_grouped_by_length_score_as_one_pass_does_in_request_order(min_
     ensemble = PromptEnsemble(backbone, {"rt": TaskPrompts(TASKS["rotten_tomatoes"], data.target_ids, prompts)})
     inputs = data.splits["test"].input_ids
     assert len({len(x) for x in inputs}) > 2  # lengths differ, so min_tokens=0 splits the batch
-    monkeypatch.setitem(trainables.ensemble.MIN_PASS_TOKENS, "cpu", min_tokens)
+    monkeypatch.setitem(serving.ensemble.MIN_PASS_TOKENS, "cpu", min_tokens)
     scores = ensemble.member_scores(["rt"] * len(inputs), inputs)
     for i, prompt in enumerate(prompts):
         single = PromptedModel(backbone, SoftPrompt(prompt)).class_scores(data, inputs)
@@ -333,7 +332,7 @@ def test_the_cache_goes_to_forward_under_the_name_the_model_takes():
 
 @pytest.mark.parametrize("template", ["sst2 sentence: {sentence}", "{sentence}\nlabel:", "review: {sentence}\nsentiment:"])
 def test_served_input_is_formatted_once_whether_the_request_sends_raw_or_formatted_text(template):
-    from trainables.served_model import request_input
+    from serving.served_model import request_input
 
     formatted = template.format(sentence="a fine film")
     assert request_input(template, {"sentence": "a fine film"}, "t", 1) == formatted

@@ -16,7 +16,8 @@ import ray
 
 from search.cli import main
 from search.config import search_config
-from search.tuner import best_trial, experiment_dir, run_search, trial_rows
+from search.record import SearchRecord
+from search.tuner import run_search
 from trainables.checkpoint import load_checkpoint
 from trainables.evaluate import class_scores
 from trainables.loop import prepare_data
@@ -72,10 +73,11 @@ def test_each_trial_scores_its_whole_test_split_and_says_how_many(two_searches):
     configs, _, _ = two_searches
     for name, test_size in (("reviews", 11), ("boolq", 7)):
         cfg = configs[name]
-        (row,) = trial_rows(cfg.storage_path, name)
-        lines = (experiment_dir(cfg.storage_path, name) / f"trial_{row['trial_id']}" / "result.json").read_text()
+        record = SearchRecord.load(cfg.storage_path, name)
+        (row,) = record.trials
+        lines = (record.storage.folder / f"trial_{row['trial_id']}" / "result.json").read_text()
         assert json.loads(lines.splitlines()[-1])["test_examples"] == test_size
-        assert load_checkpoint(best_trial(cfg.storage_path, name)["prompt"]).meta["template"] == TEMPLATES[name]
+        assert load_checkpoint(record.best()["prompt"]).meta["template"] == TEMPLATES[name]
 
 
 def test_export_of_two_searches_registers_one_model_that_serves_both_tasks_on_raw_columns(two_searches, tiny_llama,
@@ -98,7 +100,7 @@ def test_export_of_two_searches_registers_one_model_that_serves_both_tasks_on_ra
     expected, requests = {}, {}
     for name, cfg in list(configs.items())[:2]:  # each prompt alone, on its task's formatted test split
         data = prepare_data(cfg.train, tiny_llama)
-        prompt = load_checkpoint(best_trial(cfg.storage_path, name)["prompt"]).prompt
+        prompt = load_checkpoint(SearchRecord.load(cfg.storage_path, name).best()["prompt"]).prompt
         scores = class_scores(PromptedModel(tiny_llama, SoftPrompt(prompt)), data, data.splits["test"], 8)
         expected[name] = ([data.verbalizers[i] for i in scores.argmax(-1)], data.verbalizers, scores)
         test = datasets.load_from_disk(folders[name])["test"].remove_columns("label")

@@ -37,7 +37,9 @@ from search.cli import main
 from search.config import search_config
 from search.export import export_npy, export_peft_adapter, write_bundle
 from search.tracking import SEARCH_TAG
-from search.tuner import experiment_dir, run_search, trial_rows
+from search.record import SearchRecord
+from search.storage import SearchStorage
+from search.tuner import run_search
 from trainables.checkpoint import META, TENSORS, CheckpointError, load_checkpoint, save_checkpoint
 from trainables.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG
 
@@ -62,12 +64,12 @@ def figure(text: str) -> None:
 
 
 def reported_steps(cfg, trial_id: str) -> list[dict]:
-    path = experiment_dir(cfg.storage_path, cfg.name) / f"trial_{trial_id}" / "result.json"
+    path = SearchStorage(cfg.storage_path, cfg.name).folder / f"trial_{trial_id}" / "result.json"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def study(cfg) -> optuna.Study:
-    folder = experiment_dir(cfg.storage_path, cfg.name)
+    folder = SearchStorage(cfg.storage_path, cfg.name).folder
     return optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{folder / 'optuna.db'}")
 
 
@@ -119,7 +121,7 @@ def test_fault1_a_killed_trial_worker_restarts_from_its_last_checkpoint_and_no_t
     with pytest.raises(ProcessLookupError):
         os.kill(killed["pid"], 0)  # that worker process is gone
 
-    rows = {r["trial_id"]: r for r in trial_rows(cfg.storage_path, cfg.name)}
+    rows = {r["trial_id"]: r for r in SearchRecord.load(cfg.storage_path, cfg.name).trials}
     assert len(rows) == cfg.trials and all(r["status"] == "completed" for r in rows.values())
     victim = reported_steps(cfg, killed["trial_id"])
     # step 2 reported before the kill, then 4..8 from the restarted worker: nothing trained twice, nothing lost
@@ -127,7 +129,8 @@ def test_fault1_a_killed_trial_worker_restarts_from_its_last_checkpoint_and_no_t
     assert "resumed_from_step" not in victim[0] and {r["resumed_from_step"] for r in victim[1:]} == {2}
     assert victim[1]["pid"] != killed["pid"]  # Ray's own record: another worker process took it over
     from ray.tune import ExperimentAnalysis
-    failures = {t.trial_id: t.num_failures for t in ExperimentAnalysis(str(experiment_dir(cfg.storage_path, cfg.name))).trials}
+    folder = SearchStorage(cfg.storage_path, cfg.name).folder
+    failures = {t.trial_id: t.num_failures for t in ExperimentAnalysis(str(folder)).trials}
     assert failures == {tid: int(tid == killed["trial_id"]) for tid in rows}  # one retry (FailureConfig), one trial
     assert [t.state.name for t in study(cfg).trials] == ["COMPLETE"] * cfg.trials
     figure(f"fault 1 (worker SIGKILLed at step 2): {len(rows)} trials started, "
@@ -166,7 +169,7 @@ def killed_and_resumed(ray_cluster, tiny_llama_dir, tmp_path_factory):
             # reading Ray's state each time would slow the trials this loop races)
             if len([p for p in runs.glob("killed/trial_*/result.json") if p.stat().st_size]) < 3:
                 continue
-            if sum(r["status"] == "completed" for r in trial_rows(str(runs), "killed")) >= 2:
+            if sum(r["status"] == "completed" for r in SearchRecord.load(str(runs), "killed").trials) >= 2:
                 break
         driver.kill()  # SIGKILL: no handler runs, nothing is flushed or closed
         driver.wait(timeout=60)
@@ -174,7 +177,7 @@ def killed_and_resumed(ray_cluster, tiny_llama_dir, tmp_path_factory):
 
     def snapshot():
         cfg_ = search_config(yaml.safe_load(config.read_text()))
-        rows = {r["trial_id"]: r for r in trial_rows(str(runs), "killed")}
+        rows = {r["trial_id"]: r for r in SearchRecord.load(str(runs), "killed").trials}
         results = {tid: (runs / "killed" / f"trial_{tid}" / "result.json").read_text() for tid in rows
                    if (runs / "killed" / f"trial_{tid}" / "result.json").exists()}
         optuna_trials = [(t.number, t.state.name, t.params, t.value) for t in study(cfg_).trials]
@@ -270,7 +273,8 @@ def test_fault3_diverged_and_out_of_memory_trials_end_with_a_clear_status_and_th
                       train={"init": "random_uniform"})
     run_search(cfg, trainable=out_of_memory_at_prompt_length_3)
 
-    rows = {(r["params"]["prompt_length"], r["params"]["init_scale"]): r for r in trial_rows(cfg.storage_path, cfg.name)}
+    rows = {(r["params"]["prompt_length"], r["params"]["init_scale"]): r
+            for r in SearchRecord.load(cfg.storage_path, cfg.name).trials}
     assert {key: r["status"] for key, r in rows.items()} == {
         (2, 0.5): "completed", (3, 0.5): "out_of_memory", (2, 1.0e39): "diverged"}
     for key in ((3, 0.5), (2, 1.0e39)):
@@ -414,7 +418,7 @@ def _read_path_offences(tree: ast.AST) -> list[str]:
 
 def test_no_source_file_unpickles_what_a_user_might_receive():
     offences = {}
-    for path in sorted([*(ROOT / "search").glob("*.py"), *(ROOT / "trainables").glob("*.py"), *(ROOT / "spaces").glob("*.py")]):
+    for path in sorted(path for folder in ("search", "serving", "trainables", "spaces") for path in (ROOT / folder).glob("*.py")):
         found = _read_path_offences(ast.parse(path.read_text()))
         if found:
             offences[str(path.relative_to(ROOT))] = found

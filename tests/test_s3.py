@@ -32,9 +32,10 @@ from moto.server import ThreadedMotoServer
 
 from search.cli import main
 from search.config import search_config
-from search.storage import CONFIG_FILE, RUN_FILE, STUDY_FILE, SUMMARY_FILE
+from search.record import SearchRecord, rank_rows
+from search.storage import CONFIG_FILE, RUN_FILE, STUDY_FILE, SUMMARY_FILE, SearchStorage
 from search.tracking import SEARCH_TAG
-from search.tuner import experiment_dir, rank_rows, run_search, trial_rows
+from search.tuner import run_search
 from trainables.backbone import cache_dir
 from trainables.checkpoint import META, TENSORS, load_checkpoint
 
@@ -99,7 +100,7 @@ def pairs(items) -> list[str]:
 
 def forget_this_machine(storage_path: str, name: str) -> None:
     """What another machine lacks: the search's local mirror (its files, the study's working copy)."""
-    shutil.rmtree(experiment_dir(storage_path, name))
+    shutil.rmtree(SearchStorage(storage_path, name).folder)
 
 
 def until_its_trial_actors_are_gone(started_ms: int) -> None:
@@ -149,7 +150,7 @@ def test_a_search_on_s3_keeps_tune_state_checkpoints_and_its_own_files_there(s3,
         assert f"searches/on-s3/{own}" in keys
     assert any(k.startswith("searches/on-s3/experiment_state-") for k in keys)
     with environment(finished_on_s3["env"]):
-        rows = trial_rows(cfg.storage_path, cfg.name)
+        rows = SearchRecord.load(cfg.storage_path, cfg.name).trials
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
     for row in rows:  # each trial's prompt is on S3, where the row says
         assert row["prompt"].startswith(f"s3://{s3['bucket']}/searches/on-s3/trial_{row['trial_id']}/checkpoint_")
@@ -167,7 +168,7 @@ def test_status_best_export_and_mlflow_sync_read_a_search_from_s3_alone(s3, fini
         forget_this_machine(cfg.storage_path, cfg.name)
         assert main(["search", "status", cfg.name, "--storage-path", cfg.storage_path]) == 0
         status = capsys.readouterr().out.splitlines()
-        rows = trial_rows(cfg.storage_path, cfg.name)
+        rows = SearchRecord.load(cfg.storage_path, cfg.name).trials
         for row in rows:
             assert [line.split()[1] for line in status if line.startswith(row["trial_id"])] == ["completed"]
         assert f"{cfg.name}: 2 of 2 trials started (2 completed)" in status
@@ -178,7 +179,7 @@ def test_status_best_export_and_mlflow_sync_read_a_search_from_s3_alone(s3, fini
         winner = rank_rows(rows, cfg.mode)[0]
         assert best["trial_id"] == winner["trial_id"]
         prompt = Path(best["prompt"])  # a copy on this machine, byte for byte what S3 holds
-        assert prompt.is_relative_to(experiment_dir(cfg.storage_path, cfg.name))
+        assert prompt.is_relative_to(SearchStorage(cfg.storage_path, cfg.name).folder)
         key = winner["prompt"].split("://", 1)[1].split("/", 1)[1]
         assert (prompt / TENSORS).read_bytes() == s3_bytes(s3, f"{key}/{TENSORS}")
 
@@ -249,7 +250,7 @@ def killed_on_s3_and_resumed(s3, ray_cluster, tiny_llama_dir, tmp_path_factory):
             if len({k.split("/")[2] for k in s3_keys(s3, prefix) if "/checkpoint_" in k}) < 2:
                 continue
             with environment(s3["env"]):
-                rows = trial_rows(storage_path, name)
+                rows = SearchRecord.load(storage_path, name).trials
             if (any(r["status"] == "completed" for r in rows)
                     and any(r["status"] == "unfinished" and r["prompt"] for r in rows)):
                 break
@@ -259,7 +260,7 @@ def killed_on_s3_and_resumed(s3, ray_cluster, tiny_llama_dir, tmp_path_factory):
 
     def snapshot(folder: Path) -> dict:
         with environment(s3["env"]):
-            rows = {r["trial_id"]: r for r in trial_rows(storage_path, name)}
+            rows = {r["trial_id"]: r for r in SearchRecord.load(storage_path, name).trials}
         keys = s3_keys(s3, prefix)
         results = {tid: s3_bytes(s3, f"{prefix}trial_{tid}/result.json") for tid in rows
                    if f"{prefix}trial_{tid}/result.json" in keys}

@@ -17,7 +17,9 @@ import yaml
 from ray import tune
 
 from search.config import ConfigError, asha_rungs, load_search_config, search_config
-from search.tuner import best_trial, experiment_dir, run_search, trial_rows
+from search.record import SearchRecord
+from search.storage import SearchStorage
+from search.tuner import run_search
 from spaces import DEFAULT_POINTS, CustomSpace, paper, quick
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -39,7 +41,7 @@ def tiny_search(tiny_llama_dir, tmp_path, **overrides):
 
 
 def study_trials(cfg):
-    folder = experiment_dir(cfg.storage_path, cfg.name)
+    folder = SearchStorage(cfg.storage_path, cfg.name).folder
     return optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{folder / 'optuna.db'}").trials
 
 
@@ -149,7 +151,7 @@ def test_a_trial_confirms_its_best_prompt_on_further_dev_examples(tiny_llama):
 
 
 def test_confirmed_trials_rank_first_by_their_confirmed_score():
-    from search.tuner import rank_rows
+    from search.record import rank_rows
 
     row = lambda trial, metric, confirmed=None, status="completed": {"trial_id": trial, "metric": metric,
                                                                       "confirmed": confirmed, "status": status}
@@ -170,7 +172,7 @@ def test_a_search_confirms_on_500_dev_examples_unless_told_otherwise():
 def test_small_search_runs_the_default_point_first_and_asha_prunes_weak_trials(ray_cluster, tiny_llama_dir, tmp_path):
     cfg = tiny_search(tiny_llama_dir, tmp_path)
     run_search(cfg)
-    rows = trial_rows(cfg.storage_path, cfg.name)
+    rows = SearchRecord.load(cfg.storage_path, cfg.name).trials
     assert len(rows) == 6
     statuses = [r["status"] for r in rows]
     assert "stopped early" in statuses and "completed" in statuses
@@ -178,7 +180,7 @@ def test_small_search_runs_the_default_point_first_and_asha_prunes_weak_trials(r
     assert all(r["step"] == 8 and r["test_accuracy"] is not None for r in rows if r["status"] == "completed")
     # trials evaluate (and report) only at their eval steps: ASHA's rungs 2, 4, 8 and every eval_every (2)
     assert cfg.train.eval_steps == (2, 4, 6, 8)
-    folder = experiment_dir(cfg.storage_path, cfg.name)
+    folder = SearchStorage(cfg.storage_path, cfg.name).folder
     reported = [json.loads(line)["step"] for r in rows
                 for line in (folder / f"trial_{r['trial_id']}" / "result.json").read_text().splitlines()]
     assert set(reported) <= {2, 4, 6, 8} and reported.count(2) == 6
@@ -189,7 +191,7 @@ def test_small_search_runs_the_default_point_first_and_asha_prunes_weak_trials(r
     assert by_state == {"COMPLETE", "PRUNED"}  # ASHA-stopped trials are not fed to TPE as finished
     assert sum(t.state.name == "PRUNED" for t in trials) == statuses.count("stopped early")
 
-    best = best_trial(cfg.storage_path, cfg.name)
+    best = SearchRecord.load(cfg.storage_path, cfg.name).best()
     assert best["metric"] == min(r["metric"] for r in rows)
     assert (Path(best["prompt"]) / "prompt.safetensors").is_file()
 
@@ -198,8 +200,8 @@ def test_asha_can_compare_trials_by_another_metric_than_the_search_picks_by(ray_
     cfg = tiny_search(tiny_llama_dir, tmp_path, name="asha-metric", metric="best_dev_accuracy", asha_metric="dev_log_loss")
     assert (cfg.asha_metric, cfg.asha_mode, cfg.mode) == ("dev_log_loss", "min", "max")
     run_search(cfg)
-    rows = trial_rows(cfg.storage_path, cfg.name)
-    folder = experiment_dir(cfg.storage_path, cfg.name)
+    record = SearchRecord.load(cfg.storage_path, cfg.name)
+    rows, folder = record.trials, record.storage.folder
     results = {r["trial_id"]: [json.loads(line) for line in (folder / f"trial_{r['trial_id']}" / "result.json")
                                .read_text().splitlines()] for r in rows}
     assert all(0.0 <= res["dev_auc"] <= 1.0 and res["dev_log_loss"] > 0.0 for rs in results.values() for res in rs)
@@ -211,7 +213,7 @@ def test_asha_can_compare_trials_by_another_metric_than_the_search_picks_by(ray_
                   for res in rs if res["step"] == last["step"]]
         assert last["dev_log_loss"] > min(others)
     # the winner is still picked by the search metric (here confirmed accuracy), and the saved config keeps both
-    assert best_trial(cfg.storage_path, cfg.name)["confirmed"] == max(r["confirmed"] for r in rows if r["confirmed"] is not None)
+    assert record.best()["confirmed"] == max(r["confirmed"] for r in rows if r["confirmed"] is not None)
     saved = yaml.safe_load((folder / "softprompt-search.yaml").read_text())
     assert (saved["metric"], saved["asha_metric"]) == ("best_dev_accuracy", "dev_log_loss")
 
@@ -224,9 +226,9 @@ def test_workers_reuse_the_frozen_backbone_across_trials(ray_cluster, tiny_llama
     # 2 workers, 4 trials: at most the first trial on each worker loads the model
     assert reused.count(False) <= 2 and reused.count(True) >= 2
     # every trial ran to the end, so each was confirmed on 64 more dev examples and the best of those won
-    rows = trial_rows(cfg.storage_path, cfg.name)
+    rows = SearchRecord.load(cfg.storage_path, cfg.name).trials
     assert all(r["confirmed"] is not None for r in rows)
-    assert best_trial(cfg.storage_path, cfg.name)["confirmed"] == max(r["confirmed"] for r in rows)
+    assert SearchRecord.load(cfg.storage_path, cfg.name).best()["confirmed"] == max(r["confirmed"] for r in rows)
 
 
 def test_trial_workers_run_with_two_malloc_arenas(ray_cluster):
@@ -259,7 +261,7 @@ def test_a_diverging_trial_ends_as_diverged_and_the_search_goes_on(ray_cluster, 
     cfg = tiny_search(tiny_llama_dir, tmp_path, name="diverge", trials=2, scheduler="none", metric="best_dev_accuracy",
                       space={"model": {"choices": models}}, points_to_evaluate=[{"model": m} for m in models])
     run_search(cfg)
-    rows = {r["params"]["model"]: r for r in trial_rows(cfg.storage_path, cfg.name)}
+    rows = {r["params"]["model"]: r for r in SearchRecord.load(cfg.storage_path, cfg.name).trials}
     assert rows[str(overflowing_llama_dir)]["status"] == "diverged"
     assert rows[str(overflowing_llama_dir)]["metric"] == 0.0  # the worst accuracy, finite for Optuna
     assert rows[str(tiny_llama_dir)]["status"] == "completed" and rows[str(tiny_llama_dir)]["metric"] > 0.0
@@ -311,7 +313,7 @@ def test_resume_after_an_interrupted_search_reruns_nothing_finished(ray_cluster,
             break
     driver.send_signal(signal.SIGINT)
     driver.wait(timeout=120)
-    before = {r["trial_id"]: r for r in trial_rows(str(tmp_path / "runs"), "interrupted")}
+    before = {r["trial_id"]: r for r in SearchRecord.load(str(tmp_path / "runs"), "interrupted").trials}
     finished = {tid for tid, r in before.items() if r["status"] == "completed"}
     assert 2 <= len(finished) < 5
     lines = lambda tid: (tmp_path / "runs" / "interrupted" / f"trial_{tid}" / "result.json").read_text().splitlines()
@@ -320,7 +322,7 @@ def test_resume_after_an_interrupted_search_reruns_nothing_finished(ray_cluster,
     resumed = subprocess.run([*softprompt, "search", "resume", "interrupted", "--storage-path", str(tmp_path / "runs")],
                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    after = {r["trial_id"]: r for r in trial_rows(str(tmp_path / "runs"), "interrupted")}
+    after = {r["trial_id"]: r for r in SearchRecord.load(str(tmp_path / "runs"), "interrupted").trials}
     assert len(after) == 5 and all(r["status"] == "completed" for r in after.values())
     for tid in finished:  # not one more report from a trial that had finished
         assert lines(tid) == reported[tid]

@@ -18,7 +18,9 @@ from mlflow.tracking import MlflowClient
 from search.cli import main
 from search.config import search_config
 from search.tracking import SEARCH_TAG, finish_search_run, nearest_tokens_table, softprompt_experiment, start_search_run
-from search.tuner import build_tuner, ensure_ray, experiment_dir, run_search, save_search_config, trial_rows
+from search.record import SearchRecord, save_config
+from search.storage import SearchStorage
+from search.tuner import build_tuner, ensure_ray, run_search
 from trainables.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -51,7 +53,7 @@ def the_parent(client, name):
 
 def assert_every_trial_fully_logged(client, parent, cfg):
     children = children_by_trial(client, parent)
-    rows = trial_rows(cfg.storage_path, cfg.name)
+    rows = SearchRecord.load(cfg.storage_path, cfg.name).trials
     assert set(children) == {r["trial_id"] for r in rows}  # exactly one child per trial
     for row in rows:
         child = children[row["trial_id"]]
@@ -157,21 +159,21 @@ def test_a_tracking_server_stopped_during_a_search_loses_nothing(ray_cluster, ti
     server = start_tracking_server(tmp_path, port)
     try:
         ensure_ray(cfg)
-        save_search_config(cfg)
+        save_config(cfg)
         target = start_search_run(cfg, uri)  # the parent exists on the server...
         stop(server)                         # ...which then goes away while the trials run
         build_tuner(cfg, tracking=target).fit()
-        assert finish_search_run(cfg.storage_path, cfg.name) is None
+        assert finish_search_run(SearchRecord.load(cfg.storage_path, cfg.name)) is None
         err = capfd.readouterr().err
         assert "unreachable" in err and "softprompt mlflow sync" in err
-        spools = list((experiment_dir(cfg.storage_path, cfg.name) / "mlflow-spool").glob("*.jsonl"))
+        spools = list((SearchStorage(cfg.storage_path, cfg.name).folder / "mlflow-spool").glob("*.jsonl"))
         assert len(spools) == 3
 
         server = start_tracking_server(tmp_path, port)
         assert main(["mlflow", "sync", cfg.name, "--storage-path", cfg.storage_path]) == 0
         client = MlflowClient(uri, registry_uri=uri)
         assert_every_trial_fully_logged(client, the_parent(client, cfg.name), cfg)
-        assert not list((experiment_dir(cfg.storage_path, cfg.name) / "mlflow-spool").glob("*.jsonl"))
+        assert not list((SearchStorage(cfg.storage_path, cfg.name).folder / "mlflow-spool").glob("*.jsonl"))
     finally:
         if server.poll() is None:
             stop(server)

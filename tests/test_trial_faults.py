@@ -14,7 +14,9 @@ import torch
 from ray import tune
 
 from search.config import ConfigError, search_config
-from search.tuner import experiment_dir, resume_search, run_search, trial_rows
+from search.record import SearchRecord
+from search.storage import SearchStorage
+from search.tuner import resume_search, run_search
 from trainables.checkpoint import load_checkpoint, save_checkpoint
 from trainables.config import ASHA_METRICS, SEARCH_METRICS
 from trainables.loop import keeps, prepare_data, train
@@ -45,17 +47,17 @@ def diverging_search(model_dir, tmp_path, asha_metric: str):
 
 
 def reports(cfg, trial_id: str) -> list[dict]:
-    path = experiment_dir(cfg.storage_path, cfg.name) / f"trial_{trial_id}" / "result.json"
+    path = SearchStorage(cfg.storage_path, cfg.name).folder / f"trial_{trial_id}" / "result.json"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def study_trials(cfg) -> list:
-    folder = experiment_dir(cfg.storage_path, cfg.name)
+    folder = SearchStorage(cfg.storage_path, cfg.name).folder
     return optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{folder / 'optuna.db'}").trials
 
 
 def assert_the_diverged_trial_ended_with_every_worst_value_and_the_search_went_on(cfg):
-    rows = {r["params"]["init_scale"]: r for r in trial_rows(cfg.storage_path, cfg.name)}
+    rows = {r["params"]["init_scale"]: r for r in SearchRecord.load(cfg.storage_path, cfg.name).trials}
     assert {scale: r["status"] for scale, r in rows.items()} == {DIVERGES: "diverged", 0.5: "completed"}
     last = reports(cfg, rows[DIVERGES]["trial_id"])[-1]
     for name, mode in ASHA_METRICS.items():  # ASHA reads asha_metric, Optuna metric: both finite, both worst
@@ -119,7 +121,7 @@ def test_a_trial_runs_at_its_optimizers_default_lr_and_keeps_the_prompt_with_the
                       space={"optimizer": {"choices": ["adamw"]}}, train={"eval_every": 2})
     assert (cfg.train.optimizer, cfg.train.select_metric) == ("adafactor", "f1")
     run_search(cfg)
-    (row,) = trial_rows(cfg.storage_path, cfg.name)
+    (row,) = SearchRecord.load(cfg.storage_path, cfg.name).trials
     assert row["params"] == {"optimizer": "adamw"} and row["status"] == "completed"
     current = load_checkpoint(row["prompt"].removesuffix("best") + "current")
     assert current.meta["config"]["optimizer"] == "adamw"
@@ -253,9 +255,9 @@ def test_a_retried_trial_whose_checkpoint_is_incomplete_starts_over_and_complete
     global DAMAGED_SEARCH
     cfg = tiny_search(tiny_llama_dir, tmp_path, name="damaged", trials=1, scheduler="none", max_failures=1,
                       train={"eval_every": 2})
-    DAMAGED_SEARCH = experiment_dir(cfg.storage_path, cfg.name)
+    DAMAGED_SEARCH = SearchStorage(cfg.storage_path, cfg.name).folder
     run_search(cfg, trainable=tune_trial)
-    (row,) = trial_rows(cfg.storage_path, cfg.name)
+    (row,) = SearchRecord.load(cfg.storage_path, cfg.name).trials
     assert row["status"] == "completed"
     steps = reports(cfg, row["trial_id"])
     assert [r["step"] for r in steps] == [2, 2, 4]  # the failed attempt's step 2, then a whole run

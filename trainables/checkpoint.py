@@ -1,7 +1,8 @@
-"""Prompt checkpoints: `prompt.safetensors` (the prompt and optimizer state tensors) plus
-`prompt.json` (what the prompt belongs to, the prompt tensor's SHA-256 as its identity). No pickle
-anywhere: a checkpoint someone sends you is data, never code. Loading checks the tensor file's
-SHA-256, the backbone fingerprint and width."""
+"""Prompt files, written and read here only. A checkpoint: `prompt.safetensors` (the prompt and
+optimizer state tensors) plus `prompt.json` (what the prompt belongs to, the prompt tensor's SHA-256
+as its identity). A bundle: `bundle.json` plus a checkpoint per member. No pickle anywhere: a
+checkpoint someone sends you is data, never code. `verify_prompt` checks every prompt read (here or
+from an export) against its SHA-256 and the backbone's fingerprint and width."""
 from __future__ import annotations
 
 import hashlib
@@ -19,6 +20,8 @@ from trainables.errors import UserError
 
 FORMAT = "softprompt-prompt/1"
 TENSORS, META = "prompt.safetensors", "prompt.json"
+# An exported bundle: bundle.json plus one prompt checkpoint per member, under `members`' paths.
+BUNDLE_FORMAT, BUNDLE_FILE = "softprompt-bundle/1", "bundle.json"
 
 
 class CheckpointError(UserError):
@@ -112,16 +115,53 @@ def load_checkpoint(directory: str | Path, fingerprint: str | None = None, width
         tensors = load_file(str(tensor_path))
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{tensor_path}: unreadable safetensors file ({error})") from None
-    prompt = tensors.get("prompt")
-    if prompt is None or tensor_sha256(prompt) != meta.get("prompt_sha256"):
-        raise CheckpointError(f"{tensor_path}: the prompt tensor does not match the prompt_sha256 in {META}")
-    if width is not None and prompt.shape[1] != width:
-        raise CheckpointError(f"{directory}: prompt width {prompt.shape[1]} does not match the backbone's "
-                              f"embedding width {width}")
-    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
-        raise CheckpointError(f"{directory}: prompt was trained on backbone {meta.get('backbone')!r} "
-                              f"(fingerprint {meta.get('fingerprint')}), not on this one ({fingerprint})")
+    prompt = verify_prompt(meta, tensor_path, fingerprint, width, tensors.get("prompt", torch.empty(0)))
     return Checkpoint(prompt, meta, _optimizer_state(meta, tensors))
+
+
+def verify_prompt(record: dict, path: Path, fingerprint: str | None = None, width: int | None = None,
+                  prompt: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`prompt` (if given) as `record` describes it, for the backbone of `fingerprint` and `width` (if
+    given); else a CheckpointError naming `path`. The one check of every prompt file read."""
+    if prompt is not None:
+        if prompt.ndim != 2 or tensor_sha256(prompt) != record.get("prompt_sha256"):
+            raise CheckpointError(f"{path}: the prompt tensor does not match the prompt_sha256 in its JSON record; "
+                                  "the file was damaged or edited")
+        if width is not None and prompt.shape[1] != width:
+            raise CheckpointError(f"{path}: prompt width {prompt.shape[1]} does not match the backbone's "
+                                  f"embedding width {width}")
+    if fingerprint is not None and record.get("fingerprint") != fingerprint:
+        raise CheckpointError(f"{path}: prompt trained on backbone {record.get('backbone')!r} "
+                              f"(fingerprint {record.get('fingerprint')}), not on this one ({fingerprint})")
+    return prompt
+
+
+def save_bundle_record(folder: Path, record: dict) -> Path:
+    """`bundle.json` for the member checkpoints already saved in `folder`."""
+    (folder / BUNDLE_FILE).write_text(json.dumps({"format": BUNDLE_FORMAT, **record}, indent=2))
+    return folder
+
+
+def load_bundle_record(folder: str | Path) -> dict:
+    """A bundle's `bundle.json`, checked: its format, and a task table whose tasks name members."""
+    path = Path(folder) / BUNDLE_FILE
+    try:
+        record = json.loads(path.read_text())
+        if not all(isinstance(task["members"], list) for task in record["tasks"].values()):
+            raise TypeError("a task's members are not a list")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{path}: not a valid bundle record ({error})") from None
+    if record.get("format") != BUNDLE_FORMAT:
+        raise CheckpointError(f"{path}: format {record.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+    return record
+
+
+def load_bundle_prompts(folder: str | Path, record: dict, fingerprint: str | None = None,
+                        width: int | None = None) -> dict[str, list[torch.Tensor]]:
+    """Each task's member prompts, the bundle refused as a whole if made for another backbone."""
+    verify_prompt(record, Path(folder) / BUNDLE_FILE, fingerprint)
+    return {name: [load_checkpoint(Path(folder) / m, record["fingerprint"], width).prompt for m in task["members"]]
+            for name, task in record["tasks"].items()}
 
 
 def _optimizer_state(meta: dict, tensors: dict) -> dict | None:

@@ -92,28 +92,32 @@ def encode_task(task: Task, tokenizer, is_encoder_decoder: bool, vocab_is_freque
 
 def pad_rows(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
     width = max(len(r) for r in rows)
-    return torch.tensor([[value] * (width - len(r)) + r if left else r + [value] * (width - len(r)) for r in rows])
+    return torch.tensor([[value] * (width - len(r)) + r if left else r + [value] * (width - len(r)) for r in rows],
+                        dtype=torch.long)
 
 
 def make_batch(data: EncodedTask, inputs: list[list[int]], classes: list[int]) -> Batch:
     """A batch whose targets are the verbalizers of `classes` (the gold ones when training)."""
-    targets = [data.target_ids[c] for c in classes]
-    if data.is_encoder_decoder:
-        input_ids = pad_rows(inputs, data.pad_id, left=False)
+    return target_batch(inputs, [data.target_ids[c] for c in classes], data.pad_id, data.is_encoder_decoder, classes)
+
+
+def target_batch(inputs: list[list[int]], targets: list[list[int]], pad_id: int, is_encoder_decoder: bool,
+                 classes: list[int] | None = None) -> Batch:
+    """A batch that scores `targets[r]` after `inputs[r]`."""
+    if is_encoder_decoder:
+        input_ids = pad_rows(inputs, pad_id, left=False)
         mask = pad_rows([[1] * len(x) for x in inputs], 0, left=False)
         labels = pad_rows(targets, IGNORE, left=False)
     else:
-        input_ids = pad_rows([x + t for x, t in zip(inputs, targets)], data.pad_id, left=True)
+        input_ids = pad_rows([x + t for x, t in zip(inputs, targets)], pad_id, left=True)
         mask = pad_rows([[1] * (len(x) + len(t)) for x, t in zip(inputs, targets)], 0, left=True)
         labels = pad_rows(targets, IGNORE, left=True)  # right-aligned with the sequence's end
-    return Batch(input_ids, mask, labels, torch.tensor(classes))
+    return Batch(input_ids, mask, labels, torch.tensor(classes or [0] * len(inputs)))
 
 
-def input_batch(data: EncodedTask, inputs: list[list[int]]) -> Batch:
+def input_batch(inputs: list[list[int]], pad_id: int, is_encoder_decoder: bool) -> Batch:
     """Inputs alone, left-padded for causal LMs (scoring the next token, generating)."""
-    left = not data.is_encoder_decoder
-    return Batch(pad_rows(inputs, data.pad_id, left), pad_rows([[1] * len(x) for x in inputs], 0, left),
-                 torch.empty(len(inputs), 0, dtype=torch.long), torch.zeros(len(inputs), dtype=torch.long))
+    return target_batch(inputs, [[]] * len(inputs), pad_id, is_encoder_decoder)
 
 
 class TrainOrder:

@@ -1,5 +1,7 @@
-"""The soft prompt: a plain [length, width] float32 parameter in front of the input embeddings.
+"""The soft prompt: a plain [length, width] float32 parameter in front of the input embeddings,
+and the one scoring path that places prompts, for training and serving alike.
 
+Each row of a batch may carry its own prompt (ensembles, mixed tasks, several trials in one pass).
 For causal LMs the prompt precedes the text and position ids are counted over real tokens only,
 so an example scores the same alone or inside a padded batch. For encoder-decoders (T5) the
 prompt goes on the encoder input only; the decoder is untouched (as in the paper; PEFT's seq2seq
@@ -7,14 +9,19 @@ default prefixes the decoder too).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from trainables.backbone import Backbone
-from trainables.data import IGNORE, Batch, EncodedTask, pad_rows, input_batch, make_batch
+from trainables.data import IGNORE, Batch, EncodedTask, input_batch, pad_rows, target_batch
 
 
 class SoftPrompt(nn.Module):
@@ -47,6 +54,156 @@ class InputDropout:
         return embeds * keep.to(embeds.dtype) / (1 - self.rate)
 
 
+@dataclass
+class Prefix:
+    """Soft prompts as a causal LM's keys and values, one row per prompt, left-padded to one length.
+
+    A prompt comes first and attention is causal, so its keys and values in every layer depend on
+    the prompt alone: a served model computes them once at load time, and a request then costs
+    only its own tokens (PEFT's forward recomputes the prompt in every request)."""
+    layers: list[tuple[torch.Tensor, torch.Tensor]]   # per layer: keys, values [rows, heads, length, dim]
+    mask: torch.Tensor                                # [rows, length]: 1 where a prompt vector is
+
+    @classmethod
+    def of(cls, backbone: Backbone, prompts: list[torch.Tensor]) -> "Prefix | None":
+        """None where the model's cache is not plain full-attention keys and values in every layer
+        (sliding-window, linear-attention or state-space layers keep something else)."""
+        parts = []
+        for prompt in prompts:  # one at a time: no padding inside the prompt's own pass
+            embeds = prompt.to(backbone.device, backbone.dtype).unsqueeze(0)
+            try:
+                out = backbone.model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+                layers = getattr(returned_cache(out), "layers", None)
+                if not layers or any(type(layer) is not DynamicLayer or not torch.is_tensor(layer.keys)
+                                     for layer in layers):
+                    return None
+            except (AttributeError, TypeError, RuntimeError, ValueError):
+                return None
+            parts.append(cls([(layer.keys, layer.values) for layer in layers],
+                             torch.ones(1, len(prompt), dtype=torch.long, device=backbone.device)))
+        return cls.cat(parts)
+
+    @classmethod
+    def cat(cls, parts: list["Prefix"]) -> "Prefix":
+        length = max(p.mask.shape[1] for p in parts)
+        parts = [p.pad_to(length) for p in parts]
+        layers = [(torch.cat([p.layers[i][0] for p in parts]), torch.cat([p.layers[i][1] for p in parts]))
+                  for i in range(len(parts[0].layers))]
+        return cls(layers, torch.cat([p.mask for p in parts]))
+
+    def pad_to(self, length: int) -> "Prefix":
+        extra = length - self.mask.shape[1]
+        if extra == 0:
+            return self
+        pad = lambda t: torch.nn.functional.pad(t, (0, 0, extra, 0))  # left, along the length axis
+        return Prefix([(pad(k), pad(v)) for k, v in self.layers], torch.nn.functional.pad(self.mask, (extra, 0)))
+
+    def select(self, rows: list[int]) -> "Prefix":
+        return Prefix([(k[rows], v[rows]) for k, v in self.layers], self.mask[rows])
+
+
+# One [p, e] prompt for every row, one per row (lengths may differ), or a Prefix (causal LMs only).
+Prompts = torch.Tensor | list[torch.Tensor] | Prefix
+
+
+@functools.cache
+def cache_kwarg(model_class: type) -> str:
+    """transformers 5.24 renamed forward's `past_key_values` to `cache`; 5.40 drops the old name."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The key/value cache a forward returned, under its name before or after transformers 5.24."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def prompted_inputs(backbone: Backbone, prompts: torch.Tensor | list[torch.Tensor], input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor, dropout: InputDropout | None = None):
+    """Each row's [prompt; input] embeddings and their attention mask; gradients reach every prompt."""
+    embeds = backbone.model.get_input_embeddings()(input_ids)
+    if torch.is_tensor(prompts):  # one prompt: one cat in front of the padded batch, no per-row work
+        rows = embeds.shape[0]
+        ones = attention_mask.new_ones(rows, prompts.shape[0])
+        embeds = torch.cat([prompts.to(embeds.dtype).unsqueeze(0).expand(rows, -1, -1), embeds], 1)
+        mask = torch.cat([ones, attention_mask], 1)
+    else:  # each row's real tokens packed behind its own prompt, padded on the batch's side
+        side = "right" if backbone.is_encoder_decoder else "left"
+        packed = [torch.cat([p.to(e.device, e.dtype), e[m.bool()]]) for p, e, m in zip(prompts, embeds, attention_mask)]
+        embeds = pad_sequence(packed, batch_first=True, padding_side=side)
+        mask = pad_rows([[1] * len(p) for p in packed], 0, side == "left").to(attention_mask.device)
+    return embeds if dropout is None else dropout(embeds), mask
+
+
+def _causal_logits(backbone: Backbone, prompts: Prompts, batch: Batch, keep: int,
+                   dropout: InputDropout | None = None) -> torch.Tensor:
+    """Logits of the last `keep` positions only: the full-vocabulary projection of every
+    position would cost a fifth of the forward pass for nothing."""
+    if isinstance(prompts, Prefix):  # the prompts are in the cache already: rows hold their own tokens
+        embeds, mask = backbone.model.get_input_embeddings()(batch.input_ids), batch.attention_mask
+        start, full_mask = prompts.mask.sum(-1, keepdim=True), torch.cat([prompts.mask, mask], 1)
+        cache = {"use_cache": True, cache_kwarg(type(backbone.model)): DynamicCache(ddp_cache_data=prompts.layers)}
+    else:
+        embeds, mask = prompted_inputs(backbone, prompts, batch.input_ids, batch.attention_mask, dropout)
+        start, full_mask, cache = 0, mask, {"use_cache": False}
+    positions = start + (mask.cumsum(-1) - 1).clamp(min=0)
+    return backbone.model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions,
+                          logits_to_keep=keep, **cache).logits.float()
+
+
+def target_logprobs(backbone: Backbone, prompts: Prompts, batch: Batch,
+                    dropout: InputDropout | None = None) -> torch.Tensor:
+    """[B, L] log-probability of each target token (0 where the target is padding); `dropout`
+    only in training."""
+    if backbone.is_encoder_decoder:
+        embeds, mask = prompted_inputs(backbone, prompts, batch.input_ids, batch.attention_mask, dropout)
+        decoder_ids = backbone.model.prepare_decoder_input_ids_from_labels(labels=batch.labels)
+        logits = backbone.model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids,
+                                use_cache=False).logits.float()
+    else:
+        logits = _causal_logits(backbone, prompts, batch, batch.labels.shape[1] + 1, dropout)[:, :-1]
+    return _gather_targets(logits, batch.labels)
+
+
+def loss(backbone: Backbone, prompts: Prompts, batch: Batch, dropout: InputDropout | None = None,
+         groups: list[int] | None = None) -> torch.Tensor:
+    """Mean negative log-likelihood per target token (the training loss); with `groups` (row r's
+    group id), [G] one per group, each over its own rows only (several trials in one pass)."""
+    logp, counted = target_logprobs(backbone, prompts, batch, dropout), batch.labels != IGNORE
+    if groups is None:
+        return -logp.sum() / counted.sum()
+    ids = torch.as_tensor(groups, device=logp.device)
+    per_group = lambda values: values.new_zeros(int(ids.max()) + 1).index_add(0, ids, values)
+    return -per_group(logp.sum(-1)) / per_group(counted.sum(-1).to(logp.dtype))
+
+
+@torch.no_grad()
+def class_scores(backbone: Backbone, prompts: Prompts, inputs: list[list[int]],
+                 targets: list[list[list[int]]]) -> list[torch.Tensor]:
+    """Row r: the log-likelihood of each of its classes' tokens `targets[r]` given `[prompt; inputs[r]]`."""
+    pad, seq2seq, sizes = backbone.tokenizer.pad_token_id, backbone.is_encoder_decoder, [len(t) for t in targets]
+    owner = [r for r, size in enumerate(sizes) for _ in range(size)]
+    labels = [t for classes in targets for t in classes]
+    if seq2seq:  # encode each row once, decode each of its classes
+        batch = input_batch(inputs, pad, seq2seq).to(backbone.device)
+        embeds, mask = prompted_inputs(backbone, prompts, batch.input_ids, batch.attention_mask)
+        encoded = backbone.model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        padded = pad_rows(labels, IGNORE, left=False).to(backbone.device)
+        logits = backbone.model(encoder_outputs=(encoded[owner],), attention_mask=mask[owner],
+                                decoder_input_ids=backbone.model.prepare_decoder_input_ids_from_labels(labels=padded),
+                                use_cache=False).logits.float()
+        return list(_gather_targets(logits, padded).sum(-1).split(sizes))
+    if all(len(t) == 1 for t in labels):  # one pass, one position per row
+        batch = input_batch(inputs, pad, seq2seq).to(backbone.device)
+        logp = _causal_logits(backbone, prompts, batch, 1)[:, -1].log_softmax(-1)
+        return [logp[r, [t[0] for t in classes]] for r, classes in enumerate(targets)]
+    # a row per (example, class): [input; verbalizer], targets at the right edge
+    batch = target_batch([inputs[r] for r in owner], labels, pad, seq2seq).to(backbone.device)
+    rows = (prompts if torch.is_tensor(prompts) else prompts.select(owner) if isinstance(prompts, Prefix)
+            else [prompts[r] for r in owner])
+    return list(target_logprobs(backbone, rows, batch).sum(-1).split(sizes))
+
+
 class PromptedModel:
     """A frozen backbone with one soft prompt in front of every input."""
 
@@ -55,69 +212,21 @@ class PromptedModel:
         self.model = backbone.model
         self.prompt = prompt
 
-    def _prompted_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         dropout: InputDropout | None = None):
-        embeds = self.model.get_input_embeddings()(input_ids)
-        batch = embeds.shape[0]
-        prompt = self.prompt.weight.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
-        ones = attention_mask.new_ones(batch, self.prompt.length)
-        embeds = torch.cat([prompt, embeds], 1)
-        return embeds if dropout is None else dropout(embeds), torch.cat([ones, attention_mask], 1)
-
-    def _causal_logits(self, batch: Batch, keep: int, dropout: InputDropout | None = None) -> torch.Tensor:
-        """Logits of the last `keep` positions only: the full-vocabulary projection of every
-        position would cost a fifth of the forward pass for nothing."""
-        embeds, mask = self._prompted_inputs(batch.input_ids, batch.attention_mask, dropout)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                         logits_to_keep=keep, use_cache=False)
-        return out.logits.float()
-
     def target_logprobs(self, batch: Batch, dropout: InputDropout | None = None) -> torch.Tensor:
-        """[B, L] log-probability of each target token (0 where the target is padding); `dropout`
-        only in training."""
-        if self.backbone.is_encoder_decoder:
-            embeds, mask = self._prompted_inputs(batch.input_ids, batch.attention_mask, dropout)
-            decoder_ids = self.model.prepare_decoder_input_ids_from_labels(labels=batch.labels)
-            logits = self.model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids,
-                                use_cache=False).logits.float()
-        else:
-            logits = self._causal_logits(batch, batch.labels.shape[1] + 1, dropout)[:, :-1]
-        return _gather_targets(logits, batch.labels)
+        return target_logprobs(self.backbone, self.prompt.weight, batch, dropout)
 
     def loss(self, batch: Batch, dropout: InputDropout | None = None) -> torch.Tensor:
-        """Mean negative log-likelihood per target token (the training loss)."""
-        logp = self.target_logprobs(batch, dropout)
-        return -logp.sum() / (batch.labels != IGNORE).sum()
+        return loss(self.backbone, self.prompt.weight, batch, dropout)
 
-    @torch.no_grad()
     def class_scores(self, data: EncodedTask, inputs: list[list[int]]) -> torch.Tensor:
         """[B, C] log-likelihood of every class's verbalizer, in one batched pass."""
-        device = self.backbone.device
-        n_classes = len(data.target_ids)
-        if not self.backbone.is_encoder_decoder and data.single_token_targets:
-            batch = input_batch(data, inputs).to(device)
-            logp = self._causal_logits(batch, 1)[:, -1].log_softmax(-1)
-            return logp[:, [ids[0] for ids in data.target_ids]]
-        if self.backbone.is_encoder_decoder:  # encode once, decode every class
-            batch = input_batch(data, inputs).to(device)
-            embeds, mask = self._prompted_inputs(batch.input_ids, batch.attention_mask)
-            encoded = self.model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-            labels = pad_rows(data.target_ids, IGNORE, left=False).to(device).repeat(len(inputs), 1)
-            logits = self.model(encoder_outputs=(encoded.repeat_interleave(n_classes, 0),),
-                                attention_mask=mask.repeat_interleave(n_classes, 0),
-                                decoder_input_ids=self.model.prepare_decoder_input_ids_from_labels(labels=labels),
-                                use_cache=False).logits.float()
-            return _gather_targets(logits, labels).sum(-1).view(len(inputs), n_classes)
-        rows = [x for x in inputs for _ in range(n_classes)]
-        batch = make_batch(data, rows, list(range(n_classes)) * len(inputs)).to(device)
-        return self.target_logprobs(batch).sum(-1).view(len(inputs), n_classes)
+        return torch.stack(class_scores(self.backbone, self.prompt.weight, inputs, [data.target_ids] * len(inputs)))
 
     @torch.no_grad()
     def generate(self, data: EncodedTask, inputs: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy continuations (new tokens only), for exact-match evaluation."""
-        batch = input_batch(data, inputs).to(self.backbone.device)
-        embeds, mask = self._prompted_inputs(batch.input_ids, batch.attention_mask)
+        batch = input_batch(inputs, data.pad_id, data.is_encoder_decoder).to(self.backbone.device)
+        embeds, mask = prompted_inputs(self.backbone, self.prompt.weight, batch.input_ids, batch.attention_mask)
         tokenizer = self.backbone.tokenizer
         out = self.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                   do_sample=False, pad_token_id=tokenizer.pad_token_id)

@@ -16,7 +16,7 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from trainables.ensemble import load_bundle
+from serving.ensemble import load_bundle
 from trainables.tasks import format_input, template_columns
 
 UNFORMATTED = "{text}"  # bundles exported before templates travelled with prompts took formatted text

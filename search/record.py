@@ -1,0 +1,125 @@
+"""A search as its files say it is, read once: its saved config, one row per trial, their ranking
+and the summary `search run|resume` wrote. The CLI, tracking and export all read a search this way."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from ray.tune import ExperimentAnalysis
+from ray.tune.experiment import Trial
+
+from search.config import ConfigError, SearchConfig
+from search.storage import CONFIG_FILE, SUMMARY_FILE, SearchStorage
+from trainables.config import TrainConfig
+
+# A trial's status: Ray's state, or for a trial Ray ended, the status it reported last.
+ERRORED, UNFINISHED, STOPPED_EARLY, COMPLETED = "errored", "unfinished", "stopped early", "completed"
+RUNNING = "running"  # what a trial reports before its final result: one that ended on it was stopped early
+# The search metric's counterpart on the confirm split (trainables.loop.final_metrics); none for train_loss.
+CONFIRMED = {"best_dev_accuracy": "confirmed_dev_accuracy", "dev_accuracy": "confirmed_dev_accuracy",
+             "best_dev_f1": "confirmed_dev_f1", "dev_f1": "confirmed_dev_f1"}
+
+
+def save_config(cfg: SearchConfig) -> None:
+    """A new search's config, saved in its folder (for a URI, uploaded too)."""
+    SearchStorage(cfg.storage_path, cfg.name).write_text(CONFIG_FILE, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def read_config(search: SearchStorage) -> SearchConfig:
+    """The search's saved config; for a URI, with the search's own files brought to this machine first."""
+    path = search.pull() / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError("search name", search.name, f"a search under {search.location.rsplit('/', 1)[0]} "
+                                                      f"(no {CONFIG_FILE} there)")
+    values = yaml.safe_load(path.read_text())
+    train = values["train"]
+    values["train"] = TrainConfig(**{**train, "eval_steps": tuple(train["eval_steps"]) if train.get("eval_steps") else None})
+    values["checkpoints"] = tuple(values["checkpoints"])
+    values.setdefault("asha_metric", values["metric"])  # saved before ASHA's metric could differ
+    if values["points_to_evaluate"] is not None:
+        values["points_to_evaluate"] = tuple(values["points_to_evaluate"])
+    return SearchConfig(**values)
+
+
+def trial_status(trial: Trial) -> str:
+    if trial.status == Trial.ERROR:
+        return ERRORED
+    if trial.status != Trial.TERMINATED:
+        return UNFINISHED
+    reported = (trial.last_result or {}).get("status", "?")
+    return STOPPED_EARLY if reported == RUNNING else reported
+
+
+def rank_rows(rows: list[dict], mode: str) -> list[dict]:
+    """Trial rows best first: confirmed ones by `confirmed`, then the rest by `metric` (`mode` max or
+    min); on a tie, a completed trial first."""
+    sign = 1 if mode == "max" else -1
+    return sorted(rows, reverse=True, key=lambda r: (r["confirmed"] is not None, r["confirmed"] or 0.0,
+                                                     sign * r["metric"], r["status"] == COMPLETED))
+
+
+@dataclass(frozen=True)
+class SearchRecord:
+    """A finished search, or a running one as far as it has got when loaded."""
+    storage: SearchStorage  # where it lives: its name, its folder on this machine
+    config: SearchConfig
+    # One row per trial: id, status, parameters, last step and metrics (`confirmed`: the search metric
+    # on the confirm split, for trials that ran to the end), and `prompt`: the best prompt's folder
+    # (for a search on a URI, its URI: `SearchStorage.local_copy` brings it here).
+    trials: list[dict]
+    summary: dict | None  # the winner against zero-shot that `search run|resume` saved, if any
+
+    @classmethod
+    def load(cls, storage_path: str, name: str) -> SearchRecord:
+        """Search `name` under `storage_path`: its config, Tune's record of its trials and its summary."""
+        search = SearchStorage(storage_path, name)
+        cfg = read_config(search)
+        analysis = ExperimentAnalysis(search.tune_path(), storage_filesystem=search.tune_storage()[1])
+        rows = []
+        for trial in analysis.trials:
+            last = trial.last_result or {}
+            checkpoint = trial.checkpoint.path if trial.checkpoint else None
+            rows.append({"trial_id": trial.trial_id, "status": trial_status(trial),
+                         "params": trial.config, "step": last.get("step"), "metric": last.get(cfg.metric),
+                         "confirmed": last.get(CONFIRMED.get(cfg.metric, "")), "test_accuracy": last.get("test_accuracy"),
+                         "prompt": search.remote_location(f"{checkpoint}/best") if checkpoint else None})
+        path = search.folder / SUMMARY_FILE
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+        return cls(search, cfg, rows, summary if "beats_zero_shot" in summary else None)
+
+    @property
+    def summary_path(self) -> Path:
+        return self.storage.folder / SUMMARY_FILE
+
+    def statuses(self) -> dict[str, int]:
+        """How many trials have each status."""
+        return dict(collections.Counter(r["status"] for r in self.trials))
+
+    def evaluated(self) -> list[dict]:
+        """The trials with a metric and a prompt."""
+        return [r for r in self.trials if r["metric"] is not None and r["prompt"]]
+
+    def ranked(self) -> list[dict]:
+        """The evaluated trials, best first. Trials confirmed on further dev examples come first, by that
+        score: a search metric like best_dev_accuracy is the largest of several small-sample scores, and a
+        lucky one would win otherwise. The rest follow by the metric. A search with none is an error."""
+        rows = self.evaluated()
+        if not rows:
+            raise ConfigError("search", self.storage.name, "a search with at least one evaluated trial")
+        return rank_rows(rows, self.config.mode)
+
+    def best(self) -> dict:
+        """The winner (`ranked`), its `prompt` a folder on this machine."""
+        best = self.ranked()[0]
+        return {**best, "prompt": str(self.storage.local_copy(best["prompt"]))}
+
+    def summary_of(self, trial_id: str) -> dict | None:
+        """The saved summary, if it was written for this winner (a resumed search may have another)."""
+        return self.summary if self.summary and self.summary["best_trial"] == trial_id else None
+
+    def save_summary(self, summary: dict) -> None:
+        self.storage.write_text(SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
