@@ -8,6 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from adaptation.lm_adapt import AdaptConfig  # numpy and yaml: no torch, no ray
 from search.configfile import STORAGE_PATH, ConfigError, check_tracking_uri
 from search.jobs import DEFAULT_ADDRESS  # yaml and the config file helpers: no torch, no ray, for a fast --help
 from trainables.errors import UserError
@@ -329,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("path", help="checkpoint folder, .npy file, PEFT adapter folder or bundle folder")
     verify.add_argument("--model", help="the backbone the prompt must belong to (alias, hub id or folder)")
     verify.set_defaults(handler=cmd_verify)
+    _add_lm_adapt_command(commands)
     _add_cluster_commands(commands)
     return parser
 
@@ -339,6 +341,44 @@ def _handler(module: str, name: str):
         import importlib
         return getattr(importlib.import_module(module), name)(args)
     return run
+
+
+def _add_lm_adapt_command(commands) -> None:
+    """`lm-adapt` (adaptation/lm_adapt.py): the checkpoints a search's `checkpoints:` axis explores."""
+    adapt = commands.add_parser(
+        "lm-adapt", help="continue a span-corruption T5 as a language model (a Ray Train job)",
+        description="LM adaptation (paper section 3.2, Figure 3d): continue training a span-corruption T5 with "
+                    "T5's prefix-LM objective (a text prefix as input, its continuation as target), data parallel "
+                    "over the cluster's GPUs (CPU workers where there is none), and save a loadable checkpoint "
+                    "at each of --steps, with a manifest (OUT/lm-adapt.yaml) that a search config's checkpoints: "
+                    "takes. Run again with the same --out, it resumes from its last state. Tracked in MLflow "
+                    "(loss and tokens/s).")
+    adapt.add_argument("model", help="a span-corruption T5: hub id (google/t5-v1_1-base) or local folder")
+    adapt.add_argument("--corpus", required=True, help="a datasets source (hub id or save_to_disk folder) or text "
+                                                       "files (a .txt/.csv/.jsonl/.parquet file, a folder, or a glob)")
+    adapt.add_argument("--steps", required=True, help="save a checkpoint at each of these steps, e.g. 10000,50000,100000")
+    adapt.add_argument("--out", required=True, help="folder for the step-N checkpoints, the manifest and the job's state")
+    defaults = AdaptConfig.__dataclass_fields__
+    for flag, kind, text in (
+            ("text_column", str, "the corpus column holding the text"),
+            ("corpus_config", str, "a hub data set's configuration, e.g. wikitext-103-raw-v1"),
+            ("workers", int, "data-parallel workers (default: one per GPU; on CPUs one per node)"),
+            ("batch_size", int, "sequences per worker and step"),
+            ("seq_len", int, "tokens per sequence, split at a random point into input and target"),
+            ("lr", float, "T5X Adafactor's learning rate (constant)"), ("seed", int, "data order and dropout"),
+            ("checkpoint_every", int, "save a resumable state this often (and at every --steps)"),
+            ("log_every", int, "print and log loss and tokens/s this often")):
+        default = defaults[flag].default
+        adapt.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=default,
+                           help=text + (f" (default: {default})" if default is not None else ""))
+    adapt.add_argument("--tracking-uri", metavar="URI",
+                       help="MLflow: sqlite:///PATH, http://HOST:PORT or none (default: sqlite:///mlflow.db here)")
+    adapt.add_argument("--submit", action="store_true", help="run it on a Ray cluster as a job (--out and a local "
+                                                             "--corpus on storage every node mounts)")
+    adapt.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", DEFAULT_ADDRESS),
+                       help="with --submit: the head's job API")
+    adapt.add_argument("--no-wait", action="store_true", help="with --submit: print the job id and return")
+    adapt.set_defaults(handler=_handler("adaptation.lm_adapt", "cmd_lm_adapt"))
 
 
 def _add_cluster_commands(commands) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
+from adaptation.lm_adapt import expand_manifests
 from search.configfile import STORAGE_PATH, ConfigError, load_yaml, parse_overrides
 from trainables.backbone import MODELS_ALLOWED, model_problem
 from trainables.config import ASHA_METRICS, FIELDS, RANK_ONLY_METRICS, SEARCH_METRICS, SELECT_METRICS, TrainConfig
@@ -249,7 +250,8 @@ SEARCH_RULES: dict[str, Rule] = {
     "train": Rule(lambda v: isinstance(v, dict), "a mapping of training fields (see `softprompt train --help`)"),
     "space": Rule(lambda v: isinstance(v, dict) or v in ("quick", "paper"), "quick, paper, or a mapping of parameters"),
     "checkpoints": Rule(lambda v: v is None or (isinstance(v, list) and v and all(isinstance(x, str) and x for x in v)),
-                        "a non-empty list of model names (offline alias, hub id or local folder)"),
+                        "a non-empty list of model names (offline alias, hub id or local folder) or "
+                        "`softprompt lm-adapt` manifests"),
     "points_to_evaluate": Rule(lambda v: v is None or (isinstance(v, list) and all(isinstance(p, dict) for p in v)),
                                "null or a list of parameter mappings"),
     "metric": one_of(*SEARCH_METRICS),
@@ -324,7 +326,7 @@ def search_config(values: dict, source: str | None = None, default_name: str = "
         raise ConfigError("train.select_metric", train.select_metric, f"{select} (set by metric: {merged['metric']}), "
                                                                       f"or leave it out", source)
     train = train.replace(select_metric=select)
-    checkpoints = tuple(merged["checkpoints"] or [train.model])
+    checkpoints = tuple(expand_manifests(merged["checkpoints"] or [train.model]))
     for model in checkpoints:
         check_model_name("checkpoints", model, source)
     if len(checkpoints) == 1 and checkpoints[0] != train.model:  # the space has no model to choose

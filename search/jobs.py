@@ -19,7 +19,7 @@ import yaml
 
 from search.configfile import STORAGE_PATH, ConfigError, check_tracking_uri, load_yaml, parse_overrides
 
-PACKAGES = ("search", "serving", "spaces", "trainables")
+PACKAGES = ("adaptation", "search", "serving", "spaces", "trainables")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Expanded by the job's shell on the head; a head started without it fails the job with this message.
 CLUSTER_TRACKING_URI = '"${SOFTPROMPT_TRACKING_URI:?is not set on the head: start Ray with the cluster file}"'

@@ -2,7 +2,6 @@
 early stopping. What a search found is read by search/record.py, its winner judged by search/verdict.py."""
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import threading
@@ -27,6 +26,7 @@ from search.resources import check_cluster
 from search.storage import STUDY_FILE, SearchStorage, WorkingCopyStorage, copy_study
 from search.tracking import finish_search_run, load_target, start_search_run
 from spaces import DEFAULT_POINTS, SPACES, CustomSpace
+from trainables.config import ADAPTATION_STEPS
 from trainables.tasks import is_task_file
 from trainables.trainable import tune_trial
 
@@ -56,9 +56,18 @@ class AshaAwareOptunaSearch(OptunaSearch):
             copy_study(self._storage.search.study_file, Path(checkpoint_dir) / STUDY_FILE)
 
 
-def _space_function(cfg: SearchConfig):
-    space = SPACES[cfg.space] if isinstance(cfg.space, str) else CustomSpace(cfg.space)
-    return functools.partial(space, checkpoints=list(cfg.checkpoints))
+class SpaceWithAdaptation:
+    """The search's space; a trial on a checkpoint an LM-adaptation manifest lists also records that
+    checkpoint's adaptation steps, for tables and MLflow (the trainable ignores it)."""
+
+    def __init__(self, cfg: SearchConfig):
+        self.space = SPACES[cfg.space] if isinstance(cfg.space, str) else CustomSpace(cfg.space)
+        self.checkpoints, self.steps = list(cfg.checkpoints), adaptation_steps(cfg.checkpoints)
+
+    def __call__(self, trial) -> dict:
+        constants = self.space(trial, checkpoints=self.checkpoints)
+        model = trial.params.get("model", self.checkpoints[0])
+        return {**constants, ADAPTATION_STEPS: self.steps[model]} if model in self.steps else constants
 
 
 def _points(cfg: SearchConfig) -> list[dict]:
@@ -90,7 +99,7 @@ def _trial_dirname(trial) -> str:
 def build_tuner(cfg: SearchConfig, trainable=tune_trial, tracking=None) -> tune.Tuner:
     search = SearchStorage(cfg.storage_path, cfg.name)
     searcher = AshaAwareOptunaSearch(
-        space=_space_function(cfg), metric=cfg.metric, mode=cfg.mode, points_to_evaluate=_points(cfg) or None,
+        space=SpaceWithAdaptation(cfg), metric=cfg.metric, mode=cfg.mode, points_to_evaluate=_points(cfg) or None,
         sampler=SAMPLERS[cfg.sampler](seed=cfg.seed), storage=search.optuna_storage(), study_name=cfg.name)
     storage_path, filesystem = search.tune_storage()
     scheduler = (ASHAScheduler(time_attr="step", metric=cfg.asha_metric, mode=cfg.asha_mode, max_t=cfg.train.max_steps,

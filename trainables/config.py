@@ -81,6 +81,10 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+# A trial parameter that only records something about another (its checkpoint's LM-adaptation steps).
+ADAPTATION_STEPS = "adaptation_steps"
+
+
 def trial_config(params: dict, base: dict) -> TrainConfig:
     """A search trial's TrainConfig: the search's fixed fields `base`, then the trial's parameters."""
     return TrainConfig(**{**base, **fields_from_params(params, base["max_steps"])})
@@ -90,7 +94,7 @@ def fields_from_params(params: dict, max_steps: int) -> dict:
     """TrainConfig fields from a search trial's parameters: a branch suffix (`lr@adamw`) is
     dropped, and `warmup_fraction` / `decay_fraction` of the step budget become `warmup_steps` /
     `decay_steps`."""
-    fields = {name.split("@")[0]: value for name, value in params.items()}
+    fields = {name.split("@")[0]: value for name, value in params.items() if name != ADAPTATION_STEPS}
     if "warmup_fraction" in fields:
         fields["warmup_steps"] = round(fields.pop("warmup_fraction") * max_steps)
     if "decay_fraction" in fields:

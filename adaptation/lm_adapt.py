@@ -1,0 +1,427 @@
+"""LM adaptation as a Ray Train job (paper section 3.2, Figure 3d): continue a span-corruption T5
+with T5's prefix-LM objective (a text prefix as input, its continuation as target) and save a
+loadable checkpoint at each requested step, for searches to explore how much adaptation a prompt
+needs.
+
+The job is data parallel (TorchTrainer, DDP: one model copy per worker, a GPU each, or CPU workers
+where there is none). The batch of step s on worker r depends only on (seed, s, r) and dropout is
+seeded the same way, so a killed job resumed from its last checkpoint trains on exactly what it
+would have, and ends with the same weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from search.configfile import ConfigError, check_tracking_uri
+
+MANIFEST_FILE, MANIFEST_FORMAT = "lm-adapt.yaml", "softprompt-lm-adapt/1"
+STATE_DIR, RUN_NAME = ".ray", "lm-adapt"   # Ray Train's run under OUT: the same name resumes it
+RUN_FILE = "mlflow-run.json"               # the job's MLflow run, kept under STATE_DIR across resumes
+TEXT_SUFFIXES = {".txt": "text", ".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    model: str                       # a span-corruption T5: hub id (google/t5-v1_1-base) or local folder
+    corpus: str                      # a `datasets` source (hub id or save_to_disk folder) or text files
+    steps: tuple[int, ...]           # save a checkpoint at each of these steps, increasing
+    out: str                         # OUT/step-N folders, the manifest, and the job's state
+    text_column: str = "text"        # the corpus column that holds the text
+    corpus_config: str | None = None  # a hub data set's configuration (wikitext-103-raw-v1)
+    workers: int | None = None       # default: one per GPU, or one CPU worker per node's cores
+    batch_size: int = 8              # sequences per worker and step
+    seq_len: int = 128               # tokens per sequence, split at a random point into input and target
+    lr: float = 1e-3                 # T5X Adafactor (trainables/adafactor.py), constant
+    seed: int = 0
+    checkpoint_every: int = 1000     # a resumable state this often, besides every requested step
+    log_every: int = 10              # loss and tokens/s to the log and MLflow this often
+    tracking_uri: str | None = None  # MLflow; none: not tracked
+
+
+def check_config(cfg: AdaptConfig) -> None:
+    """One-line errors for what the job would otherwise fail on later, on a worker."""
+    if not cfg.steps or any(not isinstance(s, int) or s < 1 for s in cfg.steps) or list(cfg.steps) != sorted(set(cfg.steps)):
+        raise ConfigError("--steps", ",".join(map(str, cfg.steps)), "positive step counts, strictly increasing "
+                                                                    "(e.g. 10000,50000,100000)")
+    for field in ("batch_size", "seq_len", "checkpoint_every", "log_every"):
+        if getattr(cfg, field) < (2 if field == "seq_len" else 1):
+            raise ConfigError(f"--{field.replace('_', '-')}", getattr(cfg, field), "a positive whole number"
+                                                                                    + (" of at least 2" if field == "seq_len" else ""))
+    if cfg.workers is not None and cfg.workers < 1:
+        raise ConfigError("--workers", cfg.workers, "a positive whole number")
+    if not cfg.lr > 0:
+        raise ConfigError("--lr", cfg.lr, "a positive learning rate")
+
+
+def model_source(name: str) -> str:
+    """The loadable source of an encoder-decoder checkpoint; a decoder-only model is refused."""
+    from trainables.backbone import resolve_model
+
+    source, config, _ = resolve_model(name)
+    if not config.is_encoder_decoder:
+        raise ConfigError("model", name, f"an encoder-decoder (T5) checkpoint: {name} is a decoder-only "
+                                         f"({config.model_type}) model, a language model already")
+    return source
+
+
+# ---- the corpus: read and tokenised once, in the driver ----
+
+def read_corpus(source: str, text_column: str = "text", config: str | None = None) -> list[str]:
+    """The corpus's texts: a save_to_disk folder, text files (a file, a folder of them, or a glob;
+    .txt one text a line, .csv/.jsonl/.parquet by `text_column`), or a hub data set's train split."""
+    import datasets
+
+    datasets.disable_progress_bars()  # a bar per file read is noise before a job that shows its own progress
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "dataset_info.json")):
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.DatasetDict):
+                data = data["train"] if "train" in data else next(iter(data.values()))
+            return _column(data, text_column, source)
+        files = (sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES) if path.is_dir() else
+                 [path] if path.is_file() else [Path(p) for p in sorted(glob.glob(os.path.expanduser(source)))])
+        if not files and (path.exists() or glob.has_magic(source)):
+            raise ConfigError("--corpus", source, f"text files ({', '.join(TEXT_SUFFIXES)}); none there")
+        if files:
+            return [t for f in files for t in _file_texts(f, text_column, source)]
+        return _column(datasets.load_dataset(source, config, split="train"), text_column, source)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise ConfigError("--corpus", source, f"a readable corpus: a save_to_disk folder, text files or a hub data "
+                                              f"set ({type(error).__name__}: {' '.join(str(error).split())[:200]})") from None
+
+
+def _file_texts(path: Path, text_column: str, source: str) -> list[str]:
+    kind = TEXT_SUFFIXES.get(path.suffix)
+    if kind is None:
+        raise ConfigError("--corpus", source, f"text files ({', '.join(TEXT_SUFFIXES)}); {path.name} is not one")
+    if kind == "text":
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    import datasets
+    return _column(datasets.load_dataset(kind, data_files=str(path), split="train"), text_column, source)
+
+
+def _column(data, text_column: str, source: str) -> list[str]:
+    if text_column not in data.column_names:
+        raise ConfigError("--text-column", text_column, f"a column of {source}: {', '.join(data.column_names)}")
+    return [t for t in data[text_column] if isinstance(t, str) and t.strip()]
+
+
+def tokenize_corpus(texts: list[str], tokenizer, seq_len: int, source: str) -> np.ndarray:
+    """One token stream, each text ended by EOS; too short for one sequence is an error."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    stream = np.fromiter((t for row in ids for t in (*row, tokenizer.eos_token_id)), dtype=np.int32)
+    if len(stream) <= seq_len:
+        raise ConfigError("--corpus", source, f"a corpus of more than --seq-len {seq_len} tokens: it has "
+                                              f"{len(stream)} ({len(texts)} non-empty texts)")
+    return stream
+
+
+def prefix_lm_batch(stream: np.ndarray, cfg: AdaptConfig, step: int, rank: int, eos: int, pad: int) -> dict:
+    """Worker `rank`'s batch at `step`: `batch_size` windows of `seq_len` tokens, each split at a
+    random point into input (prefix) and target (continuation), each ended by EOS."""
+    import torch
+
+    rng = np.random.default_rng([cfg.seed, step, rank])
+    starts = rng.integers(0, len(stream) - cfg.seq_len + 1, cfg.batch_size)
+    splits = rng.integers(1, cfg.seq_len, cfg.batch_size)
+    inputs = [[*stream[s:s + k], eos] for s, k in zip(starts, splits)]
+    targets = [[*stream[s + k:s + cfg.seq_len], eos] for s, k in zip(starts, splits)]
+
+    def padded(rows, value):
+        width = max(map(len, rows))
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+    input_ids = padded(inputs, pad)
+    return {"input_ids": input_ids, "attention_mask": (padded(inputs, -1) != -1).long(), "labels": padded(targets, -100)}
+
+
+# ---- what runs on each worker ----
+
+def train_worker(config: dict) -> None:
+    """Ray Train's loop per worker: resume, then adapt, saving OUT/step-N (rank 0) at each requested step."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+    from safetensors.torch import load_model, save_model
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from trainables.adafactor import Adafactor
+
+    hf_logging.disable_progress_bar()
+    logging.getLogger().setLevel(logging.WARNING)  # Ray Train logs a line per report at INFO, on a logger of its own
+    cfg, source = AdaptConfig(**{**config["cfg"], "steps": tuple(config["cfg"]["steps"])}), config["source"]
+    stream = ray.get(config["stream"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(config["threads"])
+    model = AutoModelForSeq2SeqLM.from_pretrained(source, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    optimizer = Adafactor(model.parameters(), lr=cfg.lr)
+    start = 0
+    if checkpoint := ray.train.get_checkpoint():
+        with checkpoint.as_directory() as folder:
+            load_model(model, os.path.join(folder, "model.safetensors"))
+            optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
+            start = json.loads(Path(folder, "step.json").read_text())["step"]
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    model.train()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tracker = _RunLogger(cfg.tracking_uri, config.get("run_id")) if rank == 0 else None
+    last, window_tokens, window_start, losses = cfg.steps[-1], 0, time.perf_counter(), []
+    for step in range(start + 1, last + 1):
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, rank]).generate_state(1)[0]))  # dropout
+        batch = {k: v.to(device) for k, v in prefix_lm_batch(stream, cfg, step, rank, eos, pad).items()}
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        window_tokens += int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
+        save = step in cfg.steps or step % cfg.checkpoint_every == 0
+        if not (save or step % cfg.log_every == 0 or step == last):
+            continue
+        seconds = time.perf_counter() - window_start
+        metrics = {"step": step, "loss": float(np.mean(losses)), "tokens_per_s": world * window_tokens / seconds}
+        if rank == 0:
+            print(f"lm-adapt step {step}/{last}  loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:,.0f} tokens/s "
+                  f"({world} worker{'s' * (world > 1)})", flush=True)
+            tracker.log(metrics)
+        with tempfile.TemporaryDirectory() as folder:
+            if rank == 0 and save:
+                unwrapped = model.module if hasattr(model, "module") else model
+                save_model(unwrapped, os.path.join(folder, "model.safetensors"))
+                torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
+                Path(folder, "step.json").write_text(json.dumps({"step": step}))
+                if step in cfg.steps:
+                    _save_loadable(unwrapped, tokenizer, Path(cfg.out) / f"step-{step}")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 and save else None)
+        window_tokens, window_start, losses = 0, time.perf_counter(), []
+
+
+def _save_loadable(model, tokenizer, target: Path) -> None:
+    """A checkpoint transformers (and `load_backbone`) loads: safetensors, config, tokenizer; written
+    aside and renamed, so a folder that exists is whole."""
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    if target.exists():  # written by a run that was killed before its state was saved: the same weights
+        import shutil
+        shutil.rmtree(target)
+    os.replace(partial, target)
+
+
+class _RunLogger:
+    """Rank 0's MLflow logging: the job's run, its loss and tokens/s; an unreachable server costs a
+    warning, never the job."""
+
+    def __init__(self, uri: str | None, run_id: str | None):
+        self.client = None
+        if uri and run_id:
+            from mlflow.tracking import MlflowClient
+            self.client, self.run_id = MlflowClient(uri), run_id
+
+    def log(self, metrics: dict) -> None:
+        if self.client is None:
+            return
+        try:
+            for key in ("loss", "tokens_per_s"):
+                self.client.log_metric(self.run_id, key, metrics[key], step=metrics["step"])
+        except Exception as error:  # noqa: BLE001 - tracking is never worth the job
+            print(f"lm-adapt: MLflow logging failed ({type(error).__name__}); training goes on", flush=True)
+            self.client = None
+
+
+# ---- the driver ----
+
+def write_manifest(cfg: AdaptConfig, source: str) -> Path:
+    """OUT/lm-adapt.yaml: the base model, corpus, objective and each saved step's folder (relative)."""
+    out = Path(cfg.out)
+    saved = [s for s in cfg.steps if (out / f"step-{s}" / "config.json").is_file()]
+    manifest = {"format": MANIFEST_FORMAT, "base_model": cfg.model, "corpus": cfg.corpus,
+                "corpus_config": cfg.corpus_config, "objective": "prefix_lm", "seq_len": cfg.seq_len,
+                "batch_size": cfg.batch_size, "workers": cfg.workers, "lr": cfg.lr, "seed": cfg.seed,
+                "checkpoints": [{"steps": s, "path": f"step-{s}"} for s in saved]}
+    path = out / MANIFEST_FILE
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return path
+
+
+def read_manifest(path: str | Path) -> dict[str, int]:
+    """A manifest's checkpoints: absolute folder -> adaptation steps. `path` is the manifest or its folder."""
+    path = Path(path).expanduser()
+    path = path / MANIFEST_FILE if path.is_dir() else path
+    try:
+        manifest = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError("checkpoints", str(path), f"a readable {MANIFEST_FILE} ({type(error).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not manifest.get("checkpoints"):
+        raise ConfigError("checkpoints", str(path), f"a {MANIFEST_FORMAT} manifest with at least one saved checkpoint "
+                                                    f"(`softprompt lm-adapt` writes one)")
+    return {str((path.parent / c["path"]).resolve()): int(c["steps"]) for c in manifest["checkpoints"]}
+
+
+def expand_manifests(checkpoints: list[str]) -> list[str]:
+    """A search's checkpoints with each manifest (the file, or the folder that holds it) replaced by
+    its checkpoint folders, fewest steps first."""
+    expanded = []
+    for entry in checkpoints:
+        path = Path(entry).expanduser()
+        is_manifest = path.name == MANIFEST_FILE or (path.is_dir() and (path / MANIFEST_FILE).is_file())
+        expanded += list(read_manifest(path)) if is_manifest else [entry]
+    return expanded
+
+
+def adaptation_steps(checkpoints) -> dict[str, int]:
+    """Checkpoint -> its LM-adaptation steps, for the checkpoints that a manifest beside them lists."""
+    steps = {}
+    for entry in checkpoints:
+        manifest = Path(entry).expanduser().parent / MANIFEST_FILE
+        with contextlib.suppress(ConfigError):  # a model folder beside something else's file of that name
+            listed = read_manifest(manifest).get(str(Path(entry).expanduser().resolve())) if manifest.is_file() else None
+            if listed is not None:
+                steps[entry] = listed
+    return steps
+
+
+def _cluster_workers(cfg: AdaptConfig) -> tuple[int, bool, int]:
+    """(workers, on GPUs, threads per CPU worker)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    if gpus:
+        return cfg.workers or gpus, True, 1
+    nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")))
+    workers = cfg.workers or nodes
+    threads = max(1, cpus // workers)
+    if workers * threads > cpus:
+        raise ConfigError("--workers", workers, f"at most {cpus}, the CPUs of this Ray cluster (no GPU here)")
+    return workers, False, threads
+
+
+def _start_run(cfg: AdaptConfig, state: Path) -> str | None:
+    """The job's MLflow run: the one a resumed job started, or a new one with the job's parameters."""
+    if not cfg.tracking_uri:
+        return None
+    record = state / RUN_FILE
+    if record.is_file():
+        return json.loads(record.read_text())["run_id"]
+    from mlflow.tracking import MlflowClient
+
+    from search.tracking import softprompt_experiment
+
+    client = MlflowClient(cfg.tracking_uri)
+    run = client.create_run(softprompt_experiment(client, cfg.tracking_uri), run_name=f"lm-adapt {Path(cfg.out).name}",
+                            tags={"softprompt.kind": "lm-adapt"})
+    for key, value in dataclasses.asdict(cfg).items():
+        client.log_param(run.info.run_id, key, ",".join(map(str, value)) if isinstance(value, tuple) else str(value))
+    state.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"run_id": run.info.run_id}))
+    return run.info.run_id
+
+
+def run_adaptation(cfg: AdaptConfig, worker=train_worker) -> Path:
+    """Run (or resume) the job to its last step; returns the manifest. Everything a user can get
+    wrong is refused before the job starts or OUT is made."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from transformers import AutoTokenizer
+
+    check_config(cfg)
+    source = model_source(cfg.model)
+    texts = read_corpus(cfg.corpus, cfg.text_column, cfg.corpus_config)
+    stream = tokenize_corpus(texts, AutoTokenizer.from_pretrained(source), cfg.seq_len, cfg.corpus)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # it prints each progress line twice
+    if not ray.is_initialized():  # with its dashboard: Ray Train watches its controller through the state API
+        ray.init(include_dashboard=True, configure_logging=False, logging_level="WARNING")
+    workers, use_gpu, threads = _cluster_workers(cfg)
+    out = Path(cfg.out).resolve()
+    cfg = dataclasses.replace(cfg, out=str(out), workers=workers)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"lm-adapt {cfg.model}: {len(stream):,} corpus tokens, {workers} {'GPU' if use_gpu else 'CPU'} worker(s), "
+          f"checkpoints at steps {', '.join(map(str, cfg.steps))} into {out}", flush=True)
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "source": source, "stream": ray.put(stream),
+                           "threads": threads, "run_id": _start_run(cfg, out / STATE_DIR)},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": threads}),
+        run_config=RunConfig(name=RUN_NAME, storage_path=str(out / STATE_DIR), failure_config=FailureConfig(max_failures=2),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             # INFO is a line per report and checkpoint; without the dashboard's state API a
+                             # warning every few seconds. A worker's failure still ends fit() with its error.
+                             logging_config=LoggingConfig(log_level="ERROR")))
+    trainer.fit()
+    _finish_run(cfg)
+    return write_manifest(cfg, source)
+
+
+def _finish_run(cfg: AdaptConfig) -> None:
+    record = Path(cfg.out) / STATE_DIR / RUN_FILE
+    if cfg.tracking_uri and record.is_file():
+        from mlflow.tracking import MlflowClient
+        MlflowClient(cfg.tracking_uri).set_terminated(json.loads(record.read_text())["run_id"], "FINISHED")
+
+
+def parse_steps(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise ConfigError("--steps", text, "whole step counts separated by commas (e.g. 10000,50000,100000)") from None
+
+
+def cmd_lm_adapt(args) -> int:
+    """`softprompt lm-adapt`: run or resume the job here (or submit it to a cluster), then say where the
+    checkpoints are."""
+    cfg = AdaptConfig(model=args.model, corpus=args.corpus, steps=parse_steps(args.steps), out=args.out,
+                      text_column=args.text_column, corpus_config=args.corpus_config, workers=args.workers,
+                      batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
+                      checkpoint_every=args.checkpoint_every, log_every=args.log_every)
+    check_config(cfg)
+    if args.submit:
+        return submit(cfg, args.address, args.tracking_uri, args.no_wait)
+    from search.tracking import default_tracking_uri
+
+    cfg = dataclasses.replace(cfg, tracking_uri=check_tracking_uri(args.tracking_uri or default_tracking_uri()))
+    manifest = run_adaptation(cfg)
+    saved = read_manifest(manifest)
+    print(f"\nadapted checkpoints ({len(saved)}):")
+    for folder, steps in saved.items():
+        print(f"  {steps:>8} steps  {folder}")
+    print(f"manifest: {manifest}\nsearch over them: `checkpoints: [{manifest}]` in a search config")
+    return 0
+
+
+def submit(cfg: AdaptConfig, address: str, tracking_uri: str | None, no_wait: bool) -> int:
+    """The same job on a cluster: its --out (and a local corpus) must be paths every node sees."""
+    from search.jobs import submit_command, submitted
+
+    for flag, path in (("--out", cfg.out), ("--corpus", cfg.corpus)):
+        if (flag == "--out" or Path(path).expanduser().exists()) and not Path(path).expanduser().is_absolute():
+            raise ConfigError(flag, path, "an absolute path on storage every node mounts (NFS, EFS), e.g. "
+                                          "/mnt/softprompt/t5-adapted: the job runs in a folder of its own on the head")
+    words = ["lm-adapt", cfg.model, "--corpus", cfg.corpus, "--steps", ",".join(map(str, cfg.steps)), "--out", cfg.out]
+    for field in dataclasses.fields(AdaptConfig):
+        value = getattr(cfg, field.name)
+        if field.name not in ("model", "corpus", "steps", "out", "tracking_uri") and value != field.default:
+            words += [f"--{field.name.replace('_', '-')}", str(value)]
+    return submitted(address, submit_command(address, words, tracking_uri), no_wait)

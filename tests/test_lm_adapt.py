@@ -1,0 +1,184 @@
+"""`softprompt lm-adapt`: a span-corruption T5 continued with the prefix-LM objective as a Ray Train
+job (2 CPU workers here), with checkpoints at the requested steps that load as backbones, a manifest
+searches read, resume after a kill, and one-line refusals. A tiny random T5 on local text stands in
+for google/t5-v1_1-base on C4."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from adaptation.lm_adapt import MANIFEST_FILE, STATE_DIR, read_manifest
+from search.cli import main
+from trainables.backbone import load_backbone
+from trainables.tasks import OFFLINE_TASKS
+
+STEPS = "4,8"
+JOB = ["--steps", STEPS, "--workers", "2", "--batch-size", "4", "--seq-len", "32", "--checkpoint-every", "2",
+       "--log-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Local text: the Rotten Tomatoes training snippets, one a line."""
+    path = tmp_path_factory.mktemp("corpus") / "snippets.txt"
+    path.write_text("\n".join(OFFLINE_TASKS["rotten_tomatoes"]().splits["train"]["input"][:1500]))
+    return path
+
+
+def lm_adapt(model, corpus, out, *extra: str, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "search.cli", "lm-adapt", str(model), "--corpus", str(corpus), *JOB,
+                           "--out", str(out), *extra], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})}, **popen)
+
+
+@pytest.fixture(scope="module")
+def adapted(tiny_t5_dir, corpus, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("adapted")
+    done = lm_adapt(tiny_t5_dir, corpus, tmp / "out", "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", cwd=tmp)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return {"tmp": tmp, "out": tmp / "out", "uri": f"sqlite:///{tmp / 'mlflow.db'}", "stdout": done.stdout}
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def test_checkpoints_appear_at_the_requested_steps_and_each_loads_as_a_backbone(adapted, tiny_t5_dir):
+    out = adapted["out"]
+    manifest = yaml.safe_load((out / MANIFEST_FILE).read_text())
+    assert manifest["base_model"] == str(tiny_t5_dir) and manifest["objective"] == "prefix_lm"
+    assert [(c["steps"], c["path"]) for c in manifest["checkpoints"]] == [(4, "step-4"), (8, "step-8")]
+    assert read_manifest(out) == {str(out / "step-4"): 4, str(out / "step-8"): 8}
+    base = weights(Path(tiny_t5_dir))
+    for step in (4, 8):
+        backbone = load_backbone(str(out / f"step-{step}"), device=torch.device("cpu"))
+        assert backbone.is_encoder_decoder and backbone.tokenizer.eos_token_id is not None
+    four, eight = weights(out / "step-4"), weights(out / "step-8")
+    name = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    assert not torch.equal(four[name], base[name]) and not torch.equal(eight[name], four[name])
+    assert "lm-adapt step 8/8" in adapted["stdout"] and "tokens/s (2 workers)" in adapted["stdout"]
+
+
+def test_the_job_is_one_mlflow_run_with_its_loss_curve(adapted):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(adapted["uri"])
+    experiment = client.get_experiment_by_name("softprompt")
+    runs = client.search_runs([experiment.experiment_id], "tags.`softprompt.kind` = 'lm-adapt'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["steps"] == "4,8" and run.data.params["workers"] == "2"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [2, 4, 6, 8] and all(m.value > 0 for m in losses)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "tokens_per_s")] == [2, 4, 6, 8]
+    assert run.info.status == "FINISHED"
+
+
+PARKED = textwrap.dedent("""
+    import os, sys, time
+    import ray.train
+    from adaptation.lm_adapt import AdaptConfig, run_adaptation, train_worker
+
+    marker = sys.argv[1]  # captured by value: a worker's own sys.argv is Ray's
+
+    def parked(config):
+        # rank 0 writes down its pid once its step-2 state is registered, then parks: the test kills the driver there
+        report = ray.train.report
+        def report_then_park(metrics, checkpoint=None):
+            report(metrics, checkpoint=checkpoint)
+            if metrics["step"] == 2 and ray.train.get_context().get_world_rank() == 0:
+                open(marker, "w").write(str(os.getpid()))
+                time.sleep(300)
+        ray.train.report = report_then_park
+        train_worker(config)
+
+    model, corpus, out = sys.argv[2:]
+    run_adaptation(AdaptConfig(model=model, corpus=corpus, steps=(4, 8), out=out, workers=2, batch_size=4, seq_len=32,
+                               checkpoint_every=2, log_every=2), worker=parked)
+""")
+
+
+def test_a_killed_job_resumes_and_ends_with_the_same_checkpoints(adapted, tiny_t5_dir, corpus, tmp_path):
+    out, marker = tmp_path / "out", tmp_path / "parked"
+    script = tmp_path / "parked.py"
+    script.write_text(PARKED)
+    driver = subprocess.Popen([sys.executable, str(script), str(marker), str(tiny_t5_dir), str(corpus), str(out)], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and driver.poll() is None and not (marker.exists() and marker.read_text()):
+        time.sleep(0.2)
+    assert marker.read_text(), "the job never reached step 2"
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    driver.wait(timeout=60)
+    assert list((out / STATE_DIR).rglob("checkpoint_*")) and not (out / "step-4").exists()
+
+    resumed = lm_adapt(tiny_t5_dir, corpus, out, "--tracking-uri", "none", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "lm-adapt step 2/8" not in resumed.stdout  # resumed after step 2, not started over
+    for step in (4, 8):
+        again, first = weights(out / f"step-{step}"), weights(adapted["out"] / f"step-{step}")
+        assert again.keys() == first.keys()
+        assert all(torch.equal(again[k], first[k]) for k in first), step
+
+
+def test_a_search_explores_the_adapted_checkpoints_with_their_adaptation_steps(adapted, tmp_path):
+    from search.record import SearchRecord
+
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "adapted", "trials": 2, "max_steps": 4, "concurrency": 1, "scheduler": "none", "sampler": "random",
+        "storage_path": str(tmp_path / "runs"), "checkpoints": [str(adapted["out"] / MANIFEST_FILE)],
+        "points_to_evaluate": [{}], "train": {"task": "rotten_tomatoes", "batch_size": 4, "eval_every": 4,
+                                              "max_eval_examples": 8, "max_train_examples": 32,
+                                              "max_test_examples": 8}}))
+    done = subprocess.run([sys.executable, "-m", "search.cli", "search", "run", str(config), "--tracking-uri", "none"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    trials = SearchRecord.load(str(tmp_path / "runs"), "adapted").trials
+    assert len(trials) == 2
+    for trial in trials:
+        assert trial["params"]["model"] in {str(adapted["out"] / "step-4"), str(adapted["out"] / "step-8")}
+        assert trial["params"]["adaptation_steps"] == int(Path(trial["params"]["model"]).name.split("-")[1])
+    assert "adaptation_steps" in done.stdout
+
+
+@pytest.mark.parametrize("change,fragments", [
+    ({"model": "llama"}, ["model = ", "an encoder-decoder (T5) checkpoint", "decoder-only (llama) model"]),
+    ({"--steps": "8,4"}, ["--steps = '8,4' is not allowed", "strictly increasing"]),
+    ({"--steps": "4,4"}, ["--steps = '4,4' is not allowed", "strictly increasing"]),
+    ({"--steps": "10k"}, ["--steps = '10k' is not allowed", "whole step counts"]),
+    ({"corpus": "empty"}, ["--corpus = ", "a corpus of more than --seq-len 32 tokens: it has 0"]),
+    ({"corpus": "missing"}, ["--corpus = ", "text files"]),
+    ({"corpus": "binary"}, ["--corpus = ", "a readable corpus", "UnicodeDecodeError"]),
+    ({"corpus": "no-column"}, ["--text-column = 'text' is not allowed", "a column of", "review"]),
+], ids=["decoder-only", "steps-decreasing", "steps-repeated", "steps-not-numbers", "empty-corpus", "missing-corpus",
+        "unreadable-corpus", "corpus-without-the-column"])
+def test_bad_input_gets_one_line_and_exit_2(change, fragments, tiny_t5_dir, tiny_llama_dir, corpus, tmp_path, capsys):
+    corpora = {"empty": tmp_path / "empty.txt", "missing": tmp_path / "nowhere" / "*.txt",
+               "binary": tmp_path / "binary.txt", "no-column": tmp_path / "reviews.csv"}
+    corpora["empty"].write_text("\n\n")
+    corpora["binary"].write_bytes(bytes(range(256)) * 4)
+    corpora["no-column"].write_text("review,label\ngood,1\n")
+    model = tiny_llama_dir if change.get("model") == "llama" else tiny_t5_dir
+    source = corpora.get(change.get("corpus"), corpus)
+    job = [change.get(a, v) for a, v in zip(JOB[::2], JOB[1::2])]
+    argv = ["lm-adapt", str(model), "--corpus", str(source), *[x for pair in zip(JOB[::2], job) for x in pair],
+            "--out", str(tmp_path / "out"), "--tracking-uri", "none"]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("softprompt: error: "), (out, err)
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert not (tmp_path / "out").exists()  # refused before anything was written
