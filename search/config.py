@@ -116,6 +116,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "decay_factor": number(0, 1, low_open=True, optional=True),
     "decay_steps": integer(1, optional=True),
     "dropout": Rule(lambda v: _is_number(v) and 0 <= v < 1, "a finite number >= 0 and < 1"),
+    "sentinel": Rule(lambda v: isinstance(v, bool), "true or false"),
     "batch_size": integer(1, 4096),
     "max_steps": integer(1),
     "eval_every": integer(1),

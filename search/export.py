@@ -74,7 +74,8 @@ def export_npy(prompt_dir: Path, out: Path) -> Path:
     return out
 
 
-PROVENANCE = ("backbone", "fingerprint", "task", "template", "verbalizers", "length", "width", "step", "prompt_sha256")
+PROVENANCE = ("backbone", "fingerprint", "task", "template", "verbalizers", "sentinel", "length", "width", "step",
+              "prompt_sha256")
 PEFT_TENSORS, PEFT_PROVENANCE = "adapter_model.safetensors", "softprompt.json"
 
 
@@ -153,7 +154,7 @@ def write_bundle(tasks: dict[str, list[Path]], out: Path, how: str = "vote") -> 
     out.mkdir(parents=True, exist_ok=True)
     record = {"combine": how, "tasks": {}}
     for task, folders in tasks.items():
-        members = []
+        members, sentinels = [], set()
         for i, folder in enumerate(folders):  # every member on the first one's backbone
             checkpoint = load_checkpoint(folder, record.get("fingerprint"))
             meta = checkpoint.meta
@@ -161,9 +162,13 @@ def write_bundle(tasks: dict[str, list[Path]], out: Path, how: str = "vote") -> 
             record.setdefault("backbone", _model_reference(meta["backbone"]))
             save_checkpoint(out / task / str(i), checkpoint.prompt, {k: v for k, v in meta.items() if k != "optimizer"})
             members.append(f"{task}/{i}")
+            sentinels.add(meta.get("sentinel", False))
+        if len(sentinels) > 1:  # the task's members share one set of targets
+            raise ConfigError("--top", len(folders), f"prompts of task {task} that agree on sentinel (these were "
+                                                     f"trained with and without it): export fewer, or --trial")
         # the template travels with the prompts: the served model formats raw columns as training did
         record["tasks"][task] = {"template": meta.get("template"), "verbalizers": meta["verbalizers"], "members": members,
-                                 "max_length": meta["config"]["max_length"]}
+                                 "max_length": meta["config"]["max_length"], "sentinel": sentinels.pop()}
     return save_bundle_record(out, record)
 
 

@@ -133,6 +133,7 @@ def load_bundle(folder: Path, backbone: Backbone | None = None) -> tuple[PromptE
     backbone = backbone or load_backbone(record["backbone"], "float32")
     prompts = load_bundle_prompts(folder, record, backbone.fingerprint, backbone.width)
     tasks = {name: TaskPrompts(task["verbalizers"],
-                               verbalizer_ids(backbone.tokenizer, task["verbalizers"], backbone.is_encoder_decoder),
+                               verbalizer_ids(backbone.tokenizer, task["verbalizers"], backbone.is_encoder_decoder,
+                                              task.get("sentinel", False)),
                                prompts[name]) for name, task in record["tasks"].items()}
     return PromptEnsemble(backbone, tasks, record["combine"]), record

@@ -11,7 +11,7 @@ from search.config import TRAIN_RULES, ConfigError, check_fields, search_config,
 from spaces import DEFAULT_POINTS, paper
 from trainables.adafactor import Adafactor
 from trainables.config import TrainConfig, fields_from_params
-from trainables.data import encode_task, make_batch
+from trainables.data import SENTINEL, encode_task, make_batch
 from trainables.evaluate import evaluate
 from trainables.loop import train
 from trainables.optimizers import OPTIMIZERS, build_optimizer
@@ -310,3 +310,78 @@ def test_parameter_scaling_drawn_beside_adamw_leaves_adamw_as_it_is():
     optimizer, _ = build_optimizer("adamw", prompt, 0.03, 1e-5, warmup_steps=0, decay_factor=None, max_steps=10,
                                    parameter_scaling=True)
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["lr"] == 0.03
+
+
+# ---- span corruption + sentinel ----
+
+@pytest.fixture(scope="module")
+def sentinel_t5(smollm2_tokenizer, tmp_path_factory):
+    """A tiny random T5 whose tokenizer has T5's first sentinel (SmolLM2's vocabulary plus <extra_id_0>)."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    from trainables.backbone import load_backbone
+
+    folder = tmp_path_factory.mktemp("sentinel-t5")
+    smollm2_tokenizer.save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.add_special_tokens({"additional_special_tokens": [SENTINEL]})
+    config = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
+                      decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return load_backbone(str(folder), device=torch.device("cpu"))
+
+
+def sentinel_data(backbone, sentinel: bool):
+    inputs = [f"review: a film that was {'good ' * (i % 5)}and long #{i}\nsentiment:" for i in range(40)]
+    task = Task("reviews", ["negative", "positive"], split_three(inputs, [i % 2 for i in range(40)]))
+    return encode_task(task, backbone.tokenizer, True, backbone.vocab_is_frequency_ordered, 64, sentinel=sentinel)
+
+
+def test_with_sentinel_every_target_starts_with_t5s_first_sentinel_and_class_label_init_leaves_it_out(sentinel_t5):
+    from trainables.loop import initial_prompt
+
+    plain, marked = sentinel_data(sentinel_t5, False), sentinel_data(sentinel_t5, True)
+    sentinel_id = sentinel_t5.tokenizer.convert_tokens_to_ids(SENTINEL)
+    assert sentinel_id != sentinel_t5.tokenizer.unk_token_id
+    assert marked.target_ids == [[sentinel_id] + ids for ids in plain.target_ids]
+    cfg = TrainConfig(model=sentinel_t5.name, init="class_label", prompt_length=4)
+    assert torch.equal(initial_prompt(cfg, sentinel_t5, marked), initial_prompt(cfg, sentinel_t5, plain))
+
+
+def test_a_sentinel_run_trains_on_sentinel_targets_and_its_export_serves_them(sentinel_t5, tmp_path):
+    from search.export import write_bundle
+    from serving.ensemble import load_bundle
+    from trainables.checkpoint import save_checkpoint
+    from trainables.loop import checkpoint_meta
+
+    marked = sentinel_data(sentinel_t5, True)
+    cfg = TrainConfig(model=sentinel_t5.name, sentinel=True, max_steps=3, eval_every=3, batch_size=4, prompt_length=4)
+    result = train(cfg, sentinel_t5, marked)
+    without = train(cfg.replace(sentinel=False), sentinel_t5, sentinel_data(sentinel_t5, False))
+    assert not torch.equal(result["prompt"], without["prompt"])  # the loss saw the sentinel
+    save_checkpoint(tmp_path / "trial", result["prompt"], checkpoint_meta(cfg, sentinel_t5, marked, 3, {}))
+    ensemble, record = load_bundle(write_bundle({"reviews": [tmp_path / "trial"]}, tmp_path / "bundle"), sentinel_t5)
+    assert record["tasks"]["reviews"]["sentinel"] is True
+    inputs = marked.splits["dev"].input_ids[:5]
+    served = torch.stack([s[0] for s in ensemble.member_scores(["reviews"] * 5, inputs)])
+    trained = PromptedModel(sentinel_t5, SoftPrompt(result["prompt"])).class_scores(marked, inputs)
+    torch.testing.assert_close(served, trained, rtol=1e-5, atol=1e-5)
+    plain = PromptedModel(sentinel_t5, SoftPrompt(result["prompt"])).class_scores(sentinel_data(sentinel_t5, False), inputs)
+    assert not torch.allclose(plain, trained)  # the sentinel is in what is scored
+
+
+@pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_t5_dir"])
+def test_sentinel_on_a_model_that_cannot_take_it_is_one_line_and_exit_2(model, request, tmp_path, capsys):
+    import yaml
+
+    from search.cli import main
+
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"model": str(request.getfixturevalue(model)), "task": "rotten_tomatoes",
+                                      "sentinel": True, "max_steps": 2, "output_dir": str(tmp_path / "out")}))
+    code = main(["train", str(config)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("softprompt: error: sentinel = True is not allowed: ")
+    assert ("encoder-decoder" if "llama" in model else SENTINEL) in err[0]

@@ -59,6 +59,9 @@ class TrainConfig:
                                       # T5 fine-tuning used 0.1 in every layer of the model; here the model is frozen
                                       # in eval mode, so only the input part can be reproduced, and the default
                                       # backbone (SmolLM2, a Llama) was pretrained without dropout: 0 until measured
+    sentinel: bool = False            # encoder-decoders: every target starts with T5's sentinel <extra_id_0>, the
+                                      # paper's "span corruption + sentinel" (section 3.2): a span-corruption
+                                      # checkpoint then sees targets shaped like its pre-training ones
     batch_size: int = 8
     max_steps: int = 200
     eval_every: int = 50

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trainables.errors import UserError
 from trainables.inits import common_token_ids
 from trainables.tasks import Task
 
 IGNORE = -100
+SENTINEL = "<extra_id_0>"  # T5's first sentinel: span corruption's targets start with it
 BUCKET_BATCHES = 50  # batches per length-sorted chunk: small padding, still a shuffled order
 
 
@@ -37,6 +39,7 @@ class EncodedTask:
     is_encoder_decoder: bool
     pad_id: int
     template: str = "{text}"            # the task's raw columns -> its input (trainables.tasks.format_input)
+    sentinel: bool = False              # every target starts with SENTINEL (TrainConfig.sentinel)
 
     @property
     def single_token_targets(self) -> bool:
@@ -54,17 +57,31 @@ class Batch:
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.classes)))
 
 
-def verbalizer_ids(tokenizer, verbalizers: list[str], is_encoder_decoder: bool) -> list[list[int]]:
-    """Target tokens per class: the verbalizer plus EOS for encoder-decoders; for causal LMs the
-    verbalizer after a space, as it follows the input's cue."""
+def verbalizer_ids(tokenizer, verbalizers: list[str], is_encoder_decoder: bool, sentinel: bool = False) -> list[list[int]]:
+    """Target tokens per class: the verbalizer plus EOS for encoder-decoders (after SENTINEL with
+    `sentinel`); for causal LMs the verbalizer after a space, as it follows the input's cue."""
     if is_encoder_decoder:
-        return [tokenizer(v, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for v in verbalizers]
+        prefix = [sentinel_id(tokenizer)] if sentinel else []
+        return [prefix + tokenizer(v, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                for v in verbalizers]
+    if sentinel:
+        raise UserError("sentinel = True is not allowed: an encoder-decoder (T5) model; a causal LM's targets follow "
+                        "its input directly")
     return [tokenizer(" " + v, add_special_tokens=False)["input_ids"] for v in verbalizers]
+
+
+def sentinel_id(tokenizer) -> int:
+    """The id of T5's first sentinel, which starts every span-corruption target."""
+    token_id = tokenizer.convert_tokens_to_ids(SENTINEL)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise UserError(f"sentinel = True is not allowed: a model whose tokenizer has T5's {SENTINEL} token "
+                        f"(a T5 checkpoint); this one has none")
+    return token_id
 
 
 def encode_task(task: Task, tokenizer, is_encoder_decoder: bool, vocab_is_frequency_ordered: bool,
                 max_length: int, max_train: int | None = None, max_eval: int | None = None,
-                confirm: int = 0, max_test: int | None = None) -> EncodedTask:
+                confirm: int = 0, max_test: int | None = None, sentinel: bool = False) -> EncodedTask:
     """Tokenise every split once; truncation keeps the end of causal inputs (where the cue is)
     and the start of encoder inputs. The test split is whole unless `max_test` caps it: its score
     is compared with published ones. `confirm` > 0 adds a "confirm" split: up to that many dev
@@ -83,11 +100,11 @@ def encode_task(task: Task, tokenizer, is_encoder_decoder: bool, vocab_is_freque
     splits = {"train": encode("train", max_train), "dev": encode("dev", max_eval), "test": encode("test", max_test)}
     if confirm:
         splits["confirm"] = encode("dev", confirm, skip=len(task.splits["dev"]) if max_eval is None else max_eval)
-    targets = verbalizer_ids(tokenizer, task.verbalizers, is_encoder_decoder)
+    targets = verbalizer_ids(tokenizer, task.verbalizers, is_encoder_decoder, sentinel)
     common = common_token_ids(splits["train"].input_ids, len(tokenizer), set(tokenizer.all_special_ids),
                               vocab_is_frequency_ordered)
     return EncodedTask(task.name, task.verbalizers, targets, splits, common, is_encoder_decoder,
-                       tokenizer.pad_token_id, task.template)
+                       tokenizer.pad_token_id, task.template, sentinel)
 
 
 def pad_rows(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:

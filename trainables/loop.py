@@ -41,7 +41,7 @@ def prepare_data(cfg: TrainConfig, backbone: Backbone) -> EncodedTask:
     task = load_task(cfg.task, cfg.text_column, cfg.label_column, cfg.verbalizers)
     return encode_task(task, backbone.tokenizer, backbone.is_encoder_decoder, backbone.vocab_is_frequency_ordered,
                        cfg.max_length, cfg.max_train_examples, cfg.max_eval_examples, cfg.confirm_examples,
-                       cfg.max_test_examples)
+                       cfg.max_test_examples, cfg.sentinel)
 
 
 def initial_prompt(cfg: TrainConfig, backbone: Backbone, data: EncodedTask) -> torch.Tensor:
@@ -57,7 +57,8 @@ def initial_prompt(cfg: TrainConfig, backbone: Backbone, data: EncodedTask) -> t
     ctx = InitContext(
         embed=embed, width=backbone.width,
         common_token_ids=data.common_token_ids,
-        class_token_ids=[ids[:-1] if data.is_encoder_decoder else ids for ids in data.target_ids],  # no EOS
+        class_token_ids=[ids[int(data.sentinel):-1] if data.is_encoder_decoder else ids  # no sentinel, no EOS
+                         for ids in data.target_ids],
         text_token_ids=text_ids, scale=cfg.init_scale,
         generator=torch.Generator().manual_seed(cfg.seed))
     return INITS[cfg.init](cfg.prompt_length, ctx)
@@ -67,7 +68,8 @@ def checkpoint_meta(cfg: TrainConfig, backbone: Backbone, data: EncodedTask, ste
     """What a prompt belongs to; the template and verbalizers travel with it to every export, so a
     served prompt formats raw input as it was trained."""
     return {"backbone": cfg.model, "fingerprint": backbone.fingerprint, "init": cfg.init, "task": data.name,
-            "template": data.template, "verbalizers": data.verbalizers, "step": step, "metrics": metrics,
+            "template": data.template, "verbalizers": data.verbalizers, "sentinel": data.sentinel, "step": step,
+            "metrics": metrics,
             "config": cfg.to_dict()}
 
 

@@ -29,7 +29,8 @@ _WORKER_DATA: dict[tuple, EncodedTask] = {}
 
 def _cached_data(cfg: TrainConfig, backbone) -> EncodedTask:
     key = (task_key(cfg.task), cfg.text_column, cfg.label_column, str(cfg.verbalizers), backbone.fingerprint,
-           cfg.max_length, cfg.max_train_examples, cfg.max_eval_examples, cfg.confirm_examples, cfg.max_test_examples)
+           cfg.max_length, cfg.max_train_examples, cfg.max_eval_examples, cfg.confirm_examples, cfg.max_test_examples,
+           cfg.sentinel)
     if key not in _WORKER_DATA:
         _WORKER_DATA.clear()  # one task per search: keep only the latest
         _WORKER_DATA[key] = prepare_data(cfg, backbone)
