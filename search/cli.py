@@ -49,9 +49,28 @@ def _print_trials(rows: list[dict], metric: str) -> None:
     show = lambda value: f"{value:.4f}" if value is not None else "-"
     print(f"{'trial':<12}{'status':<15}{'step':>6}{metric:>20}{'confirmed':>11}{'test acc':>10}  parameters")
     for r in rows:
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
         print(f"{r['trial_id']:<12}{r['status']:<15}{r['step'] or '-':>6}{show(r['metric']):>20}"
-              f"{show(r['confirmed']):>11}{show(r['test_accuracy']):>10}  {params}")
+              f"{show(r['confirmed']):>11}{show(r['test_accuracy']):>10}  {_shown_params(r['params'])}")
+
+
+def _shown_params(params: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def _mean_sd(mean: float, sd: float | None) -> str:
+    return f"{mean:.4f} ± {sd:.4f}" if sd is not None else f"{mean:.4f}"
+
+
+def _print_points(points: list[dict], metric: str) -> None:
+    """With seeds: each point's mean ± sd (sample) over its seeds, best first."""
+    from search.record import SEED
+
+    print(f"\n{'point':<7}{'seeds':>6}{'mean ± sd ' + metric:>30}{'confirmed mean ± sd':>22}  parameters (trials)")
+    for number, point in enumerate(points, 1):
+        confirmed = _mean_sd(point["confirmed"], point["confirmed_sd"]) if point["confirmed"] is not None else "-"
+        params = {k: v for k, v in point["trials"][0]["params"].items() if k != SEED}
+        print(f"{number:<7}{point['n']:>6}{_mean_sd(point['metric'], point['sd']):>30}{confirmed:>22}  "
+              f"{_shown_params(params)} ({', '.join(r['trial_id'] for r in point['trials'])})")
 
 
 def _zero_shot_verdict(summary: dict) -> str | None:
@@ -79,6 +98,9 @@ def _finish_search(storage_path: str, name: str) -> int:
                  if summary["confirmed"] is not None else "")
     metric = record.config.metric
     print(f"\nbest trial {summary['best_trial']}: {metric} {summary[metric]:.4f}{confirmed}")
+    if record.config.seeds > 1:
+        point = record.best()["point"]
+        print(f"  its point: {metric} {_mean_sd(point['mean'], point['sd'])} over {point['n']} seeds")
     print(f"  held-out test accuracy  {summary['test_accuracy']:.4f}  (task {data.name}, {summary['test_examples']} examples)")
     print(f"  zero-shot test accuracy {summary['zero_shot_test_accuracy']:.4f}  (same model, no prompt)")
     if verdict := _zero_shot_verdict(summary):
@@ -96,8 +118,11 @@ def cmd_search_run(args) -> int:
 
     cfg = load_search_config(args.config, args.set)
     tracking_uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
-    print(f"search {cfg.name}: {cfg.trials} trials of up to {cfg.train.max_steps} steps, {cfg.concurrency} at a time, "
-          f"space {cfg.space if isinstance(cfg.space, str) else 'custom'}, scheduler {cfg.scheduler}"
+    trials = (f"{cfg.trials} points x {cfg.seeds} seeds = {cfg.trials * cfg.seeds} trials" if cfg.seeds > 1
+              else f"{cfg.trials} trials")
+    print(f"search {cfg.name}: {trials} of up to {cfg.train.max_steps} steps, {cfg.concurrency} at a time, "
+          f"space {cfg.space if isinstance(cfg.space, str) else 'custom'}"
+          + (f" (a grid of {cfg.trials} cells)" if cfg.sampler == "grid" else "") + f", scheduler {cfg.scheduler}"
           + (f" (by {cfg.asha_metric})" if cfg.scheduler == "asha" and cfg.asha_metric != cfg.metric else "")
           + f", metric {cfg.metric}" + (f", tracked in {tracking_uri}" if tracking_uri else ""))
     run_search(cfg, tracking_uri=tracking_uri)
@@ -115,9 +140,26 @@ def cmd_search_status(args) -> int:
     from search.record import SearchRecord
 
     record = SearchRecord.load(args.storage_path, args.name)
-    _print_trials(record.trials, record.config.metric)
+    cfg = record.config
+    _print_trials(record.trials, cfg.metric)
+    if cfg.seeds > 1 and record.evaluated():
+        _print_points(record.points(), cfg.metric)
     counts = ", ".join(f"{count} {status}" for status, count in sorted(record.statuses().items()))
-    print(f"\n{args.name}: {len(record.trials)} of {record.config.trials} trials started ({counts})")
+    planned = (f"{cfg.trials * cfg.seeds} trials ({cfg.trials} points x {cfg.seeds} seeds)" if cfg.seeds > 1
+               else f"{cfg.trials} trials")
+    print(f"\n{args.name}: {len(record.trials)} of {planned} started ({counts})")
+    return 0
+
+
+def cmd_search_report(args) -> int:
+    """Each searched parameter's effect on the metric (mean ± sd by value): table and plot."""
+    from search.record import SearchRecord
+    from search.report import write_report
+
+    report = write_report(SearchRecord.load(args.storage_path, args.name))
+    print(report.text)
+    print(f"table: {report.table}\nplot:  {report.plot}"
+          + (f"\nboth logged on MLflow run {report.run_id} (report/)" if report.run_id else ""))
     return 0
 
 
@@ -222,6 +264,11 @@ def cmd_search_best(args) -> int:
     print(f"{cfg.metric:<20}{best['metric']:.4f}")
     if best["confirmed"] is not None:
         print(f"{'confirmed':<20}{best['confirmed']:.4f}  (on up to {cfg.train.confirm_examples} further dev examples)")
+    if point := best.get("point"):  # with seeds, the winner is the point with the best mean
+        print(f"{'point mean ± sd':<20}{_mean_sd(point['mean'], point['sd'])}  ({cfg.metric} over {point['n']} seeds: "
+              f"{', '.join(point['trials'])})")
+        if point["confirmed_mean"] is not None:
+            print(f"{'confirmed mean ± sd':<20}{_mean_sd(point['confirmed_mean'], point['confirmed_sd'])}")
     if best["test_accuracy"] is not None:
         print(f"{'test accuracy':<20}{best['test_accuracy']:.4f}")
     if "beats_zero_shot" in best:
@@ -278,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("resume", cmd_search_resume, "continue an interrupted search: finished trials are kept, "
                                           "running ones resume from their last checkpoint"),
             ("status", cmd_search_status, "show every trial of a search: status, step, metric, parameters"),
-            ("best", cmd_search_best, "show the best trial: its metric, parameters and prompt folder")):
+            ("best", cmd_search_best, "show the best trial: its metric, parameters and prompt folder"),
+            ("report", cmd_search_report, "write each parameter's effect on the metric (mean ± sd by value) as "
+                                          "report.md and report.png in the search's folder and its MLflow run")):
         sub = actions.add_parser(action, help=text, description=text)
         sub.add_argument("name", help="the search's name (its folder under --storage-path)")
         _storage_path_argument(sub)

@@ -14,6 +14,7 @@ from adaptation.lm_adapt import expand_manifests
 from search.configfile import STORAGE_PATH, ConfigError, load_yaml, parse_overrides
 from trainables.backbone import MODELS_ALLOWED, model_problem
 from trainables.config import ASHA_METRICS, FIELDS, RANK_ONLY_METRICS, SEARCH_METRICS, SELECT_METRICS, TrainConfig
+from trainables.data import check_sentinel
 from trainables.evaluate import EVAL_MODES
 from trainables.inits import INITS
 from trainables.optimizers import OPTIMIZERS, PARAMETER_SCALING
@@ -218,8 +219,9 @@ class SearchConfig:
     points_to_evaluate: tuple[dict, ...] | None = None
     metric: str = "best_dev_accuracy"
     asha_metric: str              # what ASHA compares trials by at its rungs (default: metric)
-    sampler: str = "tpe"          # tpe | random
-    trials: int = 8
+    sampler: str = "tpe"          # tpe | random | grid (a space of choices: lists only; each cell runs once)
+    trials: int = 8               # points the sampler suggests (a grid: its cells); Tune runs trials x seeds
+    seeds: int = 1                # runs per point, seeds train.seed + 0..seeds-1: points rank by their mean
     time_limit_s: float | None = None
     scheduler: str = "asha"       # asha | none
     grace_period: int             # default: three ASHA rungs (search_config)
@@ -240,6 +242,8 @@ class SearchConfig:
         return ASHA_METRICS[self.asha_metric]
 
 
+MAX_TRIALS = 10_000  # points per search (a grid search's cells)
+
 # What a search config file leaves out: None where the field's default comes from other fields;
 # max_steps, every trial's budget, becomes train.max_steps.
 SEARCH_DEFAULTS = {**{f.name: None if f.default is MISSING else f.default for f in fields(SearchConfig)},
@@ -257,8 +261,9 @@ SEARCH_RULES: dict[str, Rule] = {
                                "null or a list of parameter mappings"),
     "metric": one_of(*SEARCH_METRICS),
     "asha_metric": one_of(*ASHA_METRICS, optional=True),
-    "sampler": one_of("tpe", "random"),
-    "trials": integer(1, 10000),
+    "sampler": one_of("tpe", "random", "grid"),
+    "trials": integer(1, MAX_TRIALS),
+    "seeds": integer(1, 100),
     "max_steps": integer(1),
     "time_limit_s": number(0, low_open=True, optional=True),
     "scheduler": one_of("asha", "none"),
@@ -309,6 +314,28 @@ def _check_space(space: dict, source: str | None) -> None:
         seen.append(name)
 
 
+def _grid_cells(merged: dict, given: dict, source: str | None) -> int:
+    """The number of cells of a `sampler: grid` search, each run once (times seeds): its `trials`.
+    Only a space of choices lists is finite; a `when:` would leave cells that differ in nothing."""
+    space = merged["space"]
+    problem = (f"space {space!r} has ranges" if not isinstance(space, dict) else
+               next((f"space.{name} has {'when:' if 'when' in spec else 'a range'}" for name, spec in space.items()
+                     if "choices" not in spec or "when" in spec), None))
+    if problem:
+        raise ConfigError("sampler", "grid", f"one of tpe, random for this space; grid needs a space mapping whose every "
+                                             f"parameter lists choices: [...], without when: ({problem})", source)
+    cells = math.prod(len(spec["choices"]) for spec in space.values())
+    if cells > MAX_TRIALS:
+        raise ConfigError("space", f"{cells} grid cells", f"a grid of at most {MAX_TRIALS} cells", source)
+    if "trials" in given and given["trials"] != cells:
+        raise ConfigError("trials", given["trials"], f"{cells}, the number of grid cells (sampler: grid runs each "
+                                                     f"once), or leave it out", source)
+    if merged["points_to_evaluate"] is not None:
+        raise ConfigError("points_to_evaluate", merged["points_to_evaluate"], "left out with sampler: grid (it runs "
+                                                                              "every cell once)", source)
+    return cells
+
+
 def asha_rungs(grace_period: int, reduction_factor: int, max_t: int) -> list[int]:
     """The steps at which Ray's ASHA compares trials (its `_Bracket` milestones), then max_t."""
     count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
@@ -337,6 +364,16 @@ def search_config(values: dict, source: str | None = None, default_name: str = "
         train = train.replace(model=checkpoints[0])
     if isinstance(merged["space"], dict):
         _check_space(merged["space"], source)
+        seeded = [name for name in merged["space"] if str(name).split("@")[0] == "seed"]
+        if seeded and merged["seeds"] > 1:
+            raise ConfigError(f"space.{seeded[0]}", merged["space"][seeded[0]], "left out with seeds > 1 (a point's "
+                                                                                "seeds are train.seed + 0..seeds-1)", source)
+    space_sentinel = isinstance(merged["space"], dict) and True in merged["space"].get("sentinel", {}).get("choices", [])
+    if train.sentinel or space_sentinel:  # refused here, before any trial starts, not in every trial
+        for model in checkpoints:
+            check_sentinel(model)
+    if merged["sampler"] == "grid":
+        merged["trials"] = _grid_cells(merged, values, source)
     # default: three ASHA rungs (about max_steps / factor^2, max_steps / factor, and max_steps)
     grace = merged["grace_period"] or max(1, math.ceil(merged["max_steps"] / merged["reduction_factor"] ** 2))
     if grace > merged["max_steps"]:
@@ -356,7 +393,7 @@ def search_config(values: dict, source: str | None = None, default_name: str = "
     points = merged["points_to_evaluate"]
     merged.update(name=merged["name"] or default_name, train=train, checkpoints=checkpoints, asha_metric=asha_metric,
                   points_to_evaluate=tuple(points) if points is not None else None, grace_period=grace,
-                  concurrency=min(merged["concurrency"], merged["trials"]))
+                  concurrency=min(merged["concurrency"], merged["trials"] * merged["seeds"]))
     return SearchConfig(**{f.name: merged[f.name] for f in fields(SearchConfig)})
 
 

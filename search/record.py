@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ RUNNING = "running"  # what a trial reports before its final result: one that en
 # The search metric's counterpart on the confirm split (trainables.loop.final_metrics); none for train_loss.
 CONFIRMED = {"best_dev_accuracy": "confirmed_dev_accuracy", "dev_accuracy": "confirmed_dev_accuracy",
              "best_dev_f1": "confirmed_dev_f1", "dev_f1": "confirmed_dev_f1"}
+SEED = "seed"  # the parameter a search with `seeds` > 1 adds to each trial (search/seeds.py)
 
 
 def save_config(cfg: SearchConfig) -> None:
@@ -55,11 +57,28 @@ def trial_status(trial: Trial) -> str:
 
 
 def rank_rows(rows: list[dict], mode: str) -> list[dict]:
-    """Trial rows best first: confirmed ones by `confirmed`, then the rest by `metric` (`mode` max or
-    min); on a tie, a completed trial first."""
+    """Trial (or point) rows best first: confirmed ones by `confirmed`, then the rest by `metric` (`mode`
+    max or min); on a tie, a completed one first."""
     sign = 1 if mode == "max" else -1
     return sorted(rows, reverse=True, key=lambda r: (r["confirmed"] is not None, r["confirmed"] or 0.0,
                                                      sign * r["metric"], r["status"] == COMPLETED))
+
+
+def sample_sd(values: list[float]) -> float | None:
+    """The sample standard deviation (n - 1), or None for fewer than two values."""
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def point_row(rows: list[dict], mode: str) -> dict:
+    """One point's evaluated trials (its seeds) as a row `rank_rows` ranks: the mean, sd and n of the
+    metric, and of `confirmed` if every seed was confirmed (else a seed ASHA stopped would rank it
+    by its luckier siblings alone); completed if every seed was."""
+    metrics, confirmed = [r["metric"] for r in rows], [r["confirmed"] for r in rows]
+    every = all(c is not None for c in confirmed)
+    return {"trials": rank_rows(rows, mode), "n": len(rows), "metric": statistics.fmean(metrics),
+            "sd": sample_sd(metrics), "confirmed": statistics.fmean(confirmed) if every else None,
+            "confirmed_sd": sample_sd(confirmed) if every else None,
+            "status": next((r["status"] for r in rows if r["status"] != COMPLETED), COMPLETED)}
 
 
 @dataclass(frozen=True)
@@ -103,19 +122,41 @@ class SearchRecord:
         """The trials with a metric and a prompt."""
         return [r for r in self.trials if r["metric"] is not None and r["prompt"]]
 
-    def ranked(self) -> list[dict]:
-        """The evaluated trials, best first. Trials confirmed on further dev examples come first, by that
-        score: a search metric like best_dev_accuracy is the largest of several small-sample scores, and a
-        lucky one would win otherwise. The rest follow by the metric. A search with none is an error."""
+    def points(self) -> list[dict]:
+        """The evaluated trials grouped into points (`point_row`: the same parameters but the seed; with
+        one seed a point is a trial), best first. Points confirmed on further dev examples come first,
+        by that score: a search metric like best_dev_accuracy is the largest of several small-sample
+        scores, and a lucky one would win otherwise. The rest follow by the metric. A search with none
+        is an error."""
         rows = self.evaluated()
         if not rows:
             raise ConfigError("search", self.storage.name, "a search with at least one evaluated trial")
-        return rank_rows(rows, self.config.mode)
+        groups: dict[str, list[list[dict]]] = {}
+        for row in rows:  # a sampler may suggest the same parameters twice: two points, each with its seeds once
+            key = row["trial_id"] if self.config.seeds == 1 else json.dumps(
+                {k: v for k, v in row["params"].items() if k != SEED}, sort_keys=True, default=str)
+            alike = groups.setdefault(key, [])
+            group = next((g for g in alike if all(r["params"].get(SEED) != row["params"].get(SEED) for r in g)), None)
+            if group is None:
+                alike.append([row])
+            else:
+                group.append(row)
+        return rank_rows([point_row(group, self.config.mode) for alike in groups.values() for group in alike],
+                         self.config.mode)
+
+    def ranked(self) -> list[dict]:
+        """The evaluated trials, best first: by point (`points`), and within a point its seeds best first."""
+        return [trial for point in self.points() for trial in point["trials"]]
 
     def best(self) -> dict:
-        """The winner (`ranked`), its `prompt` a folder on this machine."""
-        best = self.ranked()[0]
-        return {**best, "prompt": str(self.storage.local_copy(best["prompt"]))}
+        """The winner: the best point's best seed, its `prompt` a folder on this machine; with seeds,
+        `point` holds the point's mean, sd and n (of the metric and of `confirmed`) and its trials."""
+        point = self.points()[0]
+        best = point["trials"][0]
+        seeds = {"point": {"mean": point["metric"], "sd": point["sd"], "n": point["n"],
+                           "confirmed_mean": point["confirmed"], "confirmed_sd": point["confirmed_sd"],
+                           "trials": [r["trial_id"] for r in point["trials"]]}} if self.config.seeds > 1 else {}
+        return {**best, "prompt": str(self.storage.local_copy(best["prompt"])), **seeds}
 
     def summary_of(self, trial_id: str) -> dict | None:
         """The saved summary, if it was written for this winner (a resumed search may have another)."""

@@ -13,6 +13,7 @@ import json
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from search.config import ConfigError, SearchConfig
@@ -149,6 +150,10 @@ def _log_results(mlflow_client, run_id: str, record: SearchRecord) -> None:
         metrics["winner_test_accuracy"] = best["test_accuracy"]
     if best["confirmed"] is not None:  # what the winner was picked by
         metrics[f"winner_{CONFIRMED[cfg.metric]}"] = best["confirmed"]
+    if "point" in best:  # with seeds the winner is a point, picked by its seeds' mean
+        point = best["point"]
+        metrics.update({f"winner_mean_{cfg.metric}": point["mean"], "winner_seeds": point["n"],
+                        **({f"winner_sd_{cfg.metric}": point["sd"]} if point["sd"] is not None else {})})
     tags = {"softprompt.best_trial": best["trial_id"], "softprompt.best_params": json.dumps(best["params"], default=str)}
     mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
                             tags=[RunTag(k, v) for k, v in tags.items()])
@@ -173,17 +178,35 @@ def _log_verdict(mlflow_client, run_id: str, summary: dict | None) -> None:
     mlflow_client.set_tag(run_id, "softprompt.beats_zero_shot", str(summary["beats_zero_shot"]).lower())
 
 
+def _on_parent(search: SearchStorage, log: Callable[[object, str], None], later: str) -> str | None:
+    """`log(client, parent run id)` for a tracked search; returns that run id, or None where the search was
+    not tracked (or sync creates its parent later) or the server cannot be reached (a line says `later`)."""
+    target = load_target(search)
+    if target is None or target.parent_run_id is None:
+        return None
+    try:
+        log(client(target.uri), target.parent_run_id)
+    except Exception as error:
+        print(f"softprompt: could not log to tracking server {target.uri} ({str(error).splitlines()[0][:200]}); "
+              f"{later}", file=sys.stderr, flush=True)
+        return None
+    return target.parent_run_id
+
+
 def log_verdict(search: SearchStorage, summary: dict) -> None:
     """Put the summary's winner-against-zero-shot on a tracked search's parent run; where the server
     cannot be reached, `softprompt mlflow sync` logs it later."""
-    target = load_target(search)
-    if target is None or target.parent_run_id is None:  # not tracked, or sync creates the parent later
-        return
-    try:
-        _log_verdict(client(target.uri), target.parent_run_id, summary)
-    except Exception as error:
-        print(f"softprompt: could not log to tracking server {target.uri} ({str(error).splitlines()[0][:200]}); "
-              f"`softprompt mlflow sync {search.name}` logs the result later", file=sys.stderr, flush=True)
+    _on_parent(search, lambda mlflow_client, run_id: _log_verdict(mlflow_client, run_id, summary),
+               f"`softprompt mlflow sync {search.name}` logs the result later")
+
+
+def log_report(search: SearchStorage, files: list[Path]) -> str | None:
+    """Put `softprompt search report`'s files on a tracked search's parent run (under report/); returns
+    the run id, or None where it was not tracked or the server cannot be reached."""
+    def log(mlflow_client, run_id: str) -> None:
+        for path in files:
+            mlflow_client.log_artifact(run_id, str(path), "report")
+    return _on_parent(search, log, f"`softprompt search report {search.name}` logs the report once it is back")
 
 
 def _log_optuna_plots(mlflow_client, run_id: str, cfg: SearchConfig, folder: Path) -> None:

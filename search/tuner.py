@@ -23,6 +23,7 @@ from search.configfile import STORAGE_PATH, ConfigError
 from search.jobs import WORKER_ENV
 from search.record import RUNNING, SearchRecord, read_config, save_config
 from search.resources import check_cluster
+from search.seeds import SeedRepeater
 from search.storage import STUDY_FILE, SearchStorage, WorkingCopyStorage, copy_study
 from search.tracking import finish_search_run, load_target, start_search_run
 from spaces import DEFAULT_POINTS, SPACES, CustomSpace
@@ -31,6 +32,22 @@ from trainables.tasks import is_task_file
 from trainables.trainable import tune_trial
 
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
+
+
+class TuneGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid, without its stop at the last cell: Tune asks for exactly one trial per cell
+    (num_samples), and study.stop() outside study.optimize raises, which ended the last cell's trial
+    as errored when ASHA had stopped it."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
+def build_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
+    """The search's Optuna sampler; a grid's cells are its space's choices (search.config allows no other)."""
+    if cfg.sampler == "grid":
+        return TuneGridSampler(CustomSpace(cfg.space).grid(), seed=cfg.seed)
+    return SAMPLERS[cfg.sampler](seed=cfg.seed)
 
 
 class AshaAwareOptunaSearch(OptunaSearch):
@@ -100,7 +117,9 @@ def build_tuner(cfg: SearchConfig, trainable=tune_trial, tracking=None) -> tune.
     search = SearchStorage(cfg.storage_path, cfg.name)
     searcher = AshaAwareOptunaSearch(
         space=SpaceWithAdaptation(cfg), metric=cfg.metric, mode=cfg.mode, points_to_evaluate=_points(cfg) or None,
-        sampler=SAMPLERS[cfg.sampler](seed=cfg.seed), storage=search.optuna_storage(), study_name=cfg.name)
+        sampler=build_sampler(cfg), storage=search.optuna_storage(), study_name=cfg.name)
+    if cfg.seeds > 1:
+        searcher = SeedRepeater(searcher, cfg.seeds, cfg.train.seed)
     storage_path, filesystem = search.tune_storage()
     scheduler = (ASHAScheduler(time_attr="step", metric=cfg.asha_metric, mode=cfg.asha_mode, max_t=cfg.train.max_steps,
                                grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor)
@@ -108,7 +127,7 @@ def build_tuner(cfg: SearchConfig, trainable=tune_trial, tracking=None) -> tune.
     return tune.Tuner(
         build_trainable(cfg, trainable, tracking),
         tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=scheduler, num_samples=cfg.trials,
+            search_alg=searcher, scheduler=scheduler, num_samples=cfg.trials * cfg.seeds,
             max_concurrent_trials=cfg.concurrency, reuse_actors=True, time_budget_s=cfg.time_limit_s,
             trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(

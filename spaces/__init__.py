@@ -85,3 +85,8 @@ class CustomSpace:
             else:
                 trial.suggest_float(name, spec["low"], spec["high"], log=spec.get("log", False))
         return {}
+
+    def grid(self) -> dict[str, list]:
+        """Each parameter's choices: the grid Optuna's GridSampler runs, cell by cell, for a space of
+        choices only (no ranges, no `when:`)."""
+        return {name: spec["choices"] for name, spec in self.definition.items()}

@@ -385,3 +385,12 @@ def test_sentinel_on_a_model_that_cannot_take_it_is_one_line_and_exit_2(model, r
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("softprompt: error: sentinel = True is not allowed: ")
     assert ("encoder-decoder" if "llama" in model else SENTINEL) in err[0]
+
+
+def test_a_search_with_sentinel_on_a_causal_lm_is_refused_before_any_trial(tiny_llama_dir):
+    from trainables.errors import UserError
+
+    for values in ({"train": {"model": str(tiny_llama_dir), "sentinel": True}},
+                   {"train": {"model": str(tiny_llama_dir)}, "space": {"sentinel": {"choices": [False, True]}}}):
+        with pytest.raises(UserError, match="sentinel = True is not allowed: an encoder-decoder"):
+            search_config(values)

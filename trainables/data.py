@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trainables.backbone import load_tokenizer, resolve_model
 from trainables.errors import UserError
 from trainables.inits import common_token_ids
 from trainables.tasks import Task
@@ -68,6 +69,12 @@ def verbalizer_ids(tokenizer, verbalizers: list[str], is_encoder_decoder: bool, 
         raise UserError("sentinel = True is not allowed: an encoder-decoder (T5) model; a causal LM's targets follow "
                         "its input directly")
     return [tokenizer(" " + v, add_special_tokens=False)["input_ids"] for v in verbalizers]
+
+
+def check_sentinel(model: str) -> None:
+    """Refuse sentinel targets for a model that cannot take them, before any trial starts."""
+    source, config, _ = resolve_model(model)
+    verbalizer_ids(load_tokenizer(source), ["x"], config.is_encoder_decoder, sentinel=True)
 
 
 def sentinel_id(tokenizer) -> int:
