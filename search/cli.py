@@ -18,8 +18,7 @@ def cmd_train(args) -> int:
     """One prompt-tuning run: progress, then held-out metrics next to the zero-shot baseline."""
     from search.config import load_train_config
     from trainables.backbone import load_backbone
-    from trainables.checkpoint import save_checkpoint
-    from trainables.loop import checkpoint_meta, prepare_data, train, zero_shot
+    from trainables.loop import prepare_data, train_and_save
 
     cfg = load_train_config(args.config, args.set)
     backbone = load_backbone(cfg.model, cfg.dtype)
@@ -28,18 +27,12 @@ def cmd_train(args) -> int:
     data = prepare_data(cfg, backbone)
     sizes = ", ".join(f"{name} {len(split)}" for name, split in data.splits.items())
     print(f"task {data.name}: {sizes}; verbalizers {data.verbalizers}; template {data.template!r}")
-    baseline = zero_shot(cfg, backbone, data)
-    result = train(cfg, backbone, data, progress=True)
-    out = Path(cfg.output_dir)
-    save_checkpoint(out / "best", result.pop("prompt"),
-                    checkpoint_meta(cfg, backbone, data, result["best_step"], result))
-    summary = {"zero_shot_test_accuracy": baseline["accuracy"], **result}
-    (out / "result.json").write_text(json.dumps(summary, indent=2))
+    result, baseline = train_and_save(cfg, backbone, data)
     print(f"\n{'':24}{'accuracy':>10}{'f1':>8}")
     print(f"{'zero-shot (no prompt)':24}{baseline['accuracy']:>10.4f}{baseline['f1']:>8.4f}")
     print(f"{'prompt-tuned':24}{result['test_accuracy']:>10.4f}{result['test_f1']:>8.4f}"
           f"   (test split: {result['test_examples']} examples, best dev step {result['best_step']})")
-    print(f"prompt saved to {out / 'best'}")
+    print(f"prompt saved to {Path(cfg.output_dir) / 'best'}")
     return 0
 
 
@@ -181,7 +174,7 @@ def cmd_export(args) -> int:
     array, or a registered MLflow model; several searches (each its task's top k) as one MLflow model
     that serves every task."""
     from search.export import (ALIAS, export_mlflow_model, export_npy, export_peft_adapter, run_prompt,
-                               search_prompts, write_bundle)
+                               search_prompts, tasks_by_name, write_bundle)
     from search.record import SearchRecord
     from search.tracking import default_tracking_uri
 
@@ -209,7 +202,7 @@ def cmd_export(args) -> int:
         elif args.format == "peft":
             print(f"PEFT adapter: {export_peft_adapter(prompts[0], out)}")
         else:
-            tasks = _tasks_by_name(by_source)
+            tasks = tasks_by_name(by_source)
             bundle = write_bundle(tasks, out, args.combine)
             version = export_mlflow_model(bundle, name, uri)
             counts = ", ".join(f"{task}: {len(members)} prompt(s)" for task, members in tasks.items())
@@ -217,23 +210,6 @@ def cmd_export(args) -> int:
                   f"combine {args.combine}) in {uri}\n"
                   f"serve it: MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{name}@{ALIAS} --env-manager local")
     return 0
-
-
-def _tasks_by_name(by_source: dict[str, list[Path]]) -> dict[str, list[Path]]:
-    """Each source's prompts under their task's name (a bundle routes requests by it): two searches of
-    one task are refused, as the bundle could serve only one of them."""
-    from trainables.checkpoint import load_checkpoint
-
-    tasks, sources = {}, {}
-    for source, prompts in by_source.items():
-        task = load_checkpoint(prompts[0]).meta["task"]
-        if task in tasks:
-            raise ConfigError("export source", list(by_source), f"searches of different tasks; {sources[task]} and "
-                                                                f"{source} are both on task {task!r} (give one a task "
-                                                                f"mapping with its own name:, or ensemble one search "
-                                                                f"with --top K)")
-        tasks[task], sources[task] = prompts, source
-    return tasks
 
 
 def cmd_verify(args) -> int:

@@ -146,6 +146,21 @@ def load_export(path: str | Path, fingerprint: str | None = None, width: int | N
     return [verify_prompt(record, tensor_path, fingerprint, width, _read_exported_tensor(tensor_path))]
 
 
+def tasks_by_name(by_source: dict[str, list[Path]]) -> dict[str, list[Path]]:
+    """Each source's prompts under their task's name (a bundle routes requests by it): two searches of
+    one task are refused, as the bundle could serve only one of them."""
+    tasks, sources = {}, {}
+    for source, prompts in by_source.items():
+        task = load_checkpoint(prompts[0]).meta["task"]
+        if task in tasks:
+            raise ConfigError("export source", list(by_source), f"searches of different tasks; {sources[task]} and "
+                                                                f"{source} are both on task {task!r} (give one a task "
+                                                                f"mapping with its own name:, or ensemble one search "
+                                                                f"with --top K)")
+        tasks[task], sources[task] = prompts, source
+    return tasks
+
+
 def write_bundle(tasks: dict[str, list[Path]], out: Path, how: str = "vote") -> Path:
     """A folder of prompts for one or more tasks on one backbone: `bundle.json` plus each member's
     checkpoint (safetensors + JSON)."""

@@ -381,6 +381,7 @@ def test_sentinel_on_a_model_that_cannot_take_it_is_one_line_and_exit_2(model, r
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({"model": str(request.getfixturevalue(model)), "task": "rotten_tomatoes",
                                       "sentinel": True, "max_steps": 2, "output_dir": str(tmp_path / "out")}))
+    capsys.readouterr()  # what building the model fixture printed
     code = main(["train", str(config)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("softprompt: error: sentinel = True is not allowed: ")

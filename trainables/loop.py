@@ -7,6 +7,7 @@ on dev, as in the paper) is evaluated on the held-out test split.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -202,3 +203,16 @@ def zero_shot(cfg: TrainConfig, backbone: Backbone, data: EncodedTask, split: st
     """The frozen model with no prompt at all: the baseline prompt tuning must beat."""
     empty = SoftPrompt(torch.zeros(0, backbone.width)).to(backbone.device)
     return evaluate(PromptedModel(backbone, empty), data, split, cfg.eval_mode, cfg.eval_batch_size)
+
+
+def train_and_save(cfg: TrainConfig, backbone: Backbone, data: EncodedTask) -> tuple[dict, dict]:
+    """A run outside a search (`softprompt train`): the zero-shot baseline, training with a progress
+    bar, then the best prompt (OUT/best) and the summary (OUT/result.json) in cfg.output_dir.
+    Returns the summary and the baseline's metrics."""
+    baseline = zero_shot(cfg, backbone, data)
+    result = train(cfg, backbone, data, progress=True)
+    out = Path(cfg.output_dir)
+    save_checkpoint(out / "best", result.pop("prompt"), checkpoint_meta(cfg, backbone, data, result["best_step"], result))
+    summary = {"zero_shot_test_accuracy": baseline["accuracy"], **result}
+    (out / "result.json").write_text(json.dumps(summary, indent=2))
+    return summary, baseline
