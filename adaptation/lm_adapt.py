@@ -301,14 +301,19 @@ def adaptation_steps(checkpoints) -> dict[str, int]:
     return steps
 
 
-def _cluster_workers(cfg: AdaptConfig) -> tuple[int, bool, int]:
-    """(workers, on GPUs, threads per CPU worker)."""
+def _cluster_workers(cfg: AdaptConfig, started_here: bool) -> tuple[int, bool, int]:
+    """(workers, on GPUs, threads per CPU worker): GPU workers where the cluster has GPUs or its
+    autoscaler can add GPU nodes (then the job waits for them), else CPU workers."""
     import ray
+
+    from search.resources import addable_node_types
 
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    if gpus:
-        return cfg.workers or gpus, True, 1
+    if gpus or any(node.get("GPU", 0) for node in addable_node_types(started_here)):
+        if not gpus:
+            print("lm-adapt: no GPU node yet: the job waits for the autoscaler to add one", flush=True)
+        return cfg.workers or max(gpus, 1), True, 1
     nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")))
     workers = cfg.workers or nodes
     threads = max(1, cpus // workers)
@@ -351,9 +356,10 @@ def run_adaptation(cfg: AdaptConfig, worker=train_worker) -> Path:
     texts = read_corpus(cfg.corpus, cfg.text_column, cfg.corpus_config)
     stream = tokenize_corpus(texts, AutoTokenizer.from_pretrained(source), cfg.seq_len, cfg.corpus)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # it prints each progress line twice
+    started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():  # with its dashboard: Ray Train watches its controller through the state API
         ray.init(include_dashboard=True, configure_logging=False, logging_level="WARNING")
-    workers, use_gpu, threads = _cluster_workers(cfg)
+    workers, use_gpu, threads = _cluster_workers(cfg, started_here)
     out = Path(cfg.out).resolve()
     cfg = dataclasses.replace(cfg, out=str(out), workers=workers)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """The cluster: `softprompt cluster check` on the shipped files and on broken copies (offline), and a
 real `ray up` of the on-prem file against an sshd on 127.0.0.1: a search submitted as a Ray job,
-its trials and winner in the head's MLflow server, the winner exported, and `ray down` leaving no
-Ray process behind.
+its trials and winner in the head's MLflow server, the winner exported, an LM-adaptation job run the
+same way, and `ray down` leaving no Ray process behind.
 
 `ray down` runs a bare `ray stop` on the head, which stops every Ray process on that machine. So
 the test's sshd, and with it everything the head runs, lives in a PID namespace of its own: that
@@ -35,6 +35,7 @@ import psutil
 import pytest
 import yaml
 
+from adaptation.lm_adapt import read_manifest
 from search.cluster import check_cluster_file
 
 ROOT = Path(__file__).parents[1]
@@ -323,7 +324,7 @@ def test_without_rsync_the_loopback_test_skips_outside_ci_and_fails_in_ci(tmp_pa
     assert ci.returncode == 1 and "1 failed" in ci.stdout and missing in ci.stdout, ci.stdout[-2000:]
 
 
-def test_ray_up_submit_track_export_and_ray_down_on_loopback(ray_cluster, tiny_llama_dir, tmp_path):
+def test_ray_up_submit_track_export_and_ray_down_on_loopback(ray_cluster, tiny_llama_dir, tiny_t5_dir, tmp_path):
     missing = _missing_prerequisite()
     if missing and os.environ.get("CI") == "true":  # CI must run it: a skip there would hide a broken path
         pytest.fail(missing)
@@ -400,6 +401,17 @@ def test_ray_up_submit_track_export_and_ray_down_on_loopback(ray_cluster, tiny_l
         prompt = np.load(tmp_path / "from-mlflow.npy")
         assert prompt.ndim == 2 and prompt.shape[1] == 32 and np.isfinite(prompt).all()
         assert np.array_equal(prompt, np.load(tmp_path / "from-storage.npy"))
+
+        # LM adaptation submitted like a search: a Ray Train job on the cluster, its checkpoints on shared storage
+        t5, corpus, adapted = shared / "tiny-t5", shared / "corpus.txt", shared / "adapted"
+        shutil.copytree(tiny_t5_dir, t5)
+        corpus.write_text("\n".join(f"a film that was {'good ' * (i % 5)}and long, number {i}" for i in range(300)))
+        job = _run([*SOFTPROMPT, "lm-adapt", str(t5), "--corpus", str(corpus), "--steps", "2,4", "--out", str(adapted),
+                    "--workers", "1", "--batch-size", "4", "--seq-len", "32", "--log-every", "2", "--submit",
+                    "--address", address], timeout=240, env=env, cwd=tmp_path)
+        assert job.returncode == 0 and "SUCCEEDED" in job.stdout, job.stdout[-4000:] + job.stderr[-3000:]
+        assert "lm-adapt step 4/4" in job.stdout and "1 worker" in job.stdout
+        assert read_manifest(adapted) == {str(adapted / "step-2"): 2, str(adapted / "step-4"): 4}
 
         assert _ray_processes(namespace), "the head's Ray should be running before `ray down`"
         started = time.time()
