@@ -86,7 +86,7 @@ def write_report(record: SearchRecord) -> Report:
         raise ConfigError("search", record.storage.name, "a search with at least one trial that reported "
                                                          f"{record.config.metric} and a searched parameter")
     text = markdown(record, effects)
-    table = record.storage.folder / TABLE_FILE
-    table.write_text(text)
-    image = plot(effects, record.config.metric, record.storage.folder / PLOT_FILE)
+    table = record.storage.write_text(TABLE_FILE, text)
+    plot(effects, record.config.metric, record.storage.folder / PLOT_FILE)
+    image = record.storage.upload(PLOT_FILE)
     return Report(text, table, image, log_report(record.storage, [table, image]))

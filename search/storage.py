@@ -184,6 +184,11 @@ class SearchStorage:
         local = self.folder / filename
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_text(text)
+        return self.upload(filename)
+
+    def upload(self, filename: str) -> Path:
+        """For a URI, upload one of the search's own files from its folder; its local path."""
+        local = self.folder / filename
         if self.remote:
             filesystem, path = self._remote(filename)
             with reachable(self.storage_path):

@@ -327,3 +327,14 @@ def test_no_object_a_search_writes_to_s3_holds_the_secret_key(s3, killed_on_s3_a
     keys = s3_keys(s3, "")  # the whole bucket: every search this module ran
     assert "killed/killed/tuner.pkl" in keys
     assert [k for k in keys if SECRET.encode() in s3_bytes(s3, k)] == []
+
+
+def test_search_report_on_a_search_on_s3_lands_in_the_bucket_beside_the_search(s3, finished_on_s3, capsys):
+    cfg = finished_on_s3["cfg"]
+    with environment(finished_on_s3["env"]):
+        forget_this_machine(cfg.storage_path, cfg.name)
+        assert main(["search", "report", cfg.name, "--storage-path", cfg.storage_path]) == 0
+    capsys.readouterr()
+    folder = SearchStorage(cfg.storage_path, cfg.name).folder
+    for name in ("report.md", "report.png"):
+        assert s3_bytes(s3, f"searches/on-s3/{name}") == (folder / name).read_bytes()
