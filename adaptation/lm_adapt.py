@@ -10,7 +10,6 @@ would have, and ends with the same weights.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import json
@@ -24,11 +23,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from adaptation.manifest import MANIFEST_FILE, read_manifest, write_manifest
 from search.configfile import ConfigError, check_tracking_uri
 
-MANIFEST_FILE, MANIFEST_FORMAT = "lm-adapt.yaml", "softprompt-lm-adapt/1"
 STATE_DIR, RUN_NAME = ".ray", "lm-adapt"   # Ray Train's run under OUT: the same name resumes it
 RUN_FILE = "mlflow-run.json"               # the job's MLflow run, kept under STATE_DIR across resumes
+JOB_FILE = "job.json"                      # what the job trains on and how, kept under STATE_DIR: a resume must match
+# What decides the weights at each step: a resumed job with other values would not continue the same run.
+JOB_FIELDS = ("corpus", "corpus_config", "text_column", "batch_size", "seq_len", "lr", "seed", "workers")
 TEXT_SUFFIXES = {".txt": "text", ".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -173,15 +175,17 @@ def train_worker(config: dict) -> None:
     torch.set_num_threads(config["threads"])
     model = AutoModelForSeq2SeqLM.from_pretrained(source, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    optimizer = Adafactor(model.parameters(), lr=cfg.lr)
-    start = 0
+    start, optimizer_state = 0, None
     if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as folder:
             load_model(model, os.path.join(folder, "model.safetensors"))
-            optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True))
+            optimizer_state = torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True)
             start = json.loads(Path(folder, "step.json").read_text())["step"]
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model)  # on the worker's device, wrapped for DDP
     device = ray.train.torch.get_device()
+    optimizer = Adafactor(model.parameters(), lr=cfg.lr)  # after the move: its state lives where its parameters do
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     model.train()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tracker = _RunLogger(cfg.tracking_uri, config.get("run_id")) if rank == 0 else None
@@ -239,67 +243,25 @@ class _RunLogger:
             self.client, self.run_id = MlflowClient(uri), run_id
 
     def log(self, metrics: dict) -> None:
+        self._quietly(lambda: [self.client.log_metric(self.run_id, key, metrics[key], step=metrics["step"])
+                               for key in ("loss", "tokens_per_s")])
+
+    def finish(self, manifest: Path) -> None:
+        """The manifest as the run's artifact, and the run FINISHED."""
+        self._quietly(lambda: (self.client.log_artifact(self.run_id, str(manifest)),
+                               self.client.set_terminated(self.run_id, "FINISHED")))
+
+    def _quietly(self, call) -> None:
         if self.client is None:
             return
         try:
-            for key in ("loss", "tokens_per_s"):
-                self.client.log_metric(self.run_id, key, metrics[key], step=metrics["step"])
+            call()
         except Exception as error:  # noqa: BLE001 - tracking is never worth the job
-            print(f"lm-adapt: MLflow logging failed ({type(error).__name__}); training goes on", flush=True)
+            print(f"lm-adapt: MLflow logging failed ({type(error).__name__}); the job goes on untracked", flush=True)
             self.client = None
 
 
 # ---- the driver ----
-
-def write_manifest(cfg: AdaptConfig, source: str) -> Path:
-    """OUT/lm-adapt.yaml: the base model, corpus, objective and each saved step's folder (relative)."""
-    out = Path(cfg.out)
-    saved = [s for s in cfg.steps if (out / f"step-{s}" / "config.json").is_file()]
-    manifest = {"format": MANIFEST_FORMAT, "base_model": cfg.model, "corpus": cfg.corpus,
-                "corpus_config": cfg.corpus_config, "objective": "prefix_lm", "seq_len": cfg.seq_len,
-                "batch_size": cfg.batch_size, "workers": cfg.workers, "lr": cfg.lr, "seed": cfg.seed,
-                "checkpoints": [{"steps": s, "path": f"step-{s}"} for s in saved]}
-    path = out / MANIFEST_FILE
-    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
-    return path
-
-
-def read_manifest(path: str | Path) -> dict[str, int]:
-    """A manifest's checkpoints: absolute folder -> adaptation steps. `path` is the manifest or its folder."""
-    path = Path(path).expanduser()
-    path = path / MANIFEST_FILE if path.is_dir() else path
-    try:
-        manifest = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise ConfigError("checkpoints", str(path), f"a readable {MANIFEST_FILE} ({type(error).__name__})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not manifest.get("checkpoints"):
-        raise ConfigError("checkpoints", str(path), f"a {MANIFEST_FORMAT} manifest with at least one saved checkpoint "
-                                                    f"(`softprompt lm-adapt` writes one)")
-    return {str((path.parent / c["path"]).resolve()): int(c["steps"]) for c in manifest["checkpoints"]}
-
-
-def expand_manifests(checkpoints: list[str]) -> list[str]:
-    """A search's checkpoints with each manifest (the file, or the folder that holds it) replaced by
-    its checkpoint folders, fewest steps first."""
-    expanded = []
-    for entry in checkpoints:
-        path = Path(entry).expanduser()
-        is_manifest = path.name == MANIFEST_FILE or (path.is_dir() and (path / MANIFEST_FILE).is_file())
-        expanded += list(read_manifest(path)) if is_manifest else [entry]
-    return expanded
-
-
-def adaptation_steps(checkpoints) -> dict[str, int]:
-    """Checkpoint -> its LM-adaptation steps, for the checkpoints that a manifest beside them lists."""
-    steps = {}
-    for entry in checkpoints:
-        manifest = Path(entry).expanduser().parent / MANIFEST_FILE
-        with contextlib.suppress(ConfigError):  # a model folder beside something else's file of that name
-            listed = read_manifest(manifest).get(str(Path(entry).expanduser().resolve())) if manifest.is_file() else None
-            if listed is not None:
-                steps[entry] = listed
-    return steps
-
 
 def _cluster_workers(cfg: AdaptConfig, started_here: bool) -> tuple[int, bool, int]:
     """(workers, on GPUs, threads per CPU worker): GPU workers where the cluster has GPUs or its
@@ -313,6 +275,9 @@ def _cluster_workers(cfg: AdaptConfig, started_here: bool) -> tuple[int, bool, i
     if gpus or any(node.get("GPU", 0) for node in addable_node_types(started_here)):
         if not gpus:
             print("lm-adapt: no GPU node yet: the job waits for the autoscaler to add one", flush=True)
+        elif cfg.workers and cfg.workers > gpus and not any(n.get("GPU", 0) for n in addable_node_types(started_here)):
+            raise ConfigError("--workers", cfg.workers, f"at most {gpus}, the GPUs of this Ray cluster (a worker each), "
+                                                        f"which cannot add nodes")
         return cfg.workers or max(gpus, 1), True, 1
     nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")))
     workers = cfg.workers or nodes
@@ -322,23 +287,43 @@ def _cluster_workers(cfg: AdaptConfig, started_here: bool) -> tuple[int, bool, i
     return workers, False, threads
 
 
+def check_resumed_job(cfg: AdaptConfig, state: Path) -> None:
+    """A job resumed in OUT must train as the one that started there did (more steps may be asked
+    for); the first run records how."""
+    job = {"model": cfg.model, **{k: getattr(cfg, k) for k in JOB_FIELDS}}
+    record = state / JOB_FILE
+    if not record.is_file():
+        state.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(job, indent=2))
+        return
+    started = json.loads(record.read_text())
+    for key, value in job.items():
+        if started.get(key) != value:
+            flag = "model" if key == "model" else f"--{key.replace('_', '-')}"
+            raise ConfigError(flag, value, f"{started.get(key)!r}, as the job in {Path(cfg.out)} started (it resumes "
+                                           f"there); another --out starts a new one")
+
+
 def _start_run(cfg: AdaptConfig, state: Path) -> str | None:
-    """The job's MLflow run: the one a resumed job started, or a new one with the job's parameters."""
-    if not cfg.tracking_uri:
-        return None
+    """The job's MLflow run: the one a resumed job started, or a new one with the job's parameters;
+    None, with one line, where the server cannot be reached (the job goes on untracked)."""
     record = state / RUN_FILE
-    if record.is_file():
-        return json.loads(record.read_text())["run_id"]
+    if not cfg.tracking_uri or record.is_file():
+        return json.loads(record.read_text())["run_id"] if cfg.tracking_uri else None
     from mlflow.tracking import MlflowClient
 
     from search.tracking import softprompt_experiment
 
-    client = MlflowClient(cfg.tracking_uri)
-    run = client.create_run(softprompt_experiment(client, cfg.tracking_uri), run_name=f"lm-adapt {Path(cfg.out).name}",
-                            tags={"softprompt.kind": "lm-adapt"})
-    for key, value in dataclasses.asdict(cfg).items():
-        client.log_param(run.info.run_id, key, ",".join(map(str, value)) if isinstance(value, tuple) else str(value))
-    state.mkdir(parents=True, exist_ok=True)
+    try:
+        client = MlflowClient(cfg.tracking_uri)
+        run = client.create_run(softprompt_experiment(client, cfg.tracking_uri),
+                                run_name=f"lm-adapt {Path(cfg.out).name}", tags={"softprompt.kind": "lm-adapt"})
+        for key, value in dataclasses.asdict(cfg).items():
+            client.log_param(run.info.run_id, key, ",".join(map(str, value)) if isinstance(value, tuple) else str(value))
+    except Exception as error:  # noqa: BLE001 - tracking is never worth the job
+        print(f"lm-adapt: MLflow at {cfg.tracking_uri} unreachable ({type(error).__name__}); the job runs untracked",
+              flush=True)
+        return None
     record.write_text(json.dumps({"run_id": run.info.run_id}))
     return run.info.run_id
 
@@ -362,13 +347,14 @@ def run_adaptation(cfg: AdaptConfig, worker=train_worker) -> Path:
     workers, use_gpu, threads = _cluster_workers(cfg, started_here)
     out = Path(cfg.out).resolve()
     cfg = dataclasses.replace(cfg, out=str(out), workers=workers)
-    out.mkdir(parents=True, exist_ok=True)
+    check_resumed_job(cfg, out / STATE_DIR)
+    run_id = _start_run(cfg, out / STATE_DIR)
     print(f"lm-adapt {cfg.model}: {len(stream):,} corpus tokens, {workers} {'GPU' if use_gpu else 'CPU'} worker(s), "
           f"checkpoints at steps {', '.join(map(str, cfg.steps))} into {out}", flush=True)
     trainer = TorchTrainer(
         worker,
         train_loop_config={"cfg": dataclasses.asdict(cfg), "source": source, "stream": ray.put(stream),
-                           "threads": threads, "run_id": _start_run(cfg, out / STATE_DIR)},
+                           "threads": threads, "run_id": run_id},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": threads}),
         run_config=RunConfig(name=RUN_NAME, storage_path=str(out / STATE_DIR), failure_config=FailureConfig(max_failures=2),
@@ -377,15 +363,10 @@ def run_adaptation(cfg: AdaptConfig, worker=train_worker) -> Path:
                              # warning every few seconds. A worker's failure still ends fit() with its error.
                              logging_config=LoggingConfig(log_level="ERROR")))
     trainer.fit()
-    _finish_run(cfg)
-    return write_manifest(cfg, source)
-
-
-def _finish_run(cfg: AdaptConfig) -> None:
-    record = Path(cfg.out) / STATE_DIR / RUN_FILE
-    if cfg.tracking_uri and record.is_file():
-        from mlflow.tracking import MlflowClient
-        MlflowClient(cfg.tracking_uri).set_terminated(json.loads(record.read_text())["run_id"], "FINISHED")
+    manifest = write_manifest(out, {"base_model": cfg.model, **{k: getattr(cfg, k) for k in JOB_FIELDS}}, cfg.steps)
+    if run_id:
+        _RunLogger(cfg.tracking_uri, run_id).finish(manifest)
+    return manifest
 
 
 def parse_steps(text: str) -> tuple[int, ...]:
@@ -409,7 +390,7 @@ def cmd_lm_adapt(args) -> int:
 
     cfg = dataclasses.replace(cfg, tracking_uri=check_tracking_uri(args.tracking_uri or default_tracking_uri()))
     manifest = run_adaptation(cfg)
-    saved = read_manifest(manifest)
+    saved, _ = read_manifest(manifest)
     print(f"\nadapted checkpoints ({len(saved)}):")
     for folder, steps in saved.items():
         print(f"  {steps:>8} steps  {folder}")

@@ -63,7 +63,7 @@ def run_trial(job: tuple) -> dict:
     from search.config import load_search_config
     from trainables.backbone import cached_backbone, default_device
     from trainables.config import fields_from_params
-    from trainables.evaluate import class_scores, evaluate
+    from trainables.evaluate import evaluate, split_class_scores
 
     search = load_search_config(str(DEMO), ["train.confirm_examples=500"])
     cfg = search.train.replace(**fields_from_params(params, search.train.max_steps))
@@ -78,7 +78,7 @@ def run_trial(job: tuple) -> dict:
         if split != "dev":
             return evaluate(pm, data, split, mode, batch_size)
         rows = data.splits["dev"]
-        recorded["last"] = signals(class_scores(pm, data, rows, batch_size), np.asarray(rows.labels))
+        recorded["last"] = signals(split_class_scores(pm, data, rows, batch_size), np.asarray(rows.labels))
         return {"accuracy": recorded["last"]["accuracy"], "f1": 0.0}
 
     loop.evaluate = recording_evaluate

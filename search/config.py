@@ -10,8 +10,9 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
-from adaptation.lm_adapt import expand_manifests
+from adaptation.manifest import expand_manifests
 from search.configfile import STORAGE_PATH, ConfigError, load_yaml, parse_overrides
+from spaces import CustomSpace
 from trainables.backbone import MODELS_ALLOWED, model_problem
 from trainables.config import ASHA_METRICS, FIELDS, RANK_ONLY_METRICS, SEARCH_METRICS, SELECT_METRICS, TrainConfig
 from trainables.data import check_sentinel
@@ -314,10 +315,11 @@ def _check_space(space: dict, source: str | None) -> None:
         seen.append(name)
 
 
-def _grid_cells(merged: dict, given: dict, source: str | None) -> int:
+def _grid_cells(merged: dict, given: dict, source: str | None, checkpoints: tuple[str, ...]) -> int:
     """The number of cells of a `sampler: grid` search, each run once (times seeds): its `trials`.
-    Only a space of choices lists is finite; a `when:` would leave cells that differ in nothing."""
-    space = merged["space"]
+    Only a space of choices lists is finite; a `when:` would leave cells that differ in nothing.
+    Several checkpoints are an axis of the grid, unless the space names `model` itself."""
+    space = CustomSpace(merged["space"], checkpoints).definition if isinstance(merged["space"], dict) else merged["space"]
     problem = (f"space {space!r} has ranges" if not isinstance(space, dict) else
                next((f"space.{name} has {'when:' if 'when' in spec else 'a range'}" for name, spec in space.items()
                      if "choices" not in spec or "when" in spec), None))
@@ -373,7 +375,7 @@ def search_config(values: dict, source: str | None = None, default_name: str = "
         for model in checkpoints:
             check_sentinel(model)
     if merged["sampler"] == "grid":
-        merged["trials"] = _grid_cells(merged, values, source)
+        merged["trials"] = _grid_cells(merged, values, source, checkpoints)
     # default: three ASHA rungs (about max_steps / factor^2, max_steps / factor, and max_steps)
     grace = merged["grace_period"] or max(1, math.ceil(merged["max_steps"] / merged["reduction_factor"] ** 2))
     if grace > merged["max_steps"]:

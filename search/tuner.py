@@ -17,7 +17,7 @@ from ray.tune import ExperimentAnalysis
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from adaptation.lm_adapt import adaptation_steps
+from adaptation.manifest import adaptation_steps
 from search.config import SearchConfig
 from search.configfile import STORAGE_PATH, ConfigError
 from search.jobs import WORKER_ENV
@@ -46,7 +46,7 @@ class TuneGridSampler(optuna.samplers.GridSampler):
 def build_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
     """The search's Optuna sampler; a grid's cells are its space's choices (search.config allows no other)."""
     if cfg.sampler == "grid":
-        return TuneGridSampler(CustomSpace(cfg.space).grid(), seed=cfg.seed)
+        return TuneGridSampler(CustomSpace(cfg.space, cfg.checkpoints).grid(), seed=cfg.seed)
     return SAMPLERS[cfg.sampler](seed=cfg.seed)
 
 
@@ -78,7 +78,7 @@ class SpaceWithAdaptation:
     checkpoint's adaptation steps, for tables and MLflow (the trainable ignores it)."""
 
     def __init__(self, cfg: SearchConfig):
-        self.space = SPACES[cfg.space] if isinstance(cfg.space, str) else CustomSpace(cfg.space)
+        self.space = SPACES[cfg.space] if isinstance(cfg.space, str) else CustomSpace(cfg.space, cfg.checkpoints)
         self.checkpoints, self.steps = list(cfg.checkpoints), adaptation_steps(cfg.checkpoints)
 
     def __call__(self, trial) -> dict:

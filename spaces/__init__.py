@@ -69,12 +69,15 @@ DEFAULT_POINTS = {"paper": PAPER_DEFAULT,
 class CustomSpace:
     """A space from a validated YAML mapping: name -> {choices: [...]} or {low, high, log, int},
     each optionally `when: {other_param: value}`. Entries are suggested in the order written, so a
-    condition may only refer to parameters above it. (A class, not a closure: Ray pickles it.)"""
+    condition may only refer to parameters above it. With several checkpoints, a mapping that does
+    not name `model` chooses among them last, as the named spaces do. (A class, not a closure: Ray
+    pickles it.)"""
 
-    def __init__(self, definition: dict):
-        self.definition = definition
+    def __init__(self, definition: dict, checkpoints: list[str] = ()):
+        chooses_model = len(checkpoints) > 1 and "model" not in definition
+        self.definition = {**definition, "model": {"choices": list(checkpoints)}} if chooses_model else definition
 
-    def __call__(self, trial: optuna.Trial, checkpoints: list[str]) -> dict:
+    def __call__(self, trial: optuna.Trial, checkpoints: list[str] = ()) -> dict:
         for name, spec in self.definition.items():
             if any(trial.params.get(other) != value for other, value in spec.get("when", {}).items()):
                 continue

@@ -35,7 +35,7 @@ import psutil
 import pytest
 import yaml
 
-from adaptation.lm_adapt import read_manifest
+from adaptation.manifest import read_manifest
 from search.cluster import check_cluster_file
 
 ROOT = Path(__file__).parents[1]
@@ -411,7 +411,7 @@ def test_ray_up_submit_track_export_and_ray_down_on_loopback(ray_cluster, tiny_l
                     "--address", address], timeout=240, env=env, cwd=tmp_path)
         assert job.returncode == 0 and "SUCCEEDED" in job.stdout, job.stdout[-4000:] + job.stderr[-3000:]
         assert "lm-adapt step 4/4" in job.stdout and "1 worker" in job.stdout
-        assert read_manifest(adapted) == {str(adapted / "step-2"): 2, str(adapted / "step-4"): 4}
+        assert read_manifest(adapted)[0] == {str(adapted / "step-4"): 4, str(adapted / "step-2"): 2}
 
         assert _ray_processes(namespace), "the head's Ray should be running before `ray down`"
         started = time.time()

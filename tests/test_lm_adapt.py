@@ -18,7 +18,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from adaptation.lm_adapt import MANIFEST_FILE, STATE_DIR, read_manifest
+from adaptation.lm_adapt import STATE_DIR
+from adaptation.manifest import MANIFEST_FILE, read_manifest
 from search.cli import main
 from trainables.backbone import load_backbone
 from trainables.tasks import OFFLINE_TASKS
@@ -59,7 +60,7 @@ def test_checkpoints_appear_at_the_requested_steps_and_each_loads_as_a_backbone(
     manifest = yaml.safe_load((out / MANIFEST_FILE).read_text())
     assert manifest["base_model"] == str(tiny_t5_dir) and manifest["objective"] == "prefix_lm"
     assert [(c["steps"], c["path"]) for c in manifest["checkpoints"]] == [(4, "step-4"), (8, "step-8")]
-    assert read_manifest(out) == {str(out / "step-4"): 4, str(out / "step-8"): 8}
+    assert read_manifest(out) == ({str(out / "step-8"): 8, str(out / "step-4"): 4}, str(tiny_t5_dir))
     base = weights(Path(tiny_t5_dir))
     for step in (4, 8):
         backbone = load_backbone(str(out / f"step-{step}"), device=torch.device("cpu"))
@@ -132,25 +133,34 @@ def test_a_killed_job_resumes_and_ends_with_the_same_checkpoints(adapted, tiny_t
         assert all(torch.equal(again[k], first[k]) for k in first), step
 
 
-def test_a_search_explores_the_adapted_checkpoints_with_their_adaptation_steps(adapted, tmp_path):
+def test_a_search_explores_the_adapted_checkpoints_with_their_adaptation_steps(adapted, tiny_t5_dir, tmp_path):
     from search.record import SearchRecord
 
     config = tmp_path / "search.yaml"
     config.write_text(yaml.safe_dump({
-        "name": "adapted", "trials": 2, "max_steps": 4, "concurrency": 1, "scheduler": "none", "sampler": "random",
-        "storage_path": str(tmp_path / "runs"), "checkpoints": [str(adapted["out"] / MANIFEST_FILE)],
-        "points_to_evaluate": [{}], "train": {"task": "rotten_tomatoes", "batch_size": 4, "eval_every": 4,
-                                              "max_eval_examples": 8, "max_train_examples": 32,
-                                              "max_test_examples": 8}}))
+        "name": "adapted", "trials": 3, "max_steps": 4, "concurrency": 1, "scheduler": "none", "sampler": "grid",
+        "storage_path": str(tmp_path / "runs"), "checkpoints": [str(adapted["out"] / MANIFEST_FILE), str(tiny_t5_dir)],
+        "space": {"prompt_length": {"choices": [4]}},
+        "train": {"task": "rotten_tomatoes", "batch_size": 4, "eval_every": 4, "max_eval_examples": 8,
+                  "max_train_examples": 32, "max_test_examples": 8}}))
     done = subprocess.run([sys.executable, "-m", "search.cli", "search", "run", str(config), "--tracking-uri", "none"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     trials = SearchRecord.load(str(tmp_path / "runs"), "adapted").trials
-    assert len(trials) == 2
-    for trial in trials:
-        assert trial["params"]["model"] in {str(adapted["out"] / "step-4"), str(adapted["out"] / "step-8")}
-        assert trial["params"]["adaptation_steps"] == int(Path(trial["params"]["model"]).name.split("-")[1])
-    assert "adaptation_steps" in done.stdout
+    steps = {str(adapted["out"] / "step-8"): 8, str(adapted["out"] / "step-4"): 4, str(tiny_t5_dir): 0}
+    assert sorted((t["params"]["model"], t["params"]["adaptation_steps"]) for t in trials) == sorted(steps.items())
+    assert "adaptation_steps=0" in done.stdout and "adaptation_steps=8" in done.stdout
+
+
+def test_a_job_resumed_with_other_settings_is_refused_in_one_line(adapted, tiny_t5_dir, corpus, tmp_path):
+    other = [*JOB[:JOB.index("--seq-len")], "--seq-len", "48", *JOB[JOB.index("--seq-len") + 2:]]
+    done = subprocess.run([sys.executable, "-m", "search.cli", "lm-adapt", str(tiny_t5_dir), "--corpus", str(corpus),
+                           *other, "--out", str(adapted["out"]), "--tracking-uri", "none"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and lines[-1].startswith("softprompt: error: --seq-len = 48 is not allowed: 32, as the job"), \
+        done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("change,fragments", [

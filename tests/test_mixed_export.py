@@ -19,7 +19,7 @@ from search.config import search_config
 from search.record import SearchRecord
 from search.tuner import run_search
 from trainables.checkpoint import load_checkpoint
-from trainables.evaluate import class_scores
+from trainables.evaluate import split_class_scores
 from trainables.loop import prepare_data
 from trainables.prompt import PromptedModel, SoftPrompt
 
@@ -101,7 +101,7 @@ def test_export_of_two_searches_registers_one_model_that_serves_both_tasks_on_ra
     for name, cfg in list(configs.items())[:2]:  # each prompt alone, on its task's formatted test split
         data = prepare_data(cfg.train, tiny_llama)
         prompt = load_checkpoint(SearchRecord.load(cfg.storage_path, name).best()["prompt"]).prompt
-        scores = class_scores(PromptedModel(tiny_llama, SoftPrompt(prompt)), data, data.splits["test"], 8)
+        scores = split_class_scores(PromptedModel(tiny_llama, SoftPrompt(prompt)), data, data.splits["test"], 8)
         expected[name] = ([data.verbalizers[i] for i in scores.argmax(-1)], data.verbalizers, scores)
         test = datasets.load_from_disk(folders[name])["test"].remove_columns("label")
         requests[name] = [{"task": name, **row} for row in test]  # raw columns only

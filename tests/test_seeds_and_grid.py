@@ -327,3 +327,18 @@ def test_a_point_suggested_twice_is_two_points_each_with_its_seeds_once(tiny_lla
     points = SearchRecord(SearchStorage(cfg.storage_path, cfg.name), cfg, rows, None).points()
     assert [([t["trial_id"] for t in p["trials"]], p["n"], p["metric"]) for p in points] == [
         (["a", "b"], 2, pytest.approx(0.2)), (["c", "d"], 2, pytest.approx(0.6))]  # train_loss: lower first
+
+
+def test_a_custom_space_chooses_among_several_checkpoints_and_a_grid_counts_them_as_an_axis(tiny_llama_dir, tmp_path):
+    other = tmp_path / "other-llama"
+    import shutil
+    shutil.copytree(tiny_llama_dir, other)
+    cfg = search_config(tiny(tiny_llama_dir, tmp_path, sampler="grid", space={"prompt_length": {"choices": [2, 4]}},
+                             checkpoints=[str(tiny_llama_dir), str(other)]))
+    assert cfg.trials == 4
+    from spaces import CustomSpace
+
+    assert CustomSpace(cfg.space, cfg.checkpoints).grid() == {"prompt_length": [2, 4],
+                                                              "model": [str(tiny_llama_dir), str(other)]}
+    named = {"model": {"choices": [str(other)]}, "prompt_length": {"choices": [2]}}
+    assert CustomSpace(named, cfg.checkpoints).grid() == {"model": [str(other)], "prompt_length": [2]}

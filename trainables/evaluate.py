@@ -11,7 +11,7 @@ from trainables.prompt import PromptedModel
 ILLEGAL = -1  # a generation that matches no verbalizer
 
 
-def class_scores(pm: PromptedModel, data: EncodedTask, split: EncodedSplit, batch_size: int) -> np.ndarray:
+def split_class_scores(pm: PromptedModel, data: EncodedTask, split: EncodedSplit, batch_size: int) -> np.ndarray:
     """[N, C] log-likelihood of every class's verbalizer under the prompted model."""
     scores = np.empty((len(split), len(data.target_ids)), dtype=np.float64)
     for idx in eval_chunks(split, batch_size):
@@ -21,7 +21,7 @@ def class_scores(pm: PromptedModel, data: EncodedTask, split: EncodedSplit, batc
 
 def rank_classify(pm: PromptedModel, data: EncodedTask, split: EncodedSplit, batch_size: int) -> np.ndarray:
     """The class whose verbalizer is most likely under the prompted model."""
-    return class_scores(pm, data, split, batch_size).argmax(-1)
+    return split_class_scores(pm, data, split, batch_size).argmax(-1)
 
 
 def exact_match(pm: PromptedModel, data: EncodedTask, split: EncodedSplit, batch_size: int) -> np.ndarray:
@@ -75,7 +75,7 @@ def evaluate(pm: PromptedModel, data: EncodedTask, split: str = "dev", mode: str
     rows = data.splits[split]
     labels = np.asarray(rows.labels)
     if mode == "rank":
-        scores = class_scores(pm, data, rows, batch_size)
+        scores = split_class_scores(pm, data, rows, batch_size)
         predictions = scores.argmax(-1)
         extra = {"log_loss": log_loss(scores, labels), "auc": auc(scores, labels)}
     else:
