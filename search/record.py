@@ -141,8 +141,10 @@ class SearchRecord:
                 alike.append([row])
             else:
                 group.append(row)
-        return rank_rows([point_row(group, self.config.mode) for alike in groups.values() for group in alike],
-                         self.config.mode)
+        ranked = rank_rows([point_row(group, self.config.mode) for alike in groups.values() for group in alike],
+                           self.config.mode)
+        # a point some of whose seeds never evaluated ranks after the whole ones: its mean is of its luckier seeds
+        return sorted(ranked, key=lambda point: point["n"] < self.config.seeds)
 
     def ranked(self) -> list[dict]:
         """The evaluated trials, best first: by point (`points`), and within a point its seeds best first."""

@@ -209,3 +209,12 @@ def test_edited_optimizer_state_fails_the_file_sha256_check(tmp_path):
     save_file(tensors, str(folder / "prompt.safetensors"))
     with pytest.raises(CheckpointError, match="prompt.safetensors: does not match the SHA-256"):
         load_checkpoint(folder)
+
+
+def test_a_bundle_record_without_a_fingerprint_is_a_one_line_checkpoint_error(tmp_path):
+    from trainables.checkpoint import BUNDLE_FILE, BUNDLE_FORMAT, load_bundle_record
+
+    (tmp_path / BUNDLE_FILE).write_text(json.dumps({"format": BUNDLE_FORMAT, "combine": "vote",
+                                                    "tasks": {"t": {"members": ["t/0"]}}}))
+    with pytest.raises(CheckpointError, match="not a valid bundle record .*fingerprint"):
+        load_bundle_record(tmp_path)

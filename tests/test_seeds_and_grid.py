@@ -342,3 +342,14 @@ def test_a_custom_space_chooses_among_several_checkpoints_and_a_grid_counts_them
                                                               "model": [str(tiny_llama_dir), str(other)]}
     named = {"model": {"choices": [str(other)]}, "prompt_length": {"choices": [2]}}
     assert CustomSpace(named, cfg.checkpoints).grid() == {"model": [str(other)], "prompt_length": [2]}
+
+
+def test_a_point_missing_a_seeds_evaluation_ranks_after_the_whole_points(tiny_llama_dir, tmp_path):
+    cfg = search_config(tiny(tiny_llama_dir, tmp_path, seeds=2, sampler="random",
+                             space={"prompt_length": {"choices": [2, 4]}}))
+    row = lambda tid, length, seed, metric: {"trial_id": tid, "status": "completed", "metric": metric,
+                                             "params": {"prompt_length": length, "seed": seed}, "confirmed": None,
+                                             "prompt": f"/p/{tid}"}
+    rows = [row("a", 2, 0, 0.5), row("b", 2, 1, 0.7), row("c", 4, 0, 0.1)]  # c's seed 1 never evaluated
+    points = SearchRecord(SearchStorage(cfg.storage_path, cfg.name), cfg, rows, None).points()
+    assert [([t["trial_id"] for t in p["trials"]], p["n"]) for p in points] == [(["a", "b"], 2), (["c"], 1)]

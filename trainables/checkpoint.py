@@ -149,6 +149,8 @@ def load_bundle_record(folder: str | Path) -> dict:
         record = json.loads(path.read_text())
         if not all(isinstance(task["members"], list) for task in record["tasks"].values()):
             raise TypeError("a task's members are not a list")
+        if not record.get("fingerprint"):
+            raise KeyError("fingerprint")
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
         raise CheckpointError(f"{path}: not a valid bundle record ({error})") from None
     if record.get("format") != BUNDLE_FORMAT:
