@@ -15,6 +15,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -203,6 +204,7 @@ def train_worker(config: dict) -> None:
         if not (save or step % cfg.log_every == 0 or step == last):
             continue
         seconds = time.perf_counter() - window_start
+        # this worker's mean loss over the window; tokens/s of all workers (each does the same work)
         metrics = {"step": step, "loss": float(np.mean(losses)), "tokens_per_s": world * window_tokens / seconds}
         if rank == 0:
             print(f"lm-adapt step {step}/{last}  loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:,.0f} tokens/s "
@@ -227,7 +229,6 @@ def _save_loadable(model, tokenizer, target: Path) -> None:
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     if target.exists():  # written by a run that was killed before its state was saved: the same weights
-        import shutil
         shutil.rmtree(target)
     os.replace(partial, target)
 
