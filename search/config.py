@@ -230,6 +230,7 @@ class SearchConfig:
     concurrency: int = 2          # at most trials
     cpus_per_trial: float = 1
     gpus_per_trial: float = 0
+    shared_backbone: bool = False  # trials train through one frozen copy per node (per GPU) (trainables/shared.py)
     storage_path: str = STORAGE_PATH
     seed: int = 0
     max_failures: int = 1
@@ -273,6 +274,7 @@ SEARCH_RULES: dict[str, Rule] = {
     "concurrency": integer(1, 1024),
     "cpus_per_trial": number(0, low_open=True),
     "gpus_per_trial": number(0, 64),
+    "shared_backbone": Rule(lambda v: isinstance(v, bool), "true or false"),
     "storage_path": text(),
     "seed": integer(0),
     "max_failures": integer(0, 100),
@@ -392,6 +394,9 @@ def search_config(values: dict, source: str | None = None, default_name: str = "
     if asha_metric in RANK_ONLY_METRICS and train.eval_mode != "rank":
         raise ConfigError("asha_metric", asha_metric, f"one of {', '.join(SEARCH_METRICS)} with exact-match "
                                                       f"evaluation, or train.eval_mode: rank", source)
+    if merged["shared_backbone"] and merged["gpus_per_trial"] > 1:
+        raise ConfigError("gpus_per_trial", merged["gpus_per_trial"], "at most 1 with shared_backbone: true (a trial's "
+                                                                      "share of the one GPU its server uses)", source)
     points = merged["points_to_evaluate"]
     merged.update(name=merged["name"] or default_name, train=train, checkpoints=checkpoints, asha_metric=asha_metric,
                   points_to_evaluate=tuple(points) if points is not None else None, grace_period=grace,

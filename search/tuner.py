@@ -28,6 +28,7 @@ from search.storage import STUDY_FILE, SearchStorage, WorkingCopyStorage, copy_s
 from search.tracking import finish_search_run, load_target, start_search_run
 from spaces import DEFAULT_POINTS, SPACES, CustomSpace
 from trainables.config import ADAPTATION_STEPS
+from trainables.shared import server_key, stop_servers
 from trainables.tasks import is_task_file
 from trainables.trainable import tune_trial
 
@@ -104,8 +105,9 @@ def _base_fields(cfg: SearchConfig) -> dict:
 
 def build_trainable(cfg: SearchConfig, trainable=tune_trial, tracking=None):
     tracked = {"tracking": tracking} if tracking else {}  # a trainable need not know about tracking
+    shared = {"shared": server_key(cfg.name, cfg.storage_path)} if cfg.shared_backbone else {}
     with_params = tune.with_parameters(trainable, base=_base_fields(cfg), metric=cfg.metric, mode=cfg.mode,
-                                       gpu_fraction=cfg.gpus_per_trial, **tracked)
+                                       gpu_fraction=cfg.gpus_per_trial, **tracked, **shared)
     return tune.with_resources(with_params, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
 
 
@@ -200,7 +202,7 @@ def run_search(cfg: SearchConfig, trainable=tune_trial, tracking_uri: str | None
     ensure_ray(cfg)
     save_config(cfg)
     tracking = start_search_run(cfg, tracking_uri) if tracking_uri else None
-    return _fit(build_tuner(cfg, trainable, tracking), search, tracking)
+    return _fit(build_tuner(cfg, trainable, tracking), search, tracking, cfg)
 
 
 def resume_search(storage_path: str, name: str, trainable=tune_trial, tracking_uri: str | None = None) -> tune.ResultGrid:
@@ -213,12 +215,17 @@ def resume_search(storage_path: str, name: str, trainable=tune_trial, tracking_u
     saved = load_target(search)
     uri = tracking_uri or (saved.uri if saved else None)
     tracking = start_search_run(cfg, uri) if uri else None
-    return _fit(restore_tuner(search, build_trainable(cfg, trainable, tracking)), search, tracking)
+    return _fit(restore_tuner(search, build_trainable(cfg, trainable, tracking)), search, tracking, cfg)
 
 
-def _fit(tuner: tune.Tuner, search: SearchStorage, tracking) -> tune.ResultGrid:
-    """Run the search to its end, then close a tracked one's parent run with its results."""
-    results = fit_unless_interrupted(tuner, search.storage_path, search.name)
+def _fit(tuner: tune.Tuner, search: SearchStorage, tracking, cfg: SearchConfig) -> tune.ResultGrid:
+    """Run the search to its end, then close a tracked one's parent run with its results. Its
+    backbone servers, if it shares backbones, stop when it ends or is interrupted."""
+    try:
+        results = fit_unless_interrupted(tuner, search.storage_path, search.name)
+    finally:
+        if cfg.shared_backbone:
+            stop_servers(server_key(cfg.name, cfg.storage_path))
     if tracking:
         finish_search_run(SearchRecord.load(search.storage_path, search.name))
     return results

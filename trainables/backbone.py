@@ -53,6 +53,13 @@ class Backbone:
     def dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
 
+    @torch.no_grad()
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        """[len(ids), width] float32 on the CPU, as the model receives them: through the embedding
+        module, not its .weight (Gemma's scales its output by sqrt(width))."""
+        module = self.model.get_input_embeddings()
+        return module(torch.as_tensor(ids, dtype=torch.long, device=self.device)).float().cpu()
+
     @property
     def vocab_is_frequency_ordered(self) -> bool:
         """SentencePiece vocabularies (T5) list pieces roughly by frequency; BPE ones do not."""

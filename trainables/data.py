@@ -139,6 +139,17 @@ def target_batch(inputs: list[list[int]], targets: list[list[int]], pad_id: int,
     return Batch(input_ids, mask, labels, torch.tensor(classes or [0] * len(inputs)))
 
 
+def unpad(batch: Batch, is_encoder_decoder: bool) -> tuple[list[list[int]], list[list[int]]]:
+    """The inputs and targets a target_batch was built from (a shared backbone re-pads the rows of
+    several trials' batches together)."""
+    inputs, targets = [], []
+    for ids, mask, labels in zip(batch.input_ids.tolist(), batch.attention_mask.tolist(), batch.labels.tolist()):
+        real, target = [i for i, m in zip(ids, mask) if m], [t for t in labels if t != IGNORE]
+        inputs.append(real if is_encoder_decoder else real[:len(real) - len(target)])
+        targets.append(target)
+    return inputs, targets
+
+
 def input_batch(inputs: list[list[int]], pad_id: int, is_encoder_decoder: bool) -> Batch:
     """Inputs alone, left-padded for causal LMs (scoring the next token, generating)."""
     return target_batch(inputs, [[]] * len(inputs), pad_id, is_encoder_decoder)

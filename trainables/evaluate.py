@@ -14,8 +14,9 @@ ILLEGAL = -1  # a generation that matches no verbalizer
 def split_class_scores(pm: PromptedModel, data: EncodedTask, split: EncodedSplit, batch_size: int) -> np.ndarray:
     """[N, C] log-likelihood of every class's verbalizer under the prompted model."""
     scores = np.empty((len(split), len(data.target_ids)), dtype=np.float64)
-    for idx in eval_chunks(split, batch_size):
-        scores[idx] = pm.class_scores(data, [split.input_ids[i] for i in idx]).float().cpu().numpy()
+    chunks = eval_chunks(split, batch_size)
+    for idx, chunk in zip(chunks, pm.class_scores_batches(data, [[split.input_ids[i] for i in idx] for idx in chunks])):
+        scores[idx] = chunk.float().cpu().numpy()
     return scores
 
 

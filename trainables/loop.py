@@ -24,6 +24,7 @@ from trainables.evaluate import evaluate
 from trainables.inits import INITS, InitContext
 from trainables.optimizers import build_optimizer
 from trainables.prompt import InputDropout, PromptedModel, SoftPrompt
+from trainables.shared import RemotePromptedModel, SharedBackbone
 from trainables.tasks import load_task
 
 # report(metrics, save): called after every evaluation; save(folder) writes a resumable checkpoint.
@@ -47,22 +48,19 @@ def prepare_data(cfg: TrainConfig, backbone: Backbone) -> EncodedTask:
 
 def initial_prompt(cfg: TrainConfig, backbone: Backbone, data: EncodedTask) -> torch.Tensor:
     text_ids = backbone.tokenizer(cfg.init_text or "", add_special_tokens=False)["input_ids"]
-    module = backbone.model.get_input_embeddings()
-
-    @torch.no_grad()
-    def embed(ids) -> torch.Tensor:
-        # through the module, not its .weight: Gemma's scales its output by sqrt(width), and a
-        # prompt sits beside that output (PromptedModel), so it must copy what the model receives
-        return module(torch.as_tensor(ids, dtype=torch.long, device=backbone.device)).float().cpu()
-
     ctx = InitContext(
-        embed=embed, width=backbone.width,
+        embed=backbone.embed, width=backbone.width,  # embed: the embedding module's output, which a prompt sits beside
         common_token_ids=data.common_token_ids,
         class_token_ids=[ids[int(data.sentinel):-1] if data.is_encoder_decoder else ids  # no sentinel, no EOS
                          for ids in data.target_ids],
         text_token_ids=text_ids, scale=cfg.init_scale,
         generator=torch.Generator().manual_seed(cfg.seed))
     return INITS[cfg.init](cfg.prompt_length, ctx)
+
+
+def prompted_model(backbone: Backbone | SharedBackbone, prompt: SoftPrompt) -> PromptedModel | RemotePromptedModel:
+    """The prompt on the backbone: in this process, or through a shared backbone's server."""
+    return RemotePromptedModel(backbone, prompt) if isinstance(backbone, SharedBackbone) else PromptedModel(backbone, prompt)
 
 
 def checkpoint_meta(cfg: TrainConfig, backbone: Backbone, data: EncodedTask, step: int, metrics: dict) -> dict:
@@ -96,7 +94,7 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
         # the kept prompt's dev metrics (dev_accuracy only, in checkpoints made before select_metric)
         best = {"dev": {k.removeprefix("dev_"): v for k, v in best_saved.meta["metrics"].items()},
                 "step": best_saved.meta["step"], "prompt": best_saved.prompt.to(device)}
-    pm = PromptedModel(backbone, prompt)
+    pm = prompted_model(backbone, prompt)
     order = TrainOrder([len(x) for x in data.splits["train"].input_ids], cfg.batch_size, cfg.seed)
 
     losses, examples, train_seconds, total_train_seconds, eval_seconds = [], 0, 0.0, 0.0, 0.0
@@ -105,18 +103,17 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
     for step in bar:
         started = time.perf_counter()
         batch = train_batch(data, order, step).to(device)
-        loss = pm.loss(batch, InputDropout.for_step(cfg.dropout, cfg.seed, step, device))
-        if not math.isfinite(loss.item()):
-            raise Diverged(step + 1, loss.item())  # counted from 1, as reports count steps
-        loss.backward()
+        loss = pm.loss_backward(batch, InputDropout.for_step(cfg.dropout, cfg.seed, step))
+        if not math.isfinite(loss):
+            raise Diverged(step + 1, loss)  # counted from 1, as reports count steps
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         train_seconds += time.perf_counter() - started
         total_train_seconds += time.perf_counter() - started
-        losses.append(loss.item())
+        losses.append(loss)
         examples += len(batch.classes)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}")
 
         done = step + 1
         if not is_eval_step(cfg, done):

@@ -37,21 +37,39 @@ class SoftPrompt(nn.Module):
 @dataclass(frozen=True)
 class InputDropout:
     """Dropout on the embedded input, prompt included, while training (the paper's fine-tuning
-    config: 0.1). Its masks come from `generator`, so they are fixed by (seed, step) as the batch
-    is (TrainOrder), and a resumed run drops what it would have dropped."""
+    config: 0.1). Its masks are fixed by (seed, step) as the batch is (TrainOrder), so a resumed run
+    drops what it would have dropped. Plain numbers: it travels to a shared backbone (trainables/shared.py)."""
     rate: float
-    generator: torch.Generator
+    seed: int
+    step: int
 
     @classmethod
-    def for_step(cls, rate: float, seed: int, step: int, device: torch.device) -> "InputDropout | None":
-        if rate == 0:
-            return None
-        mixed = int(np.random.SeedSequence([seed, step]).generate_state(1)[0])  # nearby steps, unrelated masks
-        return cls(rate, torch.Generator(device).manual_seed(mixed))
+    def for_step(cls, rate: float, seed: int, step: int, device: torch.device | None = None) -> "InputDropout | None":
+        return None if rate == 0 else cls(rate, seed, step)
 
     def __call__(self, embeds: torch.Tensor) -> torch.Tensor:
-        keep = torch.rand(embeds.shape, generator=self.generator, device=embeds.device) >= self.rate
+        mixed = int(np.random.SeedSequence([self.seed, self.step]).generate_state(1)[0])  # nearby steps, unrelated masks
+        generator = torch.Generator(embeds.device).manual_seed(mixed)
+        keep = torch.rand(embeds.shape, generator=generator, device=embeds.device) >= self.rate
         return embeds * keep.to(embeds.dtype) / (1 - self.rate)
+
+
+@dataclass(frozen=True)
+class GroupDropout:
+    """Each group of rows (one trial's batch in a fused pass) dropped by its own InputDropout, over
+    its own rows and its own longest [prompt; input] only: its masks are the same whichever other
+    rows share the pass. `groups`: (dropout or None, first row, rows, length); `left`: real tokens
+    are right-aligned (causal LMs) rather than left-aligned (encoder inputs)."""
+    groups: tuple[tuple[InputDropout | None, int, int, int], ...]
+    left: bool
+
+    def __call__(self, embeds: torch.Tensor) -> torch.Tensor:
+        out = embeds.clone()
+        for dropout, first, rows, length in self.groups:
+            if dropout is not None:
+                window = slice(embeds.shape[1] - length, None) if self.left else slice(0, length)
+                out[first:first + rows, window] = dropout(embeds[first:first + rows, window])
+        return out
 
 
 @dataclass
@@ -119,7 +137,7 @@ def returned_cache(output):
 
 
 def prompted_inputs(backbone: Backbone, prompts: torch.Tensor | list[torch.Tensor], input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor, dropout: InputDropout | None = None):
+                    attention_mask: torch.Tensor, dropout: InputDropout | GroupDropout | None = None):
     """Each row's [prompt; input] embeddings and their attention mask; gradients reach every prompt."""
     embeds = backbone.model.get_input_embeddings()(input_ids)
     if torch.is_tensor(prompts):  # one prompt: one cat in front of the padded batch, no per-row work
@@ -136,7 +154,7 @@ def prompted_inputs(backbone: Backbone, prompts: torch.Tensor | list[torch.Tenso
 
 
 def _causal_logits(backbone: Backbone, prompts: Prompts, batch: Batch, keep: int,
-                   dropout: InputDropout | None = None) -> torch.Tensor:
+                   dropout: InputDropout | GroupDropout | None = None) -> torch.Tensor:
     """Logits of the last `keep` positions only: the full-vocabulary projection of every
     position would cost a fifth of the forward pass for nothing."""
     if isinstance(prompts, Prefix):  # the prompts are in the cache already: rows hold their own tokens
@@ -152,7 +170,7 @@ def _causal_logits(backbone: Backbone, prompts: Prompts, batch: Batch, keep: int
 
 
 def target_logprobs(backbone: Backbone, prompts: Prompts, batch: Batch,
-                    dropout: InputDropout | None = None) -> torch.Tensor:
+                    dropout: InputDropout | GroupDropout | None = None) -> torch.Tensor:
     """[B, L] log-probability of each target token (0 where the target is padding); `dropout`
     only in training."""
     if backbone.is_encoder_decoder:
@@ -165,7 +183,7 @@ def target_logprobs(backbone: Backbone, prompts: Prompts, batch: Batch,
     return _gather_targets(logits, batch.labels)
 
 
-def loss(backbone: Backbone, prompts: Prompts, batch: Batch, dropout: InputDropout | None = None,
+def loss(backbone: Backbone, prompts: Prompts, batch: Batch, dropout: InputDropout | GroupDropout | None = None,
          groups: list[int] | None = None) -> torch.Tensor:
     """Mean negative log-likelihood per target token (the training loss); with `groups` (row r's
     group id), [G] one per group, each over its own rows only (several trials in one pass)."""
@@ -212,27 +230,42 @@ class PromptedModel:
         self.model = backbone.model
         self.prompt = prompt
 
-    def target_logprobs(self, batch: Batch, dropout: InputDropout | None = None) -> torch.Tensor:
+    def target_logprobs(self, batch: Batch, dropout: InputDropout | GroupDropout | None = None) -> torch.Tensor:
         return target_logprobs(self.backbone, self.prompt.weight, batch, dropout)
 
-    def loss(self, batch: Batch, dropout: InputDropout | None = None) -> torch.Tensor:
+    def loss(self, batch: Batch, dropout: InputDropout | GroupDropout | None = None) -> torch.Tensor:
         return loss(self.backbone, self.prompt.weight, batch, dropout)
+
+    def loss_backward(self, batch: Batch, dropout: InputDropout | None = None) -> float:
+        """One training pass: the loss, its gradient left in `prompt.weight.grad`."""
+        value = self.loss(batch, dropout)
+        value.backward()
+        return value.item()
 
     def class_scores(self, data: EncodedTask, inputs: list[list[int]]) -> torch.Tensor:
         """[B, C] log-likelihood of every class's verbalizer, in one batched pass."""
         return torch.stack(class_scores(self.backbone, self.prompt.weight, inputs, [data.target_ids] * len(inputs)))
 
-    @torch.no_grad()
+    def class_scores_batches(self, data: EncodedTask, batches: list[list[list[int]]]) -> list[torch.Tensor]:
+        """class_scores of each batch of inputs (a shared backbone takes them all at once)."""
+        return [self.class_scores(data, inputs) for inputs in batches]
+
     def generate(self, data: EncodedTask, inputs: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy continuations (new tokens only), for exact-match evaluation."""
-        batch = input_batch(inputs, data.pad_id, data.is_encoder_decoder).to(self.backbone.device)
-        embeds, mask = prompted_inputs(self.backbone, self.prompt.weight, batch.input_ids, batch.attention_mask)
-        tokenizer = self.backbone.tokenizer
-        out = self.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+        return generate(self.backbone, self.prompt.weight, inputs, max_new_tokens)
+
+
+@torch.no_grad()
+def generate(backbone: Backbone, prompt: torch.Tensor, inputs: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of `[prompt; inputs[r]]` (new tokens only)."""
+    tokenizer = backbone.tokenizer
+    batch = input_batch(inputs, tokenizer.pad_token_id, backbone.is_encoder_decoder).to(backbone.device)
+    embeds, mask = prompted_inputs(backbone, prompt, batch.input_ids, batch.attention_mask)
+    out = backbone.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                   do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        if self.backbone.is_encoder_decoder:
-            out = out[:, 1:]  # the decoder start token
-        return out.tolist()
+    if backbone.is_encoder_decoder:
+        out = out[:, 1:]  # the decoder start token
+    return out.tolist()
 
 
 def _gather_targets(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

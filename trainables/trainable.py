@@ -21,6 +21,7 @@ from trainables.checkpoint import CheckpointError, load_checkpoint
 from trainables.config import ASHA_METRICS, TrainConfig, trial_config
 from trainables.data import EncodedTask
 from trainables.loop import Diverged, prepare_data, train
+from trainables.shared import connect
 from trainables.tasks import task_key
 from trainables.tracking import TrackingTarget, TrialTracker
 
@@ -49,15 +50,20 @@ def worst_metrics(metric: str, mode: str) -> dict:
 
 
 def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: float = 0.0,
-               tracking: TrackingTarget | None = None) -> None:
+               tracking: TrackingTarget | None = None, shared: str | None = None) -> None:
     """`config` holds this trial's sampled parameters, `base` the search's fixed TrainConfig fields;
-    `tracking`, if given, is where the trial's MLflow child run goes."""
+    `tracking`, if given, is where the trial's MLflow child run goes; `shared`, if given, names the
+    search's backbone servers (trainables/shared.py), which then hold the model and do the passes."""
     cfg = trial_config(config, base)
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint is noise
-    device = default_device()
-    cap_gpu_memory(gpu_fraction, device)
     started = time.perf_counter()
-    backbone, reused = cached_backbone(cfg.model, cfg.dtype, device)
+    if shared:
+        backbone, reused = connect(shared, cfg.model, cfg.dtype)
+        device = backbone.device
+    else:
+        device = default_device()
+        cap_gpu_memory(gpu_fraction, device)
+        backbone, reused = cached_backbone(cfg.model, cfg.dtype, device)
     data = _cached_data(cfg, backbone)
     setup = {"backbone_reused": reused, "backbone_load_s": backbone.load_seconds,
              "setup_s": time.perf_counter() - started}
@@ -102,3 +108,6 @@ def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: f
         if tracker:  # the driver corrects this if Ray stopped the trial on purpose
             tracker.finish("errored")
         raise
+    finally:
+        if shared:  # its server stops waiting for it
+            backbone.leave()

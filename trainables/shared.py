@@ -1,0 +1,306 @@
+"""A shared backbone: one frozen copy of the model per GPU (per node on CPU) trains many trials' prompts.
+
+A BackboneServer is a Ray actor that holds the frozen model. Each trial stays a normal Tune trial
+and keeps what is its own: prompt, optimizer, data order, checkpoints, ASHA rungs, Optuna feedback,
+MLflow run. It sends the server each training batch with its current prompt. The server fuses the
+requests pending from several trials into one forward/backward, one prompt per row
+(trainables/prompt.py:loss with groups), and returns each trial its own loss and prompt gradient:
+no gradient crosses trials, since no weight of the model takes one. Dev and test scoring go the
+same way, fused too.
+
+A server is named by its search, model, dtype, node and GPU, so every trial of a search on that
+node and GPU finds the same one (Ray's get-if-exists). It is detached: it outlives the trial that
+started it. The search's driver stops its servers when the search ends (`stop_servers`). If a
+server dies, its trials' calls fail, Tune retries those trials from their checkpoints, and the
+first retried trial starts a new server.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import ray
+import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from trainables.backbone import default_device, load_backbone, load_tokenizer, resolve_model
+from trainables.data import Batch, EncodedTask, target_batch, unpad
+from trainables.prompt import GroupDropout, InputDropout, SoftPrompt, class_scores, generate, loss
+
+NAMESPACE = "softprompt"   # servers live outside any one driver's namespace: a resumed search finds them
+MAX_FUSED_TOKENS = 32768   # rows x padded width of one fused pass; one request is never split
+GATHER_FRACTION = 0.1      # a pass waits up to this share of the previous pass's time for the other trials,
+GATHER_S = (0.005, 0.5)    # and at least and at most this long (a trial's round trip between passes: ~1-3 ms)
+IDLE_CLIENT_S = 2.0        # a trial not heard from for this long (or 3 passes) is not waited for
+
+
+@dataclass
+class TrainRequest:
+    prompt: torch.Tensor
+    batch: Batch
+    dropout: InputDropout | None
+
+    @property
+    def tokens(self) -> int:
+        return int(self.batch.input_ids.numel()) + len(self.batch.input_ids) * len(self.prompt)
+
+
+@dataclass
+class ScoreRequest:
+    prompt: torch.Tensor
+    inputs: list[list[int]]
+    targets: list[list[list[int]]]
+
+    @property
+    def tokens(self) -> int:
+        width = len(self.prompt) + max(len(x) for x in self.inputs) + max(len(t) for ts in self.targets for t in ts)
+        return width * sum(len(ts) for ts in self.targets)
+
+
+class BackboneServer:
+    """The frozen model, once, and the fused passes of every trial that uses it (a Ray actor)."""
+
+    def __init__(self, model: str, dtype: str, gpu: str | None):
+        if gpu is not None:  # before CUDA starts: this server's GPU is its trials' GPU, whatever Ray set
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        torch.set_num_threads(len(os.sched_getaffinity(0)))  # it holds no CPU of its own: the trials wait on it
+        self.backbone = load_backbone(model, dtype, default_device())
+        self.pending: list[tuple[str, str, object, asyncio.Future]] = []  # kind, client, request, reply
+        self.clients: dict[str, float] = {}  # client -> when last heard from
+        self.draining = False
+        self.executor = ThreadPoolExecutor(1)  # passes run off the event loop, which keeps taking requests
+        self.last_pass_s = 0.0
+        self.counts = {"passes": 0, "requests": 0, "rows": 0, "max_fused": 0}
+        self.joined = 0  # trials that connected
+
+    def describe(self) -> dict:
+        b = self.backbone
+        return {"fingerprint": b.fingerprint, "width": b.width, "is_encoder_decoder": b.is_encoder_decoder,
+                "vocab_is_frequency_ordered": b.vocab_is_frequency_ordered, "load_s": b.load_seconds,
+                "device": str(b.device), "dtype": str(b.dtype), "pid": os.getpid()}
+
+    def join(self) -> dict:
+        """describe(), and whether a trial connected before (the model was loaded for it, not for this one)."""
+        self.joined += 1
+        return {**self.describe(), "loaded_before": self.joined > 1}
+
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        return self.backbone.embed(ids)
+
+    def statistics(self) -> dict:
+        return dict(self.counts)
+
+    def leave(self, client: str) -> None:
+        self.clients.pop(client, None)
+
+    async def train(self, client: str, prompt: torch.Tensor, batch: Batch, dropout: InputDropout | None):
+        """(loss, gradient of the loss with respect to `prompt`) for one training batch."""
+        return await self._submit("train", client, TrainRequest(prompt, batch, dropout))
+
+    async def scores(self, client: str, prompt: torch.Tensor, inputs: list[list[int]],
+                     targets: list[list[list[int]]]) -> torch.Tensor:
+        """[rows, classes]: class_scores of `inputs` under `prompt`."""
+        return await self._submit("scores", client, ScoreRequest(prompt, inputs, targets))
+
+    async def generate(self, prompt: torch.Tensor, inputs: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations (exact-match evaluation), one trial at a time."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, lambda: generate(self.backbone, prompt.to(self.backbone.device), inputs, max_new_tokens))
+
+    async def _submit(self, kind: str, client: str, request):
+        reply = asyncio.get_running_loop().create_future()
+        self.clients[client] = time.monotonic()
+        self.pending.append((kind, client, request, reply))
+        if not self.draining:
+            self.draining = True
+            asyncio.ensure_future(self._drain())
+        return await reply
+
+    async def _gather(self) -> None:
+        """Wait briefly until every trial heard from lately has a request in: the trials of the last
+        pass are stepping their optimizers, and a pass without them would split the round in two."""
+        started = time.monotonic()
+        deadline = started + min(max(GATHER_S[0], GATHER_FRACTION * self.last_pass_s), GATHER_S[1])
+        idle = max(IDLE_CLIENT_S, 3 * self.last_pass_s)
+        while time.monotonic() < deadline:
+            waiting = {client for _, client, _, _ in self.pending}
+            if all(client in waiting for client, seen in self.clients.items() if started - seen < idle):
+                return
+            await asyncio.sleep(0.002)
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                await self._gather()
+                kind, taken, rest, tokens = self.pending[0][0], [], [], 0
+                for item in self.pending:
+                    size = item[2].tokens
+                    if item[0] == kind and (not taken or tokens + size <= MAX_FUSED_TOKENS):
+                        taken.append(item)
+                        tokens += size
+                    else:
+                        rest.append(item)
+                self.pending = rest
+                started = time.monotonic()
+                requests = [item[2] for item in taken]
+                try:
+                    results = await asyncio.get_running_loop().run_in_executor(self.executor, self._run, kind, requests)
+                except Exception as error:  # the pass failed: each of its trials hears why
+                    for item in taken:
+                        if not item[3].done():  # done: its trial hung up
+                            item[3].set_exception(error)
+                else:
+                    for item, result in zip(taken, results):
+                        if not item[3].done():
+                            item[3].set_result(result)
+                self.last_pass_s = time.monotonic() - started
+                self.counts["passes"] += 1
+                self.counts["requests"] += len(taken)
+                self.counts["max_fused"] = max(self.counts["max_fused"], len(taken))
+        finally:
+            self.draining = False
+
+    def _run(self, kind: str, requests: list) -> list:
+        """One fused pass; if it runs out of GPU memory, its halves, each alone."""
+        try:
+            return (self._train_pass if kind == "train" else self._score_pass)(requests)
+        except torch.OutOfMemoryError:
+            if len(requests) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(requests) // 2
+            return self._run(kind, requests[:half]) + self._run(kind, requests[half:])
+
+    def _train_pass(self, requests: list[TrainRequest]) -> list[tuple[float, torch.Tensor]]:
+        backbone, seq2seq = self.backbone, self.backbone.is_encoder_decoder
+        prompts = [r.prompt.detach().to(backbone.device).requires_grad_() for r in requests]  # leaves of this pass
+        inputs, targets, rows, groups, parts = [], [], [], [], []
+        for g, (request, prompt) in enumerate(zip(requests, prompts)):
+            x, t = unpad(request.batch, seq2seq)
+            longest = max(len(a) + (0 if seq2seq else len(b)) for a, b in zip(x, t))
+            parts.append((request.dropout, len(inputs), len(x), len(prompt) + longest))
+            inputs += x
+            targets += t
+            rows += [prompt] * len(x)
+            groups += [g] * len(x)
+        batch = target_batch(inputs, targets, backbone.tokenizer.pad_token_id, seq2seq).to(backbone.device)
+        dropout = GroupDropout(tuple(parts), left=not seq2seq) if any(r.dropout for r in requests) else None
+        losses = loss(backbone, rows, batch, dropout, groups=groups)
+        losses.sum().backward()  # each prompt's gradient is its own group's: the groups share no weight that learns
+        self.counts["rows"] += len(rows)
+        return [(value, prompt.grad.float().cpu()) for value, prompt in zip(losses.tolist(), prompts)]
+
+    @torch.no_grad()
+    def _score_pass(self, requests: list[ScoreRequest]) -> list[torch.Tensor]:
+        device = self.backbone.device
+        rows, inputs, targets = [], [], []
+        for request in requests:
+            prompt = request.prompt.to(device)
+            rows += [prompt] * len(request.inputs)
+            inputs += request.inputs
+            targets += request.targets
+        scores = class_scores(self.backbone, rows, inputs, targets)
+        self.counts["rows"] += len(rows)
+        out, start = [], 0
+        for request in requests:
+            out.append(torch.stack(scores[start:start + len(request.inputs)]).float().cpu())
+            start += len(request.inputs)
+        return out
+
+
+class SharedBackbone:
+    """What a trial sees of a backbone a server holds: enough to tokenise, initialise prompts and
+    sign checkpoints (no weights in the trial's process)."""
+
+    def __init__(self, name: str, handle, info: dict, tokenizer):
+        self.name, self.handle, self.tokenizer = name, handle, tokenizer
+        self.fingerprint, self.width = info["fingerprint"], info["width"]
+        self.is_encoder_decoder = info["is_encoder_decoder"]
+        self.vocab_is_frequency_ordered = info["vocab_is_frequency_ordered"]
+        self.load_seconds = info["load_s"]
+        self.server = info
+        self.device = torch.device("cpu")  # the trial's prompt and optimizer live here
+        self.client = uuid.uuid4().hex
+
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        return ray.get(self.handle.embed.remote(list(ids)))
+
+    def leave(self) -> None:
+        self.handle.leave.remote(self.client)
+
+
+class RemotePromptedModel:
+    """PromptedModel's training and scoring calls, computed by the server."""
+
+    def __init__(self, backbone: SharedBackbone, prompt: SoftPrompt):
+        self.backbone, self.prompt = backbone, prompt
+
+    def loss_backward(self, batch: Batch, dropout: InputDropout | None = None) -> float:
+        b = self.backbone
+        value, grad = ray.get(b.handle.train.remote(b.client, self.prompt.weight.detach(), batch, dropout))
+        weight = self.prompt.weight
+        weight.grad = grad if weight.grad is None else weight.grad + grad
+        return value
+
+    def class_scores(self, data: EncodedTask, inputs: list[list[int]]) -> torch.Tensor:
+        return self.class_scores_batches(data, [inputs])[0]
+
+    def class_scores_batches(self, data: EncodedTask, batches: list[list[list[int]]]) -> list[torch.Tensor]:
+        """All at once, so the server can fuse them with each other and with other trials'."""
+        b = self.backbone
+        prompt = ray.put(self.prompt.weight.detach().clone())
+        return ray.get([b.handle.scores.remote(b.client, prompt, inputs, [data.target_ids] * len(inputs))
+                        for inputs in batches])
+
+    def generate(self, data: EncodedTask, inputs: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        return ray.get(self.backbone.handle.generate.remote(self.prompt.weight.detach(), inputs, max_new_tokens))
+
+
+def server_key(search: str, storage_path: str) -> str:
+    """Names a search's servers: its name, and where it is stored (two searches may share a name)."""
+    return f"{search}-{hashlib.sha256(storage_path.encode()).hexdigest()[:8]}"
+
+
+_CLIENTS: dict[str, SharedBackbone] = {}  # by server name
+
+
+def connect(key: str, model: str, dtype: str) -> tuple[SharedBackbone, bool]:
+    """The server of this trial's node (and GPU) for `model`, started if there is none; returns the
+    trial's view of it and whether the model was loaded before (for another trial)."""
+    gpus = ray.get_gpu_ids()
+    gpu = str(gpus[0]) if gpus else None
+    node = ray.get_runtime_context().get_node_id()
+    name = f"{key}:{model}:{dtype}:{node}:{gpu or 'cpu'}"
+    cached = _CLIENTS.get(name)
+    if cached is not None:
+        try:
+            ray.get(cached.handle.join.remote())
+            return cached, True
+        except ray.exceptions.RayActorError:  # the server died since: start another
+            _CLIENTS.pop(name)
+    handle = ray.remote(BackboneServer).options(
+        name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached", num_cpus=0, max_concurrency=1000,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(model, dtype, gpu)
+    info = ray.get(handle.join.remote())
+    _CLIENTS[name] = SharedBackbone(model, handle, info, load_tokenizer(resolve_model(model)[0]))
+    return _CLIENTS[name], info["loaded_before"]
+
+
+def servers(key: str) -> list[str]:
+    """The names of the live servers of the search `key` (server_key)."""
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == NAMESPACE and a["name"].startswith(f"{key}:")]
+
+
+def stop_servers(key: str) -> None:
+    """Stop the search's servers (the driver, when the search ends)."""
+    for name in servers(key):
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+        except ValueError:  # gone meanwhile
+            pass
