@@ -221,6 +221,7 @@ class SearchConfig:
     metric: str = "best_dev_accuracy"
     asha_metric: str              # what ASHA compares trials by at its rungs (default: metric)
     sampler: str = "tpe"          # tpe | random | grid (a space of choices: lists only; each cell runs once)
+    startup_trials: int | None = None  # tpe: random points before TPE models the results (None: Optuna's 10)
     trials: int = 8               # points the sampler suggests (a grid: its cells); Tune runs trials x seeds
     seeds: int = 1                # runs per point, seeds train.seed + 0..seeds-1: points rank by their mean
     time_limit_s: float | None = None
@@ -264,6 +265,7 @@ SEARCH_RULES: dict[str, Rule] = {
     "metric": one_of(*SEARCH_METRICS),
     "asha_metric": one_of(*ASHA_METRICS, optional=True),
     "sampler": one_of("tpe", "random", "grid"),
+    "startup_trials": integer(1, optional=True),
     "trials": integer(1, MAX_TRIALS),
     "seeds": integer(1, 100),
     "max_steps": integer(1),

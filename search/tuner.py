@@ -48,6 +48,8 @@ def build_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
     """The search's Optuna sampler; a grid's cells are its space's choices (search.config allows no other)."""
     if cfg.sampler == "grid":
         return TuneGridSampler(CustomSpace(cfg.space, cfg.checkpoints).grid(), seed=cfg.seed)
+    if cfg.sampler == "tpe" and cfg.startup_trials is not None:
+        return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.startup_trials)
     return SAMPLERS[cfg.sampler](seed=cfg.seed)
 
 
