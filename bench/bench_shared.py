@@ -112,8 +112,8 @@ def _trial(cfg: TrainConfig, barrier, key: str | None) -> dict:
 def run_arm(trials: int, shared: bool, threads: int) -> dict:
     """`trials` trials at once; unshared ones each hold a model and `threads` cores."""
     key = f"bench-shared-{trials}" if shared else None
-    task = ray.remote(_trial).options(num_cpus=0 if shared else threads, max_calls=1,  # max_calls: the model goes with the worker
-                                      runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
+    task = ray.remote(num_cpus=0 if shared else threads, max_calls=1,  # max_calls: the model goes with the worker
+                      runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})(_trial)
     barrier = Barrier.remote(trials)
     with PeakMemory() as memory:
         results = ray.get([task.remote(TRAIN.replace(seed=i), barrier, key) for i in range(trials)])
@@ -135,16 +135,40 @@ def run_arm(trials: int, shared: bool, threads: int) -> dict:
             "server": statistics_ if shared else None}
 
 
+def pass_sizes(rows_per_pass=(8, 16, 32), examples: int = 64) -> dict:
+    """Training examples/s of one process using every core, as a server runs a pass, at several
+    pass sizes over the same examples (length-bucketed batches, as trials draw them)."""
+    from trainables.data import TrainOrder, make_batch
+    from trainables.prompt import loss
+
+    backbone = load_backbone(MODEL)  # freed on return: the bench process holds no model during the arms
+    data = prepare_data(TRAIN, backbone)
+    split = data.splits["train"]
+    order = TrainOrder([len(x) for x in split.input_ids], 8, 0)
+    chosen = [int(i) for step in range(examples // 8) for i in order.indices(step)]
+    prompt = torch.randn(TRAIN.prompt_length, backbone.width, requires_grad=True)
+    out = {}
+    for size in rows_per_pass:
+        batches = [make_batch(data, [split.input_ids[i] for i in chosen[k:k + size]],
+                              [split.labels[i] for i in chosen[k:k + size]]) for k in range(0, examples, size)]
+        loss(backbone, prompt, batches[0]).backward()  # warm
+        started = time.perf_counter()
+        for batch in batches:
+            loss(backbone, prompt, batch).backward()
+        out[size] = examples / (time.perf_counter() - started)
+    return out
+
+
 def throughput() -> dict:
     cores = len(os.sched_getaffinity(0))
-    cached_backbone(MODEL)  # convert the offline model once, outside the arms
+    sizes = pass_sizes()
     arms = {"unshared_2": run_arm(2, False, cores // 2), "shared_4": run_arm(4, True, 1),
             "shared_8": run_arm(8, True, 1)}
     base, four, eight = arms["unshared_2"], arms["shared_4"], arms["shared_8"]
     per_extra = (eight["memory_added_gib"] - four["memory_added_gib"]) / 4  # one more shared trial
     server = four["memory_added_gib"] - 4 * per_extra
     fit = int((base["memory_added_gib"] - server) // per_extra) if per_extra > 0 else None
-    return {"cores": cores, "steps": STEPS, "arms": arms,
+    return {"cores": cores, "steps": STEPS, "arms": arms, "pass_sizes": sizes,
             "examples_per_s_ratio": four["examples_per_s"] / base["examples_per_s"],
             "memory_per_trial_ratio": four["memory_per_trial_gib"] / base["memory_per_trial_gib"],
             "one_more_shared_trial_gib": per_extra, "server_estimate_gib": server, "shared_trials_in_unshared_2": fit}
@@ -228,8 +252,11 @@ def write(results: dict) -> None:
                   f"shared trial's {arms['shared_4']['trial_rss_gib']:.2f} GiB, the server "
                   f"{arms['shared_4']['server_rss_gib']:.2f} GiB (RSS counts shared library pages in each process; "
                   f"the table's machine-level figures do not).",
-                  f"- The 4-trial server ran {fused['passes']} passes for {fused['requests']} requests "
-                  f"(up to {fused['max_fused']} trials in one pass).", ""]
+                  f"- Why a CPU server runs each trial's batch as its own pass: one process on every core ran "
+                  + ", ".join(f"{v:.2f} examples/s at {k} rows" for k, v in t["pass_sizes"].items())
+                  + " per pass. A bigger pass is slower per example here; on a GPU a small one is launch-bound.",
+                  f"- The 4-trial server took its {fused['requests']} requests in {fused['rounds']} rounds (up to "
+                  f"{fused['max_fused']} trials in one) and ran {fused['passes']} forward passes for them.", ""]
     w = results.get("worth")
     if w:
         lines += [f"## The search's worth at equal compute: {w['budget_s']:.0f} s of the whole machine per arm, "

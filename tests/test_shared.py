@@ -53,7 +53,7 @@ class Barrier:
 
 @ray.remote(num_cpus=0.25)
 def train_shared(key: str, cfg: TrainConfig, barrier=None) -> tuple[torch.Tensor, dict]:
-    backbone, _ = connect(key, cfg.model, cfg.dtype)
+    backbone, _ = connect(key, cfg.model, cfg.dtype, pass_tokens=1 << 20)  # on a CPU too: one pass per round
     data = prepare_data(cfg, backbone)
     if barrier is not None:  # start training together, so that the trials' steps overlap
         ray.get(barrier.arrive.remote())
@@ -101,7 +101,7 @@ def test_a_trial_on_the_server_ends_with_the_prompt_it_reaches_in_its_own_proces
 
 def test_no_gradient_crosses_trials_in_a_fused_pass(tiny_llama_dir, tiny_llama):
     """Trial a's loss and gradient are the same with b beside it, whatever b's prompt, even a NaN one."""
-    server = BackboneServer(str(tiny_llama_dir), "float32", None)
+    server = BackboneServer(str(tiny_llama_dir), "float32", None, pass_tokens=1 << 20)
     data = prepare_data(small_cfg(tiny_llama_dir), tiny_llama)
     train_rows = data.splits["train"]
     batch_a = make_batch(data, train_rows.input_ids[:4], train_rows.labels[:4])
@@ -109,10 +109,10 @@ def test_no_gradient_crosses_trials_in_a_fused_pass(tiny_llama_dir, tiny_llama):
     torch.manual_seed(0)
     prompt_a, prompt_b = torch.randn(3, tiny_llama.width), torch.randn(5, tiny_llama.width)
     a = TrainRequest(prompt_a, batch_a, None)
-    (alone,) = server._train_pass([a])
-    beside = server._train_pass([a, TrainRequest(prompt_b, batch_b, None)])
-    beside_other = server._train_pass([a, TrainRequest(prompt_b * 3, batch_b, None)])
-    beside_nan = server._train_pass([a, TrainRequest(torch.full_like(prompt_b, math.nan), batch_b, None)])
+    (alone,) = server._fused_train_pass([a])
+    beside = server._fused_train_pass([a, TrainRequest(prompt_b, batch_b, None)])
+    beside_other = server._fused_train_pass([a, TrainRequest(prompt_b * 3, batch_b, None)])
+    beside_nan = server._fused_train_pass([a, TrainRequest(torch.full_like(prompt_b, math.nan), batch_b, None)])
     for loss_a, grad_a in (beside[0], beside_other[0], beside_nan[0]):
         assert abs(loss_a - alone[0]) < 1e-5 and torch.allclose(grad_a, alone[1], atol=1e-6)
     assert torch.isnan(torch.tensor(beside_nan[1][0])) and torch.isnan(beside_nan[1][1]).all()
@@ -124,21 +124,36 @@ def test_no_gradient_crosses_trials_in_a_fused_pass(tiny_llama_dir, tiny_llama):
 
 
 def test_group_dropout_drops_each_trial_as_it_would_be_dropped_alone(tiny_llama_dir, tiny_llama):
-    server = BackboneServer(str(tiny_llama_dir), "float32", None)
+    server = BackboneServer(str(tiny_llama_dir), "float32", None, pass_tokens=1 << 20)
     data = prepare_data(small_cfg(tiny_llama_dir), tiny_llama)
     rows = data.splits["train"]
     a = TrainRequest(torch.randn(3, tiny_llama.width), make_batch(data, rows.input_ids[:4], rows.labels[:4]),
                      InputDropout(0.3, 0, 5))
     b = TrainRequest(torch.randn(2, tiny_llama.width), make_batch(data, rows.input_ids[10:16], rows.labels[10:16]),
                      InputDropout(0.3, 1, 5))
-    (alone,), fused = server._train_pass([a]), server._train_pass([b, a])
+    (alone,), fused = server._fused_train_pass([a]), server._fused_train_pass([b, a])
     assert abs(fused[1][0] - alone[0]) < 1e-5 and torch.allclose(fused[1][1], alone[1], atol=1e-6)
-    (undropped,) = server._train_pass([TrainRequest(a.prompt, a.batch, None)])
+    (undropped,) = server._fused_train_pass([TrainRequest(a.prompt, a.batch, None)])
     assert abs(undropped[0] - alone[0]) > 1e-4  # the dropout did something
 
 
+def test_on_a_cpu_each_trials_batch_is_its_own_pass_through_the_one_copy(tiny_llama_dir, tiny_llama):
+    """Bigger passes are slower per example on a CPU (bench/results/shared.md): a round of two trials
+    runs as two passes there, with the same results as one fused pass."""
+    data = prepare_data(small_cfg(tiny_llama_dir), tiny_llama)
+    rows = data.splits["train"]
+    requests = [TrainRequest(torch.randn(n, tiny_llama.width), make_batch(data, rows.input_ids[i:i + 4], rows.labels[i:i + 4]),
+                             None) for n, i in ((3, 0), (2, 8))]
+    cpu = BackboneServer(str(tiny_llama_dir), "float32", None)
+    fused = BackboneServer(str(tiny_llama_dir), "float32", None, pass_tokens=1 << 20)
+    apart, together = cpu._train_pass(requests), fused._train_pass(requests)
+    assert (cpu.statistics()["passes"], fused.statistics()["passes"]) == (2, 1)
+    for (loss_a, grad_a), (loss_t, grad_t) in zip(apart, together):
+        assert abs(loss_a - loss_t) < 1e-5 and torch.allclose(grad_a, grad_t, atol=1e-6)
+
+
 def test_the_server_fuses_requests_that_arrive_together_and_answers_each(tiny_llama_dir, tiny_llama):
-    server = BackboneServer(str(tiny_llama_dir), "float32", None)
+    server = BackboneServer(str(tiny_llama_dir), "float32", None, pass_tokens=1 << 20)
     data = prepare_data(small_cfg(tiny_llama_dir), tiny_llama)
     inputs = data.splits["dev"].input_ids
     prompts = [torch.randn(n, tiny_llama.width) for n in (1, 2, 4)]
@@ -148,7 +163,7 @@ def test_the_server_fuses_requests_that_arrive_together_and_answers_each(tiny_ll
                                       for i, p in enumerate(prompts)])
 
     replies = asyncio.run(together())
-    assert server.statistics()["passes"] == 1 and server.statistics()["max_fused"] == 3
+    assert server.statistics()["rounds"] == server.statistics()["passes"] == 1 and server.statistics()["max_fused"] == 3
     for i, (prompt, reply) in enumerate(zip(prompts, replies)):
         expected = PromptedModel(tiny_llama, SoftPrompt(prompt)).class_scores(data, inputs[4 * i:4 * i + 4])
         assert reply.shape == (4, 2) and torch.allclose(reply, expected, atol=1e-5)

@@ -33,7 +33,12 @@ from trainables.data import Batch, EncodedTask, target_batch, unpad
 from trainables.prompt import GroupDropout, InputDropout, SoftPrompt, class_scores, generate, loss
 
 NAMESPACE = "softprompt"   # servers live outside any one driver's namespace: a resumed search finds them
-MAX_FUSED_TOKENS = 32768   # rows x padded width of one fused pass; one request is never split
+MAX_FUSED_TOKENS = 32768   # rows x padded width of the requests one round takes; one request is never split
+# ... and of one forward/backward within a round. On a GPU one pass takes the whole round: a small
+# pass is launch-bound (bench/results/gpu.md). On a CPU a bigger pass is slower per example (SmolLM2,
+# 2 cores: 5.14 examples/s at 8 rows, 4.65 at 16, 4.14 at 32; bench/results/shared.md) and keeps
+# about 1 MB of activations per token: there each trial's batch is its own pass, through the one copy.
+PASS_TOKENS = {"cpu": 0}
 GATHER_FRACTION = 0.1      # a pass waits up to this share of the previous pass's time for the other trials,
 GATHER_S = (0.005, 0.5)    # and at least and at most this long (a trial's round trip between passes: ~1-3 ms)
 IDLE_CLIENT_S = 2.0        # a trial not heard from for this long (or 3 passes) is not waited for
@@ -65,17 +70,20 @@ class ScoreRequest:
 class BackboneServer:
     """The frozen model, once, and the fused passes of every trial that uses it (a Ray actor)."""
 
-    def __init__(self, model: str, dtype: str, gpu: str | None):
+    def __init__(self, model: str, dtype: str, gpu: str | None, pass_tokens: int | None = None):
         if gpu is not None:  # before CUDA starts: this server's GPU is its trials' GPU, whatever Ray set
             os.environ["CUDA_VISIBLE_DEVICES"] = gpu
         torch.set_num_threads(len(os.sched_getaffinity(0)))  # it holds no CPU of its own: the trials wait on it
         self.backbone = load_backbone(model, dtype, default_device())
+        self.pass_tokens = pass_tokens if pass_tokens is not None else PASS_TOKENS.get(self.backbone.device.type,
+                                                                                       MAX_FUSED_TOKENS)
         self.pending: list[tuple[str, str, object, asyncio.Future]] = []  # kind, client, request, reply
         self.clients: dict[str, float] = {}  # client -> when last heard from
         self.draining = False
         self.executor = ThreadPoolExecutor(1)  # passes run off the event loop, which keeps taking requests
         self.last_pass_s = 0.0
-        self.counts = {"passes": 0, "requests": 0, "rows": 0, "max_fused": 0}
+        # rounds: batches of requests taken together; passes: forward(/backward)s run for them
+        self.counts = {"rounds": 0, "passes": 0, "requests": 0, "rows": 0, "max_fused": 0}
         self.joined = 0  # trials that connected
 
     def describe(self) -> dict:
@@ -159,7 +167,7 @@ class BackboneServer:
                         if not item[3].done():
                             item[3].set_result(result)
                 self.last_pass_s = time.monotonic() - started
-                self.counts["passes"] += 1
+                self.counts["rounds"] += 1
                 self.counts["requests"] += len(taken)
                 self.counts["max_fused"] = max(self.counts["max_fused"], len(taken))
         finally:
@@ -177,6 +185,17 @@ class BackboneServer:
             return self._run(kind, requests[:half]) + self._run(kind, requests[half:])
 
     def _train_pass(self, requests: list[TrainRequest]) -> list[tuple[float, torch.Tensor]]:
+        """The requests' losses and gradients, in passes of at most `pass_tokens` (a request whole)."""
+        budget, out, chunk, tokens = self.pass_tokens, [], [], 0
+        for request in requests:
+            if chunk and tokens + request.tokens > budget:
+                out += self._fused_train_pass(chunk)
+                chunk, tokens = [], 0
+            chunk.append(request)
+            tokens += request.tokens
+        return out + self._fused_train_pass(chunk)
+
+    def _fused_train_pass(self, requests: list[TrainRequest]) -> list[tuple[float, torch.Tensor]]:
         backbone, seq2seq = self.backbone, self.backbone.is_encoder_decoder
         prompts = [r.prompt.detach().to(backbone.device).requires_grad_() for r in requests]  # leaves of this pass
         inputs, targets, rows, groups, parts = [], [], [], [], []
@@ -193,6 +212,7 @@ class BackboneServer:
         losses = loss(backbone, rows, batch, dropout, groups=groups)
         losses.sum().backward()  # each prompt's gradient is its own group's: the groups share no weight that learns
         self.counts["rows"] += len(rows)
+        self.counts["passes"] += 1
         return [(value, prompt.grad.float().cpu()) for value, prompt in zip(losses.tolist(), prompts)]
 
     @torch.no_grad()
@@ -206,6 +226,7 @@ class BackboneServer:
             targets += request.targets
         scores = class_scores(self.backbone, rows, inputs, targets)
         self.counts["rows"] += len(rows)
+        self.counts["passes"] += 1
         out, start = [], 0
         for request in requests:
             out.append(torch.stack(scores[start:start + len(request.inputs)]).float().cpu())
@@ -269,9 +290,10 @@ def server_key(search: str, storage_path: str) -> str:
 _CLIENTS: dict[str, SharedBackbone] = {}  # by server name
 
 
-def connect(key: str, model: str, dtype: str) -> tuple[SharedBackbone, bool]:
-    """The server of this trial's node (and GPU) for `model`, started if there is none; returns the
-    trial's view of it and whether the model was loaded before (for another trial)."""
+def connect(key: str, model: str, dtype: str, pass_tokens: int | None = None) -> tuple[SharedBackbone, bool]:
+    """The server of this trial's node (and GPU) for `model`, started if there is none (with
+    `pass_tokens`, if given, instead of its device's PASS_TOKENS); returns the trial's view of it and
+    whether the model was loaded before (for another trial)."""
     gpus = ray.get_gpu_ids()
     gpu = str(gpus[0]) if gpus else None
     node = ray.get_runtime_context().get_node_id()
@@ -285,7 +307,7 @@ def connect(key: str, model: str, dtype: str) -> tuple[SharedBackbone, bool]:
             _CLIENTS.pop(name)
     handle = ray.remote(BackboneServer).options(
         name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached", num_cpus=0, max_concurrency=1000,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(model, dtype, gpu)
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(model, dtype, gpu, pass_tokens)
     info = ray.get(handle.join.remote())
     _CLIENTS[name] = SharedBackbone(model, handle, info, load_tokenizer(resolve_model(model)[0]))
     return _CLIENTS[name], info["loaded_before"]
