@@ -51,7 +51,7 @@ from trainables.shared import connect, stop_servers
 
 RESULTS = Path(__file__).parent / "results"
 MODEL, TASK = "smollm2-135m", "rotten_tomatoes"
-STEPS = 30
+STEPS = 20
 TRAIN = TrainConfig(model=MODEL, task=TASK, batch_size=8, prompt_length=20, init="class_label", optimizer="adamw",
                     lr=0.03, max_steps=STEPS, eval_steps=(STEPS,), max_eval_examples=16, max_test_examples=16)
 
@@ -62,10 +62,18 @@ def used_bytes() -> int:
 
 
 class PeakMemory:
-    """The machine's memory in use, sampled in a thread: the peak above what was in use at start."""
+    """The machine's memory in use, sampled in a thread: the peak above `idle`, what was in use with
+    Ray up and no trial running (measured once, so that memory an arm frees late is not counted
+    against the next one; each arm starts once usage is back near it)."""
+
+    def __init__(self, idle: int):
+        self.idle = idle
 
     def __enter__(self):
-        self.start, self.peak, self.done = used_bytes(), 0, False
+        deadline = time.monotonic() + 60
+        while used_bytes() > self.idle + 2**27 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        self.peak, self.done = 0, False
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
         return self
@@ -81,7 +89,7 @@ class PeakMemory:
 
     @property
     def added(self) -> int:
-        return max(0, self.peak - self.start)
+        return max(0, self.peak - self.idle)
 
 
 @ray.remote(num_cpus=0)
@@ -109,13 +117,13 @@ def _trial(cfg: TrainConfig, barrier, key: str | None) -> dict:
     return {"train_s": seen["train_s"], "examples": cfg.max_steps * cfg.batch_size, "rss": psutil.Process().memory_info().rss}
 
 
-def run_arm(trials: int, shared: bool, threads: int) -> dict:
+def run_arm(trials: int, shared: bool, threads: int, idle: int) -> dict:
     """`trials` trials at once; unshared ones each hold a model and `threads` cores."""
     key = f"bench-shared-{trials}" if shared else None
     task = ray.remote(num_cpus=0 if shared else threads, max_calls=1,  # max_calls: the model goes with the worker
                       runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})(_trial)
     barrier = Barrier.remote(trials)
-    with PeakMemory() as memory:
+    with PeakMemory(idle) as memory:
         results = ray.get([task.remote(TRAIN.replace(seed=i), barrier, key) for i in range(trials)])
         server_rss = None
         if shared:
@@ -135,9 +143,10 @@ def run_arm(trials: int, shared: bool, threads: int) -> dict:
             "server": statistics_ if shared else None}
 
 
-def pass_sizes(rows_per_pass=(8, 16, 32), examples: int = 64) -> dict:
+def pass_sizes(rows_per_pass=(8, 16, 32), examples: int = 64, repeats: int = 3) -> dict:
     """Training examples/s of one process using every core, as a server runs a pass, at several
-    pass sizes over the same examples (length-bucketed batches, as trials draw them)."""
+    pass sizes over the same examples (length-bucketed batches, as trials draw them); the sizes
+    take turns, `repeats` times, and each keeps its median."""
     from trainables.data import TrainOrder, make_batch
     from trainables.prompt import loss
 
@@ -147,31 +156,39 @@ def pass_sizes(rows_per_pass=(8, 16, 32), examples: int = 64) -> dict:
     order = TrainOrder([len(x) for x in split.input_ids], 8, 0)
     chosen = [int(i) for step in range(examples // 8) for i in order.indices(step)]
     prompt = torch.randn(TRAIN.prompt_length, backbone.width, requires_grad=True)
-    out = {}
-    for size in rows_per_pass:
-        batches = [make_batch(data, [split.input_ids[i] for i in chosen[k:k + size]],
-                              [split.labels[i] for i in chosen[k:k + size]]) for k in range(0, examples, size)]
-        loss(backbone, prompt, batches[0]).backward()  # warm
-        started = time.perf_counter()
-        for batch in batches:
-            loss(backbone, prompt, batch).backward()
-        out[size] = examples / (time.perf_counter() - started)
-    return out
+    batches = {size: [make_batch(data, [split.input_ids[i] for i in chosen[k:k + size]],
+                                 [split.labels[i] for i in chosen[k:k + size]]) for k in range(0, examples, size)]
+               for size in rows_per_pass}
+    for size in rows_per_pass:  # warm every shape once
+        loss(backbone, prompt, batches[size][0]).backward()
+    rates = {size: [] for size in rows_per_pass}
+    for _ in range(repeats):
+        for size in rows_per_pass:
+            started = time.perf_counter()
+            for batch in batches[size]:
+                loss(backbone, prompt, batch).backward()
+            rates[size].append(examples / (time.perf_counter() - started))
+    return {size: statistics.median(values) for size, values in rates.items()}
 
 
 def throughput() -> dict:
     cores = len(os.sched_getaffinity(0))
-    sizes = pass_sizes()
-    arms = {"unshared_2": run_arm(2, False, cores // 2), "shared_4": run_arm(4, True, 1),
-            "shared_8": run_arm(8, True, 1)}
+    sizes = pass_sizes()  # it also converts the offline model, once, before any arm
+    time.sleep(5)
+    idle = used_bytes()
+    arms = {"unshared_2": run_arm(2, False, cores // 2, idle), "shared_4": run_arm(4, True, 1, idle),
+            "shared_8": run_arm(8, True, 1, idle)}
     base, four, eight = arms["unshared_2"], arms["shared_4"], arms["shared_8"]
     per_extra = (eight["memory_added_gib"] - four["memory_added_gib"]) / 4  # one more shared trial
-    server = four["memory_added_gib"] - 4 * per_extra
-    fit = int((base["memory_added_gib"] - server) // per_extra) if per_extra > 0 else None
-    return {"cores": cores, "steps": STEPS, "arms": arms, "pass_sizes": sizes,
+    if eight["memory_added_gib"] <= base["memory_added_gib"]:
+        fit = f"all 8 of the 8-trial arm ({eight['memory_added_gib']:.2f} GiB against {base['memory_added_gib']:.2f})"
+    else:
+        fit = str(4 + int((base["memory_added_gib"] - four["memory_added_gib"]) // max(per_extra, 1e-9)))
+    return {"cores": cores, "steps": STEPS, "arms": arms, "pass_sizes": sizes, "idle_gib": idle / 2**30,
             "examples_per_s_ratio": four["examples_per_s"] / base["examples_per_s"],
             "memory_per_trial_ratio": four["memory_per_trial_gib"] / base["memory_per_trial_gib"],
-            "one_more_shared_trial_gib": per_extra, "server_estimate_gib": server, "shared_trials_in_unshared_2": fit}
+            "memory_per_trial_ratio_8": eight["memory_per_trial_gib"] / base["memory_per_trial_gib"],
+            "one_more_shared_trial_gib": per_extra, "shared_trials_in_unshared_2": fit}
 
 
 # ---- part 2: the search's worth at equal compute ----
@@ -245,9 +262,10 @@ def write(results: dict) -> None:
         fused = arms["shared_4"]["server"]
         lines += ["", f"- 4 shared against 2 unshared: **{t['examples_per_s_ratio']:.2f}x** aggregate examples/s "
                       f"(goal >= 1.0x), **{t['memory_per_trial_ratio']:.2f}x** memory per running trial (goal <= 0.5x).",
-                  f"- One more shared trial adds {t['one_more_shared_trial_gib']:.2f} GiB (8 against 4 shared); the server "
-                  f"and model account for about {t['server_estimate_gib']:.2f} GiB. In the memory today's 2 unshared "
-                  f"trials take, **{t['shared_trials_in_unshared_2']} shared trials** fit.",
+                  f"- 8 shared trials: {t['memory_per_trial_ratio_8']:.2f}x the memory per running trial. One more "
+                  f"shared trial adds {t['one_more_shared_trial_gib']:.2f} GiB (8 against 4); the server holds the "
+                  f"model and one pass's activations. In the memory today's 2 unshared trials take, shared trials "
+                  f"fit: {t['shared_trials_in_unshared_2']}.",
                   f"- Resident memory: an unshared trial's process {arms['unshared_2']['trial_rss_gib']:.2f} GiB, a "
                   f"shared trial's {arms['shared_4']['trial_rss_gib']:.2f} GiB, the server "
                   f"{arms['shared_4']['server_rss_gib']:.2f} GiB (RSS counts shared library pages in each process; "
