@@ -144,11 +144,15 @@ class BackboneServer:
     async def _drain(self) -> None:
         try:
             while self.pending:
-                await self._gather()
+                if self.pass_tokens:
+                    await self._gather()
+                # without fusion (a CPU), one request at a time, first come first served: its trial gets
+                # its reply as soon as its pass ends, and works on while the next one's pass runs
+                budget = MAX_FUSED_TOKENS if self.pass_tokens else 0
                 kind, taken, rest, tokens = self.pending[0][0], [], [], 0
                 for item in self.pending:
                     size = item[2].tokens
-                    if item[0] == kind and (not taken or tokens + size <= MAX_FUSED_TOKENS):
+                    if item[0] == kind and (not taken or tokens + size <= budget):
                         taken.append(item)
                         tokens += size
                     else:
