@@ -396,6 +396,9 @@ def search_config(values: dict, source: str | None = None, default_name: str = "
     if asha_metric in RANK_ONLY_METRICS and train.eval_mode != "rank":
         raise ConfigError("asha_metric", asha_metric, f"one of {', '.join(SEARCH_METRICS)} with exact-match "
                                                       f"evaluation, or train.eval_mode: rank", source)
+    if merged["startup_trials"] is not None and merged["sampler"] != "tpe":
+        raise ConfigError("startup_trials", merged["startup_trials"], f"null with sampler: {merged['sampler']} (only "
+                                                                      f"tpe has start-up trials)", source)
     if merged["shared_backbone"] and merged["gpus_per_trial"] > 1:
         raise ConfigError("gpus_per_trial", merged["gpus_per_trial"], "at most 1 with shared_backbone: true (a trial's "
                                                                       "share of the one GPU its server uses)", source)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -28,7 +29,7 @@ from search.storage import STUDY_FILE, SearchStorage, WorkingCopyStorage, copy_s
 from search.tracking import finish_search_run, load_target, start_search_run
 from spaces import DEFAULT_POINTS, SPACES, CustomSpace
 from trainables.config import ADAPTATION_STEPS
-from trainables.shared import server_key, stop_servers
+from trainables.shared import IDLE_EXIT_S, server_key, stop_servers
 from trainables.tasks import is_task_file
 from trainables.trainable import tune_trial
 
@@ -227,7 +228,11 @@ def _fit(tuner: tune.Tuner, search: SearchStorage, tracking, cfg: SearchConfig) 
         results = fit_unless_interrupted(tuner, search.storage_path, search.name)
     finally:
         if cfg.shared_backbone:
-            stop_servers(server_key(cfg.name, cfg.storage_path))
+            try:
+                stop_servers(server_key(cfg.name, cfg.storage_path))
+            except Exception as error:  # Ray gone: its servers with it; never hide the search's own error
+                print(f"softprompt: could not stop the search's backbone servers ({error}); an idle one exits "
+                      f"after {IDLE_EXIT_S // 60} min", file=sys.stderr)
     if tracking:
         finish_search_run(SearchRecord.load(search.storage_path, search.name))
     return results

@@ -105,6 +105,8 @@ CASES = [
     ("shared-backbone-gpus", lambda c: S(c, {"shared_backbone": True, "gpus_per_trial": 2}),
      ["gpus_per_trial = 2", "at most 1 with shared_backbone: true"]),
     ("startup-trials-0", lambda c: S(c, {"startup_trials": 0}), ["startup_trials = 0", "an integer >= 1 or null"]),
+    ("startup-trials-random", lambda c: S(c, {"startup_trials": 3, "sampler": "random"}),
+     ["startup_trials = 3", "null with sampler: random"]),
     ("seeds-text", lambda c: S(c, {"seeds": "three"}), ["seeds = 'three'", "an integer >= 1"]),
     ("seeds-and-seed-space", lambda c: S(c, {"seeds": 2, "space": {"seed": {"choices": [1, 2]}}}),
      ["space.seed", "left out with seeds > 1"]),

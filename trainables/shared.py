@@ -23,6 +23,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 import torch
@@ -42,6 +43,7 @@ PASS_TOKENS = {"cpu": 0}
 GATHER_FRACTION = 0.1      # a pass waits up to this share of the previous pass's time for the other trials,
 GATHER_S = (0.005, 0.5)    # and at least and at most this long (a trial's round trip between passes: ~1-3 ms)
 IDLE_CLIENT_S = 2.0        # a trial not heard from for this long (or 3 passes) is not waited for
+IDLE_EXIT_S = 1800         # a server without requests for this long exits
 
 
 @dataclass
@@ -71,8 +73,8 @@ class BackboneServer:
     """The frozen model, once, and the fused passes of every trial that uses it (a Ray actor)."""
 
     def __init__(self, model: str, dtype: str, gpu: str | None, pass_tokens: int | None = None):
-        if gpu is not None:  # before CUDA starts: this server's GPU is its trials' GPU, whatever Ray set
-            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        # before CUDA starts: this server's GPU is its trials' GPU, whatever Ray set; none for trials without one
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu if gpu is not None else ""
         torch.set_num_threads(len(os.sched_getaffinity(0)))  # it holds no CPU of its own: the trials wait on it
         self.backbone = load_backbone(model, dtype, default_device())
         self.pass_tokens = pass_tokens if pass_tokens is not None else PASS_TOKENS.get(self.backbone.device.type,
@@ -85,6 +87,9 @@ class BackboneServer:
         # rounds: batches of requests taken together; passes: forward(/backward)s run for them
         self.counts = {"rounds": 0, "passes": 0, "requests": 0, "rows": 0, "max_fused": 0}
         self.joined = 0  # trials that connected
+        self.broken: Exception | None = None
+        self.last_request = time.monotonic()
+        self.idle_watch = None
 
     def describe(self) -> dict:
         b = self.backbone
@@ -122,7 +127,9 @@ class BackboneServer:
 
     async def _submit(self, kind: str, client: str, request):
         reply = asyncio.get_running_loop().create_future()
-        self.clients[client] = time.monotonic()
+        if self.idle_watch is None:
+            self.idle_watch = asyncio.ensure_future(self._exit_when_idle())
+        self.clients[client] = self.last_request = time.monotonic()
         self.pending.append((kind, client, request, reply))
         if not self.draining:
             self.draining = True
@@ -159,34 +166,58 @@ class BackboneServer:
                         rest.append(item)
                 self.pending = rest
                 started = time.monotonic()
-                requests = [item[2] for item in taken]
                 try:
-                    results = await asyncio.get_running_loop().run_in_executor(self.executor, self._run, kind, requests)
-                except Exception as error:  # the pass failed: each of its trials hears why
-                    for item in taken:
-                        if not item[3].done():  # done: its trial hung up
-                            item[3].set_exception(error)
-                else:
-                    for item, result in zip(taken, results):
-                        if not item[3].done():
-                            item[3].set_result(result)
+                    results = await asyncio.get_running_loop().run_in_executor(
+                        self.executor, self._run, kind, [item[2] for item in taken])
+                except BaseException as error:  # not a pass's own error (those are results): every one hears it
+                    results = [error] * len(taken)
+                for item, result in zip(taken, results):
+                    if item[3].done():  # its trial hung up
+                        continue
+                    if isinstance(result, BaseException):
+                        item[3].set_exception(result)
+                    else:
+                        item[3].set_result(result)
                 self.last_pass_s = time.monotonic() - started
+                self.last_request = time.monotonic()
                 self.counts["rounds"] += 1
                 self.counts["requests"] += len(taken)
                 self.counts["max_fused"] = max(self.counts["max_fused"], len(taken))
+                if self.broken is not None:  # its trials have their error; Ray retries them on a new server
+                    os._exit(1)
         finally:
             self.draining = False
 
     def _run(self, kind: str, requests: list) -> list:
-        """One fused pass; if it runs out of GPU memory, its halves, each alone."""
+        """Each request's result, or the error that its own rows caused. A round that fails is
+        split in halves until the request at fault is alone, so one trial's out-of-memory or bad
+        input ends that trial only. A CUDA error other than out-of-memory leaves the GPU context
+        unusable: every request of the round gets it, and the server exits (`broken`)."""
+        out_of_memory = False
         try:
             return (self._train_pass if kind == "train" else self._score_pass)(requests)
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as error:
             if len(requests) == 1:
-                raise
+                return [error]
+            out_of_memory = True  # retried below, outside this block: its traceback holds the pass's tensors
+        except Exception as error:
+            if "CUDA error" in str(error) or type(error).__name__ == "AcceleratorError":
+                self.broken = error
+                return [error] * len(requests)
+            if len(requests) == 1:
+                return [error]
+        if out_of_memory and torch.cuda.is_available():
             torch.cuda.empty_cache()
-            half = len(requests) // 2
-            return self._run(kind, requests[:half]) + self._run(kind, requests[half:])
+        half = len(requests) // 2
+        return self._run(kind, requests[:half]) + self._run(kind, requests[half:])
+
+    async def _exit_when_idle(self) -> None:
+        """A server no request reached for IDLE_EXIT_S exits: a search whose driver was killed and
+        never resumed does not hold the model (and, on a GPU, memory Ray does not see) for ever."""
+        while True:
+            await asyncio.sleep(60)
+            if not self.pending and time.monotonic() - self.last_request > IDLE_EXIT_S:
+                os._exit(0)
 
     def _train_pass(self, requests: list[TrainRequest]) -> list[tuple[float, torch.Tensor]]:
         """The requests' losses and gradients, in passes of at most `pass_tokens` (a request whole)."""
@@ -287,8 +318,10 @@ class RemotePromptedModel:
 
 
 def server_key(search: str, storage_path: str) -> str:
-    """Names a search's servers: its name, and where it is stored (two searches may share a name)."""
-    return f"{search}-{hashlib.sha256(storage_path.encode()).hexdigest()[:8]}"
+    """Names a search's servers: its name, and where it is stored (two searches in different folders
+    may share a name; a local path is made absolute, as two drivers may start from different folders)."""
+    where = storage_path if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
+    return f"{search}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
 _CLIENTS: dict[str, SharedBackbone] = {}  # by server name
