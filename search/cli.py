@@ -117,7 +117,8 @@ def cmd_search_run(args) -> int:
           f"space {cfg.space if isinstance(cfg.space, str) else 'custom'}"
           + (f" (a grid of {cfg.trials} cells)" if cfg.sampler == "grid" else "") + f", scheduler {cfg.scheduler}"
           + (f" (by {cfg.asha_metric})" if cfg.scheduler == "asha" and cfg.asha_metric != cfg.metric else "")
-          + f", metric {cfg.metric}" + (f", tracked in {tracking_uri}" if tracking_uri else ""))
+          + f", metric {cfg.metric}" + (", through one shared backbone per node" if cfg.shared_backbone else "")
+          + (f", tracked in {tracking_uri}" if tracking_uri else ""))
     run_search(cfg, tracking_uri=tracking_uri)
     return _finish_search(cfg.storage_path, cfg.name)
 

@@ -281,3 +281,12 @@ def test_shared_backbone_is_refused_with_more_than_one_gpu_per_trial(tiny_llama_
         shared_search(tiny_llama_dir, tmp_path, gpus_per_trial=2)
     with pytest.raises(ConfigError, match="shared_backbone.*true or false"):
         shared_search(tiny_llama_dir, tmp_path, shared_backbone="yes")
+
+
+def test_the_shared_example_config_is_valid_and_shares():
+    from pathlib import Path
+
+    from search.config import load_search_config
+
+    cfg = load_search_config(Path(__file__).parents[1] / "examples" / "shared.yaml")
+    assert (cfg.shared_backbone, cfg.concurrency, cfg.cpus_per_trial, cfg.startup_trials) == (True, 4, 0.5, 5)
