@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -209,12 +210,17 @@ ARMS = {
 }
 
 
-def worth(budget_s: float, seeds: int, storage: Path) -> dict:
+def worth(budget_s: float, seeds: int, storage: Path, arms: list[str], saved: dict | None = None) -> dict:
+    """Runs `arms`; the saved result's other arms are kept (same budget only)."""
     backbone = load_backbone(MODEL)
     data = prepare_data(TrainConfig(model=MODEL, task=TASK, max_test_examples=None), backbone)
     base = {"zero_shot_test_accuracy": zero_shot(TrainConfig(model=MODEL, task=TASK), backbone, data)["accuracy"],
-            "test_examples": len(data.splits["test"]), "budget_s": budget_s, "seeds": seeds, "arms": {}}
+            "test_examples": len(data.splits["test"]), "budget_s": budget_s, "arms": {}}
+    if saved and saved.get("budget_s") == budget_s:
+        base["arms"] = {arm: result for arm, result in saved["arms"].items() if arm not in arms}
     for arm, settings in ARMS.items():
+        if arm not in arms:
+            continue
         runs = []
         for seed in range(seeds):
             values = {"name": f"{arm}-{seed}", "space": "quick", "metric": "best_dev_accuracy", "seed": seed,
@@ -237,7 +243,7 @@ def worth(budget_s: float, seeds: int, storage: Path) -> dict:
             print(f"{arm} seed {seed}: {len(record.trials)} trials, {runs[-1]['trial_steps']} trial-steps, "
                   f"winner test {test:.4f} ({wall:.0f} s)", flush=True)
         tests = [r["test_accuracy"] for r in runs]
-        base["arms"][arm] = {"runs": runs, "median_test": statistics.median(tests), "min_test": min(tests),
+        base["arms"][arm] = {"seeds": seeds, "runs": runs, "median_test": statistics.median(tests), "min_test": min(tests),
                              "max_test": max(tests), "sd_test": statistics.stdev(tests) if len(tests) > 1 else 0.0,
                              "median_trials": statistics.median(r["trials"] for r in runs),
                              "median_trial_steps": statistics.median(r["trial_steps"] for r in runs)}
@@ -260,31 +266,46 @@ def write(results: dict) -> None:
             lines.append(f"| {names[key]} | {arm['trials']} | {arm['examples_per_s']:.2f} | "
                          f"{arm['memory_added_gib']:.2f} GiB | {arm['memory_per_trial_gib']:.2f} GiB |")
         fused = arms["shared_4"]["server"]
+        unshared_gib = arms["unshared_2"]["memory_per_trial_gib"]
+        server_gib = arms["shared_4"]["memory_added_gib"] - 4 * t["one_more_shared_trial_gib"]
+        per = t["one_more_shared_trial_gib"]
+        break_even = math.floor(server_gib / (unshared_gib - per)) + 1 if unshared_gib > per else "no"
+        rates = {int(k): v for k, v in t["pass_sizes"].items()}
+        first_rate, best_rate = rates[min(rates)], max(rates.values())
         lines += ["", f"- 4 shared against 2 unshared: **{t['examples_per_s_ratio']:.2f}x** aggregate examples/s "
                       f"(goal >= 1.0x), **{t['memory_per_trial_ratio']:.2f}x** memory per running trial (goal <= 0.5x).",
-                  f"- 8 shared trials: {t['memory_per_trial_ratio_8']:.2f}x the memory per running trial. One more "
-                  f"shared trial adds {t['one_more_shared_trial_gib']:.2f} GiB (8 against 4); the server holds the "
-                  f"model and one pass's activations. In the memory today's 2 unshared trials take, shared trials "
-                  f"fit: {t['shared_trials_in_unshared_2']}.",
+                  f"- 8 shared trials: **{t['memory_per_trial_ratio_8']:.2f}x** the memory per running trial. One more "
+                  f"shared trial adds {t['one_more_shared_trial_gib']:.2f} GiB (8 against 4); the server itself, with "
+                  f"the model and one pass's activations, about {server_gib:.2f} GiB. So n shared trials take about "
+                  f"{server_gib:.2f} + {t['one_more_shared_trial_gib']:.2f} n GiB against {unshared_gib:.2f} n unshared: "
+                  f"sharing saves memory from {break_even} trials at once. In the memory today's 2 unshared trials "
+                  f"take ({arms['unshared_2']['memory_added_gib']:.2f} GiB), shared trials fit: "
+                  f"{t['shared_trials_in_unshared_2']} (the server alone takes most of it).",
                   f"- Resident memory: an unshared trial's process {arms['unshared_2']['trial_rss_gib']:.2f} GiB, a "
                   f"shared trial's {arms['shared_4']['trial_rss_gib']:.2f} GiB, the server "
                   f"{arms['shared_4']['server_rss_gib']:.2f} GiB (RSS counts shared library pages in each process; "
                   f"the table's machine-level figures do not).",
-                  f"- Why a CPU server runs each trial's batch as its own pass: one process on every core ran "
-                  + ", ".join(f"{v:.2f} examples/s at {k} rows" for k, v in t["pass_sizes"].items())
-                  + " per pass. A bigger pass is slower per example here; on a GPU a small one is launch-bound.",
-                  f"- The 4-trial server took its {fused['requests']} requests in {fused['rounds']} rounds (up to "
-                  f"{fused['max_fused']} trials in one) and ran {fused['passes']} forward passes for them.", ""]
+                  f"- Pass size on this CPU (one process on every core, loss and backward, the same 64 examples in "
+                  f"turns): " + ", ".join(f"{v:.2f} examples/s at {k} rows" for k, v in t["pass_sizes"].items())
+                  + f" per pass. A bigger pass is no faster per example here (best {best_rate:.2f} against "
+                  f"{first_rate:.2f} at 8 rows), so a CPU server runs each trial's batch as its own pass, one "
+                  f"trial's activations at a time; on a GPU a small pass is launch-bound, and the server fuses.",
+                  f"- The 4-trial server took its {fused['requests']} requests in {fused['rounds']} rounds and ran "
+                  f"{fused['passes']} passes (at most {fused['max_fused']} trial per round: no fusion on a CPU).",
+                  f"- Why sharing is slower here: two unshared trials are two processes of one thread each, the "
+                  f"fastest way to use 2 cores; the server is one process of 2 threads "
+                  f"({first_rate:.2f} examples/s at 8 rows alone, above), and the shared trials' own processes "
+                  f"(optimizer steps, reports, Ray calls) take CPU from it.", ""]
     w = results.get("worth")
     if w:
         lines += [f"## The search's worth at equal compute: {w['budget_s']:.0f} s of the whole machine per arm, "
-                  f"{w['seeds']} seeds", "",
+                  f"{', '.join(sorted({str(a.get('seeds', len(a['runs']))) for a in w['arms'].values()}))} seeds", "",
                   f"Every arm's winner scored on the whole test split ({w['test_examples']} examples); zero-shot: "
                   f"{w['zero_shot_test_accuracy']:.4f}.", "",
-                  "| arm | median test accuracy | min - max | sd | median trials | median trial-steps |",
-                  "|---|---|---|---|---|---|"]
-        for arm, a in w["arms"].items():
-            lines.append(f"| {arm} | {a['median_test']:.4f} | {a['min_test']:.4f} - {a['max_test']:.4f} | "
+                  "| arm | seeds | median test accuracy | min - max | sd | median trials | median trial-steps |",
+                  "|---|---|---|---|---|---|---|"]
+        for arm, a in sorted(w["arms"].items()):
+            lines.append(f"| {arm} | {len(a['runs'])} | {a['median_test']:.4f} | {a['min_test']:.4f} - {a['max_test']:.4f} | "
                          f"{a['sd_test']:.4f} | {a['median_trials']:g} | {a['median_trial_steps']:g} |")
         lines += [""]
     if results.get("reading"):
@@ -297,6 +318,7 @@ def main() -> None:
     parser.add_argument("--part", choices=["throughput", "worth", "both"], default="both")
     parser.add_argument("--budget-s", type=float, default=150.0, help="wall-clock seconds per arm and seed (part 2)")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--arms", default=",".join(ARMS), help="part 2's arms to run (the saved others are kept)")
     args = parser.parse_args()
     saved = RESULTS / "shared.json"
     results = json.loads(saved.read_text()) if saved.is_file() else {}
@@ -311,7 +333,7 @@ def main() -> None:
     if args.part in ("worth", "both"):
         storage = Path(tempfile.mkdtemp(prefix="bench-shared-"))
         try:
-            results["worth"] = worth(args.budget_s, args.seeds, storage)
+            results["worth"] = worth(args.budget_s, args.seeds, storage, args.arms.split(","), results.get("worth"))
         finally:
             shutil.rmtree(storage, ignore_errors=True)
         write(results)

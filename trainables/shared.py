@@ -36,9 +36,9 @@ from trainables.prompt import GroupDropout, InputDropout, SoftPrompt, class_scor
 NAMESPACE = "softprompt"   # servers live outside any one driver's namespace: a resumed search finds them
 MAX_FUSED_TOKENS = 32768   # rows x padded width of the requests one round takes; one request is never split
 # ... and of one forward/backward within a round. On a GPU one pass takes the whole round: a small
-# pass is launch-bound (bench/results/gpu.md). On a CPU a bigger pass is slower per example (SmolLM2,
-# 2 cores: 5.14 examples/s at 8 rows, 4.65 at 16, 4.14 at 32; bench/results/shared.md) and keeps
-# about 1 MB of activations per token: there each trial's batch is its own pass, through the one copy.
+# pass is launch-bound (bench/results/gpu.md). On a CPU a bigger pass is no faster per example
+# (SmolLM2, 2 cores: 5.62 examples/s at 8 rows, 5.75 at 16, 5.24 at 32; bench/results/shared.md)
+# and holds about 1 MB of activations per token: there each trial's batch is its own pass.
 PASS_TOKENS = {"cpu": 0}
 GATHER_FRACTION = 0.1      # a pass waits up to this share of the previous pass's time for the other trials,
 GATHER_S = (0.005, 0.5)    # and at least and at most this long (a trial's round trip between passes: ~1-3 ms)
@@ -72,11 +72,13 @@ class ScoreRequest:
 class BackboneServer:
     """The frozen model, once, and the fused passes of every trial that uses it (a Ray actor)."""
 
-    def __init__(self, model: str, dtype: str, gpu: str | None, pass_tokens: int | None = None):
+    def __init__(self, model: str, dtype: str, gpu: str | None, pass_tokens: int | None = None,
+                 min_gather_s: float = GATHER_S[0]):
         # before CUDA starts: this server's GPU is its trials' GPU, whatever Ray set; none for trials without one
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu if gpu is not None else ""
         torch.set_num_threads(len(os.sched_getaffinity(0)))  # it holds no CPU of its own: the trials wait on it
         self.backbone = load_backbone(model, dtype, default_device())
+        self.min_gather_s = min_gather_s
         self.pass_tokens = pass_tokens if pass_tokens is not None else PASS_TOKENS.get(self.backbone.device.type,
                                                                                        MAX_FUSED_TOKENS)
         self.pending: list[tuple[str, str, object, asyncio.Future]] = []  # kind, client, request, reply
@@ -140,7 +142,7 @@ class BackboneServer:
         """Wait briefly until every trial heard from lately has a request in: the trials of the last
         pass are stepping their optimizers, and a pass without them would split the round in two."""
         started = time.monotonic()
-        deadline = started + min(max(GATHER_S[0], GATHER_FRACTION * self.last_pass_s), GATHER_S[1])
+        deadline = started + min(max(self.min_gather_s, GATHER_FRACTION * self.last_pass_s), GATHER_S[1])
         idle = max(IDLE_CLIENT_S, 3 * self.last_pass_s)
         while time.monotonic() < deadline:
             waiting = {client for _, client, _, _ in self.pending}
@@ -327,10 +329,10 @@ def server_key(search: str, storage_path: str) -> str:
 _CLIENTS: dict[str, SharedBackbone] = {}  # by server name
 
 
-def connect(key: str, model: str, dtype: str, pass_tokens: int | None = None) -> tuple[SharedBackbone, bool]:
-    """The server of this trial's node (and GPU) for `model`, started if there is none (with
-    `pass_tokens`, if given, instead of its device's PASS_TOKENS); returns the trial's view of it and
-    whether the model was loaded before (for another trial)."""
+def connect(key: str, model: str, dtype: str, **options) -> tuple[SharedBackbone, bool]:
+    """The server of this trial's node (and GPU) for `model`, started if there is none (`options`:
+    BackboneServer's pass_tokens and min_gather_s); returns the trial's view of it and whether the
+    model was loaded before (for another trial)."""
     gpus = ray.get_gpu_ids()
     gpu = str(gpus[0]) if gpus else None
     node = ray.get_runtime_context().get_node_id()
@@ -344,7 +346,7 @@ def connect(key: str, model: str, dtype: str, pass_tokens: int | None = None) ->
             _CLIENTS.pop(name)
     handle = ray.remote(BackboneServer).options(
         name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached", num_cpus=0, max_concurrency=1000,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(model, dtype, gpu, pass_tokens)
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(model, dtype, gpu, **options)
     info = ray.get(handle.join.remote())
     _CLIENTS[name] = SharedBackbone(model, handle, info, load_tokenizer(resolve_model(model)[0]))
     return _CLIENTS[name], info["loaded_before"]
