@@ -17,13 +17,14 @@ from trainables.errors import UserError
 def cmd_train(args) -> int:
     """One prompt-tuning run: progress, then held-out metrics next to the zero-shot baseline."""
     from search.config import load_train_config
-    from trainables.backbone import load_backbone
+    from trainables.backbone import dtype_note, load_backbone
     from trainables.loop import prepare_data, train_and_save
 
     cfg = load_train_config(args.config, args.set)
     backbone = load_backbone(cfg.model, cfg.dtype)
     print(f"backbone {cfg.model} ({backbone.model.config.model_type}, fingerprint {backbone.fingerprint}) "
-          f"loaded in {backbone.load_seconds:.1f} s on {backbone.device}")
+          f"loaded in {backbone.load_seconds:.1f} s on {backbone.device}, {dtype_note(cfg.dtype, backbone.device)}"
+          + (", compiled on first use" if cfg.compile else ""))
     data = prepare_data(cfg, backbone)
     sizes = ", ".join(f"{name} {len(split)}" for name, split in data.splits.items())
     print(f"task {data.name}: {sizes}; verbalizers {data.verbalizers}; template {data.template!r}")
@@ -105,9 +106,12 @@ def _finish_search(storage_path: str, name: str) -> int:
 
 
 def cmd_search_run(args) -> int:
+    import torch
+
     from search.config import load_search_config
     from search.tracking import default_tracking_uri
     from search.tuner import run_search
+    from trainables.backbone import dtype_note
 
     cfg = load_search_config(args.config, args.set)
     tracking_uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
@@ -118,6 +122,8 @@ def cmd_search_run(args) -> int:
           + (f" (a grid of {cfg.trials} cells)" if cfg.sampler == "grid" else "") + f", scheduler {cfg.scheduler}"
           + (f" (by {cfg.asha_metric})" if cfg.scheduler == "asha" and cfg.asha_metric != cfg.metric else "")
           + f", metric {cfg.metric}" + (", through one shared backbone per node" if cfg.shared_backbone else "")
+          + f", {dtype_note(cfg.train.dtype, torch.device('cuda' if cfg.gpus_per_trial else 'cpu'))}"
+          + (", compiled" if cfg.train.compile else "")
           + (f", tracked in {tracking_uri}" if tracking_uri else ""))
     run_search(cfg, tracking_uri=tracking_uri)
     return _finish_search(cfg.storage_path, cfg.name)

@@ -6,6 +6,7 @@ import difflib
 import math
 import os
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
@@ -56,6 +57,10 @@ def number(low: float, high: float | None = None, low_open: bool = False, option
     return Rule(check, text + (" or null" if optional else ""))
 
 
+def _has_cxx() -> bool:
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
 def text(optional: bool = False) -> Rule:
     return Rule(lambda v: (optional and v is None) or (isinstance(v, str) and v.strip() != ""),
                 "a non-empty string" + (" or null" if optional else ""))
@@ -96,6 +101,9 @@ assert set(TASK_RULES) == set(TASK_KEYS), "every task mapping key needs a rule"
 TRAIN_RULES: dict[str, Rule] = {
     "model": text(),
     "dtype": one_of("auto", "float32", "bfloat16", "float16"),
+    "compile": Rule(lambda v: v is False or (v is True and _has_cxx()),
+                    "true or false; true needs a C++ compiler on the PATH (g++, c++ or clang++: inductor builds "
+                    "its CPU kernels with it)"),
     "task": Rule(_valid_task, f"one of {', '.join(task_names())}, a data file ({', '.join(FILE_SUFFIXES)}), "
                               f"or a mapping with dataset: (a hub id, a save_to_disk folder, or files)"),
     "text_column": text(),
@@ -402,6 +410,9 @@ def search_config(values: dict, source: str | None = None, default_name: str = "
     if merged["shared_backbone"] and merged["gpus_per_trial"] > 1:
         raise ConfigError("gpus_per_trial", merged["gpus_per_trial"], "at most 1 with shared_backbone: true (a trial's "
                                                                       "share of the one GPU its server uses)", source)
+    if train.compile and merged["shared_backbone"]:
+        raise ConfigError("train.compile", True, "false with shared_backbone: true (a backbone server runs its "
+                                                 "passes uncompiled)", source)
     points = merged["points_to_evaluate"]
     merged.update(name=merged["name"] or default_name, train=train, checkpoints=checkpoints, asha_metric=asha_metric,
                   points_to_evaluate=tuple(points) if points is not None else None, grace_period=grace,

@@ -45,19 +45,22 @@ def tiny_t5_dir(smollm2_tokenizer, tmp_path_factory):
     return _save_tiny(T5ForConditionalGeneration(config), tok, tmp_path_factory.mktemp("tiny-t5"))
 
 
+# float32: these check the scoring path's logic to 1e-5, which holds in any dtype but is only
+# measurable in float32. `auto` (bfloat16 on a CPU that runs it natively) has its own tests
+# (tests/test_precision.py), and every search a test runs takes `auto`.
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_llama_dir):
-    return load_backbone(str(tiny_llama_dir), device=torch.device("cpu"))
+    return load_backbone(str(tiny_llama_dir), "float32", device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")
 def tiny_t5(tiny_t5_dir):
-    return load_backbone(str(tiny_t5_dir), device=torch.device("cpu"))
+    return load_backbone(str(tiny_t5_dir), "float32", device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")
 def smollm2():
-    return load_backbone("smollm2-135m", device=torch.device("cpu"))
+    return load_backbone("smollm2-135m", "float32", device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")

@@ -152,7 +152,7 @@ def tiny_gemma3(smollm2_tokenizer, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-gemma3")
     Gemma3ForCausalLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
-    backbone = load_backbone(str(folder), device=torch.device("cpu"))
+    backbone = load_backbone(str(folder), "float32", device=torch.device("cpu"))  # exact comparisons
     assert backbone.model.get_input_embeddings().embed_scale == pytest.approx(32 ** 0.5)
     return backbone
 

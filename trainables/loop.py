@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from trainables.backbone import Backbone
+from trainables.backbone import Backbone, compiled_graphs
 from trainables.checkpoint import load_checkpoint, save_checkpoint
 from trainables.config import SELECT_METRICS, TrainConfig
 from trainables.data import EncodedTask, TrainOrder, encode_task, train_batch
@@ -77,6 +77,8 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
     """Tune a soft prompt on `cfg.task`; return the best dev metrics and their test metrics."""
     data = data or prepare_data(cfg, backbone)
     device = backbone.device
+    if cfg.compile and isinstance(backbone, Backbone):
+        backbone.compile()
     prompt = SoftPrompt(initial_prompt(cfg, backbone, data)).to(device)
     current = load_checkpoint(Path(resume_from) / "current", backbone.fingerprint, backbone.width) if resume_from else None
     optimizer_name = resumed_optimizer(cfg.optimizer, current.optimizer_state) if current else cfg.optimizer
@@ -125,7 +127,8 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
         metrics = {"step": done, "train_loss": sum(losses) / len(losses),
                    **{f"dev_{k}": v for k, v in dev.items()}, **best_metrics(best),
                    "best_step": best["step"], "examples_per_s": examples / train_seconds,
-                   "train_s": total_train_seconds}  # inside training steps, since this process started
+                   "train_s": total_train_seconds,  # inside training steps, since this process started
+                   **({"compiled_graphs": compiled_graphs()} if cfg.compile else {})}  # in this worker, so far
         losses, examples, train_seconds = [], 0, 0.0
         if done == cfg.max_steps:  # the last report carries the held-out result of the best prompt
             metrics.update(final_metrics(pm, best["prompt"], data, cfg))

@@ -165,8 +165,8 @@ def _causal_logits(backbone: Backbone, prompts: Prompts, batch: Batch, keep: int
         embeds, mask = prompted_inputs(backbone, prompts, batch.input_ids, batch.attention_mask, dropout)
         start, full_mask, cache = 0, mask, {"use_cache": False}
     positions = start + (mask.cumsum(-1) - 1).clamp(min=0)
-    return backbone.model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions,
-                          logits_to_keep=keep, **cache).logits.float()
+    return backbone(inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions,
+                    logits_to_keep=keep, **cache).logits.float()
 
 
 def target_logprobs(backbone: Backbone, prompts: Prompts, batch: Batch,
@@ -176,8 +176,8 @@ def target_logprobs(backbone: Backbone, prompts: Prompts, batch: Batch,
     if backbone.is_encoder_decoder:
         embeds, mask = prompted_inputs(backbone, prompts, batch.input_ids, batch.attention_mask, dropout)
         decoder_ids = backbone.model.prepare_decoder_input_ids_from_labels(labels=batch.labels)
-        logits = backbone.model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids,
-                                use_cache=False).logits.float()
+        logits = backbone(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids,
+                          use_cache=False).logits.float()
     else:
         logits = _causal_logits(backbone, prompts, batch, batch.labels.shape[1] + 1, dropout)[:, :-1]
     return _gather_targets(logits, batch.labels)
@@ -207,9 +207,9 @@ def class_scores(backbone: Backbone, prompts: Prompts, inputs: list[list[int]],
         embeds, mask = prompted_inputs(backbone, prompts, batch.input_ids, batch.attention_mask)
         encoded = backbone.model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         padded = pad_rows(labels, IGNORE, left=False).to(backbone.device)
-        logits = backbone.model(encoder_outputs=(encoded[owner],), attention_mask=mask[owner],
-                                decoder_input_ids=backbone.model.prepare_decoder_input_ids_from_labels(labels=padded),
-                                use_cache=False).logits.float()
+        logits = backbone(encoder_outputs=(encoded[owner],), attention_mask=mask[owner],
+                          decoder_input_ids=backbone.model.prepare_decoder_input_ids_from_labels(labels=padded),
+                          use_cache=False).logits.float()
         return list(_gather_targets(logits, padded).sum(-1).split(sizes))
     if all(len(t) == 1 for t in labels):  # one pass, one position per row
         batch = input_batch(inputs, pad, seq2seq).to(backbone.device)
