@@ -1,11 +1,16 @@
-"""Core benchmark: does prompt tuning learn, and how fast is our loop against PEFT's?
+"""Core benchmark: does prompt tuning learn, how fast is the loop against this machine's limits and
+against PEFT, and does bfloat16 cost accuracy?
 
-On SmolLM2-135M and rotten_tomatoes, 2 CPU cores:
-1. learning: held-out accuracy zero-shot, with the untrained class-label prompt, and trained;
-2. speed: training examples/s of our loop vs PEFT prompt tuning on the same model, data and batch
-   size, in this same run, blocks interleaved so machine noise hits both sides alike:
-   (a) identical fixed batches, (b) real varied-length data (ours length-bucketed, PEFT shuffled);
-3. peak RSS.
+On SmolLM2-135M and rotten_tomatoes, 2 CPU cores. Parts (`--parts`, each merged into core.json):
+- learning: held-out accuracy (400 test examples) zero-shot, with the untrained class-label prompt,
+  and after 250 AdamW steps, in float32 and in bfloat16, over 3 seeds;
+- speed: training and dev-evaluation examples/s, in one run, blocks interleaved so machine noise hits
+  every arm alike: the loop before issue 21 (float32, the model's default attention, the output
+  head on a strided slice), float32 now, bfloat16 now (what `dtype: auto` picks on this CPU),
+  bfloat16 compiled, and PEFT 0.21 in float32 and bfloat16, all on identical batches; GFLOP/s
+  against matmul peaks measured in the same run; compile time;
+- search: how often torch.compile compiles during a real 8-trial search (the demo with
+  `train.compile: true`), from every trial's reports.
 Writes bench/results/core.md (the README quotes it) and core.json.
 """
 from __future__ import annotations
@@ -13,14 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+from transformers import AutoModelForCausalLM
 
-from trainables.backbone import load_backbone
+from trainables.backbone import (Backbone, compiled_graphs, fingerprint, freeze, load_backbone, load_tokenizer,
+                                 resolve_dtype, resolve_model)
 from trainables.config import TrainConfig
 from trainables.data import IGNORE, TrainOrder, make_batch, pad_rows, train_batch
 from trainables.loop import initial_prompt, prepare_data, train, zero_shot
@@ -57,8 +66,8 @@ def speed(cfg: TrainConfig, steps: int, block: int, dtype: str = "float32") -> d
     pm = PromptedModel(ours_bb, prompt)
     ours_opt = torch.optim.AdamW([prompt.weight], lr=cfg.lr)
 
-    peft_bb = load_backbone(cfg.model, dtype)
-    peft_model = get_peft_model(peft_bb.model, PromptTuningConfig(
+    peft_base = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model)[0], dtype=resolve_dtype(dtype, device))
+    peft_model = get_peft_model(peft_base.to(device), PromptTuningConfig(  # PEFT's usual model: none of our changes
         task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.prompt_length, prompt_tuning_init=PromptTuningInit.RANDOM))
     peft_opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=cfg.lr)
     pad_id = data.pad_id
@@ -108,58 +117,260 @@ def speed(cfg: TrainConfig, steps: int, block: int, dtype: str = "float32") -> d
             "steps": steps, "batch_size": cfg.batch_size}
 
 
-def learning(cfg: TrainConfig) -> dict:
-    backbone = load_backbone(cfg.model, "float32")
-    data = prepare_data(cfg, backbone)
-    untrained = SoftPrompt(initial_prompt(cfg, backbone, data))
+PART_ORDER = ("learning", "speed", "search")
+
+
+def learning(seeds: int, steps: int) -> dict:
+    """Test accuracy after `steps` steps, float32 against bfloat16, seed by seed (the seed moves the
+    init's sampling, the data order and nothing else)."""
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        backbone = load_backbone("smollm2-135m", dtype)
+        base = learning_config(steps)
+        data = prepare_data(base, backbone)
+        runs[dtype] = []
+        for seed in range(seeds):
+            started = time.perf_counter()
+            result = train(base.replace(seed=seed), backbone, data, progress=True)
+            runs[dtype].append({"seed": seed, "test_accuracy": result["test_accuracy"],
+                                "best_dev_accuracy": result["best_dev_accuracy"], "best_step": result["best_step"],
+                                "seconds": time.perf_counter() - started})
+            print(dtype, runs[dtype][-1], flush=True)
+        if dtype == "float32":
+            untrained = SoftPrompt(initial_prompt(base, backbone, data))
+            baselines = {"zero_shot_test_accuracy": zero_shot(base, backbone, data)["accuracy"],
+                         "untrained_prompt_test_accuracy": evaluate(PromptedModel(backbone, untrained), data,
+                                                                    "test")["accuracy"]}
+    mean = {d: float(np.mean([r["test_accuracy"] for r in rs])) for d, rs in runs.items()}
+    return {"runs": runs, "mean_test_accuracy": mean, "difference_points": 100 * (mean["bfloat16"] - mean["float32"]),
+            "test_examples": len(data.splits["test"]), "config": base.to_dict(), **baselines}
+
+
+def learning_config(steps: int) -> TrainConfig:
+    return TrainConfig(prompt_length=20, init="class_label", optimizer="adamw", lr=0.03, batch_size=8,
+                       max_steps=steps, eval_every=50, max_eval_examples=200, max_test_examples=400)
+
+
+def before_issue_21(name: str) -> Backbone:
+    """The loop's backbone as it was: float32, the model's default attention, no contiguous head."""
+    source, _, auto = resolve_model(name)
+    model = auto.from_pretrained(source, dtype=torch.float32)
+    freeze(model)
+    return Backbone(name, model, load_tokenizer(source), fingerprint(model), 0.0)
+
+
+def matmul_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """GFLOP/s of a model-shaped matmul ([600, 576] x [576, 1536], SmolLM2's MLP at a batch of tokens)."""
+    a, b = torch.randn(600, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+    for _ in range(5):
+        a @ b
+    started, n = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        a @ b
+        n += 1
+    return 2 * 600 * 576 * 1536 * n / (time.perf_counter() - started) / 1e9
+
+
+def counted_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def speed_arms(steps: int, block: int, eval_examples: int) -> dict:
+    """Every arm on the same fixed batches (real varied-length data, shuffled), interleaved."""
+    cfg = TrainConfig(max_train_examples=steps * 8, max_eval_examples=eval_examples)
+    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+    ours = {"float32, before": before_issue_21(cfg.model), "float32": load_backbone(cfg.model, "float32"),
+            "bfloat16": load_backbone(cfg.model, "bfloat16"), "bfloat16, compiled": load_backbone(cfg.model, "bfloat16")}
+    data = prepare_data(cfg, ours["float32"])
+    split = data.splits["train"]
+    rng = np.random.default_rng(0)
+    shuffled = [rng.permutation(len(split))[i:i + 8] for i in range(0, steps * 8, 8)]
+    fixed_ours = [make_batch(data, [split.input_ids[i] for i in idx], [split.labels[i] for i in idx]) for idx in shuffled]
+    fixed_peft = [peft_batch(data, idx, data.pad_id) for idx in shuffled]
+    init = initial_prompt(cfg, ours["float32"], data)
+
+    steppers, evaluators = {}, {}
+    for name, backbone in ours.items():
+        prompt = SoftPrompt(init)
+        pm, opt = PromptedModel(backbone, prompt), torch.optim.AdamW([prompt.weight], lr=0.03)
+
+        def step(batch, pm=pm, opt=opt):
+            pm.loss_backward(batch)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return len(batch.classes)
+        steppers[name] = (step, fixed_ours)
+        evaluators[name] = lambda pm=pm: evaluate(pm, data, "dev", "rank", 32)
+    for dtype in ("float32", "bfloat16"):
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model)[0], dtype=getattr(torch, dtype))
+        peft_model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=20,
+                                                              prompt_tuning_init=PromptTuningInit.RANDOM))
+        opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=0.03)
+
+        def step(batch, peft_model=peft_model, opt=opt):
+            ids, mask, labels = batch
+            peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return len(ids)
+        steppers[f"PEFT {dtype}"] = (step, fixed_peft)
+
+    compiled = ours["bfloat16, compiled"]
+    compiled.compile()
     started = time.perf_counter()
-    result = train(cfg, backbone, data, progress=True)
-    return {"zero_shot_test_accuracy": zero_shot(cfg, backbone, data)["accuracy"],
-            "untrained_prompt_test_accuracy": evaluate(PromptedModel(backbone, untrained), data, "test")["accuracy"],
-            "trained_prompt_test_accuracy": result["test_accuracy"],
-            "trained_prompt_best_dev_accuracy": result["best_dev_accuracy"], "best_step": result["best_step"],
-            "train_seconds": time.perf_counter() - started,
-            "test_examples": len(data.splits["test"]), "config": cfg.to_dict()}
+    steppers["bfloat16, compiled"][0](fixed_ours[0])
+    compile_train_s = time.perf_counter() - started
+    started = time.perf_counter()
+    evaluators["bfloat16, compiled"]()
+    compile_eval_s = time.perf_counter() - started
+    graphs_after_warmup = compiled_graphs()
+    for name, (fn, batches) in steppers.items():
+        if name != "bfloat16, compiled":
+            fn(batches[0])  # warm-up
+    counting = PromptedModel(ours["bfloat16"], SoftPrompt(init))  # FLOPs follow shapes, not the dtype
+    train_flops = sum(counted_flops(lambda b=b: counting.loss_backward(b)) for b in fixed_ours)
+    eval_flops = counted_flops(evaluators["bfloat16"])
+
+    totals = {name: [0.0, 0] for name in steppers}
+    arms = list(steppers.items())
+    for number, start in enumerate(range(0, steps, block)):
+        for name, (fn, batches) in arms if number % 2 == 0 else arms[::-1]:
+            seconds, n = timed_steps(fn, batches[start:start + block])
+            totals[name][0] += seconds
+            totals[name][1] += n
+        print(f"speed block {number}: " + ", ".join(f"{k} {n / s:.2f}" for k, (s, n) in totals.items()), flush=True)
+    for name, fn in evaluators.items():
+        if name != "bfloat16, compiled":  # warmed up (and compiled) above
+            fn()
+    eval_seconds = {name: 0.0 for name in evaluators}
+    for rep in range(2):
+        for name, fn in list(evaluators.items())[::(1 if rep == 0 else -1)]:
+            started = time.perf_counter()
+            fn()
+            eval_seconds[name] += time.perf_counter() - started
+    train_rate = {name: n / s for name, (s, n) in totals.items()}
+    eval_rate = {name: 2 * len(data.splits["dev"]) / s for name, s in eval_seconds.items()}
+    train_gflops = {name: train_flops / (totals[name][0] / totals[name][1] * steps * 8) / 1e9
+                    for name in ours}  # the same work on every arm of ours: the flops of all the batches
+    eval_gflops = {name: eval_flops * 2 / eval_seconds[name] / 1e9 for name in ours}
+    return {"train_examples_per_s": train_rate, "eval_examples_per_s": eval_rate,
+            "train_gflop_per_s": train_gflops, "eval_gflop_per_s": eval_gflops, "matmul_peak_gflop_per_s": peaks,
+            "compile": {"first_training_step_s": compile_train_s, "first_evaluation_s": compile_eval_s,
+                        "graphs_after_warmup": graphs_after_warmup, "graphs_after_run": compiled_graphs()},
+            "steps": steps, "eval_examples": len(data.splits["dev"]), "batch_size": 8,
+            "padded_tokens": sum(b.input_ids.numel() for b in fixed_ours)}
+
+
+def search_compiles(storage: Path) -> dict:
+    """The demo's 8-trial search with `train.compile: true`: every trial's last report says how many
+    graphs its worker process had compiled by then."""
+    name = f"compile-{int(time.time())}"
+    started = time.perf_counter()
+    subprocess.run([str(Path(sys.executable).parent / "softprompt"), "search", "run", "examples/demo.yaml", "--set", f"name={name}",
+                    "--set", f"storage_path={storage}", "--set", "train.compile=true", "--tracking-uri", "none"],
+                   check=True, cwd=Path(__file__).parent.parent)
+    seconds = time.perf_counter() - started
+    trials = []
+    for result in sorted((storage / name).glob("*/result.json")):
+        reports = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        last = reports[-1]
+        trials.append({"trial": result.parent.name[:40], "steps": last.get("step"), "compiled_graphs": last.get("compiled_graphs"),
+                       "setup_s": last.get("setup_s"), "reused": last.get("backbone_reused")})
+    return {"trials": trials, "wall_s": seconds}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=250, help="training steps for the learning run")
-    parser.add_argument("--speed-steps", type=int, default=60, help="steps per system in the speed run")
+    parser.add_argument("--parts", default=",".join(PART_ORDER), help=f"comma-separated, of {', '.join(PART_ORDER)} (none: only render core.md from core.json)")
+    parser.add_argument("--steps", type=int, default=250, help="training steps per learning run")
+    parser.add_argument("--seeds", type=int, default=3, help="learning runs per dtype")
+    parser.add_argument("--speed-steps", type=int, default=40, help="steps per arm in the speed run")
+    parser.add_argument("--storage", default="/tmp/softprompt-bench-core", help="the search part's storage path")
     args = parser.parse_args()
     torch.manual_seed(0)
-    cfg = TrainConfig(prompt_length=20, init="class_label", optimizer="adamw", lr=0.03, batch_size=8,
-                      max_steps=args.steps, eval_every=50, max_eval_examples=400)
-    report = {"learning": learning(cfg), "speed": speed(cfg, args.speed_steps, block=10),
-              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-              "torch_threads": torch.get_num_threads()}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "core.json").write_text(json.dumps(report, indent=2))
+    path = RESULTS / "core.json"
+    report = json.loads(path.read_text()) if path.exists() else {}
+    report = {k: v for k, v in report.items() if k in PART_ORDER + ("demo_wall_s",)}  # results of older layouts go
+    for part in args.parts.split(","):
+        if part == "none":  # only render core.md from core.json
+            continue
+        if part == "learning":
+            report["learning"] = learning(args.seeds, args.steps)
+        elif part == "speed":
+            report["speed"] = speed_arms(args.speed_steps, block=5, eval_examples=200)
+        elif part == "search":
+            report["search"] = search_compiles(Path(args.storage))
+        else:
+            parser.error(f"--parts: {part!r} is not one of {', '.join(PART_ORDER)}")
+        report["torch_threads"] = torch.get_num_threads()
+        report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        RESULTS.mkdir(exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
     (RESULTS / "core.md").write_text(render(report))
     print(render(report))
 
 
 def render(r: dict) -> str:
-    lr, sp = r["learning"], r["speed"]
-    rate = sp["examples_per_s"]
-    return f"""# Core benchmark (bench/bench_core.py)
-
-SmolLM2-135M (fp32, CPU, {r['torch_threads']} threads), rotten_tomatoes, batch {sp['batch_size']}.
-
-| held-out test accuracy ({lr['test_examples']} examples) | |
-|---|---|
-| zero-shot (no prompt) | {lr['zero_shot_test_accuracy']:.4f} |
-| 20-token class-label prompt, untrained | {lr['untrained_prompt_test_accuracy']:.4f} |
-| same prompt after {lr['config']['max_steps']} AdamW steps (lr {lr['config']['lr']}, best dev step {lr['best_step']}) | {lr['trained_prompt_test_accuracy']:.4f} |
-
-| training speed, examples/s ({sp['steps']} steps each, interleaved) | softprompt | PEFT 0.21 | ratio |
-|---|---|---|---|
-| identical fixed batches | {rate['fixed_ours']:.2f} | {rate['fixed_peft']:.2f} | {sp['fixed_batches_ratio']:.2f}x |
-| real data (ours length-bucketed, PEFT shuffled) | {rate['epoch_ours']:.2f} | {rate['epoch_peft']:.2f} | {sp['epoch_ratio']:.2f}x |
-
-Padded tokens over the same examples: bucketed {sp['padded_tokens_epoch']['ours_bucketed']}, shuffled {sp['padded_tokens_epoch']['shuffled']}.
-Peak RSS of the whole benchmark process (three backbones loaded over the run): {r['peak_rss_gib']:.2f} GiB.
-"""
+    out = ["# Core benchmark (bench/bench_core.py)", "",
+           f"SmolLM2-135M, rotten_tomatoes, batch 8, CPU ({r.get('torch_threads')} threads; this CPU has AVX512-BF16, "
+           "so `dtype: auto` picks bfloat16 here).", ""]
+    if "learning" in r:
+        lr = r["learning"]
+        runs = lr["runs"]
+        out += [f"## Accuracy: bfloat16 against float32 ({len(runs['float32'])} seeds, {lr['config']['max_steps']} AdamW "
+                f"steps at lr {lr['config']['lr']}, 20-token class-label prompt, {lr['test_examples']} test examples)", "",
+                "| seed | float32 test accuracy | bfloat16 test accuracy | float32 s | bfloat16 s |", "|---|---|---|---|---|"]
+        for a, b in zip(runs["float32"], runs["bfloat16"]):
+            out.append(f"| {a['seed']} | {a['test_accuracy']:.4f} (best dev step {a['best_step']}) | "
+                       f"{b['test_accuracy']:.4f} (best dev step {b['best_step']}) | {a['seconds']:.0f} | {b['seconds']:.0f} |")
+        mean = lr["mean_test_accuracy"]
+        out += [f"| **mean** | **{mean['float32']:.4f}** | **{mean['bfloat16']:.4f}** | | |", "",
+                f"bfloat16 minus float32: **{lr['difference_points']:+.2f} points** (goal: within 1). "
+                f"Zero-shot (no prompt, float32): {lr['zero_shot_test_accuracy']:.4f}; the untrained prompt: "
+                f"{lr['untrained_prompt_test_accuracy']:.4f}.", ""]
+    if "speed" in r:
+        sp = r["speed"]
+        tr, ev, base = sp["train_examples_per_s"], sp["eval_examples_per_s"], "float32, before"
+        peak = sp["matmul_peak_gflop_per_s"]
+        out += [f"## Speed (identical batches, {sp['steps']} steps per arm in interleaved blocks; dev evaluation: "
+                f"{sp['eval_examples']} examples, batch 32, twice per arm)", "",
+                "| | training examples/s | vs before | training GFLOP/s | dev-eval examples/s | vs before | dev-eval GFLOP/s |",
+                "|---|---|---|---|---|---|---|"]
+        for name in tr:
+            if name in ev:
+                out.append(f"| {name} | {tr[name]:.2f} | {tr[name] / tr[base]:.2f}x | {sp['train_gflop_per_s'][name]:.0f} | "
+                           f"{ev[name]:.1f} | {ev[name] / ev[base]:.2f}x | {sp['eval_gflop_per_s'][name]:.0f} |")
+            else:
+                out.append(f"| {name} (its usual model and batches: the model's default attention, right-padded "
+                           f"rows, logits at every position) | {tr[name]:.2f} | "
+                           f"{tr[name] / tr[base]:.2f}x | | | | |")
+        c = sp["compile"]
+        out += ["", f"Matmul peaks in the same run ([600, 576] x [576, 1536]): **{peak['float32']:.0f} GFLOP/s float32, "
+                f"{peak['bfloat16']:.0f} bfloat16**. GFLOP/s counts every matmul and attention FLOP "
+                "(torch's FlopCounterMode) over the padded tokens.", "",
+                f"- `before`: the loop before issue 21 (float32, torch's fused attention, the output head fed a strided "
+                "slice). `float32`, `bfloat16`: now (the head's input made contiguous; bfloat16 with eager attention).",
+                f"- Compiled (`compile: true`): the first training step took **{c['first_training_step_s']:.0f} s** "
+                f"(compiling), the first evaluation **{c['first_evaluation_s']:.0f} s**; "
+                f"{c['graphs_after_warmup']} graphs then, {c['graphs_after_run']} after every batch and evaluation.",
+                f"- PEFT vs ours, same dtype: float32 {tr['float32'] / tr['PEFT float32']:.2f}x, bfloat16 "
+                f"{tr['bfloat16'] / tr['PEFT bfloat16']:.2f}x (ours / PEFT).", ""]
+    if "search" in r:
+        se = r["search"]
+        graphs = [t["compiled_graphs"] for t in se["trials"]]
+        out += ["## Compiles during a real search", "",
+                f"The demo (8 trials, ASHA, 2 at a time) with `train.compile: true`: {se['wall_s']:.0f} s wall. "
+                "Compiled graphs in each trial's worker at its last report (a worker counts every trial it ran): "
+                f"{graphs}.", ""]
+    if "demo_wall_s" in r:
+        d = r["demo_wall_s"]
+        out += ["## The demo from a fresh clone", "", f"`make demo` after install: before {d['before']}, after {d['after']}.", ""]
+    out.append(f"Peak RSS of the last part's process: {r.get('peak_rss_gib', 0):.2f} GiB.")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=10.0, help="of calls timed, each way and size")
     parser.add_argument("--random-weights", action="store_true",
                         help="untrained weights in the architecture of --model, a folder with its config and tokenizer")
-    parser.add_argument("--dtype", default="auto", help="auto: float32 on CPU, bfloat16 on a GPU (as served)")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU and on a CPU that runs it natively, else float32")
     parser.add_argument("--out", default="bench/results/serving.md")
     args = parser.parse_args()
     torch.set_grad_enabled(False)

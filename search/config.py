@@ -302,6 +302,8 @@ def _check_space(space: dict, source: str | None) -> None:
         where = f"space.{name}"
         field = str(name).split("@")[0]
         rule = TRAIN_RULES.get(field) or SPACE_EXTRA_PARAMS.get(field)
+        if field == "compile":
+            raise ConfigError(where, name, "not a space parameter: compiling is search-wide (train.compile)", source)
         if rule is None or field in ("max_steps", "output_dir"):
             raise ConfigError(where, name, "a training field name (optionally field@branch), e.g. lr, prompt_length, init", source)
         if not isinstance(spec, dict) or set(spec) - SPACE_KEYS:

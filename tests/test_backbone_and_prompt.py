@@ -52,7 +52,7 @@ def test_loaded_backbone_is_frozen_in_eval_mode(name, request):
     assert not any(p.requires_grad for p in backbone.model.parameters())
     assert backbone.width == 32
     assert backbone.is_encoder_decoder == (name == "tiny_t5")
-    assert backbone.dtype == torch.float32  # "auto" on CPU
+    assert backbone.dtype == torch.float32  # the fixtures pin float32 (tests/conftest.py)
 
 
 def test_fingerprint_is_stable_across_loads_and_dtypes_but_differs_between_checkpoints(tiny_llama_dir, tiny_llama,

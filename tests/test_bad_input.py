@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from search.cli import main
+from search.config import _has_cxx
 from search.export import export_npy
 from trainables.checkpoint import save_checkpoint
 
@@ -106,7 +107,9 @@ CASES = [
      ["gpus_per_trial = 2", "at most 1 with shared_backbone: true"]),
     ("compile-text", lambda c: S(c, {"train": {"compile": "yes"}}), ["compile = 'yes'", "true or false"]),
     ("compile-shared", lambda c: S(c, {"shared_backbone": True, "train": {"compile": True}}),
-     ["train.compile = True", "false with shared_backbone: true"]),
+     ["compile = True", "false with shared_backbone: true" if _has_cxx() else "needs a C++ compiler"]),
+    ("compile-in-space", lambda c: S(c, {"space": {"compile": {"choices": [False, True]}}}),
+     ["space.compile = 'compile'", "compiling is search-wide (train.compile)"]),
     ("train-compile-number", lambda c: T(c, {"compile": 1}), ["compile = 1", "true or false"]),
     ("startup-trials-0", lambda c: S(c, {"startup_trials": 0}), ["startup_trials = 0", "an integer >= 1 or null"]),
     ("startup-trials-random", lambda c: S(c, {"startup_trials": 3, "sampler": "random"}),

@@ -175,6 +175,7 @@ def test_a_winner_that_does_not_beat_zero_shot_is_called_out_in_the_summary_best
     task = self_labelled_task(tiny_llama, tmp_path)
     config = tiny_search_file(tmp_path, tiny_llama_dir, "below", concurrency=2, space={"prompt_length": {"choices": [2, 4]}},
                               train={"model": str(tiny_llama_dir), "task": str(task), "batch_size": 4, "eval_every": 2,
+                                     "dtype": "float32",  # labelled by the float32 model: ties would flip
                                      "verbalizers": {"neg": "negative", "pos": "positive"}, "max_eval_examples": 20,
                                      "init": "random_uniform", "optimizer": "adamw", "lr": 0.3})
     uri, runs = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "runs")

@@ -208,7 +208,7 @@ def test_a_sliding_window_model_serves_without_cached_prompts_and_scores_right(t
                          max_window_layers=0, tie_word_embeddings=True)
     Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen")
     tokenizer.save_pretrained(tmp_path / "qwen")
-    backbone = load_backbone(str(tmp_path / "qwen"), device=torch.device("cpu"))
+    backbone = load_backbone(str(tmp_path / "qwen"), "float32", device=torch.device("cpu"))  # compared to 1e-5
     assert "sliding_attention" in backbone.model.config.layer_types
     data, _ = encoded(backbone, "rotten_tomatoes", 4)
     prompts = [torch.randn(n, backbone.width, generator=torch.Generator().manual_seed(n)) * 0.5 for n in (3, 6)]

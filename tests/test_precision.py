@@ -5,8 +5,10 @@ compiled pass must give the eager one's loss, gradient and scores."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from search.config import _has_cxx
 from trainables.backbone import attention_for, compiled_graphs, cpu_runs_bf16, load_backbone, resolve_dtype
 from trainables.config import TrainConfig
 from trainables.data import TrainOrder, train_batch
@@ -69,9 +71,12 @@ def test_bfloat16_and_float32_rank_classification_agree_on_at_least_95_percent_o
     print(f"FIGURE precision: bfloat16 and float32 rank classification agree on {agree:.3f} of "
           f"{len(labels)} dev examples; accuracy {accuracy['float32']:.3f} float32, {accuracy['bfloat16']:.3f} bfloat16")
     assert agree >= 0.95
-    assert abs(accuracy["float32"] - accuracy["bfloat16"]) <= 1 - agree
 
 
+needs_cxx = pytest.mark.skipif(not _has_cxx(), reason="torch.compile on a CPU needs a C++ compiler (g++, c++ or clang++)")
+
+
+@needs_cxx
 def test_a_compiled_backbone_gives_the_eager_loss_gradient_and_scores_and_builds_a_bounded_number_of_graphs(
         tiny_llama_dir):
     """Batches of three lengths and two sizes, two prompt lengths, then scoring: one graph per kind
@@ -107,6 +112,7 @@ def test_a_compiled_backbone_gives_the_eager_loss_gradient_and_scores_and_builds
     assert 2 <= graphs <= 4
 
 
+@needs_cxx
 def test_a_compiled_training_run_reports_its_graphs_and_compiles_nothing_after_its_first_evaluation(tiny_llama_dir):
     from trainables.loop import train
 

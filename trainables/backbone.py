@@ -345,10 +345,13 @@ class FloatHead(torch.nn.Module):
     copy costs vocabulary x width x 4 bytes (113 MB for SmolLM2)."""
 
     def __init__(self, head: torch.nn.Linear):
+        """Install it last (float_head), once the model is on its device and in its dtype: its
+        float32 copy is not moved or cast with the model's own weights."""
         super().__init__()
         self.register_buffer("weight32", head.weight.detach().float(), persistent=False)
         self.register_buffer("bias32", None if head.bias is None else head.bias.detach().float(), persistent=False)
         self.__dict__["original"] = head  # not a submodule: the state dict stays the model's own
+        self.eval()
 
     @property
     def weight(self) -> torch.Tensor:
