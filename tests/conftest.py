@@ -45,9 +45,8 @@ def tiny_t5_dir(smollm2_tokenizer, tmp_path_factory):
     return _save_tiny(T5ForConditionalGeneration(config), tok, tmp_path_factory.mktemp("tiny-t5"))
 
 
-# float32: these check the scoring path's logic to 1e-5, which holds in any dtype but is only
-# measurable in float32. `auto` (bfloat16 on a CPU that runs it natively) has its own tests
-# (tests/test_precision.py), and every search a test runs takes `auto`.
+# float32, whatever `auto` picks on the machine: these check the scoring path's logic to 1e-5, which
+# is only measurable in float32. bfloat16 has its own tests (tests/test_precision.py).
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_llama_dir):
     return load_backbone(str(tiny_llama_dir), "float32", device=torch.device("cpu"))

@@ -1,5 +1,5 @@
-"""Precision and compiled passes: `dtype: auto` (bfloat16 where the CPU runs it natively), the
-bfloat16 attention kernel, the output head's contiguous input, and `compile: true`. None of these may
+"""Precision and compiled passes: what `dtype: auto` picks (float32 on a CPU, even one that runs
+bfloat16 natively: bfloat16 training cost accuracy, bench/results/core.md), the bfloat16 attention kernel, the output head's contiguous input, and `compile: true`. None of these may
 trade accuracy away: bfloat16 and float32 rank classification must agree on the dev examples, and a
 compiled pass must give the eager one's loss, gradient and scores."""
 from __future__ import annotations
