@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from adaptation.lm_adapt import AdaptConfig  # numpy and yaml: no torch, no ray
@@ -76,8 +77,9 @@ def _zero_shot_verdict(summary: dict) -> str | None:
             f"prompt; a longer or wider search may find one that helps")
 
 
-def _finish_search(storage_path: str, name: str) -> int:
-    """After a search (new or resumed): the trial table, then the winner against zero-shot."""
+def _finish_search(storage_path: str, name: str, started: float | None = None) -> int:
+    """After a search (new or resumed): the trial table, then the winner against zero-shot; for a search
+    run in this process (`started`), where its time went."""
     from search.record import ERRORED, UNFINISHED, SearchRecord
     from search.verdict import judge_winner
 
@@ -87,6 +89,7 @@ def _finish_search(storage_path: str, name: str) -> int:
     if not record.evaluated():
         print(f"\nno trial has been evaluated yet: `softprompt search resume {name}` continues the search")
         return 1
+    judged = time.perf_counter()
     summary, data = judge_winner(record)
     confirmed = (f", {summary['confirmed']:.4f} on {len(data.splits.get('confirm', ()))} further dev examples"
                  if summary["confirmed"] is not None else "")
@@ -102,10 +105,22 @@ def _finish_search(storage_path: str, name: str) -> int:
     print(f"  prompt: {summary['prompt']}\n  summary: {record.summary_path}")
     if unfinished := sum(r["status"] in (UNFINISHED, ERRORED) for r in record.trials):
         print(f"\n{unfinished} trial(s) unfinished: `softprompt search resume {name}` continues them")
+    if started is not None:
+        wall = time.perf_counter() - started
+        print("\n" + _time_line(record.time_spent(wall, time.perf_counter() - judged), wall, record.config.concurrency))
     return 0
 
 
+def _time_line(spent: dict[str, float], wall: float, slots: int) -> str:
+    """One line: where the search's slot time went, largest first."""
+    total = wall * slots
+    parts = ", ".join(f"{label} {seconds / total:.0%}" for label, seconds in
+                      sorted(spent.items(), key=lambda item: -item[1]) if seconds > 0)
+    return f"time: {wall / 60:.1f} min x {slots} slots = {total:.0f} slot-s: {parts}"
+
+
 def cmd_search_run(args) -> int:
+    started = time.perf_counter()
     import torch
 
     from search.config import load_search_config
@@ -126,7 +141,7 @@ def cmd_search_run(args) -> int:
           + (", compiled" if cfg.train.compile else "")
           + (f", tracked in {tracking_uri}" if tracking_uri else ""))
     run_search(cfg, tracking_uri=tracking_uri)
-    return _finish_search(cfg.storage_path, cfg.name)
+    return _finish_search(cfg.storage_path, cfg.name, started)
 
 
 def cmd_search_resume(args) -> int:

@@ -19,7 +19,7 @@ from trainables.config import ASHA_METRICS, FIELDS, RANK_ONLY_METRICS, SEARCH_ME
 from trainables.data import check_sentinel
 from trainables.evaluate import EVAL_MODES
 from trainables.inits import INITS
-from trainables.optimizers import OPTIMIZERS, PARAMETER_SCALING
+from trainables.optimizers import LR_UNITS, OPTIMIZERS, PARAMETER_SCALING
 from trainables.tasks import (FILE_SUFFIXES, OFFLINE_TASKS, ROLES, TASK_KEYS, TaskError, is_local_source, is_task_file,
                                load_task, task_names)
 
@@ -120,6 +120,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "init_text": text(optional=True),
     "optimizer": one_of(*OPTIMIZERS),
     "lr": number(0, 10, low_open=True, optional=True),
+    "lr_unit": one_of(*LR_UNITS),
     "weight_decay": number(0, 1),
     "parameter_scaling": Rule(lambda v: isinstance(v, bool), "true or false"),
     "warmup_steps": integer(0),
@@ -229,7 +230,8 @@ class SearchConfig:
     metric: str = "best_dev_accuracy"
     asha_metric: str              # what ASHA compares trials by at its rungs (default: metric)
     sampler: str = "tpe"          # tpe | random | grid (a space of choices: lists only; each cell runs once)
-    startup_trials: int | None = None  # tpe: random points before TPE models the results (None: Optuna's 10)
+    startup_trials: int | None = None  # tpe: random points before TPE models the results (None: a quarter of
+                                       # the trials, 2 to 10: search.tuner.startup_trials)
     trials: int = 8               # points the sampler suggests (a grid: its cells); Tune runs trials x seeds
     seeds: int = 1                # runs per point, seeds train.seed + 0..seeds-1: points rank by their mean
     time_limit_s: float | None = None

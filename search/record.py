@@ -24,6 +24,9 @@ RUNNING = "running"  # what a trial reports before its final result: one that en
 CONFIRMED = {"best_dev_accuracy": "confirmed_dev_accuracy", "dev_accuracy": "confirmed_dev_accuracy",
              "best_dev_f1": "confirmed_dev_f1", "dev_f1": "confirmed_dev_f1"}
 SEED = "seed"  # the parameter a search with `seeds` > 1 adds to each trial (search/seeds.py)
+# Where a trial's time went, as its reports count it (trainables.loop.train, trainables.trainable.tune_trial).
+TRIAL_SECONDS = {"setup_s": "start-up", "train_s": "training", "rung_eval_s": "dev scoring at rungs",
+                 "confirm_s": "confirmation"}
 
 
 def save_config(cfg: SearchConfig) -> None:
@@ -105,7 +108,8 @@ class SearchRecord:
             rows.append({"trial_id": trial.trial_id, "status": trial_status(trial),
                          "params": trial.config, "step": last.get("step"), "metric": last.get(cfg.metric),
                          "confirmed": last.get(CONFIRMED.get(cfg.metric, "")), "test_accuracy": last.get("test_accuracy"),
-                         "prompt": search.remote_location(f"{checkpoint}/best") if checkpoint else None})
+                         "prompt": search.remote_location(f"{checkpoint}/best") if checkpoint else None,
+                         "seconds": {key: last.get(key, 0.0) for key in TRIAL_SECONDS}})
         path = search.folder / SUMMARY_FILE
         summary = json.loads(path.read_text()) if path.is_file() else {}
         return cls(search, cfg, rows, summary if "beats_zero_shot" in summary else None)
@@ -159,6 +163,15 @@ class SearchRecord:
                            "confirmed_mean": point["confirmed"], "confirmed_sd": point["confirmed_sd"],
                            "trials": [r["trial_id"] for r in point["trials"]]}} if self.config.seeds > 1 else {}
         return {**best, "prompt": str(self.storage.local_copy(best["prompt"])), **seeds}
+
+    def time_spent(self, wall_s: float, driver_s: float) -> dict[str, float]:
+        """Seconds of the search's slots (`concurrency` x `wall_s`) by what filled them: the trials' own
+        counts, the driver's final scoring (`driver_s`, the whole machine's), and the rest (Ray's start,
+        scheduling, slots left idle)."""
+        spent = {label: sum(r["seconds"][key] for r in self.trials) for key, label in TRIAL_SECONDS.items()}
+        spent["final test scoring"] = driver_s * self.config.concurrency
+        spent["Ray, scheduling and idle slots"] = max(0.0, wall_s * self.config.concurrency - sum(spent.values()))
+        return spent
 
     def summary_of(self, trial_id: str) -> dict | None:
         """The saved summary, if it was written for this winner (a resumed search may have another)."""

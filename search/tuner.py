@@ -45,12 +45,18 @@ class TuneGridSampler(optuna.samplers.GridSampler):
         pass
 
 
+def startup_trials(trials: int) -> int:
+    """TPE's random start-up points for a search of `trials` points: a quarter, 2 to 10. Optuna's fixed 10
+    suits searches of a hundred trials; it turned a search of 10 or fewer into random search."""
+    return max(2, min(10, trials // 4))
+
+
 def build_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
     """The search's Optuna sampler; a grid's cells are its space's choices (search.config allows no other)."""
     if cfg.sampler == "grid":
         return TuneGridSampler(CustomSpace(cfg.space, cfg.checkpoints).grid(), seed=cfg.seed)
-    if cfg.sampler == "tpe" and cfg.startup_trials is not None:
-        return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.startup_trials)
+    if cfg.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.startup_trials or startup_trials(cfg.trials))
     return SAMPLERS[cfg.sampler](seed=cfg.seed)
 
 

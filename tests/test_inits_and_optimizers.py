@@ -186,6 +186,29 @@ def test_a_text_init_prompt_acts_on_a_scaling_model_exactly_as_its_tokens_do(tin
     torch.testing.assert_close(prompted.class_scores(data, inputs), plain.class_scores(data, [words + x for x in inputs]))
 
 
+def reported_lr(backbone, data, **fields) -> float:
+    from trainables.loop import train
+
+    reports = []
+    cfg = TrainConfig(model=backbone.name, batch_size=2, max_steps=1, eval_every=1, max_eval_examples=2, **fields)
+    train(cfg, backbone, data, report=lambda metrics, save: reports.append(metrics), score_test=False)
+    return reports[0]["lr_absolute"]
+
+
+def test_an_lr_in_embedding_rms_units_is_the_same_share_of_any_backbone_s_scale(tiny_llama, tiny_gemma3):
+    """lr_unit embedding_rms: the optimizer gets lr times the RMS of what the model receives for its common
+    tokens, on a model that scales its embeddings (Gemma, by sqrt(width)) as on one that does not."""
+    scales = []
+    for backbone in (tiny_llama, tiny_gemma3):
+        data = tiny_task(backbone)
+        received = backbone.model.get_input_embeddings()(torch.tensor(data.common_token_ids[:VOCAB_SAMPLE_SIZE]))
+        scales.append(float(received.pow(2).mean().sqrt()))
+        assert reported_lr(backbone, data, optimizer="adamw", lr=0.5, lr_unit="embedding_rms") == pytest.approx(0.5 * scales[-1])
+        assert reported_lr(backbone, data, optimizer="adamw", lr=0.5, lr_unit="absolute") == 0.5
+        assert reported_lr(backbone, data, optimizer="adafactor") == DEFAULT_LR["adafactor"]  # no lr: the default
+    assert max(scales) > 1.5 * min(scales)  # the two scales differ: the test tells the units apart
+
+
 # ---- optimizers ----
 
 def test_optimizers_are_registered_by_name():

@@ -132,6 +132,45 @@ def test_a_trial_evaluates_at_its_eval_steps_and_at_the_end(tiny_llama):
     assert steps == [(2, False), (3, False), (7, True)]
 
 
+def test_a_trial_counts_where_its_time_went_and_can_leave_test_to_the_driver(tiny_llama):
+    from trainables.config import TrainConfig
+    from trainables.loop import train
+
+    cfg = TrainConfig(model=tiny_llama.name, batch_size=2, max_steps=4, eval_every=2, max_train_examples=32,
+                      max_eval_examples=4, confirm_examples=8)
+    reports = []
+    result = train(cfg, tiny_llama, report=lambda metrics, save: reports.append(metrics), score_test=False)
+    first, last = reports
+    assert "test_accuracy" not in last and "test_accuracy" not in result and last["confirmed_dev_examples"] == 8
+    assert first["train_s"] > 0 and first["rung_eval_s"] > 0 and first["confirm_s"] == first["test_s"] == 0
+    assert last["train_s"] > first["train_s"] and last["rung_eval_s"] > first["rung_eval_s"]
+    assert last["confirm_s"] > 0 and last["test_s"] == 0
+
+
+def test_where_a_search_s_time_went_adds_up_to_its_slots():
+    from search.cli import _time_line
+    from search.record import SearchRecord
+
+    cfg = search_config({"train": {"task": "rotten_tomatoes"}, "concurrency": 2})
+    seconds = lambda s, t, r, c: {"setup_s": s, "train_s": t, "rung_eval_s": r, "confirm_s": c}
+    record = SearchRecord(None, cfg, [{"seconds": seconds(5, 100, 20, 0)}, {"seconds": seconds(5, 300, 30, 40)}], None)
+    spent = record.time_spent(wall_s=300, driver_s=10)
+    assert spent == {"start-up": 10, "training": 400, "dev scoring at rungs": 50, "confirmation": 40,
+                     "final test scoring": 20, "Ray, scheduling and idle slots": 80}
+    assert _time_line(spent, 300, 2) == ("time: 5.0 min x 2 slots = 600 slot-s: training 67%, Ray, scheduling and "
+                                         "idle slots 13%, dev scoring at rungs 8%, confirmation 7%, final test scoring "
+                                         "3%, start-up 2%")
+
+
+def test_tpe_samples_at_random_for_a_quarter_of_the_trials_2_to_10():
+    from search.tuner import build_sampler, startup_trials
+
+    assert [startup_trials(n) for n in (1, 8, 12, 40, 100, 1000)] == [2, 2, 3, 10, 10, 10]
+    assert build_sampler(search_config({"train": {"task": "rotten_tomatoes"}, "trials": 20}))._n_startup_trials == 5
+    assert build_sampler(search_config({"train": {"task": "rotten_tomatoes"}, "trials": 20,
+                                        "startup_trials": 7}))._n_startup_trials == 7
+
+
 def test_a_trial_confirms_its_best_prompt_on_further_dev_examples(tiny_llama):
     from trainables.config import TrainConfig
     from trainables.evaluate import evaluate
@@ -177,7 +216,8 @@ def test_small_search_runs_the_default_point_first_and_asha_prunes_weak_trials(r
     statuses = [r["status"] for r in rows]
     assert "stopped early" in statuses and "completed" in statuses
     assert all(r["step"] < 8 for r in rows if r["status"] == "stopped early")
-    assert all(r["step"] == 8 and r["test_accuracy"] is not None for r in rows if r["status"] == "completed")
+    # a trial leaves test to the driver, which scores the winner alone (a whole split per trial is waste)
+    assert all(r["step"] == 8 and r["test_accuracy"] is None for r in rows if r["status"] == "completed")
     # trials evaluate (and report) only at their eval steps: ASHA's rungs 2, 4, 8 and every eval_every (2)
     assert cfg.train.eval_steps == (2, 4, 6, 8)
     folder = SearchStorage(cfg.storage_path, cfg.name).folder

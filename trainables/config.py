@@ -51,6 +51,9 @@ class TrainConfig:
     lr: float | None = None           # None: the optimizer's own default (optimizers.DEFAULT_LR: adafactor 0.3,
                                       # adamw 0.03), so a trial whose space picks the optimizer but not the lr
                                       # gets its optimizer's; a search's train.lr, if set, is every such trial's
+    lr_unit: str = "absolute"         # absolute, or embedding_rms: lr times the RMS of the common tokens' embeddings
+                                      # as the model receives them, so one value moves a prompt by the same share
+                                      # of its model's scale on any backbone (optimizers.absolute_lr)
     weight_decay: float = 1e-5
     parameter_scaling: bool = False   # adafactor (and adafactor_hf) only: each step is lr times the prompt's RMS
                                       # (T5X's multiply_by_parameter_scale); the paper's runs: off, Table 6 searched it

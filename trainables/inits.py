@@ -34,11 +34,15 @@ def random_uniform(length: int, ctx: InitContext) -> torch.Tensor:
     return (torch.rand(length, ctx.width, generator=ctx.generator) * 2 - 1) * ctx.scale
 
 
+def embedding_rms(embed: Callable[[list[int]], torch.Tensor], common_token_ids: list[int]) -> float:
+    """The RMS of the most common tokens' embeddings as the model receives them: a backbone's scale."""
+    return float(embed(common_token_ids[:VOCAB_SAMPLE_SIZE]).pow(2).mean().sqrt())
+
+
 def random_uniform_relative(length: int, ctx: InitContext) -> torch.Tensor:
     """Uniform in [-scale, scale] times the RMS of the most common tokens' embeddings: the same
     range on any model, relative to what it receives for real tokens."""
-    rms = ctx.embed(ctx.common_token_ids[:VOCAB_SAMPLE_SIZE]).pow(2).mean().sqrt()
-    return random_uniform(length, ctx) * rms
+    return random_uniform(length, ctx) * embedding_rms(ctx.embed, ctx.common_token_ids)
 
 
 def sampled_vocab(length: int, ctx: InitContext) -> torch.Tensor:

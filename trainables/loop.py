@@ -21,8 +21,8 @@ from trainables.checkpoint import load_checkpoint, save_checkpoint
 from trainables.config import SELECT_METRICS, TrainConfig
 from trainables.data import EncodedTask, TrainOrder, encode_task, train_batch
 from trainables.evaluate import evaluate
-from trainables.inits import INITS, InitContext
-from trainables.optimizers import build_optimizer
+from trainables.inits import INITS, InitContext, embedding_rms
+from trainables.optimizers import absolute_lr, build_optimizer
 from trainables.prompt import InputDropout, PromptedModel, SoftPrompt
 from trainables.shared import RemotePromptedModel, SharedBackbone
 from trainables.tasks import load_task
@@ -73,8 +73,9 @@ def checkpoint_meta(cfg: TrainConfig, backbone: Backbone, data: EncodedTask, ste
 
 
 def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None, report: Reporter | None = None,
-          resume_from: Path | None = None, progress: bool = False) -> dict:
-    """Tune a soft prompt on `cfg.task`; return the best dev metrics and their test metrics."""
+          resume_from: Path | None = None, progress: bool = False, score_test: bool = True) -> dict:
+    """Tune a soft prompt on `cfg.task`; return the best dev metrics and (`score_test`) their test metrics.
+    A search's trials leave test to the driver, which scores its winner alone."""
     data = data or prepare_data(cfg, backbone)
     device = backbone.device
     if cfg.compile and isinstance(backbone, Backbone):
@@ -82,7 +83,8 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
     prompt = SoftPrompt(initial_prompt(cfg, backbone, data)).to(device)
     current = load_checkpoint(Path(resume_from) / "current", backbone.fingerprint, backbone.width) if resume_from else None
     optimizer_name = resumed_optimizer(cfg.optimizer, current.optimizer_state) if current else cfg.optimizer
-    optimizer, schedule = build_optimizer(optimizer_name, prompt.weight, cfg.lr, cfg.weight_decay,
+    lr = absolute_lr(optimizer_name, cfg.lr, cfg.lr_unit, embedding_rms(backbone.embed, data.common_token_ids))
+    optimizer, schedule = build_optimizer(optimizer_name, prompt.weight, lr, cfg.weight_decay,
                                           cfg.warmup_steps, cfg.decay_factor, cfg.max_steps, cfg.decay_steps,
                                           cfg.parameter_scaling)
     start, best = 0, {"dev": None, "step": 0, "prompt": prompt.weight.detach().clone()}
@@ -99,7 +101,8 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
     pm = prompted_model(backbone, prompt)
     order = TrainOrder([len(x) for x in data.splits["train"].input_ids], cfg.batch_size, cfg.seed)
 
-    losses, examples, train_seconds, total_train_seconds, eval_seconds = [], 0, 0.0, 0.0, 0.0
+    losses, examples, train_seconds = [], 0, 0.0
+    seconds = dict.fromkeys(("train_s", "rung_eval_s", "confirm_s", "test_s"), 0.0)  # since this process started
     bar = tqdm(range(start, cfg.max_steps), desc=f"prompt-tuning {data.name}", disable=not progress,
                initial=start, total=cfg.max_steps, unit="step")
     for step in bar:
@@ -112,7 +115,7 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         train_seconds += time.perf_counter() - started
-        total_train_seconds += time.perf_counter() - started
+        seconds["train_s"] += time.perf_counter() - started
         losses.append(loss)
         examples += len(batch.classes)
         bar.set_postfix(loss=f"{loss:.3f}")
@@ -122,18 +125,17 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
             continue
         started = time.perf_counter()
         dev = evaluate(pm, data, "dev", cfg.eval_mode, cfg.eval_batch_size)
+        seconds["rung_eval_s"] += time.perf_counter() - started
         if keeps(dev, best["dev"], cfg.select_metric):
             best = {"dev": dev, "step": done, "prompt": prompt.weight.detach().clone()}
         metrics = {"step": done, "train_loss": sum(losses) / len(losses),
                    **{f"dev_{k}": v for k, v in dev.items()}, **best_metrics(best),
-                   "best_step": best["step"], "examples_per_s": examples / train_seconds,
-                   "train_s": total_train_seconds,  # inside training steps, since this process started
+                   "best_step": best["step"], "lr_absolute": lr, "examples_per_s": examples / train_seconds,
                    **({"compiled_graphs": compiled_graphs()} if cfg.compile else {})}  # in this worker, so far
         losses, examples, train_seconds = [], 0, 0.0
-        if done == cfg.max_steps:  # the last report carries the held-out result of the best prompt
-            metrics.update(final_metrics(pm, best["prompt"], data, cfg))
-        eval_seconds += time.perf_counter() - started
-        metrics["eval_s"] = eval_seconds  # inside dev/test evaluation, since this process started
+        if done == cfg.max_steps:  # the last report carries the kept prompt's confirmation and test scores
+            metrics.update(final_metrics(pm, best["prompt"], data, cfg, score_test, seconds))
+        metrics.update(seconds)
         if progress:
             bar.write(f"step {done}: train_loss {metrics['train_loss']:.4f}  dev_{cfg.select_metric} "
                       f"{dev[cfg.select_metric]:.4f}  best {best['dev'][cfg.select_metric]:.4f} @ {best['step']}")
@@ -148,9 +150,9 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
             report(metrics, save)
 
     if start >= cfg.max_steps:  # resumed from the final checkpoint: nothing left but the result
-        metrics = final_metrics(pm, best["prompt"], data, cfg)
+        metrics = final_metrics(pm, best["prompt"], data, cfg, score_test, seconds)
     return {"best_step": best["step"], **best_metrics(best),
-            **{k: v for k, v in metrics.items() if k.startswith(("test_", "confirmed_"))},
+            **{k: v for k, v in metrics.items() if k.startswith(("test_", "confirmed_")) and k != "test_s"},
             "prompt": best["prompt"].detach().cpu()}
 
 
@@ -183,18 +185,23 @@ def is_eval_step(cfg: TrainConfig, step: int) -> bool:
     return step in cfg.eval_steps if cfg.eval_steps else step % cfg.eval_every == 0
 
 
-def final_metrics(pm: PromptedModel, values: torch.Tensor, data: EncodedTask, cfg: TrainConfig) -> dict:
-    """The best prompt `values` on the test split (`test_*`, with `test_examples`: how many were
-    scored) and, if the task has a confirm split, on it (`confirmed_dev_*`); the current prompt is put
-    back after."""
+def final_metrics(pm: PromptedModel, values: torch.Tensor, data: EncodedTask, cfg: TrainConfig,
+                  score_test: bool = True, seconds: dict | None = None) -> dict:
+    """The best prompt `values` on the test split if `score_test` (`test_*`, with `test_examples`: how
+    many were scored) and, if the task has a confirm split, on it (`confirmed_dev_*`); the current
+    prompt is put back after. `seconds` gets the time each split took added (confirm_s, test_s)."""
     current = pm.prompt.weight.detach().clone()
     confirm = data.splits.get("confirm")
-    splits = {"test": "test_", **({"confirm": "confirmed_dev_"} if confirm else {})}
-    metrics = {"test_examples": len(data.splits["test"]), **({"confirmed_dev_examples": len(confirm)} if confirm else {})}
+    splits = {**({"test": ("test_", "test_s")} if score_test else {}),
+              **({"confirm": ("confirmed_dev_", "confirm_s")} if confirm else {})}
+    metrics, seconds = {}, {} if seconds is None else seconds
     with torch.no_grad():
         pm.prompt.weight.copy_(values)
-        for split, prefix in splits.items():
+        for split, (prefix, timer) in splits.items():
+            metrics[f"{prefix}examples"] = len(data.splits[split])
+            started = time.perf_counter()
             metrics.update({prefix + k: v for k, v in evaluate(pm, data, split, cfg.eval_mode, cfg.eval_batch_size).items()})
+            seconds[timer] = seconds.get(timer, 0.0) + time.perf_counter() - started
         pm.prompt.weight.copy_(current)
     return metrics
 

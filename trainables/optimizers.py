@@ -32,6 +32,18 @@ OPTIMIZERS = {f.__name__: f for f in (adafactor, adamw, adafactor_hf)}
 # The defaults a user gets when naming only the optimizer.
 DEFAULT_LR = {"adafactor": 0.3, "adamw": 0.03, "adafactor_hf": 0.3}
 
+# What a configured lr is measured in: absolute, or in units of the model's embedding RMS (inits.embedding_rms).
+LR_UNITS = ("absolute", "embedding_rms")
+
+
+def absolute_lr(name: str, lr: float | None, unit: str, embedding_rms: float) -> float:
+    """The step size optimizer `name` is given for a configured `lr` in `unit` (None: its absolute default).
+    Adam's and T5X's Adafactor's first steps move every prompt element by about the step size, whatever
+    the gradient's scale, so embedding_rms makes one value the same share of any backbone's embeddings."""
+    if lr is None:
+        return DEFAULT_LR[name]
+    return lr * embedding_rms if unit == "embedding_rms" else lr
+
 # The param-group option that turns on "parameter scaling" (paper Table 6: each step is lr times the
 # prompt's RMS, at least 1e-3), for the optimizers that have it.
 PARAMETER_SCALING = {"adafactor": "multiply_by_parameter_scale", "adafactor_hf": "scale_parameter"}

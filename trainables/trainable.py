@@ -72,7 +72,7 @@ def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: f
     def report(metrics: dict, save) -> None:
         with tempfile.TemporaryDirectory() as folder:
             save(Path(folder))
-            status = "completed" if "test_accuracy" in metrics else "running"
+            status = "completed" if metrics["step"] == cfg.max_steps else "running"
             if tracker:
                 tracker.log({**metrics, **setup}, Path(folder) / "best")
                 if status == "completed":
@@ -82,7 +82,7 @@ def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: f
     checkpoint = tune.get_checkpoint()
     try:
         if checkpoint is None:
-            train(cfg, backbone, data, report=report)
+            train(cfg, backbone, data, report=report, score_test=False)
         else:
             with checkpoint.as_directory() as folder:
                 # a restarted trial (Ray retrying a failure, or a resumed search) says where it picked up
@@ -94,7 +94,7 @@ def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: f
                     # names incomplete. The trial starts over rather than fail: its steps are lost, not it.
                     setup.update(resumed_from_step=0, resume_error=str(error))
                     folder = None
-                train(cfg, backbone, data, report=report, resume_from=Path(folder) if folder else None)
+                train(cfg, backbone, data, report=report, resume_from=Path(folder) if folder else None, score_test=False)
     except (Diverged, torch.OutOfMemoryError) as error:
         status = "diverged" if isinstance(error, Diverged) else "out_of_memory"
         if device.type == "cuda":  # this worker's next trial should not start with the failed one's cache
