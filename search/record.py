@@ -105,8 +105,9 @@ class SearchRecord:
         for trial in analysis.trials:
             last = trial.last_result or {}
             checkpoint = trial.checkpoint.path if trial.checkpoint else None
+            scored = last.get("best_step") != 0  # 0: stopped before any dev scoring (trainables.loop.best_metrics)
             rows.append({"trial_id": trial.trial_id, "status": trial_status(trial),
-                         "params": trial.config, "step": last.get("step"), "metric": last.get(cfg.metric),
+                         "params": trial.config, "step": last.get("step"), "metric": last.get(cfg.metric) if scored else None,
                          "confirmed": last.get(CONFIRMED.get(cfg.metric, "")), "test_accuracy": last.get("test_accuracy"),
                          "prompt": search.remote_location(f"{checkpoint}/best") if checkpoint else None,
                          "seconds": {key: last.get(key, 0.0) for key in TRIAL_SECONDS}})

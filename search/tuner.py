@@ -115,8 +115,13 @@ def _base_fields(cfg: SearchConfig) -> dict:
 def build_trainable(cfg: SearchConfig, trainable=tune_trial, tracking=None):
     tracked = {"tracking": tracking} if tracking else {}  # a trainable need not know about tracking
     shared = {"shared": server_key(cfg.name, cfg.storage_path)} if cfg.shared_backbone else {}
+    # ASHA comparing training losses needs no dev score at a rung, and the kept prompt's (best_dev_*) can wait
+    # until the trial is known to go on: a trial stopped there never scores dev (rung_signals.md: this early,
+    # dev accuracy does not say how a trial ends)
+    later = {"score_after_report": True} if cfg.scheduler == "asha" and cfg.asha_metric == "train_loss" and \
+        cfg.metric.startswith("best_dev_") else {}
     with_params = tune.with_parameters(trainable, base=_base_fields(cfg), metric=cfg.metric, mode=cfg.mode,
-                                       gpu_fraction=cfg.gpus_per_trial, **tracked, **shared)
+                                       gpu_fraction=cfg.gpus_per_trial, **tracked, **shared, **later)
     return tune.with_resources(with_params, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
 
 

@@ -75,7 +75,7 @@ def study(cfg) -> optuna.Study:
 
 # ---- 1. a trial's worker process is killed mid-training ----
 
-def parked_after_first_checkpoint(config, base, metric, mode, gpu_fraction=0.0, tracking=None):
+def parked_after_first_checkpoint(config, base, metric, mode, gpu_fraction=0.0, tracking=None, **options):
     """The real trainable; but the first trial to start, on its first attempt, writes down its process
     and trial id after its first checkpoint is registered and parks there, so the test can SIGKILL the
     worker mid-training at a known point."""
@@ -97,7 +97,7 @@ def parked_after_first_checkpoint(config, base, metric, mode, gpu_fraction=0.0, 
                 time.sleep(120)  # killed long before this ends
 
             tune.report = report_then_park  # this worker process dies with the patch
-    tune_trial(config, base, metric, mode, gpu_fraction, tracking)
+    tune_trial(config, base, metric, mode, gpu_fraction, tracking, **options)
 
 
 def kill_when_parked(victim: Path, killed: dict) -> None:
@@ -243,7 +243,7 @@ def test_secrets_in_the_environment_never_reach_output_files_or_mlflow(killed_an
 
 # ---- 3. a trial diverges or runs out of memory ----
 
-def out_of_memory_at_prompt_length_3(config, base, metric, mode, gpu_fraction=0.0, tracking=None):
+def out_of_memory_at_prompt_length_3(config, base, metric, mode, gpu_fraction=0.0, tracking=None, **options):
     """The real trainable; but a trial with prompt_length 3 runs out of memory after its first report, as a
     too-large batch on a too-small GPU does (a CPU cannot be made to raise it on purpose)."""
     import trainables.trainable as trainable
@@ -259,7 +259,7 @@ def out_of_memory_at_prompt_length_3(config, base, metric, mode, gpu_fraction=0.
     if config["prompt_length"] == 3:
         trainable.train = train_until_out_of_memory
     try:
-        trainable.tune_trial(config, base, metric, mode, gpu_fraction, tracking)
+        trainable.tune_trial(config, base, metric, mode, gpu_fraction, tracking, **options)
     finally:
         trainable.train = real_train  # workers are reused by later trials
 

@@ -132,6 +132,29 @@ def test_a_trial_evaluates_at_its_eval_steps_and_at_the_end(tiny_llama):
     assert steps == [(2, False), (3, False), (7, True)]
 
 
+def test_a_trial_under_a_training_loss_scheduler_scores_dev_only_once_it_is_kept_going(tiny_llama):
+    """With score_after_report, a rung's report comes before its dev scoring (Tune returns from report only
+    to a trial its scheduler keeps); the prompt kept and the final result are those of scoring first."""
+    from trainables.config import TrainConfig
+    from trainables.loop import train
+
+    cfg = TrainConfig(model=tiny_llama.name, batch_size=2, max_steps=6, eval_steps=(2, 4), max_train_examples=32,
+                      max_eval_examples=8, lr=0.3, optimizer="adamw")
+    runs = {}
+    for later in (False, True):
+        reports = []
+        result = train(cfg, tiny_llama, report=lambda metrics, save: reports.append(dict(metrics)), score_after_report=later)
+        runs[later] = (reports, result)
+    (first, second, last), result = runs[True]
+    assert first["best_step"] == 0 and first["best_dev_accuracy"] == 0.0 and first["rung_eval_s"] == 0.0
+    assert "dev_accuracy" not in first and "dev_accuracy" not in second
+    assert second["rung_eval_s"] > 0  # step 2's prompt, scored after its report
+    eager, _ = runs[False]
+    assert second["best_step"] == eager[0]["best_step"] and second["best_dev_accuracy"] == eager[0]["best_dev_accuracy"]
+    assert last["best_dev_accuracy"] == eager[-1]["best_dev_accuracy"] and last["dev_accuracy"] == eager[-1]["dev_accuracy"]
+    torch.testing.assert_close(result["prompt"], runs[False][1]["prompt"])
+
+
 def test_a_trial_counts_where_its_time_went_and_can_leave_test_to_the_driver(tiny_llama):
     from trainables.config import TrainConfig
     from trainables.loop import train

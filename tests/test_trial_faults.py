@@ -81,7 +81,7 @@ def test_a_diverged_trial_reports_every_metric_asha_and_optuna_read_and_the_sear
     assert_the_diverged_trial_ended_with_every_worst_value_and_the_search_went_on(cfg)
 
 
-def reports_only_the_search_metric_on_failure(config, base, metric, mode, gpu_fraction=0.0, tracking=None):
+def reports_only_the_search_metric_on_failure(config, base, metric, mode, gpu_fraction=0.0, tracking=None, **options):
     """The real trainable, but a failed trial's last report carries only the search metric, as softprompt's
     did before issue 15: it leaves a search that Ray ended mid-way, as an older version left it."""
     from trainables.trainable import tune_trial
@@ -95,7 +95,7 @@ def reports_only_the_search_metric_on_failure(config, base, metric, mode, gpu_fr
 
     tune.report = trimmed
     try:
-        tune_trial(config, base, metric, mode, gpu_fraction, tracking)
+        tune_trial(config, base, metric, mode, gpu_fraction, tracking, **options)
     finally:
         tune.report = report  # workers are reused by later trials
 
@@ -229,7 +229,7 @@ def test_a_select_metric_that_contradicts_the_search_metric_is_refused(tiny_llam
 DAMAGED_SEARCH = None  # the search folder the damaging trainable works in (pickled with it by value)
 
 
-def tune_trial(config, base, metric, mode, gpu_fraction=0.0, tracking=None):
+def tune_trial(config, base, metric, mode, gpu_fraction=0.0, tracking=None, **options):
     """The real trainable; but its first attempt, once its first checkpoint is stored, deletes that
     checkpoint's current/prompt.json and fails, as a driver killed while Ray prunes or uploads
     checkpoints leaves one (Ray then retries the trial from it)."""
@@ -246,7 +246,7 @@ def tune_trial(config, base, metric, mode, gpu_fraction=0.0, tracking=None):
     if tune.get_checkpoint() is None:
         tune.report = report_then_damage
     try:
-        trainable.tune_trial(config, base, metric, mode, gpu_fraction, tracking)
+        trainable.tune_trial(config, base, metric, mode, gpu_fraction, tracking, **options)
     finally:
         tune.report = report  # workers are reused by later trials
 

@@ -73,9 +73,14 @@ def checkpoint_meta(cfg: TrainConfig, backbone: Backbone, data: EncodedTask, ste
 
 
 def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None, report: Reporter | None = None,
-          resume_from: Path | None = None, progress: bool = False, score_test: bool = True) -> dict:
+          resume_from: Path | None = None, progress: bool = False, score_test: bool = True,
+          score_after_report: bool = False) -> dict:
     """Tune a soft prompt on `cfg.task`; return the best dev metrics and (`score_test`) their test metrics.
-    A search's trials leave test to the driver, which scores its winner alone."""
+    A search's trials leave test to the driver, which scores its winner alone. With `score_after_report`
+    (a search whose scheduler compares training losses), an evaluation before the last reports first and
+    scores dev only once `report` returns: Tune returns only to a trial its scheduler keeps, so a trial
+    stopped there never pays for scoring a prompt it will not keep. (A trial resumed from such a report's
+    checkpoint keeps its prompt from its later evaluations.)"""
     data = data or prepare_data(cfg, backbone)
     device = backbone.device
     if cfg.compile and isinstance(backbone, Backbone):
@@ -96,13 +101,22 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
         schedule.load_state_dict(current.meta["scheduler"])
         start = current.meta["step"]
         # the kept prompt's dev metrics (dev_accuracy only, in checkpoints made before select_metric)
-        best = {"dev": {k.removeprefix("dev_"): v for k, v in best_saved.meta["metrics"].items()},
+        best = {"dev": {k.removeprefix("dev_"): v for k, v in best_saved.meta["metrics"].items()} or None,
                 "step": best_saved.meta["step"], "prompt": best_saved.prompt.to(device)}
     pm = prompted_model(backbone, prompt)
     order = TrainOrder([len(x) for x in data.splits["train"].input_ids], cfg.batch_size, cfg.seed)
 
     losses, examples, train_seconds = [], 0, 0.0
     seconds = dict.fromkeys(("train_s", "rung_eval_s", "confirm_s", "test_s"), 0.0)  # since this process started
+
+    def score_dev(best: dict, step: int) -> tuple[dict, dict]:
+        """The current prompt on dev, and what is kept after it."""
+        started = time.perf_counter()
+        dev = evaluate(pm, data, "dev", cfg.eval_mode, cfg.eval_batch_size)
+        seconds["rung_eval_s"] += time.perf_counter() - started
+        kept = {"dev": dev, "step": step, "prompt": prompt.weight.detach().clone()}
+        return dev, kept if keeps(dev, best["dev"], cfg.select_metric) else best
+
     bar = tqdm(range(start, cfg.max_steps), desc=f"prompt-tuning {data.name}", disable=not progress,
                initial=start, total=cfg.max_steps, unit="step")
     for step in bar:
@@ -123,13 +137,11 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
         done = step + 1
         if not is_eval_step(cfg, done):
             continue
-        started = time.perf_counter()
-        dev = evaluate(pm, data, "dev", cfg.eval_mode, cfg.eval_batch_size)
-        seconds["rung_eval_s"] += time.perf_counter() - started
-        if keeps(dev, best["dev"], cfg.select_metric):
-            best = {"dev": dev, "step": done, "prompt": prompt.weight.detach().clone()}
+        deferred = score_after_report and done < cfg.max_steps
+        if not deferred:
+            dev, best = score_dev(best, done)
         metrics = {"step": done, "train_loss": sum(losses) / len(losses),
-                   **{f"dev_{k}": v for k, v in dev.items()}, **best_metrics(best),
+                   **({} if deferred else {f"dev_{k}": v for k, v in dev.items()}), **best_metrics(best),
                    "best_step": best["step"], "lr_absolute": lr, "examples_per_s": examples / train_seconds,
                    **({"compiled_graphs": compiled_graphs()} if cfg.compile else {})}  # in this worker, so far
         losses, examples, train_seconds = [], 0, 0.0
@@ -146,8 +158,10 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
                                  "scheduler": schedule.state_dict()}, optimizer.state_dict())
                 save_checkpoint(Path(folder) / "best", best["prompt"],
                                 checkpoint_meta(cfg, backbone, data, best["step"],
-                                                {f"dev_{k}": v for k, v in best["dev"].items()}))
+                                                {f"dev_{k}": v for k, v in (best["dev"] or {}).items()}))
             report(metrics, save)
+        if deferred:
+            dev, best = score_dev(best, done)
 
     if start >= cfg.max_steps:  # resumed from the final checkpoint: nothing left but the result
         metrics = final_metrics(pm, best["prompt"], data, cfg, score_test, seconds)
@@ -173,7 +187,10 @@ def keeps(dev: dict, best_dev: dict | None, select_metric: str) -> bool:
 
 def best_metrics(best: dict) -> dict:
     """The kept prompt's dev accuracy and f1, as `best_dev_*`: each is the highest so far only when it
-    is the select_metric. (Checkpoints made before select_metric kept dev accuracy only.)"""
+    is the select_metric. (Checkpoints made before select_metric kept dev accuracy only.) Before any
+    evaluation, 0: Tune needs the search metric in every report, and `best_step` 0 says none was scored."""
+    if best["dev"] is None:
+        return {f"best_dev_{k}": 0.0 for k in SELECT_METRICS}
     return {f"best_dev_{k}": best["dev"][k] for k in SELECT_METRICS if k in best["dev"]}
 
 

@@ -50,10 +50,11 @@ def worst_metrics(metric: str, mode: str) -> dict:
 
 
 def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: float = 0.0,
-               tracking: TrackingTarget | None = None, shared: str | None = None) -> None:
+               tracking: TrackingTarget | None = None, shared: str | None = None, score_after_report: bool = False) -> None:
     """`config` holds this trial's sampled parameters, `base` the search's fixed TrainConfig fields;
     `tracking`, if given, is where the trial's MLflow child run goes; `shared`, if given, names the
-    search's backbone servers (trainables/shared.py), which then hold the model and do the passes."""
+    search's backbone servers (trainables/shared.py), which then hold the model and do the passes;
+    `score_after_report`: the scheduler reads no dev score (trainables.loop.train)."""
     cfg = trial_config(config, base)
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint is noise
     started = time.perf_counter()
@@ -82,7 +83,7 @@ def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: f
     checkpoint = tune.get_checkpoint()
     try:
         if checkpoint is None:
-            train(cfg, backbone, data, report=report, score_test=False)
+            train(cfg, backbone, data, report=report, score_test=False, score_after_report=score_after_report)
         else:
             with checkpoint.as_directory() as folder:
                 # a restarted trial (Ray retrying a failure, or a resumed search) says where it picked up
@@ -94,7 +95,8 @@ def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: f
                     # names incomplete. The trial starts over rather than fail: its steps are lost, not it.
                     setup.update(resumed_from_step=0, resume_error=str(error))
                     folder = None
-                train(cfg, backbone, data, report=report, resume_from=Path(folder) if folder else None, score_test=False)
+                train(cfg, backbone, data, report=report, resume_from=Path(folder) if folder else None, score_test=False,
+                      score_after_report=score_after_report)
     except (Diverged, torch.OutOfMemoryError) as error:
         status = "diverged" if isinstance(error, Diverged) else "out_of_memory"
         if device.type == "cuda":  # this worker's next trial should not start with the failed one's cache
