@@ -64,10 +64,11 @@ def prompted_model(backbone: Backbone | SharedBackbone, prompt: SoftPrompt) -> P
 
 
 def checkpoint_meta(cfg: TrainConfig, backbone: Backbone, data: EncodedTask, step: int, metrics: dict) -> dict:
-    """What a prompt belongs to; the template and verbalizers travel with it to every export, so a
-    served prompt formats raw input as it was trained."""
+    """What a prompt belongs to; the template, verbalizers and label values travel with it to every
+    export, so a served prompt formats raw input as it was trained and answers in the task's labels."""
     return {"backbone": cfg.model, "fingerprint": backbone.fingerprint, "init": cfg.init, "task": data.name,
-            "template": data.template, "verbalizers": data.verbalizers, "sentinel": data.sentinel, "step": step,
+            "template": data.template, "verbalizers": data.verbalizers, "labels": data.labels or data.verbalizers,
+            "sentinel": data.sentinel, "step": step,
             "metrics": metrics,
             "config": cfg.to_dict()}
 

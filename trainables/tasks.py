@@ -47,9 +47,14 @@ class TaskError(UserError):
 @dataclass
 class Task:
     name: str
-    verbalizers: list[str]
+    verbalizers: list[str]        # per class: the string the model is trained to produce
     splits: datasets.DatasetDict  # train / dev / test, columns: input, label
     template: str = "{text}"      # a row's raw columns -> its input; "{text}": the text is the input
+    labels: list[str] | None = None  # per class: its label value as the task's data names it (a served
+                                     # model answers with these); None: the verbalizers
+
+    def __post_init__(self):
+        self.labels = self.labels or list(self.verbalizers)
 
 
 def package_file(package: str, relative: str, install_hint: str) -> Path:
@@ -359,7 +364,7 @@ def build_task(name: str, raw: datasets.DatasetDict, roles: dict, template: str,
                               roles["train"])
     splits = datasets.DatasetDict({role: parts[role] if role in parts and (role in carve or role == "train")
                                    else _rows(*rows[roles[role]]) for role in ROLES})
-    return Task(name, strings, splits, template)
+    return Task(name, strings, splits, template, labels=keys)
 
 
 def label_keys(verbalizers: list | dict | None, names: list[str] | None, values, where: Where) -> tuple[list[str], list[str]]:
