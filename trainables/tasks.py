@@ -189,13 +189,16 @@ class Where:
 
 
 @contextlib.contextmanager
-def _no_progress_bars():
-    """A bar per read of a local file is noise (and breaks one-line errors)."""
-    shown = datasets.is_progress_bar_enabled()
+def _quiet_reads():
+    """A bar per read of a local file is noise (and breaks one-line errors), and so is the line
+    datasets logs about a file it cannot read: the TaskError says it."""
+    shown, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         yield
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if shown:
             datasets.enable_progress_bars()
 
@@ -218,7 +221,7 @@ def read_rows(source: str, where: Where) -> datasets.Dataset:
         raise where.fail("dataset", f"{where.source}: unknown format {suffix!r}; allowed: {', '.join(FILE_SUFFIXES)}")
     if not (glob.glob(source) if _is_glob(source) else Path(source).exists()):
         raise where.fail("dataset", f"{where.source} does not exist" + (" (the glob matches no file)" if _is_glob(source) else ""))
-    with _no_progress_bars():
+    with _quiet_reads():
         try:
             return datasets.load_dataset(kind, data_files=source, split="train")
         except Exception as error:  # datasets raises many types for unreadable files
@@ -235,14 +238,14 @@ def read_dataset(spec: dict, where: Where, load_dataset: Callable) -> datasets.D
     source = spec["dataset"]
     path = Path(source)
     if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
-        with _no_progress_bars():
+        with _quiet_reads():
             try:
                 loaded = datasets.load_from_disk(source)  # a save_to_disk folder
             except Exception as error:  # damaged or partly written folders raise many types
                 raise where.fail("dataset", f"{where.source} could not be read as a save_to_disk folder "
                                             f"({type(error).__name__}: {_short(error)})") from None
     elif path.is_dir():  # a folder of files: datasets names the splits by the files' names (train, dev, test...)
-        with _no_progress_bars():
+        with _quiet_reads():
             try:
                 loaded = datasets.load_dataset(source)
             except Exception as error:
