@@ -66,6 +66,37 @@ def check_config(cfg: AdaptConfig) -> None:
         raise ConfigError("--workers", cfg.workers, "a positive whole number")
     if not cfg.lr > 0:
         raise ConfigError("--lr", cfg.lr, "a positive learning rate")
+    if "://" in cfg.out:  # Path() would make s3://B/P a local folder `s3:/B/P`
+        raise ConfigError("--out", cfg.out, "a folder (the checkpoints are written by transformers' save_pretrained, "
+                                            "which takes paths, not URIs); on a cluster, one every node mounts")
+
+
+# Filesystems every node of a cluster can mount (fuse: s3fs, gcsfuse, ...): /proc/mounts' type names.
+SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "glusterfs", "beegfs", "9p", "fuse")
+
+
+def filesystem_type(path: str | Path) -> str | None:
+    """The type of the filesystem `path` (or the folder it would be made in) is on, as /proc/mounts
+    names it; None where there is no /proc/mounts (not Linux)."""
+    path = Path(path).expanduser().resolve()
+    while not path.exists():
+        path = path.parent
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return None
+    mounted = {point.replace("\\040", " "): kind for point, kind in mounts}
+    return next((mounted[str(p)] for p in (path, *path.parents) if str(p) in mounted), None)
+
+
+def check_out_shared(out: str, other_nodes: bool, filesystem: str | None) -> None:
+    """With nodes beside this one (alive, or an autoscaler's to add), rank 0 may run on any of them and
+    writes OUT/step-N there, while this driver writes the manifest here: OUT must be storage every node
+    mounts, not a disk of this machine's own. An unknown filesystem (None) is trusted."""
+    if other_nodes and filesystem is not None and filesystem.split(".")[0] not in SHARED_FILESYSTEMS:
+        raise ConfigError("--out", out, f"a folder every node of this Ray cluster mounts (NFS, EFS, Lustre, a FUSE "
+                                        f"bucket mount...): it is on a {filesystem} filesystem of this machine only, "
+                                        f"and other nodes would write their checkpoints to their own disks")
 
 
 def model_source(name: str) -> str:
@@ -337,6 +368,8 @@ def run_adaptation(cfg: AdaptConfig, worker=train_worker) -> Path:
     from ray.train.torch import TorchTrainer
     from transformers import AutoTokenizer
 
+    from search.resources import addable_node_types
+
     check_config(cfg)
     source = model_source(cfg.model)
     texts = read_corpus(cfg.corpus, cfg.text_column, cfg.corpus_config)
@@ -346,6 +379,8 @@ def run_adaptation(cfg: AdaptConfig, worker=train_worker) -> Path:
     if not ray.is_initialized():  # with its dashboard: Ray Train watches its controller through the state API
         ray.init(include_dashboard=True, configure_logging=False, logging_level="WARNING")
     workers, use_gpu, threads = _cluster_workers(cfg, started_here)
+    alive = sum(1 for node in ray.nodes() if node["Alive"])
+    check_out_shared(cfg.out, alive > 1 or bool(addable_node_types(started_here)), filesystem_type(cfg.out))
     out = Path(cfg.out).resolve()
     cfg = dataclasses.replace(cfg, out=str(out), workers=workers)
     check_resumed_job(cfg, out / STATE_DIR)

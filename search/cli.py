@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from adaptation.lm_adapt import AdaptConfig  # numpy and yaml: no torch, no ray
-from search.configfile import STORAGE_PATH, ConfigError, check_tracking_uri
+from search.configfile import SEARCH_RULES, STORAGE_PATH, ConfigError, check_fields, check_tracking_uri, search_values
 from search.jobs import DEFAULT_ADDRESS  # yaml and the config file helpers: no torch, no ray, for a fast --help
 from trainables.errors import UserError
 
@@ -121,26 +121,35 @@ def _time_line(spent: dict[str, float], wall: float, slots: int) -> str:
 
 def cmd_search_run(args) -> int:
     started = time.perf_counter()
+    # what the file alone tells is refused before torch and Ray are imported, which takes seconds
+    values = search_values(args.config, args.set)
+    check_fields(values, SEARCH_RULES, args.config)
+    if args.tracking_uri:
+        check_tracking_uri(args.tracking_uri)
+
     import torch
 
-    from search.config import load_search_config
+    from search.config import search_config
     from search.tracking import default_tracking_uri
     from search.tuner import run_search
     from trainables.backbone import dtype_note
 
-    cfg = load_search_config(args.config, args.set)
+    cfg = search_config(values, source=args.config, default_name=Path(args.config).stem)
     tracking_uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
     trials = (f"{cfg.trials} points x {cfg.seeds} seeds = {cfg.trials * cfg.seeds} trials" if cfg.seeds > 1
               else f"{cfg.trials} trials")
-    print(f"search {cfg.name}: {trials} of up to {cfg.train.max_steps} steps, {cfg.concurrency} at a time, "
-          f"space {cfg.space if isinstance(cfg.space, str) else 'custom'}"
-          + (f" (a grid of {cfg.trials} cells)" if cfg.sampler == "grid" else "") + f", scheduler {cfg.scheduler}"
-          + (f" (by {cfg.asha_metric})" if cfg.scheduler == "asha" and cfg.asha_metric != cfg.metric else "")
-          + f", metric {cfg.metric}" + (", through one shared backbone per node" if cfg.shared_backbone else "")
-          + f", {dtype_note(cfg.train.dtype, torch.device('cuda' if cfg.gpus_per_trial else 'cpu'))}"
-          + (", compiled" if cfg.train.compile else "")
-          + (f", tracked in {tracking_uri}" if tracking_uri else ""))
-    run_search(cfg, tracking_uri=tracking_uri)
+
+    def announce() -> None:  # run_search calls it once storage and resources are checked: a refusal comes alone
+        print(f"search {cfg.name}: {trials} of up to {cfg.train.max_steps} steps, {cfg.concurrency} at a time, "
+              f"space {cfg.space if isinstance(cfg.space, str) else 'custom'}"
+              + (f" (a grid of {cfg.trials} cells)" if cfg.sampler == "grid" else "") + f", scheduler {cfg.scheduler}"
+              + (f" (by {cfg.asha_metric})" if cfg.scheduler == "asha" and cfg.asha_metric != cfg.metric else "")
+              + f", metric {cfg.metric}" + (", through one shared backbone per node" if cfg.shared_backbone else "")
+              + f", {dtype_note(cfg.train.dtype, torch.device('cuda' if cfg.gpus_per_trial else 'cpu'))}"
+              + (", compiled" if cfg.train.compile else "")
+              + (f", tracked in {tracking_uri}" if tracking_uri else ""), flush=True)
+
+    run_search(cfg, tracking_uri=tracking_uri, announce=announce)
     return _finish_search(cfg.storage_path, cfg.name, started)
 
 

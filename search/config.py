@@ -2,17 +2,16 @@
 allowed, so inner code can trust what it gets."""
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from adaptation.manifest import expand_manifests
-from search.configfile import STORAGE_PATH, ConfigError, load_yaml, parse_overrides
+from search.configfile import (MAX_TRIALS, SEARCH_RULES, STORAGE_PATH, ConfigError, Rule, check_fields, integer,
+                               is_int, is_number, load_yaml, number, one_of, parse_overrides, search_values, text)
 from spaces import CustomSpace
 from trainables.backbone import MODELS_ALLOWED, model_problem
 from trainables.config import ASHA_METRICS, FIELDS, RANK_ONLY_METRICS, SEARCH_METRICS, SELECT_METRICS, TrainConfig
@@ -24,46 +23,8 @@ from trainables.tasks import (FILE_SUFFIXES, OFFLINE_TASKS, ROLES, TASK_KEYS, Ta
                                load_task, task_names)
 
 
-@dataclass(frozen=True)
-class Rule:
-    check: Callable[[object], bool]
-    allowed: str
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def one_of(*choices, optional: bool = False) -> Rule:
-    return Rule(lambda v: (optional and v is None) or v in choices,
-                "one of " + ", ".join(map(str, choices)) + (" or null" if optional else ""))
-
-
-def integer(low: int, high: int | None = None, optional: bool = False) -> Rule:
-    text = f"an integer >= {low}" + (f" and <= {high}" if high is not None else "") + (" or null" if optional else "")
-    return Rule(lambda v: (optional and v is None) or (_is_int(v) and v >= low and (high is None or v <= high)), text)
-
-
-def number(low: float, high: float | None = None, low_open: bool = False, optional: bool = False) -> Rule:
-    def check(v) -> bool:
-        if optional and v is None:
-            return True
-        return _is_number(v) and (v > low if low_open else v >= low) and (high is None or v <= high)
-    text = f"a finite number {'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-    return Rule(check, text + (" or null" if optional else ""))
-
-
 def _has_cxx() -> bool:
     return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
-
-
-def text(optional: bool = False) -> Rule:
-    return Rule(lambda v: (optional and v is None) or (isinstance(v, str) and v.strip() != ""),
-                "a non-empty string" + (" or null" if optional else ""))
 
 
 def _valid_task(v) -> bool:
@@ -126,13 +87,13 @@ TRAIN_RULES: dict[str, Rule] = {
     "warmup_steps": integer(0),
     "decay_factor": number(0, 1, low_open=True, optional=True),
     "decay_steps": integer(1, optional=True),
-    "dropout": Rule(lambda v: _is_number(v) and 0 <= v < 1, "a finite number >= 0 and < 1"),
+    "dropout": Rule(lambda v: is_number(v) and 0 <= v < 1, "a finite number >= 0 and < 1"),
     "sentinel": Rule(lambda v: isinstance(v, bool), "true or false"),
     "batch_size": integer(1, 4096),
     "max_steps": integer(1),
     "eval_every": integer(1),
     "eval_steps": Rule(lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) > 0
-                                               and all(_is_int(x) and x >= 1 for x in v)),
+                                               and all(is_int(x) and x >= 1 for x in v)),
                        "null or a list of steps (integers >= 1)"),
     "eval_mode": one_of(*EVAL_MODES),
     "eval_batch_size": integer(1, 4096),
@@ -141,16 +102,6 @@ TRAIN_RULES: dict[str, Rule] = {
     "output_dir": text(),
 }
 assert set(TRAIN_RULES) == set(FIELDS), "every TrainConfig field needs a rule"
-
-
-def check_fields(values: dict, rules: dict[str, Rule], source: str | None, prefix: str = "") -> None:
-    for key, value in values.items():
-        if key not in rules:
-            close = difflib.get_close_matches(str(key), rules, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(prefix + str(key), value, f"unknown field; {hint}known fields: {', '.join(rules)}", source)
-        if not rules[key].check(value):
-            raise ConfigError(prefix + key, value, rules[key].allowed, source)
 
 
 def check_model_name(field: str, name: str, source: str | None) -> None:
@@ -255,7 +206,6 @@ class SearchConfig:
         return ASHA_METRICS[self.asha_metric]
 
 
-MAX_TRIALS = 10_000  # points per search (a grid search's cells)
 
 # What a search config file leaves out: None where the field's default comes from other fields;
 # max_steps, every trial's budget, becomes train.max_steps.
@@ -263,34 +213,6 @@ SEARCH_DEFAULTS = {**{f.name: None if f.default is MISSING else f.default for f 
                    "train": {}, "max_steps": 100}
 
 
-SEARCH_RULES: dict[str, Rule] = {
-    "name": Rule(lambda v: isinstance(v, str) and v.replace("-", "").replace("_", "").isalnum(), "letters, digits, '-' and '_'"),
-    "train": Rule(lambda v: isinstance(v, dict), "a mapping of training fields (see `softprompt train --help`)"),
-    "space": Rule(lambda v: isinstance(v, dict) or v in ("quick", "paper"), "quick, paper, or a mapping of parameters"),
-    "checkpoints": Rule(lambda v: v is None or (isinstance(v, list) and v and all(isinstance(x, str) and x for x in v)),
-                        "a non-empty list of model names (offline alias, hub id or local folder) or "
-                        "`softprompt lm-adapt` manifests"),
-    "points_to_evaluate": Rule(lambda v: v is None or (isinstance(v, list) and all(isinstance(p, dict) for p in v)),
-                               "null or a list of parameter mappings"),
-    "metric": one_of(*SEARCH_METRICS),
-    "asha_metric": one_of(*ASHA_METRICS, optional=True),
-    "sampler": one_of("tpe", "random", "grid"),
-    "startup_trials": integer(1, optional=True),
-    "trials": integer(1, MAX_TRIALS),
-    "seeds": integer(1, 100),
-    "max_steps": integer(1),
-    "time_limit_s": number(0, low_open=True, optional=True),
-    "scheduler": one_of("asha", "none"),
-    "grace_period": integer(1, optional=True),
-    "reduction_factor": integer(2, 16),
-    "concurrency": integer(1, 1024),
-    "cpus_per_trial": number(0, low_open=True),
-    "gpus_per_trial": number(0, 64),
-    "shared_backbone": Rule(lambda v: isinstance(v, bool), "true or false"),
-    "storage_path": text(),
-    "seed": integer(0),
-    "max_failures": integer(0, 100),
-}
 assert set(SEARCH_RULES) == set(SEARCH_DEFAULTS), "every SearchConfig field needs a rule"
 SPACE_KEYS = {"choices", "low", "high", "log", "int", "when"}
 SPACE_EXTRA_PARAMS = {"warmup_fraction": number(0, 1), "decay_fraction": number(0, 1, low_open=True)}
@@ -318,7 +240,7 @@ def _check_space(space: dict, source: str | None) -> None:
                     raise ConfigError(where + ".choices", choice, rule.allowed, source)
         else:
             low, high = spec.get("low"), spec.get("high")
-            if not (_is_number(low) and _is_number(high) and low < high):
+            if not (is_number(low) and is_number(high) and low < high):
                 raise ConfigError(where, spec, "either choices: [...] or numbers low < high", source)
             for bound in (low, high):
                 if not rule.check(int(bound) if spec.get("int") else bound):
@@ -426,11 +348,4 @@ def search_config(values: dict, source: str | None = None, default_name: str = "
 
 def load_search_config(path: str | Path, overrides: list[str] = ()) -> SearchConfig:
     """The YAML file, then `--set` overrides: `trials=4`, or `train.batch_size=16` for a trial field."""
-    values = load_yaml(path)
-    for key, value in parse_overrides(list(overrides)).items():
-        if key.startswith("train."):
-            train = values.get("train") or {}
-            values["train"] = {**train, key.removeprefix("train."): value} if isinstance(train, dict) else train
-        else:
-            values[key] = value
-    return search_config(values, source=str(path), default_name=Path(path).stem)
+    return search_config(search_values(path, overrides), source=str(path), default_name=Path(path).stem)

@@ -1,13 +1,19 @@
 """What reading a config file needs and nothing more (no torch): the one-line config error, the
-YAML loader, `--set` parsing and the tracking URI check. Commands that never train (`cluster check`, `submit`, `jobs`)
-import only this; search/config.py holds the rules."""
+YAML loader, `--set` parsing, the tracking URI check, and the rules of a search's top-level fields.
+Commands that never train (`cluster check`, `submit`, `jobs`) import only this, and `search run`
+refuses a bad file with it before importing torch and Ray; search/config.py holds the other rules."""
 from __future__ import annotations
 
+import difflib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import yaml
 
+from trainables.config import ASHA_METRICS, SEARCH_METRICS
 from trainables.errors import UserError
 
 STORAGE_PATH = "runs/search"  # where searches live unless a config or --storage-path names another place
@@ -28,7 +34,10 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError("config file", str(path), "an existing YAML file")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.safe_load(path.read_bytes().decode("utf-8-sig"))  # -sig: a byte-order mark is skipped
+    except UnicodeDecodeError as error:
+        raise ConfigError("config file", str(path), f"a UTF-8 text file (byte {error.start} is not UTF-8: save it "
+                                                    f"as UTF-8)") from None
     except yaml.YAMLError as error:
         raise ConfigError("config file", str(path), f"valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(values, dict):
@@ -45,6 +54,19 @@ def parse_overrides(pairs: list[str]) -> dict:
             raise ConfigError("--set", pair, "key=value")
         overrides[key.strip()] = yaml.safe_load(raw)
     return overrides
+
+
+def search_values(path: str | Path, overrides: list[str] = ()) -> dict:
+    """A search config's YAML mapping, then `--set` overrides: `trials=4`, or `train.batch_size=16` for a
+    trial field."""
+    values = load_yaml(path)
+    for key, value in parse_overrides(list(overrides)).items():
+        if key.startswith("train."):
+            train = values.get("train") or {}
+            values["train"] = {**train, key.removeprefix("train."): value} if isinstance(train, dict) else train
+        else:
+            values[key] = value
+    return values
 
 
 def check_tracking_uri(uri: str) -> str | None:
@@ -64,3 +86,85 @@ def check_tracking_uri(uri: str) -> str | None:
 def _without_password(uri: str) -> str:
     parts = urlsplit(uri)
     return parts._replace(netloc=f"***@{parts.netloc.rpartition('@')[2]}").geturl()
+
+
+# ---- rules: a field's check and the text that says what is allowed ----
+
+@dataclass(frozen=True)
+class Rule:
+    check: Callable[[object], bool]
+    allowed: str
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def one_of(*choices, optional: bool = False) -> Rule:
+    return Rule(lambda v: (optional and v is None) or v in choices,
+                "one of " + ", ".join(map(str, choices)) + (" or null" if optional else ""))
+
+
+def integer(low: int, high: int | None = None, optional: bool = False) -> Rule:
+    text = f"an integer >= {low}" + (f" and <= {high}" if high is not None else "") + (" or null" if optional else "")
+    return Rule(lambda v: (optional and v is None) or (is_int(v) and v >= low and (high is None or v <= high)), text)
+
+
+def number(low: float, high: float | None = None, low_open: bool = False, optional: bool = False) -> Rule:
+    def check(v) -> bool:
+        if optional and v is None:
+            return True
+        return is_number(v) and (v > low if low_open else v >= low) and (high is None or v <= high)
+    text = f"a finite number {'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+    return Rule(check, text + (" or null" if optional else ""))
+
+
+def text(optional: bool = False) -> Rule:
+    return Rule(lambda v: (optional and v is None) or (isinstance(v, str) and v.strip() != ""),
+                "a non-empty string" + (" or null" if optional else ""))
+
+
+def check_fields(values: dict, rules: dict[str, Rule], source: str | None, prefix: str = "") -> None:
+    for key, value in values.items():
+        if key not in rules:
+            close = difflib.get_close_matches(str(key), rules, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(prefix + str(key), value, f"unknown field; {hint}known fields: {', '.join(rules)}", source)
+        if not rules[key].check(value):
+            raise ConfigError(prefix + key, value, rules[key].allowed, source)
+
+
+MAX_TRIALS = 10_000  # points per search (a grid search's cells)
+
+SEARCH_RULES: dict[str, Rule] = {
+    "name": Rule(lambda v: isinstance(v, str) and v.replace("-", "").replace("_", "").isalnum(), "letters, digits, '-' and '_'"),
+    "train": Rule(lambda v: isinstance(v, dict), "a mapping of training fields (see `softprompt train --help`)"),
+    "space": Rule(lambda v: isinstance(v, dict) or v in ("quick", "paper"), "quick, paper, or a mapping of parameters"),
+    "checkpoints": Rule(lambda v: v is None or (isinstance(v, list) and v and all(isinstance(x, str) and x for x in v)),
+                        "a non-empty list of model names (offline alias, hub id or local folder) or "
+                        "`softprompt lm-adapt` manifests"),
+    "points_to_evaluate": Rule(lambda v: v is None or (isinstance(v, list) and all(isinstance(p, dict) for p in v)),
+                               "null or a list of parameter mappings"),
+    "metric": one_of(*SEARCH_METRICS),
+    "asha_metric": one_of(*ASHA_METRICS, optional=True),
+    "sampler": one_of("tpe", "random", "grid"),
+    "startup_trials": integer(1, optional=True),
+    "trials": integer(1, MAX_TRIALS),
+    "seeds": integer(1, 100),
+    "max_steps": integer(1),
+    "time_limit_s": number(0, low_open=True, optional=True),
+    "scheduler": one_of("asha", "none"),
+    "grace_period": integer(1, optional=True),
+    "reduction_factor": integer(2, 16),
+    "concurrency": integer(1, 1024),
+    "cpus_per_trial": number(0, low_open=True),
+    "gpus_per_trial": number(0, 64),
+    "shared_backbone": Rule(lambda v: isinstance(v, bool), "true or false"),
+    "storage_path": text(),
+    "seed": integer(0),
+    "max_failures": integer(0, 100),
+}

@@ -74,8 +74,8 @@ def export_npy(prompt_dir: Path, out: Path) -> Path:
     return out
 
 
-PROVENANCE = ("backbone", "fingerprint", "task", "template", "verbalizers", "sentinel", "length", "width", "step",
-              "prompt_sha256")
+PROVENANCE = ("backbone", "fingerprint", "task", "template", "labels", "verbalizers", "sentinel", "length", "width",
+              "step", "prompt_sha256")
 PEFT_TENSORS, PEFT_PROVENANCE = "adapter_model.safetensors", "softprompt.json"
 
 
@@ -182,7 +182,8 @@ def write_bundle(tasks: dict[str, list[Path]], out: Path, how: str = "vote") -> 
             raise ConfigError("--top", len(folders), f"prompts of task {task} that agree on sentinel (these were "
                                                      f"trained with and without it): export fewer, or --trial")
         # the template travels with the prompts: the served model formats raw columns as training did
-        record["tasks"][task] = {"template": meta.get("template"), "verbalizers": meta["verbalizers"], "members": members,
+        record["tasks"][task] = {"template": meta.get("template"), "labels": meta["labels"],
+                                 "verbalizers": meta["verbalizers"], "members": members,
                                  "max_length": meta["config"]["max_length"], "sentinel": sentinels.pop()}
     return save_bundle_record(out, record)
 
@@ -195,12 +196,13 @@ def export_mlflow_model(bundle: Path, registered_name: str, tracking_uri: str) -
     from mlflow.types import ColSpec, Schema
 
     record = load_bundle_record(bundle)
-    verbalizers = sorted({v for t in record["tasks"].values() for v in t["verbalizers"]})
+    labels = sorted({label for t in record["tasks"].values() for label in t["labels"]})
     signature = ModelSignature(
         inputs=Schema([*(ColSpec("string", c, required=required) for c, required in _input_columns(record).items()),
                        ColSpec("string", "task", required=False)]),
         outputs=Schema([ColSpec("string", "task"), ColSpec("string", "label"), ColSpec("long", "label_id"),
-                        *(ColSpec("double", f"score_{v}", required=False) for v in verbalizers)]))
+                        ColSpec("string", "verbalizer"),
+                        *(ColSpec("double", f"score_{label}", required=False) for label in labels)]))
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)

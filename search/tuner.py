@@ -2,11 +2,13 @@
 early stopping. What a search found is read by search/record.py, its winner judged by search/verdict.py."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -159,6 +161,12 @@ def give_local_workers_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def _not_the_token_auth_notice(record: logging.LogRecord) -> bool:
+    """Ray 2.60 notes at every start that token auth is on (the safe default, once ~/.ray/auth_token
+    exists): a line between a command and its answer. Its warning that auth is off still shows."""
+    return not record.getMessage().startswith("Token authentication is enabled")
+
+
 def ensure_ray(cfg: SearchConfig) -> None:
     """Join the cluster named by RAY_ADDRESS (a submitted job), else start a local Ray; then refuse
     a search whose trials the cluster can never hold (search/resources.py)."""
@@ -166,6 +174,7 @@ def ensure_ray(cfg: SearchConfig) -> None:
     # Snapshotting after each checkpoint is what num_to_keep=1 asks for; the warning is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_not_the_token_auth_notice)
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):  # a submitted job: its runtime env carries WORKER_ENV
             ray.init(include_dashboard=False, configure_logging=False)
@@ -205,15 +214,18 @@ def fit_unless_interrupted(tuner: tune.Tuner, storage_path: str, name: str) -> t
     return results
 
 
-def run_search(cfg: SearchConfig, trainable=tune_trial, tracking_uri: str | None = None) -> tune.ResultGrid:
+def run_search(cfg: SearchConfig, trainable=tune_trial, tracking_uri: str | None = None,
+               announce: Callable[[], None] = lambda: None) -> tune.ResultGrid:
     """Start a new search; refuses to overwrite a finished or interrupted one of the same name.
-    With `tracking_uri`, MLflow gets one parent run for the search and a child run per trial."""
+    With `tracking_uri`, MLflow gets one parent run for the search and a child run per trial.
+    `announce` runs once the search's storage and its trials' resources are checked, before it starts."""
     search = SearchStorage(cfg.storage_path, cfg.name)
     if search.exists():
         raise ConfigError("name", cfg.name, f"a new search name: {search.location} exists "
                                             f"(`softprompt search resume {cfg.name}` continues it)")
     search.start()
     ensure_ray(cfg)
+    announce()
     save_config(cfg)
     tracking = start_search_run(cfg, tracking_uri) if tracking_uri else None
     return _fit(build_tuner(cfg, trainable, tracking), search, tracking, cfg)

@@ -3,10 +3,11 @@ the registered model holds this file, the prompts' safetensors and JSON, and no 
 
 `predict` takes a DataFrame with each task's raw columns (those its template names: `text`, or
 `question` and `passage`...) and optionally `task` (which of the bundle's tasks; default: the
-first). It applies the task's template itself, as training did, and returns `task`, `label`,
-`label_id` and a `score_<verbalizer>` column per class (mean log-likelihood over the task's
-prompts). Each example runs with all its task's prompts in one forward pass, shared with the
-batch's other examples of similar length, whatever their tasks.
+first). It applies the task's template itself, as training did, and returns `task`, `label` (the
+task's own label value), `label_id`, `verbalizer` (the word the model scored for it) and a
+`score_<label>` column per class (mean log-likelihood over the task's prompts). Each example runs
+with all its task's prompts in one forward pass, shared with the batch's other examples of similar
+length, whatever their tasks.
 """
 from __future__ import annotations
 
@@ -58,9 +59,10 @@ class PromptBundleModel(PythonModel):
         inputs = [x[-tasks[t]["max_length"]:] if causal else x[:tasks[t]["max_length"]] for x, t in zip(inputs, names)]
         rows = []
         for task, (label, scores) in zip(names, self.ensemble.predict(names, inputs)):
-            verbalizers = tasks[task]["verbalizers"]
-            rows.append({"task": task, "label": verbalizers[label], "label_id": label,
-                         **{f"score_{v}": float(s) for v, s in zip(verbalizers, scores)}})
+            labels = tasks[task]["labels"]
+            rows.append({"task": task, "label": labels[label], "label_id": label,
+                         "verbalizer": tasks[task]["verbalizers"][label],
+                         **{f"score_{name}": float(s) for name, s in zip(labels, scores)}})
         return pd.DataFrame(rows)
 
 

@@ -18,6 +18,7 @@ from search.config import _has_cxx
 from search.export import export_npy
 from trainables.checkpoint import save_checkpoint
 
+ROOT = Path(__file__).resolve().parents[1]
 GOOD_ROWS = "".join(f"{'good' if i % 2 else 'bad'} film number {i},{'pos' if i % 2 else 'neg'}\n" for i in range(30))
 
 
@@ -65,10 +66,17 @@ def task_mapping(ctx, empty_test: bool = False, **spec) -> list[str]:
     return search_file(ctx, {"train": {"task": {"dataset": str(ctx.tmp / "reviews"), **spec}}})
 
 
-def raw_file(ctx, text: str) -> list[str]:
+def raw_file(ctx, text: str, encoding: str = "utf-8") -> list[str]:
     path = ctx.tmp / "raw.yaml"
-    path.write_text(text)
+    path.write_bytes(text.encode(encoding))
     return ["search", "run", str(path)]
+
+
+def random_parquet(ctx) -> list[str]:
+    """A `.parquet` task file of random bytes."""
+    path = ctx.tmp / "task.parquet"
+    path.write_bytes(bytes(range(256)) * 8)
+    return search_file(ctx, {"train": {"task": str(path)}})
 
 
 def foreign_prompt(ctx) -> list[str]:
@@ -183,6 +191,7 @@ CASES = [
     ("task-empty-file", lambda c: task_file(c, ""), ["task.csv", "could not be read as csv", "allowed: a readable"]),
     ("task-bad-jsonl", lambda c: task_file(c, '{"text": "a", "label": "pos"}\n{not json\n', ".jsonl"),
      ["task.jsonl", "could not be read as json"]),
+    ("task-parquet-random-bytes", random_parquet, ["task.parquet", "could not be read as parquet"]),
     # task mappings: a datasets folder, files or a hub id, with splits, template and verbalizers
     ("task-template-column", lambda c: task_mapping(c, template="review: {review}\nsentiment:"),
      ["train.task.template", "names column 'review'", "its columns: ['text', 'label']"]),
@@ -205,6 +214,10 @@ CASES = [
     ("config-missing", lambda c: ["search", "run", str(c.tmp / "absent.yaml")], ["config file", "an existing YAML file"]),
     ("config-bad-yaml", lambda c: raw_file(c, "trials: [4\n"), ["config file", "valid YAML"]),
     ("config-not-mapping", lambda c: raw_file(c, "- trials\n- 4\n"), ["config file", "a YAML mapping"]),
+    ("config-utf16", lambda c: raw_file(c, "trials: 4\n", "utf-16"), ["config file", "a UTF-8 text file"]),
+    ("config-utf8-bom-is-read", lambda c: raw_file(c, "trials: 0\n", "utf-8-sig"), ["trials = 0", "an integer >= 1"]),
+    ("storage-ftp", lambda c: S(c, {"storage_path": "ftp://host/x"}), ["storage_path = 'ftp://host/x'", "a storage URI"]),
+    ("storage-s3-no-bucket", lambda c: S(c, {"storage_path": "s3://"}), ["storage_path = 's3://'", "a storage URI"]),
     ("set-no-equals", lambda c: [*S(c, {}), "--set", "trials"], ["--set = 'trials'", "key=value"]),
     ("set-bad-value", lambda c: [*S(c, {}), "--set", "trials=many"], ["trials = 'many'", "an integer >= 1"]),
     ("tracking-uri", lambda c: [*S(c, {})[:-2], "--tracking-uri", "ftp://host"],
@@ -251,9 +264,9 @@ def test_the_table_holds_at_least_30_distinct_malformed_inputs():
 
 
 @pytest.mark.parametrize("argv,fragments", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_malformed_input_gets_one_line_naming_what_is_wrong_and_what_is_allowed(ctx, capsys, argv, fragments):
+def test_malformed_input_gets_one_line_naming_what_is_wrong_and_what_is_allowed(ctx, capfd, argv, fragments):
     code = main(argv(ctx))
-    out, err = capsys.readouterr()
+    out, err = capfd.readouterr()  # what libraries write to the process's own stderr too
     lines = err.strip().splitlines()
     assert code == 2, (out, err)
     assert len(lines) == 1 and lines[0].startswith("softprompt: error: "), err
@@ -264,8 +277,9 @@ def test_malformed_input_gets_one_line_naming_what_is_wrong_and_what_is_allowed(
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`softprompt ARGS` in a process of its own, running this checkout's code wherever `cwd` is."""
     return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
 
 
 def test_a_bad_task_file_is_refused_end_to_end_without_a_traceback_and_debug_shows_one(tmp_path, tiny_llama_dir):
@@ -285,3 +299,42 @@ def test_a_bad_task_file_is_refused_end_to_end_without_a_traceback_and_debug_sho
     assert debug.returncode == 1
     assert "Traceback (most recent call last)" in debug.stderr
     assert "TaskError: task file" in debug.stderr.strip().splitlines()[-1]
+
+
+def test_a_parquet_task_of_random_bytes_gets_softprompts_line_alone(tmp_path, tiny_llama_dir):
+    """pyarrow's complaint, which datasets logs, is not printed before it (in pytest's own process its
+    logging plugin takes the record, so this runs the command in a process of its own)."""
+    task = tmp_path / "reviews.parquet"
+    task.write_bytes(bytes(range(256)) * 8)
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump({"storage_path": str(tmp_path / "runs"),
+                                      "train": {"model": str(tiny_llama_dir), "task": str(task)}}))
+    done = cli("search", "run", str(config), "--tracking-uri", "none", cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and done.stdout == "" and len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"softprompt: error: task file {task} could not be read as parquet")
+
+
+def test_a_config_refused_for_its_own_fields_is_refused_before_torch_and_ray_are_imported(tmp_path):
+    """They take seconds to import: a typo must not."""
+    config = tmp_path / "search.yaml"
+    config.write_text("trials: 0\n")
+    check = (f"import sys; from search.cli import main; code = main(['search', 'run', {str(config)!r}]); "
+             f"print(sorted({{'torch', 'ray', 'transformers', 'datasets'}} & set(sys.modules))); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == "[]\n", (done.stdout, done.stderr)
+    assert "trials = 0 is not allowed" in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU share this machine has")
+def test_a_gpu_share_on_a_machine_without_gpus_is_refused_before_the_search_is_announced(tmp_path, tiny_llama_dir):
+    """Not after an opening line that says bfloat16 for a GPU, nor after Ray's token-auth notice."""
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump({"trials": 1, "max_steps": 2, "gpus_per_trial": 0.5,
+                                      "storage_path": str(tmp_path / "runs"),
+                                      "train": {"model": str(tiny_llama_dir), "task": "rotten_tomatoes"}}))
+    done = cli("search", "run", str(config), "--tracking-uri", "none", cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == "", done.stdout
+    assert done.stderr.strip().splitlines() == [
+        "softprompt: error: gpus_per_trial = 0.5 is not allowed: at most 0, the most GPUs one node of this local Ray "
+        "has, and it cannot add nodes (a trial runs on one node)"]

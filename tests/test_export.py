@@ -337,3 +337,50 @@ def test_served_input_is_formatted_once_whether_the_request_sends_raw_or_formatt
     formatted = template.format(sentence="a fine film")
     assert request_input(template, {"sentence": "a fine film"}, "t", 1) == formatted
     assert request_input(template, {"sentence": formatted}, "t", 1) == formatted  # not "sst2 sentence: sst2 sentence: ..."
+
+
+TOPICS = {"sports": "sport", "tech": "technology", "politics": "government", "health": "medicine", "arts": "culture"}
+
+
+def test_served_model_and_peft_record_answer_in_the_tasks_labels_not_its_verbalizers(backbones, tmp_path):
+    """A 5-way topic task from a folder of split files, whose labels (`sports`) are not its verbalizers
+    (`sport`): the registered model's `label` and score columns use the labels, `verbalizer` the words,
+    for an ensemble beside a task exported before labels travelled (it answers in its verbalizers)."""
+    import mlflow
+    import pandas as pd
+
+    from search.config import train_config
+    from trainables.loop import checkpoint_meta, prepare_data
+
+    folder = tmp_path / "topics"
+    folder.mkdir()
+    for split, rows in (("train", 40), ("validation", 10), ("test", 10)):
+        labels = [list(TOPICS)[i % len(TOPICS)] for i in range(rows)]
+        (folder / f"{split}.csv").write_text("text,label\n" + "".join(f"story {i} about {label},{label}\n"
+                                                                      for i, label in enumerate(labels)))
+    backbone = backbones["llama"]
+    cfg = train_config({"model": str(backbone.name), "task": {"dataset": str(folder), "verbalizers": TOPICS}})
+    data = prepare_data(cfg, backbone)
+    members = [save_checkpoint(tmp_path / f"topic{seed}", torch.randn(3, backbone.width, generator=torch.Generator()
+                                                                      .manual_seed(seed)),
+                               checkpoint_meta(cfg, backbone, data, 0, {})) for seed in (1, 2)]
+    assert json.loads(export_peft_adapter(members[0], tmp_path / "peft", False).joinpath("softprompt.json")
+                      .read_text())["labels"] == list(TOPICS)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bundle = write_bundle({"topics": members, "rotten_tomatoes": [make_prompt(tmp_path / "old", backbone,
+                                                                              "rotten_tomatoes", 4, 3)]},
+                          tmp_path / "bundle")
+    export_mlflow_model(bundle, "topics", uri)
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/topics@production")
+    outputs = [c["name"] for c in model.metadata.get_output_schema().to_dict()]
+    assert outputs == ["task", "label", "label_id", "verbalizer",
+                       *(f"score_{label}" for label in sorted([*TOPICS, *TASKS["rotten_tomatoes"]]))]
+    answer = model.predict(pd.DataFrame({"text": ["a match", "a phone", "a film", "a bore"],
+                                         "task": ["topics", "topics", "rotten_tomatoes", "rotten_tomatoes"]}))
+    topics, reviews = answer[answer["task"] == "topics"], answer[answer["task"] == "rotten_tomatoes"]
+    assert set(topics["label"]) <= set(TOPICS) and list(topics["verbalizer"]) == [TOPICS[x] for x in topics["label"]]
+    assert topics[[f"score_{label}" for label in TOPICS]].notna().all().all()
+    assert not {f"score_{word}" for word in TOPICS.values()} & set(answer.columns)
+    assert set(reviews["label"]) <= set(TASKS["rotten_tomatoes"]) and list(reviews["label"]) == list(reviews["verbalizer"])

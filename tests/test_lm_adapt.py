@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from adaptation.lm_adapt import STATE_DIR
 from adaptation.manifest import MANIFEST_FILE, read_manifest
 from search.cli import main
+from search.configfile import ConfigError
 from trainables.backbone import load_backbone
 from trainables.tasks import OFFLINE_TASKS
 
@@ -172,8 +173,9 @@ def test_a_job_resumed_with_other_settings_is_refused_in_one_line(adapted, tiny_
     ({"corpus": "missing"}, ["--corpus = ", "text files"]),
     ({"corpus": "binary"}, ["--corpus = ", "a readable corpus", "UnicodeDecodeError"]),
     ({"corpus": "no-column"}, ["--text-column = 'text' is not allowed", "a column of", "review"]),
+    ({"--out": "s3://bucket/adapted"}, ["--out = 's3://bucket/adapted' is not allowed", "a folder", "not URIs"]),
 ], ids=["decoder-only", "steps-decreasing", "steps-repeated", "steps-not-numbers", "empty-corpus", "missing-corpus",
-        "unreadable-corpus", "corpus-without-the-column"])
+        "unreadable-corpus", "corpus-without-the-column", "out-uri"])
 def test_bad_input_gets_one_line_and_exit_2(change, fragments, tiny_t5_dir, tiny_llama_dir, corpus, tmp_path, capsys):
     corpora = {"empty": tmp_path / "empty.txt", "missing": tmp_path / "nowhere" / "*.txt",
                "binary": tmp_path / "binary.txt", "no-column": tmp_path / "reviews.csv"}
@@ -184,7 +186,7 @@ def test_bad_input_gets_one_line_and_exit_2(change, fragments, tiny_t5_dir, tiny
     source = corpora.get(change.get("corpus"), corpus)
     job = [change.get(a, v) for a, v in zip(JOB[::2], JOB[1::2])]
     argv = ["lm-adapt", str(model), "--corpus", str(source), *[x for pair in zip(JOB[::2], job) for x in pair],
-            "--out", str(tmp_path / "out"), "--tracking-uri", "none"]
+            "--out", change.get("--out", str(tmp_path / "out")), "--tracking-uri", "none"]
     code = main(argv)
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
@@ -192,3 +194,26 @@ def test_bad_input_gets_one_line_and_exit_2(change, fragments, tiny_t5_dir, tiny
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("other_nodes,filesystem,refused", [
+    (True, "ext4", True), (True, "overlay", True), (True, "nfs4", False), (True, "fuse.s3fs", False),
+    (True, None, False), (False, "ext4", False)])
+def test_out_on_a_disk_of_this_machine_only_is_refused_when_other_nodes_may_run_workers(other_nodes, filesystem, refused):
+    """Without --submit on a cluster of several nodes (or one an autoscaler grows), rank 0 writes OUT/step-N
+    on whichever node it runs: OUT must be a filesystem every node mounts."""
+    from adaptation.lm_adapt import check_out_shared
+
+    if not refused:
+        check_out_shared("/data/adapted", other_nodes, filesystem)
+        return
+    with pytest.raises(ConfigError) as refusal:
+        check_out_shared("/data/adapted", other_nodes, filesystem)
+    assert str(refusal.value).startswith("--out = '/data/adapted' is not allowed: a folder every node of this Ray "
+                                         f"cluster mounts") and f"on a {filesystem} filesystem" in str(refusal.value)
+
+
+def test_the_filesystem_of_a_folder_not_made_yet_is_that_of_its_nearest_existing_parent(tmp_path):
+    from adaptation.lm_adapt import filesystem_type
+
+    assert filesystem_type(tmp_path / "not" / "made" / "yet") == filesystem_type(tmp_path) is not None

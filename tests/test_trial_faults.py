@@ -3,9 +3,13 @@ metric ASHA and Optuna read (issue 15, item 1), a trial gets its own optimizer's
 and the kept prompt is the best by the search's own metric (item 6)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import shutil
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -262,3 +266,40 @@ def test_a_retried_trial_whose_checkpoint_is_incomplete_starts_over_and_complete
     steps = reports(cfg, row["trial_id"])
     assert [r["step"] for r in steps] == [2, 2, 4]  # the failed attempt's step 2, then a whole run
     assert steps[-1]["resumed_from_step"] == 0 and "current/prompt.json: missing" in steps[-1]["resume_error"]
+
+
+# ---- a trial resumed in another dtype says so ----
+
+class StubTune:
+    """What tune_trial reads of `ray.tune`, without Ray: a checkpoint to resume from (or none), and the
+    reports, each with a copy of its checkpoint folder."""
+
+    def __init__(self, keep: Path, resume_from: Path | None = None):
+        self.keep, self.resume_from, self.reports = keep, resume_from, []
+        self.Checkpoint = SimpleNamespace(from_directory=lambda folder: shutil.copytree(
+            folder, keep / f"checkpoint_{len(self.reports)}"))
+
+    def get_checkpoint(self):
+        folder = self.resume_from
+        return folder and SimpleNamespace(as_directory=lambda: contextlib.nullcontext(str(folder)))
+
+    def report(self, metrics: dict, checkpoint=None) -> None:
+        self.reports.append(metrics)
+
+
+def test_a_trial_resumed_in_another_dtype_records_both_and_says_so(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    import trainables.trainable as trainable
+
+    base = tiny_search(tiny_llama_dir, tmp_path, max_steps=4, scheduler="none", train={"eval_every": 2}).train.to_dict()
+    first = StubTune(tmp_path / "first")
+    monkeypatch.setattr(trainable, "tune", first)
+    trainable.tune_trial({"dtype": "bfloat16"}, base, "best_dev_accuracy", "max")
+    assert load_checkpoint(tmp_path / "first" / "checkpoint_0" / "current").meta["dtype"] == "bfloat16"
+
+    again = StubTune(tmp_path / "again", resume_from=tmp_path / "first" / "checkpoint_0")
+    monkeypatch.setattr(trainable, "tune", again)
+    trainable.tune_trial({"dtype": "float32"}, base, "best_dev_accuracy", "max")
+    assert [r["step"] for r in again.reports] == [4]
+    assert again.reports[-1]["resumed_dtype_changed"] == "bfloat16 -> float32"
+    assert "trial resumed from step 2 with its dtype changed (bfloat16 -> float32)" in capsys.readouterr().err
+    assert "resumed_dtype_changed" not in first.reports[-1]

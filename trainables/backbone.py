@@ -156,11 +156,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """`bfloat16` for torch.bfloat16: as a config names it."""
+    return str(dtype).removeprefix("torch.")
+
+
 def dtype_note(dtype: str, device: torch.device | None = None) -> str:
     """What `dtype` resolves to here and why, for a run's opening line."""
     device = device or default_device()
     picked = resolve_dtype(dtype, device)
-    name = str(picked).removeprefix("torch.")
+    name = dtype_name(picked)
     if device.type == "cuda":
         return name + (" (auto: a GPU)" if dtype == "auto" else "")
     if picked == torch.bfloat16:

@@ -116,7 +116,15 @@ def load_checkpoint(directory: str | Path, fingerprint: str | None = None, width
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{tensor_path}: unreadable safetensors file ({error})") from None
     prompt = verify_prompt(meta, tensor_path, fingerprint, width, tensors.get("prompt", torch.empty(0)))
-    return Checkpoint(prompt, meta, _optimizer_state(meta, tensors))
+    return Checkpoint(prompt, with_labels(meta), _optimizer_state(meta, tensors))
+
+
+def with_labels(record: dict) -> dict:
+    """A checkpoint's meta or a bundle's task, with the task's label values. Those made before the
+    label values travelled with prompts have none: they served their verbalizers as labels, and still do."""
+    if "verbalizers" in record and not record.get("labels"):
+        record["labels"] = list(record["verbalizers"])
+    return record
 
 
 def verify_prompt(record: dict, path: Path, fingerprint: str | None = None, width: int | None = None,
@@ -155,6 +163,8 @@ def load_bundle_record(folder: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a valid bundle record ({error})") from None
     if record.get("format") != BUNDLE_FORMAT:
         raise CheckpointError(f"{path}: format {record.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+    for task in record["tasks"].values():
+        with_labels(task)
     return record
 
 

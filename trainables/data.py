@@ -41,6 +41,7 @@ class EncodedTask:
     pad_id: int
     template: str = "{text}"            # the task's raw columns -> its input (trainables.tasks.format_input)
     sentinel: bool = False              # every target starts with SENTINEL (TrainConfig.sentinel)
+    labels: list[str] | None = None     # per class: the task's own label value (None: the verbalizers)
 
     @property
     def single_token_targets(self) -> bool:
@@ -111,7 +112,7 @@ def encode_task(task: Task, tokenizer, is_encoder_decoder: bool, vocab_is_freque
     common = common_token_ids(splits["train"].input_ids, len(tokenizer), set(tokenizer.all_special_ids),
                               vocab_is_frequency_ordered)
     return EncodedTask(task.name, task.verbalizers, targets, splits, common, is_encoder_decoder,
-                       tokenizer.pad_token_id, task.template, sentinel)
+                       tokenizer.pad_token_id, task.template, sentinel, task.labels)
 
 
 def pad_rows(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from trainables.backbone import Backbone, compiled_graphs
+from trainables.backbone import Backbone, compiled_graphs, dtype_name
 from trainables.checkpoint import load_checkpoint, save_checkpoint
 from trainables.config import SELECT_METRICS, TrainConfig
 from trainables.data import EncodedTask, TrainOrder, encode_task, train_batch
@@ -64,10 +64,13 @@ def prompted_model(backbone: Backbone | SharedBackbone, prompt: SoftPrompt) -> P
 
 
 def checkpoint_meta(cfg: TrainConfig, backbone: Backbone, data: EncodedTask, step: int, metrics: dict) -> dict:
-    """What a prompt belongs to; the template and verbalizers travel with it to every export, so a
-    served prompt formats raw input as it was trained."""
-    return {"backbone": cfg.model, "fingerprint": backbone.fingerprint, "init": cfg.init, "task": data.name,
-            "template": data.template, "verbalizers": data.verbalizers, "sentinel": data.sentinel, "step": step,
+    """What a prompt belongs to; the template, verbalizers and label values travel with it to every
+    export, so a served prompt formats raw input as it was trained and answers in the task's labels.
+    `dtype`: what the backbone computed in (`auto` resolves per node)."""
+    return {"backbone": cfg.model, "fingerprint": backbone.fingerprint, "dtype": dtype_name(backbone.dtype),
+            "init": cfg.init, "task": data.name,
+            "template": data.template, "verbalizers": data.verbalizers, "labels": data.labels or data.verbalizers,
+            "sentinel": data.sentinel, "step": step,
             "metrics": metrics,
             "config": cfg.to_dict()}
 

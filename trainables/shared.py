@@ -280,6 +280,7 @@ class SharedBackbone:
         self.fingerprint, self.width = info["fingerprint"], info["width"]
         self.is_encoder_decoder = info["is_encoder_decoder"]
         self.vocab_is_frequency_ordered = info["vocab_is_frequency_ordered"]
+        self.dtype = getattr(torch, info["dtype"].removeprefix("torch."))  # what the server computes in
         self.load_seconds = info["load_s"]
         self.server = info
         self.device = torch.device("cpu")  # the trial's prompt and optimizer live here

@@ -47,9 +47,14 @@ class TaskError(UserError):
 @dataclass
 class Task:
     name: str
-    verbalizers: list[str]
+    verbalizers: list[str]        # per class: the string the model is trained to produce
     splits: datasets.DatasetDict  # train / dev / test, columns: input, label
     template: str = "{text}"      # a row's raw columns -> its input; "{text}": the text is the input
+    labels: list[str] | None = None  # per class: its label value as the task's data names it (a served
+                                     # model answers with these); None: the verbalizers
+
+    def __post_init__(self):
+        self.labels = self.labels or list(self.verbalizers)
 
 
 def package_file(package: str, relative: str, install_hint: str) -> Path:
@@ -184,13 +189,16 @@ class Where:
 
 
 @contextlib.contextmanager
-def _no_progress_bars():
-    """A bar per read of a local file is noise (and breaks one-line errors)."""
-    shown = datasets.is_progress_bar_enabled()
+def _quiet_reads():
+    """A bar per read of a local file is noise (and breaks one-line errors), and so is the line
+    datasets logs about a file it cannot read: the TaskError says it."""
+    shown, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         yield
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if shown:
             datasets.enable_progress_bars()
 
@@ -213,7 +221,7 @@ def read_rows(source: str, where: Where) -> datasets.Dataset:
         raise where.fail("dataset", f"{where.source}: unknown format {suffix!r}; allowed: {', '.join(FILE_SUFFIXES)}")
     if not (glob.glob(source) if _is_glob(source) else Path(source).exists()):
         raise where.fail("dataset", f"{where.source} does not exist" + (" (the glob matches no file)" if _is_glob(source) else ""))
-    with _no_progress_bars():
+    with _quiet_reads():
         try:
             return datasets.load_dataset(kind, data_files=source, split="train")
         except Exception as error:  # datasets raises many types for unreadable files
@@ -230,14 +238,14 @@ def read_dataset(spec: dict, where: Where, load_dataset: Callable) -> datasets.D
     source = spec["dataset"]
     path = Path(source)
     if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
-        with _no_progress_bars():
+        with _quiet_reads():
             try:
                 loaded = datasets.load_from_disk(source)  # a save_to_disk folder
             except Exception as error:  # damaged or partly written folders raise many types
                 raise where.fail("dataset", f"{where.source} could not be read as a save_to_disk folder "
                                             f"({type(error).__name__}: {_short(error)})") from None
     elif path.is_dir():  # a folder of files: datasets names the splits by the files' names (train, dev, test...)
-        with _no_progress_bars():
+        with _quiet_reads():
             try:
                 loaded = datasets.load_dataset(source)
             except Exception as error:
@@ -359,7 +367,7 @@ def build_task(name: str, raw: datasets.DatasetDict, roles: dict, template: str,
                               roles["train"])
     splits = datasets.DatasetDict({role: parts[role] if role in parts and (role in carve or role == "train")
                                    else _rows(*rows[roles[role]]) for role in ROLES})
-    return Task(name, strings, splits, template)
+    return Task(name, strings, splits, template, labels=keys)
 
 
 def label_keys(verbalizers: list | dict | None, names: list[str] | None, values, where: Where) -> tuple[list[str], list[str]]:

@@ -9,6 +9,7 @@ order).
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from ray import tune
 
-from trainables.backbone import cached_backbone, cap_gpu_memory, default_device
+from trainables.backbone import cached_backbone, cap_gpu_memory, default_device, dtype_name
 from trainables.checkpoint import CheckpointError, load_checkpoint
 from trainables.config import ASHA_METRICS, TrainConfig, trial_config
 from trainables.data import EncodedTask
@@ -36,6 +37,14 @@ def _cached_data(cfg: TrainConfig, backbone) -> EncodedTask:
         _WORKER_DATA.clear()  # one task per search: keep only the latest
         _WORKER_DATA[key] = prepare_data(cfg, backbone)
     return _WORKER_DATA[key]
+
+
+def dtype_change(meta: dict, backbone) -> str | None:
+    """`bfloat16 -> float32` where a checkpoint was trained in another dtype than `backbone` computes
+    in (`dtype: auto` resolves per node: a trial retried on a CPU node after a GPU one); None where it
+    is the same, or the checkpoint predates recording it."""
+    now = dtype_name(backbone.dtype)
+    return f"{meta['dtype']} -> {now}" if meta.get("dtype", now) != now else None
 
 
 def worst_value(mode: str) -> float:
@@ -89,7 +98,12 @@ def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: f
                 # a restarted trial (Ray retrying a failure, or a resumed search) says where it picked up
                 try:
                     load_checkpoint(Path(folder) / "best")
-                    setup["resumed_from_step"] = load_checkpoint(Path(folder) / "current").meta["step"]
+                    current = load_checkpoint(Path(folder) / "current").meta
+                    setup["resumed_from_step"] = current["step"]
+                    if changed := dtype_change(current, backbone):
+                        setup["resumed_dtype_changed"] = changed
+                        print(f"softprompt: trial resumed from step {current['step']} with its dtype changed "
+                              f"({changed}): the rest of it trains in another precision", file=sys.stderr, flush=True)
                 except CheckpointError as error:
                     # A driver killed while Ray uploads or prunes checkpoints can leave the one its state
                     # names incomplete. The trial starts over rather than fail: its steps are lost, not it.
