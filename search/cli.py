@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -45,11 +46,16 @@ def _print_trials(rows: list[dict], metric: str) -> None:
     print(f"{'trial':<12}{'status':<15}{'step':>6}{metric:>20}{'confirmed':>11}{'test acc':>10}  parameters")
     for r in rows:
         print(f"{r['trial_id']:<12}{r['status']:<15}{r['step'] or '-':>6}{show(r['metric']):>20}"
-              f"{show(r['confirmed']):>11}{show(r['test_accuracy']):>10}  {_shown_params(r['params'])}")
+              f"{show(r['confirmed']):>11}{show(r['test_accuracy']):>10}  {_shown_params(r['params'], r.get('lr_absolute'))}")
 
 
-def _shown_params(params: dict) -> str:
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+def _shown_params(params: dict, lr_absolute: float | None = None) -> str:
+    """The parameters; and the absolute lr the optimizer got, where the lr was in another unit."""
+    shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    lrs = [v for k, v in params.items() if k.split("@")[0] == "lr"]
+    if lr_absolute is not None and lrs and not math.isclose(lrs[0], lr_absolute):
+        shown += f" (absolute lr {lr_absolute:.3g})"
+    return shown
 
 
 def _mean_sd(mean: float, sd: float | None) -> str:
