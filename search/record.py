@@ -110,6 +110,7 @@ class SearchRecord:
                          "params": trial.config, "step": last.get("step"), "metric": last.get(cfg.metric) if scored else None,
                          "confirmed": last.get(CONFIRMED.get(cfg.metric, "")), "test_accuracy": last.get("test_accuracy"),
                          "prompt": search.remote_location(f"{checkpoint}/best") if checkpoint else None,
+                         "lr_absolute": last.get("lr_absolute"),
                          "seconds": {key: last.get(key, 0.0) for key in TRIAL_SECONDS}})
         path = search.folder / SUMMARY_FILE
         summary = json.loads(path.read_text()) if path.is_file() else {}
