@@ -116,8 +116,8 @@ def markdown(record: SearchRecord, effects: dict[str, dict]) -> str:
              f"edge). {len(record.trials) - left_out} trials, {left_out} without {metric} left out."]
     for name, effect in effects.items():
         lines += ["", f"## {name}", "", "| value | mean | sd | n |", "|---|---:|---:|---:|"]
-        lines += [f"| {_shown(row['value'])} | {row['mean']:#.3g} | {'-' if row['sd'] is None else format(row['sd'], '#.3g')} "
-                  f"| {row['n']} |" for row in effect["rows"]]
+        lines += [f"| {_shown(row['value'])} | {row['mean']:#.3g} | "
+                  f"{'-' if row['sd'] is None else format(row['sd'], '#.3g')} | {row['n']} |" for row in effect["rows"]]
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,8 @@
 """`search report`'s plots and table read as a hyperparameter study does (issue 32, part 3; issue 27):
 a parameter drawn from a range is a scatter of every trial, on a log axis where it was drawn on a log
 scale, and binned in the table; a list of choices keeps its mean ± sd by value; floats show three
-significant digits; and the absolute lr gets a panel of its own where the trials' lr was in another unit."""
+significant digits; and the absolute lr gets a panel of its own where the trials' lr was in another unit.
+Optuna's plots on MLflow read the same way."""
 from __future__ import annotations
 
 import random
@@ -9,6 +10,7 @@ import re
 import statistics
 
 import optuna
+import optuna.visualization.matplotlib as optuna_plots
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
@@ -16,6 +18,8 @@ from search.config import search_config
 from search.record import SearchRecord
 from search.report import ABSOLUTE_LR, figure, parameter_effects, write_report
 from search.storage import STUDY_FILE, SearchStorage
+from search.tracking import optuna_figure
+from spaces import paper
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 LR = FloatDistribution(1e-3, 0.1, log=True)  # quick's lr@adamw
@@ -132,3 +136,25 @@ def test_an_absolute_lr_panel_appears_only_where_the_lr_was_in_another_unit(tmp_
     assert f"## {ABSOLUTE_LR}" in write_report(relative).text
     axes = {ax.get_title(): ax for ax in figure(effects, relative.config.metric).axes}
     assert axes[ABSOLUTE_LR].get_xscale() == "log"
+
+
+def test_optunas_parallel_coordinates_show_float_choices_to_three_digits_and_a_log_lr_by_decade():
+    pick = random.Random(0)
+
+    def objective(trial: optuna.Trial) -> float:
+        paper(trial, ["model"])
+        return pick.uniform(0.5, 0.9)
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(objective, n_trials=16)
+    plot = optuna_figure(optuna_plots.plot_parallel_coordinate, study)
+    plot.canvas.draw()
+    ticks = [dict(zip([t.get_text() for t in ax.get_yticklabels()], ax.get_yticks())) for ax in plot.axes]
+    assert {"0", "0.0667", "0.1"} <= {label for axis in ticks for label in axis}  # warmup_fraction's choices
+    numbers = [label for axis in ticks for label in axis if re.fullmatch(r"[\d.e-]+", label)]
+    assert all(len(re.sub(r"^0\.0*|\.|e-\d+$", "", label)) <= 3 for label in numbers), numbers
+    decades = [[axis[label] for label in ("0.001", "0.01", "0.1") if label in axis] for axis in ticks]
+    decades = [heights for heights in decades if len(heights) > 1]  # lr@adafactor's axis and lr@adamw's
+    assert len(decades) == 2 and all(b - a == pytest.approx(1.0) for heights in decades  # log10: a decade a unit
+                                     for a, b in zip(heights, heights[1:]))
+    assert plot.get_figwidth() >= 1.5 * len(plot.axes)
