@@ -211,8 +211,6 @@ def log_report(search: SearchStorage, files: list[Path]) -> str | None:
 
 def _log_optuna_plots(mlflow_client, run_id: str, cfg: SearchConfig, folder: Path) -> None:
     """Optimization history, parameter importances and parallel coordinates, as PNG images."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import optuna
     import optuna.visualization.matplotlib as plots
@@ -220,15 +218,44 @@ def _log_optuna_plots(mlflow_client, run_id: str, cfg: SearchConfig, folder: Pat
     study = optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{folder / STUDY_FILE}")
     for plot in (plots.plot_optimization_history, plots.plot_param_importances, plots.plot_parallel_coordinate):
         try:
-            with warnings.catch_warnings():  # Optuna's "experimental" notes and matplotlib's flat-axis
-                warnings.simplefilter("ignore")  # note would end every search's output: noise to a user
-                axes = plot(study)
+            figure = optuna_figure(plot, study)
         except (ValueError, RuntimeError) as error:  # e.g. importances need 2+ finished trials
             mlflow_client.log_text(run_id, str(error), f"optuna/{plot.__name__}.txt")
             continue
-        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
         mlflow_client.log_figure(run_id, figure, f"optuna/{plot.__name__}.png")
         plt.close(figure)
+
+
+def optuna_figure(plot: Callable, study):
+    """One of Optuna's matplotlib plots of `study`, made readable: Optuna prints a float choice in full
+    (0.06666666666666667) and draws every plot 6.4 inches wide, so floats get three significant digits
+    and each axis of the parallel coordinates an inch and a half. (A log-scale parameter's axis Optuna
+    already draws by decade.)"""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.ticker
+
+    with warnings.catch_warnings():  # Optuna's "experimental" notes and matplotlib's flat-axis
+        warnings.simplefilter("ignore")  # note would end every search's output: noise to a user
+        axes = plot(study)
+    figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+    for axis in (axis for ax in figure.axes for axis in (ax.xaxis, ax.yaxis)):
+        if isinstance(axis.get_major_locator(), matplotlib.ticker.FixedLocator):  # ticks Optuna labelled: choices
+            axis.set_major_formatter(_three_digits(axis.get_major_formatter()))
+    figure.set_size_inches(max(figure.get_figwidth(), 1.5 * len(figure.axes)), figure.get_figheight())
+    figure.tight_layout()  # the rotated parameter names fit below
+    return figure
+
+
+def _three_digits(written: Callable[[float, int], str]) -> Callable[[float, int], str]:
+    """A tick formatter: `written`'s labels, those that are floats to three significant digits."""
+    def label(value: float, position: int) -> str:
+        text = written(value, position)
+        try:
+            return format(float(text), ".3g")
+        except ValueError:
+            return text
+    return label
 
 
 def nearest_tokens_table(prompt, model: str, k: int = NEAREST_TOKENS) -> dict[str, list]:
