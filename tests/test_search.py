@@ -333,21 +333,26 @@ def test_a_diverging_trial_ends_as_diverged_and_the_search_goes_on(ray_cluster, 
 
 
 def record_resources(config, base, metric, mode, gpu_fraction):
-    """A stand-in trainable that records what Ray gave it, and overlaps with its neighbours."""
-    started = time.time()
-    time.sleep(3)
-    tune.report({metric: 0.5, "step": base["max_steps"], "status": "completed", "started": started,
-                 "ended": time.time(), "gpu_ids": ray.get_gpu_ids(), "gpu_fraction": gpu_fraction,
+    """A stand-in trainable that records what Ray gave it, and how many trials had started while it
+    waited for all four (a barrier in the search's output folder, not a sleep: load cannot decide it)."""
+    barrier = Path(base["output_dir"])
+    (barrier / tune.get_context().get_trial_id()).touch()
+    deadline = time.time() + 60
+    while len(list(barrier.iterdir())) < 4 and time.time() < deadline:
+        time.sleep(0.1)
+    tune.report({metric: 0.5, "step": base["max_steps"], "status": "completed", "together": len(list(barrier.iterdir())),
+                 "gpu_ids": ray.get_gpu_ids(), "gpu_fraction": gpu_fraction,
                  "resources": ray.get_runtime_context().get_assigned_resources()})
 
 
 def test_quarter_gpu_trials_pack_four_to_a_one_gpu_node(ray_cluster, tiny_llama_dir, tmp_path):
+    (tmp_path / "barrier").mkdir()
     cfg = tiny_search(tiny_llama_dir, tmp_path, name="gpus", trials=4, concurrency=4, scheduler="none",
-                      cpus_per_trial=0.5, gpus_per_trial=0.25)
+                      cpus_per_trial=0.5, gpus_per_trial=0.25, train={"output_dir": str(tmp_path / "barrier")})
     grid = run_search(cfg, trainable=record_resources)
     results = [r.metrics for r in grid]
     assert len(results) == 4
-    assert max(r["started"] for r in results) < min(r["ended"] for r in results)  # all four ran at once
+    assert [r["together"] for r in results] == [4] * 4  # all four ran at once: each saw the other three start
     for r in results:
         assert r["resources"]["GPU"] == 0.25 and r["gpu_fraction"] == 0.25
         assert len(r["gpu_ids"]) == 1
