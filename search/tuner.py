@@ -10,11 +10,9 @@ import warnings
 from pathlib import Path
 
 import optuna
-import pyarrow.fs
 import ray
 from optuna.trial import TrialState
 from ray import tune
-from ray.tune import ExperimentAnalysis
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -24,6 +22,7 @@ from search.configfile import STORAGE_PATH, ConfigError
 from search.jobs import WORKER_ENV
 from search.record import RUNNING, SearchRecord, read_config, save_config
 from search.resources import check_cluster
+from search.resume import point_trials_at_complete_checkpoints
 from search.seeds import SeedRepeater
 from search.storage import STUDY_FILE, SearchStorage, WorkingCopyStorage, copy_study
 from search.tracking import finish_search_run, load_target, start_search_run
@@ -243,34 +242,6 @@ def restore_tuner(search: SearchStorage, trainable) -> tune.Tuner:
     becomes this machine's working copy first: the searcher that Tune unpickles opens it."""
     if search.remote:
         search.download(STUDY_FILE, search.study_file)
-    _put_back_deleted_checkpoints(search)
+    point_trials_at_complete_checkpoints(search)
     return tune.Tuner.restore(search.tune_path(), trainable=trainable, resume_unfinished=True, resume_errored=True,
                               storage_filesystem=search.tune_storage()[1])
-
-
-def _put_back_deleted_checkpoints(search: SearchStorage) -> None:
-    """Tune deletes a trial's previous checkpoint (num_to_keep=1) as soon as it registers the next
-    one, and uploads the state that names the next one only afterwards. A driver killed in between
-    (a wider gap on S3, where a deletion takes several requests) leaves an unfinished trial naming a
-    checkpoint that is gone or half gone, and its restore fails. The newer one is complete (Tune
-    registers a checkpoint once it is stored): copy it to where the state looks."""
-    def files(filesystem, path: str) -> int:
-        return sum(info.is_file for info in filesystem.get_file_info(
-            pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True)))
-
-    try:
-        trials = ExperimentAnalysis(search.tune_path(), storage_filesystem=search.tune_storage()[1]).trials
-    except ValueError:  # no state saved yet: Tuner.restore says so
-        return
-    for trial in trials:
-        if trial.status == "TERMINATED" or trial.checkpoint is None:
-            continue
-        filesystem, path = trial.checkpoint.filesystem, trial.checkpoint.path
-        newest = max((info.path for info in filesystem.get_file_info(pyarrow.fs.FileSelector(str(Path(path).parent)))
-                      if info.type == pyarrow.fs.FileType.Directory and Path(info.path).name.startswith("checkpoint_")),
-                     key=lambda p: Path(p).name, default=None)
-        if newest is None or Path(newest).name <= Path(path).name or files(filesystem, path) >= files(filesystem, newest):
-            continue  # the named checkpoint is the newest, or whole: a newer one may be half written
-        if filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
-            filesystem.delete_dir(path)
-        pyarrow.fs.copy_files(newest, path, source_filesystem=filesystem, destination_filesystem=filesystem)
