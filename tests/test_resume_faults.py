@@ -273,3 +273,23 @@ def test_a_trial_resumes_from_its_newest_complete_checkpoint_or_starts_over_and_
         assert lines == ([] if resumes_from == 1 else [
             f"softprompt: trial {tid}: checkpoint_000001 on storage is incomplete; it resumes from "
             f"checkpoint_{resumes_from:06d}"])
+
+
+@pytest.mark.parametrize("how", ["emptied", "cut short"])
+def test_a_searcher_state_a_kill_left_unreadable_is_rebuilt_from_the_study_and_the_search_completes(
+        interrupted, how):
+    storage = interrupted["storage"]
+    storage.restore_pristine()
+    [pickled] = [name for name in storage.names("") if name.startswith("searcher-state-") and name.endswith(".pkl")]
+    storage.write(pickled, b"" if how == "emptied" else storage.read(pickled)[:200])
+    env = {**os.environ, **storage.env(), "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "PYTHONPATH": str(ROOT)}  # this checkout's code, whatever the environment has installed
+    with open(storage.tmp / "resume.log", "w") as log:
+        resumed = subprocess.run([sys.executable, "-m", "search.cli", "search", "resume", NAME, "--storage-path",
+                                  storage.storage_path], env=env, cwd=storage.tmp, stdout=log, stderr=subprocess.STDOUT,
+                                 timeout=300)  # a guard only: before the fix this resume hung
+    logs = (storage.tmp / "resume.log").read_text()
+    assert resumed.returncode == 0, logs[-3000:]
+    assert f"softprompt: Tune's searcher state {pickled} is unreadable; the searcher is rebuilt from the Optuna study" \
+           in logs.splitlines(), logs[-3000:]
+    assert assert_nothing_lost(interrupted) == RESUMED_AT_8
