@@ -2,10 +2,13 @@
 early stopping. What a search found is read by search/record.py, its winner judged by search/verdict.py."""
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
+import pickletools
 import signal
 import sys
+import tempfile
 import threading
 import warnings
 from collections.abc import Callable
@@ -16,7 +19,6 @@ import pyarrow.fs
 import ray
 from optuna.trial import TrialState
 from ray import tune
-from ray.tune import ExperimentAnalysis
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -26,6 +28,7 @@ from search.configfile import STORAGE_PATH, ConfigError
 from search.jobs import WORKER_ENV
 from search.record import RUNNING, SearchRecord, read_config, save_config
 from search.resources import check_cluster
+from search.resume import experiment_folder, point_trials_at_complete_checkpoints
 from search.seeds import SeedRepeater
 from search.storage import STUDY_FILE, SearchStorage, WorkingCopyStorage, copy_study
 from search.tracking import finish_search_run, load_target, start_search_run
@@ -35,6 +38,7 @@ from trainables.shared import IDLE_EXIT_S, server_key, stop_servers
 from trainables.tasks import is_task_file
 from trainables.trainable import tune_trial
 
+TUNE_TRIAL_ID = "tune_trial_id"  # the Optuna trial's user attribute naming its Tune trial
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
 
 
@@ -53,19 +57,27 @@ def startup_trials(trials: int) -> int:
     return max(2, min(10, trials // 4))
 
 
-def build_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
-    """The search's Optuna sampler; a grid's cells are its space's choices (search.config allows no other)."""
+def build_sampler(cfg: SearchConfig, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """The search's Optuna sampler (seeded with `seed`, default the search's); a grid's cells are its
+    space's choices (search.config allows no other)."""
+    seed = cfg.seed if seed is None else seed
     if cfg.sampler == "grid":
-        return TuneGridSampler(CustomSpace(cfg.space, cfg.checkpoints).grid(), seed=cfg.seed)
+        return TuneGridSampler(CustomSpace(cfg.space, cfg.checkpoints).grid(), seed=seed)
     if cfg.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.startup_trials or startup_trials(cfg.trials))
-    return SAMPLERS[cfg.sampler](seed=cfg.seed)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.startup_trials or startup_trials(cfg.trials))
+    return SAMPLERS[cfg.sampler](seed=seed)
 
 
 class AshaAwareOptunaSearch(OptunaSearch):
     """OptunaSearch that tells Optuna a trial ASHA stopped early was PRUNED. Ray's own class
     reports it COMPLETE with its truncated metric, which TPE then mistakes for a finished run.
-    A trial that finished reports status completed/diverged last; a stopped one is still running."""
+    A trial that finished reports status completed/diverged last; a stopped one is still running.
+    Each Optuna trial records its Tune trial's id, from which a resume can rebuild this searcher."""
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID, trial_id)
+        return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         if error or not result or result.get("status") != RUNNING or trial_id in self._completed_trials:
@@ -131,11 +143,18 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
+def build_searcher(cfg: SearchConfig, points_to_evaluate: list[dict] | None,
+                   sampler: optuna.samplers.BaseSampler) -> AshaAwareOptunaSearch:
+    """The search's searcher on its Optuna study, created or, if it exists, opened."""
+    search = SearchStorage(cfg.storage_path, cfg.name)
+    return AshaAwareOptunaSearch(space=SpaceWithAdaptation(cfg), metric=cfg.metric, mode=cfg.mode,
+                                 points_to_evaluate=points_to_evaluate, sampler=sampler,
+                                 storage=search.optuna_storage(), study_name=cfg.name)
+
+
 def build_tuner(cfg: SearchConfig, trainable=tune_trial, tracking=None) -> tune.Tuner:
     search = SearchStorage(cfg.storage_path, cfg.name)
-    searcher = AshaAwareOptunaSearch(
-        space=SpaceWithAdaptation(cfg), metric=cfg.metric, mode=cfg.mode, points_to_evaluate=_points(cfg) or None,
-        sampler=build_sampler(cfg), storage=search.optuna_storage(), study_name=cfg.name)
+    searcher = build_searcher(cfg, _points(cfg) or None, build_sampler(cfg))
     if cfg.seeds > 1:
         searcher = SeedRepeater(searcher, cfg.seeds, cfg.train.seed)
     storage_path, filesystem = search.tune_storage()
@@ -241,7 +260,7 @@ def resume_search(storage_path: str, name: str, trainable=tune_trial, tracking_u
     saved = load_target(search)
     uri = tracking_uri or (saved.uri if saved else None)
     tracking = start_search_run(cfg, uri) if uri else None
-    return _fit(restore_tuner(search, build_trainable(cfg, trainable, tracking)), search, tracking, cfg)
+    return _fit(restore_tuner(search, build_trainable(cfg, trainable, tracking), cfg), search, tracking, cfg)
 
 
 def _fit(tuner: tune.Tuner, search: SearchStorage, tracking, cfg: SearchConfig) -> tune.ResultGrid:
@@ -261,39 +280,52 @@ def _fit(tuner: tune.Tuner, search: SearchStorage, tracking, cfg: SearchConfig) 
     return results
 
 
-def restore_tuner(search: SearchStorage, trainable) -> tune.Tuner:
+def restore_tuner(search: SearchStorage, trainable, cfg: SearchConfig) -> tune.Tuner:
     """Tune's saved search, to continue. For a URI, the study copy saved with Tune's last state
-    becomes this machine's working copy first: the searcher that Tune unpickles opens it."""
+    becomes this machine's working copy first: the searcher that Tune unpickles opens it. What a kill
+    may have left half written is repaired first: trials' checkpoints (search/resume.py), the searcher."""
     if search.remote:
         search.download(STUDY_FILE, search.study_file)
-    _put_back_deleted_checkpoints(search)
+    point_trials_at_complete_checkpoints(search)
+    rebuild_unreadable_searcher(search, cfg)
     return tune.Tuner.restore(search.tune_path(), trainable=trainable, resume_unfinished=True, resume_errored=True,
                               storage_filesystem=search.tune_storage()[1])
 
 
-def _put_back_deleted_checkpoints(search: SearchStorage) -> None:
-    """Tune deletes a trial's previous checkpoint (num_to_keep=1) as soon as it registers the next
-    one, and uploads the state that names the next one only afterwards. A driver killed in between
-    (a wider gap on S3, where a deletion takes several requests) leaves an unfinished trial naming a
-    checkpoint that is gone or half gone, and its restore fails. The newer one is complete (Tune
-    registers a checkpoint once it is stored): copy it to where the state looks."""
-    def files(filesystem, path: str) -> int:
-        return sum(info.is_file for info in filesystem.get_file_info(
-            pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True)))
-
-    try:
-        trials = ExperimentAnalysis(search.tune_path(), storage_filesystem=search.tune_storage()[1]).trials
-    except ValueError:  # no state saved yet: Tuner.restore says so
+def rebuild_unreadable_searcher(search: SearchStorage, cfg: SearchConfig) -> None:
+    """A searcher state that a kill emptied or cut short (Tune's newest searcher-state pickle) is
+    written anew from the Optuna study, which holds every trial it was told. Tune would otherwise
+    fail to read it, and its resume hung."""
+    filesystem, folder = experiment_folder(search)
+    found = sorted(info.path for info in filesystem.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+                   if fnmatch.fnmatch(Path(info.path).name, OptunaSearch.CKPT_FILE_TMPL.format("*")))
+    if not found:
         return
-    for trial in trials:
-        if trial.status == "TERMINATED" or trial.checkpoint is None:
-            continue
-        filesystem, path = trial.checkpoint.filesystem, trial.checkpoint.path
-        newest = max((info.path for info in filesystem.get_file_info(pyarrow.fs.FileSelector(str(Path(path).parent)))
-                      if info.type == pyarrow.fs.FileType.Directory and Path(info.path).name.startswith("checkpoint_")),
-                     key=lambda p: Path(p).name, default=None)
-        if newest is None or Path(newest).name <= Path(path).name or files(filesystem, path) >= files(filesystem, newest):
-            continue  # the named checkpoint is the newest, or whole: a newer one may be half written
-        if filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
-            filesystem.delete_dir(path)
-        pyarrow.fs.copy_files(newest, path, source_filesystem=filesystem, destination_filesystem=filesystem)
+    with filesystem.open_input_stream(found[-1]) as stream:
+        if _is_whole_pickle(stream.readall()):
+            return
+    study = optuna.load_study(study_name=cfg.name, storage=search.optuna_storage())
+    # Reseeded: the search's own seed would draw the points its first trials drew, again.
+    searcher = build_searcher(cfg, None, build_sampler(cfg, seed=cfg.seed + len(study.trials)))
+    for frozen in study.trials:
+        if TUNE_TRIAL_ID in frozen.user_attrs:
+            trial_id = frozen.user_attrs[TUNE_TRIAL_ID]
+            searcher._ot_trials[trial_id] = optuna.trial.Trial(searcher._ot_study, frozen._trial_id)
+            if frozen.state.is_finished():
+                searcher._completed_trials.add(trial_id)
+    with tempfile.TemporaryDirectory() as local:
+        searcher.save(f"{local}/searcher.pkl")
+        with filesystem.open_output_stream(found[-1]) as stream:
+            stream.write(Path(f"{local}/searcher.pkl").read_bytes())
+    print(f"softprompt: Tune's searcher state {Path(found[-1]).name} is unreadable; the searcher is rebuilt "
+          f"from the Optuna study", file=sys.stderr)
+
+
+def _is_whole_pickle(data: bytes) -> bool:
+    """Whether `data` is a complete pickle, read without running it."""
+    try:
+        for _ in pickletools.genops(data):
+            pass
+    except ValueError:  # pickle exhausted before seeing STOP, or an unknown opcode
+        return False
+    return bool(data)

@@ -105,8 +105,8 @@ def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: f
                         print(f"softprompt: trial resumed from step {current['step']} with its dtype changed "
                               f"({changed}): the rest of it trains in another precision", file=sys.stderr, flush=True)
                 except CheckpointError as error:
-                    # A driver killed while Ray uploads or prunes checkpoints can leave the one its state
-                    # names incomplete. The trial starts over rather than fail: its steps are lost, not it.
+                    # A resumed search's driver points each trial at a complete checkpoint (search/resume.py);
+                    # one damaged since, or met by Ray's retry mid-search, makes the trial start over, not fail.
                     setup.update(resumed_from_step=0, resume_error=str(error))
                     folder = None
                 train(cfg, backbone, data, report=report, resume_from=Path(folder) if folder else None, score_test=False,
