@@ -395,3 +395,37 @@ def test_a_search_with_sentinel_on_a_causal_lm_is_refused_before_any_trial(tiny_
                    {"train": {"model": str(tiny_llama_dir)}, "space": {"sentinel": {"choices": [False, True]}}}):
         with pytest.raises(UserError, match="sentinel = True is not allowed: an encoder-decoder"):
             search_config(values)
+
+
+def test_the_paper_space_s_default_point_steps_at_the_papers_lr_0_3_on_a_t5_1_1_shaped_model(smollm2_tokenizer, tmp_path):
+    """Whatever unit the paper space draws its lr in, its default point must give T5 1.1 (token embeddings of
+    std about 11.6, N(0, 1)-initialised and not scaled at the input) the paper's lr 0.3."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from trainables.backbone import load_backbone
+    from trainables.config import trial_config
+
+    tok = smollm2_tokenizer
+    config = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False,  # T5 1.1's shape
+                      decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(config)
+    with torch.no_grad():
+        model.shared.weight.normal_(0.0, 11.6)
+    model.save_pretrained(tmp_path / "t5-1.1")
+    tok.save_pretrained(tmp_path / "t5-1.1")
+    backbone = load_backbone(str(tmp_path / "t5-1.1"), "float32", device=torch.device("cpu"))
+    study = optuna.create_study()
+    study.enqueue_trial(DEFAULT_POINTS["paper"])
+    trial = study.ask()
+    params = {**trial.params, **paper(trial, [backbone.name])}
+    base = TrainConfig(model=backbone.name, batch_size=2, max_steps=1, eval_every=1, max_eval_examples=2,
+                       max_test_examples=2).to_dict()
+    cfg = trial_config(params, base)
+    task = Task("t", ["negative", "positive"], split_three([f"text {i}" for i in range(40)], [i % 2 for i in range(40)]))
+    data = encode_task(task, backbone.tokenizer, True, backbone.vocab_is_frequency_ordered, 32)
+    reports = []
+    train(cfg.replace(prompt_length=4), backbone, data, report=lambda metrics, save: reports.append(metrics),
+          score_test=False)
+    assert cfg.optimizer == "adafactor" and reports[0]["lr_absolute"] == pytest.approx(0.3, rel=0.02)
