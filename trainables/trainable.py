@@ -84,7 +84,9 @@ def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: f
             save(Path(folder))
             status = "completed" if metrics["step"] == cfg.max_steps else "running"
             if tracker:
-                tracker.log({**metrics, **setup}, Path(folder) / "best")
+                unscored = metrics["best_step"] == 0  # its best_dev_* are Tune's placeholders, not scores
+                tracker.log({k: v for k, v in {**metrics, **setup}.items() if not (unscored and k.startswith("best_dev_"))},
+                            Path(folder) / "best")
                 if status == "completed":
                     tracker.finish(status)
             tune.report({**metrics, **setup, "status": status}, checkpoint=tune.Checkpoint.from_directory(folder))
