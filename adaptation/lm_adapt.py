@@ -237,10 +237,6 @@ def train_worker(config: dict) -> None:
         seconds = time.perf_counter() - window_start
         # this worker's mean loss over the window; tokens/s of all workers (each does the same work)
         metrics = {"step": step, "loss": float(np.mean(losses)), "tokens_per_s": world * window_tokens / seconds}
-        if rank == 0:
-            print(f"lm-adapt step {step}/{last}  loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:,.0f} tokens/s "
-                  f"({world} worker{'s' * (world > 1)})", flush=True)
-            tracker.log(metrics)
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0 and save:
                 unwrapped = model.module if hasattr(model, "module") else model
@@ -250,6 +246,14 @@ def train_worker(config: dict) -> None:
                 if step in cfg.steps:
                     _save_loadable(unwrapped, tokenizer, Path(cfg.out) / f"step-{step}")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 and save else None)
+        if rank == 0 and save:
+            # report returns once the checkpoint is uploaded; Ray Train's controller registers it in the run's
+            # snapshot, which a resume reads, only at its next poll. Until then a kill loses it.
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        if rank == 0:
+            print(f"lm-adapt step {step}/{last}  loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:,.0f} tokens/s "
+                  f"({world} worker{'s' * (world > 1)}){'  state saved' * save}", flush=True)
+            tracker.log(metrics)
         window_tokens, window_start, losses = 0, time.perf_counter(), []
 
 
