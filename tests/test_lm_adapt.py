@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from adaptation.lm_adapt import RUN_NAME, STATE_DIR
 from adaptation.manifest import MANIFEST_FILE, read_manifest
+from adaptation.resume import SNAPSHOT
 from search.cli import main
 from search.configfile import ConfigError
 from trainables.backbone import load_backbone
@@ -138,6 +139,59 @@ def resumed(state: Path, tiny_t5_dir, corpus, adapted, tmp_path) -> list[int]:
 def test_a_job_killed_once_it_says_its_state_is_saved_resumes_from_that_state(told, tiny_t5_dir, corpus, adapted, tmp_path):
     """Saved means registered in Ray Train's snapshot, where a resume looks, before the step's line says so."""
     assert resumed(told / "told-2", tiny_t5_dir, corpus, adapted, tmp_path) == [4, 6, 8]
+
+
+def checkpoint_folder(out: Path) -> Path:
+    (folder,) = (out / STATE_DIR / RUN_NAME).glob("checkpoint_*")
+    return folder
+
+
+def cut_to_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def newer_checkpoint_beside(state: Path, newer: Path) -> Path:
+    """`state` with the checkpoint of `newer` (and its OUT/step-4, written before it) copied in, unregistered."""
+    shutil.copytree(checkpoint_folder(newer), state / STATE_DIR / RUN_NAME / checkpoint_folder(newer).name)
+    if (newer / "step-4").exists() and not (state / "step-4").exists():
+        shutil.copytree(newer / "step-4", state / "step-4")
+    return state / STATE_DIR / RUN_NAME / checkpoint_folder(newer).name
+
+
+def uploaded_not_registered(two: Path, four: Path) -> None:
+    newer_checkpoint_beside(two, four)
+
+
+def half_uploaded(two: Path, four: Path) -> None:
+    folder = newer_checkpoint_beside(two, four)
+    cut_to_half(folder / "model.safetensors")
+    (folder / "step.json").unlink()
+
+
+def snapshot_cut_while_registering(two: Path, four: Path) -> None:
+    newer_checkpoint_beside(two, four)
+    snapshot = two / STATE_DIR / RUN_NAME / SNAPSHOT
+    snapshot.write_bytes((four / STATE_DIR / RUN_NAME / SNAPSHOT).read_bytes())
+    cut_to_half(snapshot)
+
+
+def registered_older_not_pruned(two: Path, four: Path) -> None:
+    shutil.rmtree(two)
+    shutil.copytree(four, two)
+    newer_checkpoint_beside(two, four.parent / "told-2")
+
+
+@pytest.mark.parametrize("kill,resumed_steps", [
+    (uploaded_not_registered, [6, 8]), (half_uploaded, [4, 6, 8]), (snapshot_cut_while_registering, [6, 8]),
+    (registered_older_not_pruned, [6, 8])])
+def test_a_job_killed_in_each_phase_of_saving_resumes_from_its_newest_complete_state(
+        kill, resumed_steps, told, tiny_t5_dir, corpus, adapted, tmp_path):
+    """The step-4 checkpoint uploaded but not yet in Ray Train's snapshot; half uploaded; registered while
+    the snapshot was being rewritten (cut short); registered, the step-2 one not yet pruned."""
+    state = tmp_path / "state"
+    shutil.copytree(told / "told-2", state, symlinks=True)
+    kill(state, told / "told-4")
+    assert resumed(state, tiny_t5_dir, corpus, adapted, tmp_path) == resumed_steps
 
 
 def test_a_search_explores_the_adapted_checkpoints_with_their_adaptation_steps(adapted, tiny_t5_dir, tmp_path):
