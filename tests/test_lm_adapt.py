@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -121,6 +122,10 @@ def told(tiny_t5_dir, corpus, tmp_path_factory) -> Path:
     return tmp
 
 
+def checkpoint_folders(out: Path) -> list[Path]:
+    return [p for p in (out / STATE_DIR / RUN_NAME).glob("checkpoint_*") if p.is_dir()]  # not Ray's snapshot file
+
+
 def resumed(state: Path, tiny_t5_dir, corpus, adapted, tmp_path) -> list[int]:
     """Resume the job from a copy of `state`; check it ends with the uninterrupted run's checkpoints, bit
     for bit, and one resumable state on storage. Returns the steps it logged."""
@@ -132,8 +137,8 @@ def resumed(state: Path, tiny_t5_dir, corpus, adapted, tmp_path) -> list[int]:
         again, first = weights(out / f"step-{step}"), weights(adapted["out"] / f"step-{step}")
         assert again.keys() == first.keys()
         assert all(torch.equal(again[k], first[k]) for k in first), step
-    assert len(list((out / STATE_DIR / RUN_NAME).glob("checkpoint_*"))) == 1
-    return [int(line.split()[2].split("/")[0]) for line in done.stdout.splitlines() if line.startswith("lm-adapt step ")]
+    assert len(checkpoint_folders(out)) == 1
+    return [int(step) for step in re.findall(r"lm-adapt step (\d+)/", done.stdout)]  # lines Ray prefixes with the worker
 
 
 def test_a_job_killed_once_it_says_its_state_is_saved_resumes_from_that_state(told, tiny_t5_dir, corpus, adapted, tmp_path):
@@ -142,7 +147,7 @@ def test_a_job_killed_once_it_says_its_state_is_saved_resumes_from_that_state(to
 
 
 def checkpoint_folder(out: Path) -> Path:
-    (folder,) = (out / STATE_DIR / RUN_NAME).glob("checkpoint_*")
+    (folder,) = checkpoint_folders(out)
     return folder
 
 
