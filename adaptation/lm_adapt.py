@@ -25,6 +25,7 @@ import numpy as np
 import yaml
 
 from adaptation.manifest import MANIFEST_FILE, read_manifest, write_manifest
+from adaptation.resume import MODEL_FILE, OPTIMIZER_FILE, STEP_FILE, resume_from_newest_complete_checkpoint
 from search.configfile import ConfigError, check_tracking_uri
 
 STATE_DIR, RUN_NAME = ".ray", "lm-adapt"   # Ray Train's run under OUT: the same name resumes it
@@ -210,9 +211,9 @@ def train_worker(config: dict) -> None:
     start, optimizer_state = 0, None
     if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as folder:
-            load_model(model, os.path.join(folder, "model.safetensors"))
-            optimizer_state = torch.load(os.path.join(folder, "optimizer.pt"), weights_only=True)
-            start = json.loads(Path(folder, "step.json").read_text())["step"]
+            load_model(model, os.path.join(folder, MODEL_FILE))
+            optimizer_state = torch.load(os.path.join(folder, OPTIMIZER_FILE), weights_only=True)
+            start = json.loads(Path(folder, STEP_FILE).read_text())["step"]
     model = ray.train.torch.prepare_model(model)  # on the worker's device, wrapped for DDP
     device = ray.train.torch.get_device()
     optimizer = Adafactor(model.parameters(), lr=cfg.lr)  # after the move: its state lives where its parameters do
@@ -237,19 +238,23 @@ def train_worker(config: dict) -> None:
         seconds = time.perf_counter() - window_start
         # this worker's mean loss over the window; tokens/s of all workers (each does the same work)
         metrics = {"step": step, "loss": float(np.mean(losses)), "tokens_per_s": world * window_tokens / seconds}
-        if rank == 0:
-            print(f"lm-adapt step {step}/{last}  loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:,.0f} tokens/s "
-                  f"({world} worker{'s' * (world > 1)})", flush=True)
-            tracker.log(metrics)
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0 and save:
                 unwrapped = model.module if hasattr(model, "module") else model
-                save_model(unwrapped, os.path.join(folder, "model.safetensors"))
-                torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
-                Path(folder, "step.json").write_text(json.dumps({"step": step}))
+                save_model(unwrapped, os.path.join(folder, MODEL_FILE))
+                torch.save(optimizer.state_dict(), os.path.join(folder, OPTIMIZER_FILE))
+                Path(folder, STEP_FILE).write_text(json.dumps({"step": step}))
                 if step in cfg.steps:
                     _save_loadable(unwrapped, tokenizer, Path(cfg.out) / f"step-{step}")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 and save else None)
+        if rank == 0 and save:
+            # report returns once the checkpoint is uploaded; Ray Train's controller registers it in the run's
+            # snapshot, which a resume reads, only at its next poll. Until then a kill loses it.
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        if rank == 0:
+            print(f"lm-adapt step {step}/{last}  loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:,.0f} tokens/s "
+                  f"({world} worker{'s' * (world > 1)}){'  state saved' * save}", flush=True)
+            tracker.log(metrics)
         window_tokens, window_start, losses = 0, time.perf_counter(), []
 
 
@@ -385,6 +390,7 @@ def run_adaptation(cfg: AdaptConfig, worker=train_worker) -> Path:
     cfg = dataclasses.replace(cfg, out=str(out), workers=workers)
     check_resumed_job(cfg, out / STATE_DIR)
     run_id = _start_run(cfg, out / STATE_DIR)
+    resume_from_newest_complete_checkpoint(out / STATE_DIR / RUN_NAME)
     print(f"lm-adapt {cfg.model}: {len(stream):,} corpus tokens, {workers} {'GPU' if use_gpu else 'CPU'} worker(s), "
           f"checkpoints at steps {', '.join(map(str, cfg.steps))} into {out}", flush=True)
     trainer = TorchTrainer(

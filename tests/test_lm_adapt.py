@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +18,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from adaptation.lm_adapt import STATE_DIR
+from adaptation.lm_adapt import RUN_NAME, STATE_DIR
 from adaptation.manifest import MANIFEST_FILE, read_manifest
+from adaptation.resume import SNAPSHOT
 from search.cli import main
 from search.configfile import ConfigError
 from trainables.backbone import load_backbone
@@ -87,51 +88,115 @@ def test_the_job_is_one_mlflow_run_with_its_loss_curve(adapted):
     assert run.info.status == "FINISHED"
 
 
-PARKED = textwrap.dedent("""
-    import os, sys, time
-    import ray.train
+TOLD = textwrap.dedent("""
+    import shutil, sys
+    import adaptation.lm_adapt
     from adaptation.lm_adapt import AdaptConfig, run_adaptation, train_worker
 
-    marker = sys.argv[1]  # captured by value: a worker's own sys.argv is Ray's
+    copies, model, corpus, out = sys.argv[1:]  # captured by value: a worker's own sys.argv is Ray's
 
-    def parked(config):
-        # rank 0 writes down its pid once its step-2 state is registered, then parks: the test kills the driver there
-        report = ray.train.report
-        def report_then_park(metrics, checkpoint=None):
-            report(metrics, checkpoint=checkpoint)
-            if metrics["step"] == 2 and ray.train.get_context().get_world_rank() == 0:
-                open(marker, "w").write(str(os.getpid()))
-                time.sleep(300)
-        ray.train.report = report_then_park
+    def copied_when_told(config):
+        # When rank 0's step-2 and step-4 lines say its state is saved, OUT is copied as a kill right then
+        # would leave it: rank 0 waits in the copy, rank 1 for rank 0 in the next step's all-reduce.
+        def print_then_copy(line, **kwargs):
+            print(line, **kwargs)
+            step = line.split()[2].split("/")[0]
+            if step in ("2", "4"):
+                shutil.copytree(out, f"{copies}/told-{step}", symlinks=True)
+        adaptation.lm_adapt.print = print_then_copy
         train_worker(config)
 
-    model, corpus, out = sys.argv[2:]
     run_adaptation(AdaptConfig(model=model, corpus=corpus, steps=(4, 8), out=out, workers=2, batch_size=4, seq_len=32,
-                               checkpoint_every=2, log_every=2), worker=parked)
+                               checkpoint_every=2, log_every=2), worker=copied_when_told)
 """)
 
 
-def test_a_killed_job_resumes_and_ends_with_the_same_checkpoints(adapted, tiny_t5_dir, corpus, tmp_path):
-    out, marker = tmp_path / "out", tmp_path / "parked"
-    script = tmp_path / "parked.py"
-    script.write_text(PARKED)
-    driver = subprocess.Popen([sys.executable, str(script), str(marker), str(tiny_t5_dir), str(corpus), str(out)], cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and driver.poll() is None and not (marker.exists() and marker.read_text()):
-        time.sleep(0.2)
-    assert marker.read_text(), "the job never reached step 2"
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    driver.wait(timeout=60)
-    assert list((out / STATE_DIR).rglob("checkpoint_*")) and not (out / "step-4").exists()
+@pytest.fixture(scope="module")
+def told(tiny_t5_dir, corpus, tmp_path_factory) -> Path:
+    """OUT as a kill leaves it the moment rank 0 says its step-2 (told-2) and its step-4 (told-4) state is saved."""
+    tmp = tmp_path_factory.mktemp("told")
+    (tmp / "told.py").write_text(TOLD)
+    done = subprocess.run([sys.executable, str(tmp / "told.py"), str(tmp), str(tiny_t5_dir), str(corpus), str(tmp / "out")],
+                          cwd=tmp, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return tmp
 
-    resumed = lm_adapt(tiny_t5_dir, corpus, out, "--tracking-uri", "none", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "lm-adapt step 2/8" not in resumed.stdout  # resumed after step 2, not started over
+
+def checkpoint_folders(out: Path) -> list[Path]:
+    return [p for p in (out / STATE_DIR / RUN_NAME).glob("checkpoint_*") if p.is_dir()]  # not Ray's snapshot file
+
+
+def resumed(state: Path, tiny_t5_dir, corpus, adapted, tmp_path) -> list[int]:
+    """Resume the job from a copy of `state`; check it ends with the uninterrupted run's checkpoints, bit
+    for bit, and one resumable state on storage. Returns the steps it logged."""
+    out = tmp_path / "out"
+    shutil.copytree(state, out, symlinks=True)
+    done = lm_adapt(tiny_t5_dir, corpus, out, "--tracking-uri", "none", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for step in (4, 8):
         again, first = weights(out / f"step-{step}"), weights(adapted["out"] / f"step-{step}")
         assert again.keys() == first.keys()
         assert all(torch.equal(again[k], first[k]) for k in first), step
+    assert len(checkpoint_folders(out)) == 1
+    return [int(step) for step in re.findall(r"lm-adapt step (\d+)/", done.stdout)]  # lines Ray prefixes with the worker
+
+
+def test_a_job_killed_once_it_says_its_state_is_saved_resumes_from_that_state(told, tiny_t5_dir, corpus, adapted, tmp_path):
+    """Saved means registered in Ray Train's snapshot, where a resume looks, before the step's line says so."""
+    assert resumed(told / "told-2", tiny_t5_dir, corpus, adapted, tmp_path) == [4, 6, 8]
+
+
+def checkpoint_folder(out: Path) -> Path:
+    (folder,) = checkpoint_folders(out)
+    return folder
+
+
+def cut_to_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def newer_checkpoint_beside(state: Path, newer: Path) -> Path:
+    """`state` with the checkpoint of `newer` (and its OUT/step-4, written before it) copied in, unregistered."""
+    shutil.copytree(checkpoint_folder(newer), state / STATE_DIR / RUN_NAME / checkpoint_folder(newer).name)
+    if (newer / "step-4").exists() and not (state / "step-4").exists():
+        shutil.copytree(newer / "step-4", state / "step-4")
+    return state / STATE_DIR / RUN_NAME / checkpoint_folder(newer).name
+
+
+def uploaded_not_registered(two: Path, four: Path) -> None:
+    newer_checkpoint_beside(two, four)
+
+
+def half_uploaded(two: Path, four: Path) -> None:
+    folder = newer_checkpoint_beside(two, four)
+    cut_to_half(folder / "model.safetensors")
+    (folder / "step.json").unlink()
+
+
+def snapshot_cut_while_registering(two: Path, four: Path) -> None:
+    newer_checkpoint_beside(two, four)
+    snapshot = two / STATE_DIR / RUN_NAME / SNAPSHOT
+    snapshot.write_bytes((four / STATE_DIR / RUN_NAME / SNAPSHOT).read_bytes())
+    cut_to_half(snapshot)
+
+
+def registered_older_not_pruned(two: Path, four: Path) -> None:
+    shutil.rmtree(two)
+    shutil.copytree(four, two)
+    newer_checkpoint_beside(two, four.parent / "told-2")
+
+
+@pytest.mark.parametrize("kill,resumed_steps", [
+    (uploaded_not_registered, [6, 8]), (half_uploaded, [4, 6, 8]), (snapshot_cut_while_registering, [6, 8]),
+    (registered_older_not_pruned, [6, 8])])
+def test_a_job_killed_in_each_phase_of_saving_resumes_from_its_newest_complete_state(
+        kill, resumed_steps, told, tiny_t5_dir, corpus, adapted, tmp_path):
+    """The step-4 checkpoint uploaded but not yet in Ray Train's snapshot; half uploaded; registered while
+    the snapshot was being rewritten (cut short); registered, the step-2 one not yet pruned."""
+    state = tmp_path / "state"
+    shutil.copytree(told / "told-2", state, symlinks=True)
+    kill(state, told / "told-4")
+    assert resumed(state, tiny_t5_dir, corpus, adapted, tmp_path) == resumed_steps
 
 
 def test_a_search_explores_the_adapted_checkpoints_with_their_adaptation_steps(adapted, tiny_t5_dir, tmp_path):
