@@ -337,7 +337,7 @@ def record_resources(config, base, metric, mode, gpu_fraction):
     waited for all four (a barrier in the search's output folder, not a sleep: load cannot decide it)."""
     barrier = Path(base["output_dir"])
     (barrier / tune.get_context().get_trial_id()).touch()
-    deadline = time.time() + 60
+    deadline = time.time() + 300  # waited out only by a failing test: four workers may take minutes to start
     while len(list(barrier.iterdir())) < 4 and time.time() < deadline:
         time.sleep(0.1)
     tune.report({metric: 0.5, "step": base["max_steps"], "status": "completed", "together": len(list(barrier.iterdir())),
