@@ -145,14 +145,12 @@ def cpu_runs_bf16() -> bool:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 on a GPU, float32 on a CPU. On a CPU that runs bfloat16 natively a bfloat16
-    step is 2.96x as fast, but training in it cost accuracy: over 3 seeds of 250 AdamW steps on
-    SmolLM2-135M, every bfloat16 run ended lower on 400 held-out examples (-2.75, -1.50, -2.25 points;
-    bench/results/core.md). Its prompt gradients differ from float32's by half their norm or more, and
-    the kept prompts score the same in either dtype, so the loss is made in training, not in scoring.
-    `dtype: bfloat16` takes the speed anyway. The prompt stays a float32 master copy either way."""
+    """`auto`: bfloat16 on a GPU and on a CPU that multiplies it natively, float32 elsewhere. Step for
+    step, bfloat16 training ends a little lower (bench/results/core.md); for the same wall time, which
+    is what a search spends, its several times as many steps gave better prompts on every seed and task
+    measured (bench/results/dtype.md). The prompt stays a float32 master copy either way."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or cpu_runs_bf16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
@@ -169,11 +167,9 @@ def dtype_note(dtype: str, device: torch.device | None = None) -> str:
     if device.type == "cuda":
         return name + (" (auto: a GPU)" if dtype == "auto" else "")
     if picked == torch.bfloat16:
-        return name + (" (this CPU runs it natively: about 3x float32's training speed; training in it cost about "
-                       "2 points of accuracy, bench/results/core.md)" if cpu_runs_bf16() else
-                       " (emulated on this CPU, which has no native bfloat16: slower than float32)")
-    return name + (" (auto on a CPU; on this one dtype: bfloat16 trains ~3x as fast, ~2 points less accurate)"
-                   if dtype == "auto" and cpu_runs_bf16() else " (auto: a CPU)" if dtype == "auto" else "")
+        return name + ((" (auto: this CPU multiplies it natively)" if dtype == "auto" else " (this CPU runs it natively)")
+                       if cpu_runs_bf16() else " (emulated on this CPU, which has no native bfloat16: slower than float32)")
+    return name + (" (auto: this CPU has no native bfloat16)" if dtype == "auto" and not cpu_runs_bf16() else "")
 
 
 def attention_for(dtype: torch.dtype, device: torch.device) -> str | None:

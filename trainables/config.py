@@ -21,8 +21,8 @@ SELECT_METRICS = ("accuracy", "f1")  # dev metrics that may pick the kept prompt
 class TrainConfig:
     # backbone
     model: str = "smollm2-135m"       # offline alias, hub id, or local folder
-    dtype: str = "auto"               # auto: bfloat16 on a GPU, float32 on a CPU. bfloat16 on a CPU with AVX512-BF16
-                                      # or AMX trains ~3x as fast, but measured ~2 points lower (backbone.resolve_dtype)
+    dtype: str = "auto"               # auto: bfloat16 on a GPU and on a CPU that multiplies it natively (AVX512-BF16,
+                                      # AMX), else float32 (backbone.resolve_dtype)
     compile: bool = False             # torch.compile the model's passes, once per worker process: measured here in bfloat16
                                       # 1.2x per step for about 3 min of compiling, so worth it from ~3,000
                                       # steps per worker (bench/results/core.md)
