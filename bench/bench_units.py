@@ -96,8 +96,18 @@ def best_lrs(result: dict) -> dict:
                       for key in ("test_log_loss", "test_accuracy")} | {"n": len(runs)}
                  for lr, runs in sorted(by_lr.items())}
         table[label] = {"by_lr": stats, "best_lr": min(stats, key=lambda lr: stats[lr]["test_log_loss"][0]),
+                        "fitted_lr": fitted_best({lr: st["test_log_loss"][0] for lr, st in stats.items()}),
                         "best_share": bootstrap_best({lr: [r["test_log_loss"] for r in runs] for lr, runs in by_lr.items()})}
     return table
+
+
+def fitted_best(mean_loss: dict[float, float]) -> float | None:
+    """The vertex of a parabola through mean log-loss against log10(lr): a best lr between grid points.
+    None where the curve is not convex or its vertex lies outside the grid."""
+    x = np.log10(sorted(mean_loss))
+    a, b, _ = np.polyfit(x, [mean_loss[lr] for lr in sorted(mean_loss)], 2)
+    vertex = -b / (2 * a) if a > 0 else None
+    return float(10 ** vertex) if vertex is not None and x[0] <= vertex <= x[-1] else None
 
 
 def bootstrap_best(losses: dict[float, list[float]], draws: int = 2000) -> dict[float, float]:
@@ -140,15 +150,21 @@ def report(results: list[dict], args) -> str:
         lines += [f"## How far the best lr moves from {a['model']} to {b['model']}", "",
                   f"The embedding RMS is {ratio:.2f}x as large on {b['model']}. A factor of 1 means the same value is "
                   f"best on both backbones in that unit; the grid's step is about 3x.", "",
-                  "| optimizer | best absolute lr | factor in absolute units | factor in embedding-RMS units |",
-                  "|---|---|---|---|"]
+                  "| optimizer | best absolute lr (grid) | factor, absolute units | factor, embedding-RMS units | "
+                  "fitted best (parabola) | factor, absolute | factor, embedding-RMS |", "|---|---|---|---|---|---|---|"]
         shown = lambda f: f"{max(f, 1 / f):.2g}x" + ("" if abs(f - 1) < 1e-9 else f" ({'higher' if f > 1 else 'lower'})")
         for label in tables[a["model"]]:
             if label not in tables[b["model"]]:
                 continue
-            la, lb = tables[a["model"]][label]["best_lr"], tables[b["model"]][label]["best_lr"]
-            relative = "(its lr is already relative: a share of the prompt's RMS)" if "scaling" in label else shown(lb / la / ratio)
-            lines.append(f"| {label} | {la:g} / {lb:g} | {shown(lb / la)} | {relative} |")
+            scaling = "scaling" in label  # its lr is already relative: a share of the prompt's own RMS
+            cells = []
+            for key in ("best_lr", "fitted_lr"):
+                la, lb = tables[a["model"]][label][key], tables[b["model"]][label][key]
+                if la is None or lb is None:
+                    cells += ["-", "-", "-"]
+                    continue
+                cells += [f"{la:.3g} / {lb:.3g}", shown(lb / la), "(already relative)" if scaling else shown(lb / la / ratio)]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -52,8 +52,8 @@ class TrainConfig:
                                       # adamw 0.03), so a trial whose space picks the optimizer but not the lr
                                       # gets its optimizer's; a search's train.lr, if set, is every such trial's
     lr_unit: str = "absolute"         # absolute, or embedding_rms: lr times the RMS of the common tokens' embeddings
-                                      # as the model receives them, so one value moves a prompt by the same share
-                                      # of its model's scale on any backbone (optimizers.absolute_lr)
+                                      # as the model receives them (optimizers.absolute_lr). The best lr moved no
+                                      # less between backbones in that unit (bench/results/units.md)
     weight_decay: float = 1e-5
     parameter_scaling: bool = False   # adafactor (and adafactor_hf) only: each step is lr times the prompt's RMS
                                       # (T5X's multiply_by_parameter_scale); the paper's runs: off, Table 6 searched it
