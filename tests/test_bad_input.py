@@ -142,7 +142,7 @@ CASES = [
     ("optimizer", lambda c: S(c, {"train": {"optimizer": "sgd"}}), ["train.optimizer = 'sgd'", "one of adafactor, adamw"]),
     ("eval-mode", lambda c: S(c, {"train": {"eval_mode": "greedy"}}), ["train.eval_mode = 'greedy'", "one of rank"]),
     ("model-offline", lambda c: S(c, {"train": {"model": "no-such-org/no-such-model"}}),
-     ["train.model = 'no-such-org/no-such-model'", "hub cannot be reached", "an offline alias (smollm2-135m)"]),
+     ["train.model = 'no-such-org/no-such-model'", "hub cannot be reached", "an offline alias (smollm2-135m, gemma3-270m)"]),
     ("model-folder", lambda c: S(c, {"train": {"model": "./no-such-model"}}),
      ["train.model = './no-such-model'", "no such folder", "a local model folder with config.json"]),
     ("model-no-config", lambda c: S(c, {"train": {"model": str(c.tmp)}}), ["train.model", "no config.json"]),
