@@ -69,14 +69,19 @@ def two_searches(ray_cluster, tiny_llama_dir, tmp_path_factory):
     return configs, folders, tmp
 
 
-def test_each_trial_scores_its_whole_test_split_and_says_how_many(two_searches):
+def test_the_driver_scores_the_winner_on_its_whole_test_split_and_says_how_many(two_searches):
+    """Trials leave test to the driver: scoring a whole split in every finished trial was waste."""
+    from search.verdict import judge_winner
+
     configs, _, _ = two_searches
     for name, test_size in (("reviews", 11), ("boolq", 7)):
         cfg = configs[name]
         record = SearchRecord.load(cfg.storage_path, name)
         (row,) = record.trials
         lines = (record.storage.folder / f"trial_{row['trial_id']}" / "result.json").read_text()
-        assert json.loads(lines.splitlines()[-1])["test_examples"] == test_size
+        assert "test_examples" not in json.loads(lines.splitlines()[-1])
+        summary, _ = judge_winner(record)
+        assert summary["test_examples"] == test_size and summary["test_accuracy"] is not None
         assert load_checkpoint(record.best()["prompt"]).meta["template"] == TEMPLATES[name]
 
 

@@ -30,6 +30,7 @@ def tiny_search(model_dir, tmp_path, **overrides):
     # one point diverges: 1e39 overflows float32, the prompt is infinite and the loss NaN at step 1
     values = {"name": "tracked", "trials": 5, "max_steps": 8, "concurrency": 2, "grace_period": 2,
               "reduction_factor": 2, "metric": "train_loss", "storage_path": str(tmp_path / "runs"), "seed": 0,
+              "startup_trials": 10,  # 5 random points: the diverging init_scale stays one trial of several
               "space": {"init_scale": {"choices": [0.5, 1.0e39]}, "prompt_length": {"choices": [2, 4]},
                         "lr": {"low": 0.01, "high": 0.3, "log": True}},
               "points_to_evaluate": [{"init_scale": 1.0e39, "prompt_length": 2, "lr": 0.1}],
