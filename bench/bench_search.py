@@ -46,7 +46,7 @@ def measure(cfg) -> dict:
     rows = SearchRecord.load(cfg.storage_path, cfg.name).trials
     last = [r.metrics for r in grid]
     train_seconds = sum(m.get("train_s", 0.0) for m in last)
-    eval_seconds = sum(m.get("eval_s", 0.0) for m in last)
+    eval_seconds = sum(m.get(key, 0.0) for m in last for key in ("rung_eval_s", "confirm_s", "test_s"))
     loads = [m for m in last if "backbone_reused" in m]
     curves = [{"params": r.config, "status": r.metrics.get("status"), "test_accuracy": r.metrics.get("test_accuracy"),
                "confirmed": r.metrics.get("confirmed_dev_accuracy"),
