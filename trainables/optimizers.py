@@ -39,7 +39,8 @@ LR_UNITS = ("absolute", "embedding_rms")
 def absolute_lr(name: str, lr: float | None, unit: str, embedding_rms: float) -> float:
     """The step size optimizer `name` is given for a configured `lr` in `unit` (None: its absolute default).
     Adam's and T5X's Adafactor's first steps move every prompt element by about the step size, whatever
-    the gradient's scale, so embedding_rms makes one value the same share of any backbone's embeddings."""
+    the gradient's scale, so embedding_rms makes one value the same share of any backbone's embeddings. (The
+    best lr did not follow that share between backbones, bench/results/units.md: the named spaces are absolute.)"""
     if lr is None:
         return DEFAULT_LR[name]
     return lr * embedding_rms if unit == "embedding_rms" else lr
