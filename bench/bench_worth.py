@@ -143,7 +143,8 @@ def main() -> None:
             own = default_run(cfg, points[0], seed)
             t1 = own["wall_s"]
             results["t1_s"].append(t1)
-            run = {"seed": seed, "t1_s": t1, "arms": {"a": {str(m): score(own["prompt"]) for m in args.multiples}}}
+            own_score = score(own["prompt"])  # its own run ends before the smallest budget: one score for all
+            run = {"seed": seed, "t1_s": t1, "arms": {"a": {str(m): own_score for m in args.multiples}}}
             print(f"seed {seed}: T1 {t1:.0f} s, a {run['arms']['a'][str(args.multiples[0])]:.4f}", flush=True)
             if "a'" in args.arms:
                 kept = default_run(cfg, points[0], seed, args.multiples, t1)["kept"]
