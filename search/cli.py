@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -42,20 +41,13 @@ def cmd_train(args) -> int:
 def _print_trials(rows: list[dict], metric: str) -> None:
     """`confirmed`: the metric on further dev examples, for trials that ran to the end (the winner
     is the best of those)."""
+    from search.console import shown_params
+
     show = lambda value: f"{value:.4f}" if value is not None else "-"
     print(f"{'trial':<12}{'status':<15}{'step':>6}{metric:>20}{'confirmed':>11}{'test acc':>10}  parameters")
     for r in rows:
         print(f"{r['trial_id']:<12}{r['status']:<15}{r['step'] or '-':>6}{show(r['metric']):>20}"
-              f"{show(r['confirmed']):>11}{show(r['test_accuracy']):>10}  {_shown_params(r['params'], r.get('lr_absolute'))}")
-
-
-def _shown_params(params: dict, lr_absolute: float | None = None) -> str:
-    """The parameters; and the absolute lr the optimizer got, where the lr was in another unit."""
-    shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-    lrs = [v for k, v in params.items() if k.split("@")[0] == "lr"]
-    if lr_absolute is not None and lrs and not math.isclose(lrs[0], lr_absolute):
-        shown += f" (absolute lr {lr_absolute:.3g})"
-    return shown
+              f"{show(r['confirmed']):>11}{show(r['test_accuracy']):>10}  {shown_params(r['params'], r.get('lr_absolute'))}")
 
 
 def _mean_sd(mean: float, sd: float | None) -> str:
@@ -64,6 +56,7 @@ def _mean_sd(mean: float, sd: float | None) -> str:
 
 def _print_points(points: list[dict], metric: str) -> None:
     """With seeds: each point's mean ± sd (sample) over its seeds, best first."""
+    from search.console import shown_params
     from search.record import SEED
 
     print(f"\n{'point':<7}{'seeds':>6}{'mean ± sd ' + metric:>30}{'confirmed mean ± sd':>22}  parameters (trials)")
@@ -71,7 +64,7 @@ def _print_points(points: list[dict], metric: str) -> None:
         confirmed = _mean_sd(point["confirmed"], point["confirmed_sd"]) if point["confirmed"] is not None else "-"
         params = {k: v for k, v in point["trials"][0]["params"].items() if k != SEED}
         print(f"{number:<7}{point['n']:>6}{_mean_sd(point['metric'], point['sd']):>30}{confirmed:>22}  "
-              f"{_shown_params(params)} ({', '.join(r['trial_id'] for r in point['trials'])})")
+              f"{shown_params(params)} ({', '.join(r['trial_id'] for r in point['trials'])})")
 
 
 def _zero_shot_verdict(summary: dict) -> str | None:
@@ -111,10 +104,25 @@ def _finish_search(storage_path: str, name: str, started: float | None = None) -
     print(f"  prompt: {summary['prompt']}\n  summary: {record.summary_path}")
     if unfinished := sum(r["status"] in (UNFINISHED, ERRORED) for r in record.trials):
         print(f"\n{unfinished} trial(s) unfinished: `softprompt search resume {name}` continues them")
+    _print_ui_hint(record)
     if started is not None:
         wall = time.perf_counter() - started
         print("\n" + _time_line(record.time_spent(wall, time.perf_counter() - judged), wall, record.config.concurrency))
     return 0
+
+
+def _print_ui_hint(record) -> None:
+    """Where to look at the trials side by side: the MLflow UI's runs table of this search."""
+    from search.tracking import is_server, load_target, ui_link
+
+    target = load_target(record.storage)
+    if target is None or target.parent_run_id is None:
+        return
+    if is_server(target.uri):
+        print(f"  MLflow: {ui_link(target)}")
+    else:
+        where = "" if record.storage.storage_path == STORAGE_PATH else f" --storage-path {record.storage.storage_path}"
+        print(f"  MLflow: `softprompt mlflow ui {record.storage.name}{where}`, then open {ui_link(target)}")
 
 
 def _time_line(spent: dict[str, float], wall: float, slots: int) -> str:
@@ -155,7 +163,7 @@ def cmd_search_run(args) -> int:
               + (", compiled" if cfg.train.compile else "")
               + (f", tracked in {tracking_uri}" if tracking_uri else ""), flush=True)
 
-    run_search(cfg, tracking_uri=tracking_uri, announce=announce)
+    run_search(cfg, tracking_uri=tracking_uri, announce=announce, verbose=args.verbose)
     return _finish_search(cfg.storage_path, cfg.name, started)
 
 
@@ -191,6 +199,46 @@ def cmd_search_report(args) -> int:
     print(f"table: {report.table}\nplot:  {report.plot}"
           + (f"\nboth logged on MLflow run {report.run_id} (report/)" if report.run_id else ""))
     return 0
+
+
+def cmd_mlflow_ui(args) -> int:
+    """The MLflow UI on a search's local store, and the link to its trials' runs table."""
+    import subprocess
+
+    import requests
+
+    from search.storage import SearchStorage
+    from search.tracking import is_server, load_target, ui_link
+
+    target = load_target(SearchStorage(args.storage_path, args.name))
+    if target is None or target.parent_run_id is None:
+        raise ConfigError("name", args.name, "a search tracked in MLflow (this one has no MLflow run; "
+                                             "`softprompt mlflow sync NAME --tracking-uri URI` logs it)")
+    if is_server(target.uri):
+        print(f"search {args.name} is tracked on a server: open {ui_link(target)}")
+        return 0
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", target.uri,
+                               "--host", args.host, "--port", str(args.port)])
+    try:
+        for _ in range(240):
+            if server.poll() is not None:
+                print(f"softprompt: the MLflow UI did not start (exit code {server.returncode}); is port {args.port} "
+                      f"free? `--port` picks another", file=sys.stderr)
+                return 1
+            try:
+                requests.get(f"http://127.0.0.1:{args.port}/health", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        print(f"MLflow UI on {target.uri}; the search's trials: {ui_link(target, args.port)}\n"
+              f"Ctrl-C stops it.", flush=True)
+        return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(timeout=30)
 
 
 def cmd_mlflow_sync(args) -> int:
@@ -333,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tracking-uri", metavar="URI",
                      help="MLflow tracking: sqlite:///PATH, http://HOST:PORT of a tracking server, or none "
                           "(default: sqlite:///mlflow.db in the working folder)")
+    run.add_argument("--verbose", action="store_true",
+                     help="also print Ray Tune's own trial tables (by default: a line per trial event)")
     run.set_defaults(handler=cmd_search_run)
     for action, handler, text in (
             ("resume", cmd_search_resume, "continue an interrupted search: finished trials are kept, "
@@ -360,6 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_path_argument(sync)
     sync.add_argument("--tracking-uri", metavar="URI", help="sync to this server instead of the search's own")
     sync.set_defaults(handler=cmd_mlflow_sync)
+    ui = mlflow_actions.add_parser("ui", help="start the MLflow UI on a search's store and print its trials' link",
+                                   description="Start the MLflow UI on the store a search logged to and print the link "
+                                               "to its runs table, one row per trial. Ctrl-C stops it.")
+    ui.add_argument("name", help="the search's name (its folder under --storage-path)")
+    _storage_path_argument(ui)
+    ui.add_argument("--port", type=int, default=5000, help="default: 5000")
+    ui.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    ui.set_defaults(handler=cmd_mlflow_ui)
 
     export = commands.add_parser(
         "export", help="export winning prompts: PEFT adapter, .npy array, or a registered MLflow model",

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import sys
 import time
+import urllib.parse
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,19 @@ SEARCH_TAG = "softprompt.search"
 SPOOL_DIR = "mlflow-spool"
 NEAREST_TOKENS = 5
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's name for model training
+UI_PORT = 5000
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def ui_link(target: TrackingTarget, port: int = UI_PORT) -> str:
+    """The MLflow UI's runs table of the search's trials (its parent's child runs). It goes straight to
+    the table: MLflow 3.17's UI opens an experiment on its GenAI overview whatever the experiment's kind."""
+    base = target.uri.rstrip("/") if is_server(target.uri) else f"http://127.0.0.1:{port}"
+    query = urllib.parse.quote(f"tags.`{PARENT_TAG}` = '{target.parent_run_id}'")
+    return f"{base}/#/experiments/{target.experiment_id}/runs?searchFilter={query}"
 
 
 def default_tracking_uri() -> str:

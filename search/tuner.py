@@ -25,6 +25,7 @@ from ray.tune.search.optuna import OptunaSearch
 from adaptation.manifest import adaptation_steps
 from search.config import SearchConfig
 from search.configfile import STORAGE_PATH, ConfigError
+from search.console import TrialLines
 from search.jobs import WORKER_ENV
 from search.record import RUNNING, SearchRecord, read_config, save_config
 from search.resources import check_cluster
@@ -152,7 +153,8 @@ def build_searcher(cfg: SearchConfig, points_to_evaluate: list[dict] | None,
                                  storage=search.optuna_storage(), study_name=cfg.name)
 
 
-def build_tuner(cfg: SearchConfig, trainable=tune_trial, tracking=None) -> tune.Tuner:
+def build_tuner(cfg: SearchConfig, trainable=tune_trial, tracking=None, verbose: bool = False) -> tune.Tuner:
+    """The search's Tuner. It prints a line per trial event (search/console.py); Ray's tables only if `verbose`."""
     search = SearchStorage(cfg.storage_path, cfg.name)
     searcher = build_searcher(cfg, _points(cfg) or None, build_sampler(cfg))
     if cfg.seeds > 1:
@@ -170,7 +172,8 @@ def build_tuner(cfg: SearchConfig, trainable=tune_trial, tracking=None) -> tune.
         run_config=tune.RunConfig(
             name=cfg.name, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=cfg.max_failures), verbose=1))
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            callbacks=[TrialLines(cfg.metric, cfg.mode)], verbose=1 if verbose else 0))
 
 
 def give_local_workers_env() -> None:
@@ -234,7 +237,7 @@ def fit_unless_interrupted(tuner: tune.Tuner, storage_path: str, name: str) -> t
 
 
 def run_search(cfg: SearchConfig, trainable=tune_trial, tracking_uri: str | None = None,
-               announce: Callable[[], None] = lambda: None) -> tune.ResultGrid:
+               announce: Callable[[], None] = lambda: None, verbose: bool = False) -> tune.ResultGrid:
     """Start a new search; refuses to overwrite a finished or interrupted one of the same name.
     With `tracking_uri`, MLflow gets one parent run for the search and a child run per trial.
     `announce` runs once the search's storage and its trials' resources are checked, before it starts."""
@@ -247,7 +250,7 @@ def run_search(cfg: SearchConfig, trainable=tune_trial, tracking_uri: str | None
     announce()
     save_config(cfg)
     tracking = start_search_run(cfg, tracking_uri) if tracking_uri else None
-    return _fit(build_tuner(cfg, trainable, tracking), search, tracking, cfg)
+    return _fit(build_tuner(cfg, trainable, tracking, verbose), search, tracking, cfg)
 
 
 def resume_search(storage_path: str, name: str, trainable=tune_trial, tracking_uri: str | None = None) -> tune.ResultGrid:
