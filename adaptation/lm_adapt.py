@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from adaptation.manifest import MANIFEST_FILE, read_manifest, write_manifest
+from adaptation.manifest import read_manifest, write_manifest
 from adaptation.resume import MODEL_FILE, OPTIMIZER_FILE, STEP_FILE, resume_from_newest_complete_checkpoint
 from search.configfile import ConfigError, check_tracking_uri
 
@@ -293,7 +292,7 @@ class _RunLogger:
             return
         try:
             call()
-        except Exception as error:  # noqa: BLE001 - tracking is never worth the job
+        except Exception as error:  # tracking is never worth the job
             print(f"lm-adapt: MLflow logging failed ({type(error).__name__}); the job goes on untracked", flush=True)
             self.client = None
 
@@ -357,7 +356,7 @@ def _start_run(cfg: AdaptConfig, state: Path) -> str | None:
                                 run_name=f"lm-adapt {Path(cfg.out).name}", tags={"softprompt.kind": "lm-adapt"})
         for key, value in dataclasses.asdict(cfg).items():
             client.log_param(run.info.run_id, key, ",".join(map(str, value)) if isinstance(value, tuple) else str(value))
-    except Exception as error:  # noqa: BLE001 - tracking is never worth the job
+    except Exception as error:  # tracking is never worth the job
         print(f"lm-adapt: MLflow at {cfg.tracking_uri} unreachable ({type(error).__name__}); the job runs untracked",
               flush=True)
         return None

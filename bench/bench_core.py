@@ -28,12 +28,20 @@ import torch
 from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from trainables.backbone import (Backbone, compiled_graphs, fingerprint, freeze, load_backbone, load_tokenizer,
-                                 resolve_dtype, resolve_model)
+from trainables.backbone import (
+    Backbone,
+    compiled_graphs,
+    fingerprint,
+    freeze,
+    load_backbone,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model,
+)
 from trainables.config import TrainConfig
 from trainables.data import IGNORE, TrainOrder, make_batch, pad_rows, train_batch
-from trainables.loop import initial_prompt, prepare_data, train, zero_shot
 from trainables.evaluate import evaluate
+from trainables.loop import initial_prompt, prepare_data, train, zero_shot
 from trainables.prompt import PromptedModel, SoftPrompt
 
 RESULTS = Path(__file__).parent / "results"
@@ -404,7 +412,7 @@ def render(r: dict) -> str:
         out += ["", f"Matmul peaks in the same run ([600, 576] x [576, 1536]): **{peak['float32']:.0f} GFLOP/s float32, "
                 f"{peak['bfloat16']:.0f} bfloat16**. GFLOP/s counts every matmul and attention FLOP "
                 "(torch's FlopCounterMode) over the padded tokens.", "",
-                f"- `before`: the loop before issue 21 (float32, torch's fused attention, the output head fed a strided "
+                "- `before`: the loop before issue 21 (float32, torch's fused attention, the output head fed a strided "
                 "slice). `float32`, `bfloat16`: now (the head's input made contiguous; bfloat16 with eager attention).",
                 f"- Compiled (`compile: true`): the first training step took **{c['first_training_step_s']:.0f} s** "
                 f"(compiling), the first evaluation **{c['first_evaluation_s']:.0f} s**; "

@@ -219,7 +219,7 @@ def main() -> None:
             continue
         try:  # one section failing still leaves the others' figures
             report[name] = run()
-        except Exception as error:  # noqa: BLE001 - reported in the results file, not lost
+        except Exception as error:  # reported in the results file, not lost
             report["errors"][name] = f"{type(error).__name__}: {error}"
             print(f"{name} failed: {report['errors'][name]}", flush=True)
         out.with_suffix(".json").write_text(json.dumps(report, indent=2))

@@ -10,17 +10,22 @@ tokenizer (random weights are built from it):
 Output of the run on an H200 that led to trainables/backbone.py avoid_cudnn_attention:
 bench/results/gpu-attention.txt.
 """
-import sys, time, json
+import json
+import sys
+import time
+
 sys.path.insert(0, "bench")
-import numpy as np, torch
+import numpy as np
+import torch
 from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
-from trainables.backbone import load_backbone
-from trainables.config import TrainConfig
-from trainables.data import make_batch, IGNORE
-from trainables.loop import prepare_data, initial_prompt
-from trainables.prompt import SoftPrompt, _gather_targets, prompted_inputs
+
 from bench_core import peft_batch
 from bench_gpu import random_weights
+from trainables.backbone import load_backbone
+from trainables.config import TrainConfig
+from trainables.data import IGNORE, make_batch
+from trainables.loop import initial_prompt, prepare_data
+from trainables.prompt import SoftPrompt, _gather_targets, prompted_inputs
 
 model = random_weights(sys.argv[1])
 cfg = TrainConfig(model=model, prompt_length=100, batch_size=32, init="random_uniform", max_train_examples=32 * 200)

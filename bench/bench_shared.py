@@ -285,8 +285,8 @@ def write(results: dict) -> None:
                   f"shared trial's {arms['shared_4']['trial_rss_gib']:.2f} GiB, the server "
                   f"{arms['shared_4']['server_rss_gib']:.2f} GiB (RSS counts shared library pages in each process; "
                   f"the table's machine-level figures do not).",
-                  f"- Pass size on this CPU (one process on every core, loss and backward, the same 64 examples in "
-                  f"turns): " + ", ".join(f"{v:.2f} examples/s at {k} rows" for k, v in t["pass_sizes"].items())
+                  "- Pass size on this CPU (one process on every core, loss and backward, the same 64 examples in "
+                  "turns): " + ", ".join(f"{v:.2f} examples/s at {k} rows" for k, v in t["pass_sizes"].items())
                   + f" per pass. A bigger pass is no faster per example here (best {best_rate:.2f} against "
                   f"{first_rate:.2f} at 8 rows), so a CPU server runs each trial's batch as its own pass, one "
                   f"trial's activations at a time; on a GPU a small pass is launch-bound, and the server fuses.",

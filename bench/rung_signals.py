@@ -151,7 +151,7 @@ def analyse(rows: list[dict], draws: int = 3000) -> str:
     default = rows[0]
     others = [r for r in unique if r["params"] != default["params"]]
     final = [r["confirmed"] for r in unique]
-    lines = [f"# Which early signal predicts a trial's final quality? (bench/rung_signals.py)", "",
+    lines = ["# Which early signal predicts a trial's final quality? (bench/rung_signals.py)", "",
              f"{len(unique)} trials of the demo setting (seeds {sorted({r['seed'] for r in rows})} of the search bench, "
              f"trained to step {MAX_STEPS} without stopping). Spearman correlation between each signal at a rung "
              f"and the trial's confirmed dev accuracy (500 examples) at the end:", "",

@@ -210,8 +210,16 @@ def cmd_export(args) -> int:
     """Write a search's best prompt (or a trial's, a run's, the top k) as a PEFT adapter, an .npy
     array, or a registered MLflow model; several searches (each its task's top k) as one MLflow model
     that serves every task."""
-    from search.export import (ALIAS, export_mlflow_model, export_npy, export_peft_adapter, run_prompt,
-                               search_prompts, tasks_by_name, write_bundle)
+    from search.export import (
+        ALIAS,
+        export_mlflow_model,
+        export_npy,
+        export_peft_adapter,
+        run_prompt,
+        search_prompts,
+        tasks_by_name,
+        write_bundle,
+    )
     from search.record import SearchRecord
     from search.tracking import default_tracking_uri
 

@@ -10,8 +10,23 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from adaptation.manifest import expand_manifests
-from search.configfile import (MAX_TRIALS, SEARCH_RULES, STORAGE_PATH, ConfigError, Rule, check_fields, integer,
-                               is_int, is_number, load_yaml, number, one_of, parse_overrides, search_values, text)
+from search.configfile import (
+    MAX_TRIALS,
+    SEARCH_RULES,
+    STORAGE_PATH,
+    ConfigError,
+    Rule,
+    check_fields,
+    integer,
+    is_int,
+    is_number,
+    load_yaml,
+    number,
+    one_of,
+    parse_overrides,
+    search_values,
+    text,
+)
 from spaces import CustomSpace
 from trainables.backbone import MODELS_ALLOWED, model_problem
 from trainables.config import ASHA_METRICS, FIELDS, RANK_ONLY_METRICS, SEARCH_METRICS, SELECT_METRICS, TrainConfig
@@ -19,8 +34,17 @@ from trainables.data import check_sentinel
 from trainables.evaluate import EVAL_MODES
 from trainables.inits import INITS
 from trainables.optimizers import LR_UNITS, OPTIMIZERS, PARAMETER_SCALING
-from trainables.tasks import (FILE_SUFFIXES, OFFLINE_TASKS, ROLES, TASK_KEYS, TaskError, is_local_source, is_task_file,
-                               load_task, task_names)
+from trainables.tasks import (
+    FILE_SUFFIXES,
+    OFFLINE_TASKS,
+    ROLES,
+    TASK_KEYS,
+    TaskError,
+    is_local_source,
+    is_task_file,
+    load_task,
+    task_names,
+)
 
 
 def _has_cxx() -> bool:

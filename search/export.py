@@ -21,8 +21,16 @@ from search.record import SearchRecord
 from search.tracking import softprompt_experiment
 from serving.ensemble import COMBINE
 from trainables.backbone import OFFLINE_MODELS
-from trainables.checkpoint import (BUNDLE_FILE, CheckpointError, load_bundle_prompts, load_bundle_record,
-                                   load_checkpoint, save_bundle_record, save_checkpoint, verify_prompt)
+from trainables.checkpoint import (
+    BUNDLE_FILE,
+    CheckpointError,
+    load_bundle_prompts,
+    load_bundle_record,
+    load_checkpoint,
+    save_bundle_record,
+    save_checkpoint,
+    verify_prompt,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED_MODEL_CODE = ROOT / "serving" / "served_model.py"

@@ -19,8 +19,15 @@ from pathlib import Path
 from search.config import ConfigError, SearchConfig
 from search.record import CONFIRMED, SearchRecord
 from search.storage import CONFIG_FILE, RUN_FILE, STUDY_FILE, SearchStorage
-from trainables.tracking import (PARENT_TAG, TRIAL_TAG, TrackingTarget, client, find_or_create_child,
-                                 replay_spool, set_status)
+from trainables.tracking import (
+    PARENT_TAG,
+    TRIAL_TAG,
+    TrackingTarget,
+    client,
+    find_or_create_child,
+    replay_spool,
+    set_status,
+)
 
 EXPERIMENT = "softprompt"
 SEARCH_TAG = "softprompt.search"
@@ -263,6 +270,7 @@ def nearest_tokens_table(prompt, model: str, k: int = NEAREST_TOKENS) -> dict[st
     Only the embedding matrix is read, unscaled: a model that scales its embeddings (Gemma, by
     sqrt(width)) scales every row alike, and cosine ignores a global scale."""
     import torch
+
     from trainables.backbone import input_embeddings
 
     embeddings, tokenizer = input_embeddings(model)

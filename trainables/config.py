@@ -81,7 +81,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/train"
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:

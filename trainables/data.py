@@ -55,7 +55,7 @@ class Batch:
     labels: torch.Tensor           # [B, L] target tokens, IGNORE where padded
     classes: torch.Tensor          # [B] the class each row's target belongs to
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.classes)))
 
 

@@ -44,7 +44,7 @@ class InputDropout:
     step: int
 
     @classmethod
-    def for_step(cls, rate: float, seed: int, step: int, device: torch.device | None = None) -> "InputDropout | None":
+    def for_step(cls, rate: float, seed: int, step: int, device: torch.device | None = None) -> InputDropout | None:
         return None if rate == 0 else cls(rate, seed, step)
 
     def __call__(self, embeds: torch.Tensor) -> torch.Tensor:
@@ -83,7 +83,7 @@ class Prefix:
     mask: torch.Tensor                                # [rows, length]: 1 where a prompt vector is
 
     @classmethod
-    def of(cls, backbone: Backbone, prompts: list[torch.Tensor]) -> "Prefix | None":
+    def of(cls, backbone: Backbone, prompts: list[torch.Tensor]) -> Prefix | None:
         """None where the model's cache is not plain full-attention keys and values in every layer
         (sliding-window, linear-attention or state-space layers keep something else)."""
         parts = []
@@ -102,21 +102,21 @@ class Prefix:
         return cls.cat(parts)
 
     @classmethod
-    def cat(cls, parts: list["Prefix"]) -> "Prefix":
+    def cat(cls, parts: list[Prefix]) -> Prefix:
         length = max(p.mask.shape[1] for p in parts)
         parts = [p.pad_to(length) for p in parts]
         layers = [(torch.cat([p.layers[i][0] for p in parts]), torch.cat([p.layers[i][1] for p in parts]))
                   for i in range(len(parts[0].layers))]
         return cls(layers, torch.cat([p.mask for p in parts]))
 
-    def pad_to(self, length: int) -> "Prefix":
+    def pad_to(self, length: int) -> Prefix:
         extra = length - self.mask.shape[1]
         if extra == 0:
             return self
         pad = lambda t: torch.nn.functional.pad(t, (0, 0, extra, 0))  # left, along the length axis
         return Prefix([(pad(k), pad(v)) for k, v in self.layers], torch.nn.functional.pad(self.mask, (extra, 0)))
 
-    def select(self, rows: list[int]) -> "Prefix":
+    def select(self, rows: list[int]) -> Prefix:
         return Prefix([(k[rows], v[rows]) for k, v in self.layers], self.mask[rows])
 
 

@@ -17,10 +17,10 @@ import csv
 import glob
 import importlib.util
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from string import Formatter
-from typing import Callable
 
 import datasets
 import numpy as np
