@@ -117,7 +117,10 @@ def speed(cfg: TrainConfig, steps: int, block: int, dtype: str = "float32") -> d
             totals[key][0] += seconds
             totals[key][1] += n
     rate = {key: n / seconds for key, (seconds, n) in totals.items()}
-    padded = lambda batches: sum(b.input_ids.numel() for b in batches)
+
+    def padded(batches):
+        return sum(b.input_ids.numel() for b in batches)
+
     return {"examples_per_s": rate,
             "fixed_batches_ratio": rate["fixed_ours"] / rate["fixed_peft"],
             "epoch_ratio": rate["epoch_ours"] / rate["epoch_peft"],

@@ -158,15 +158,23 @@ def curve_table(report: dict, final_step: int) -> str:
 def render(report: dict, cfg) -> str:
     a, r = report["asha_tpe"], report["random_no_stopping"]
     rungs = ", ".join(map(str, asha_rungs(cfg.grace_period, cfg.reduction_factor, cfg.train.max_steps)))
-    row = lambda name, m: (f"| {name} | {m['trials']} | {m['trial_steps']} | {m['wall_s']:.0f} s | "
-                           f"{m['best_dev_accuracy']:.4f} | {100 * m['loop_fraction']:.0f}% | "
-                           f"{100 * m['train_fraction']:.0f}% | {m['backbone_loads']} |")
+
+    def row(name, m):
+        return (f"| {name} | {m['trials']} | {m['trial_steps']} | {m['wall_s']:.0f} s | "
+                f"{m['best_dev_accuracy']:.4f} | {100 * m['loop_fraction']:.0f}% | "
+                f"{100 * m['train_fraction']:.0f}% | {m['backbone_loads']} |")
+
     n = report["test_examples"]
     se = 100 * max(math.sqrt(m["winner"]["test_accuracy"] * (1 - m["winner"]["test_accuracy"]) / n) for m in (a, r))
-    show = lambda value, digits: f"{value:.{digits}f}" if value is not None else "-"
-    winner_row = lambda name, m: (f"| {name} | {m['winner']['trial_id']} | {short(m['winner']['params'])} | "
-                                  f"{show(m['winner']['best_dev_accuracy'], 2)} | "
-                                  f"{show(m['winner']['confirmed_dev_accuracy'], 4)} | {m['winner']['test_accuracy']:.4f} |")
+
+    def show(value, digits):
+        return f"{value:.{digits}f}" if value is not None else "-"
+
+    def winner_row(name, m):
+        return (f"| {name} | {m['winner']['trial_id']} | {short(m['winner']['params'])} | "
+                f"{show(m['winner']['best_dev_accuracy'], 2)} | "
+                f"{show(m['winner']['confirmed_dev_accuracy'], 4)} | {m['winner']['test_accuracy']:.4f} |")
+
     overrides = f" (run with {', '.join(f'--set {o}' for o in report['overrides'])})" if report.get("overrides") else ""
     return f"""# Search benchmark (bench/bench_search.py, seed {report['seed']})
 

@@ -17,6 +17,7 @@ import platform
 import statistics
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,6 +43,17 @@ def timed(calls: dict, repeats: int, min_seconds: float = 10.0) -> dict[str, flo
             call()
             times[name].append(time.perf_counter() - started)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def separate_passes(data, members: list, min_pass_tokens: int, inputs: list, grouped: bool = False) -> list[int]:
+    """The majority vote of one pass per prompt (`members`), each over every input or, `grouped`,
+    over requests of similar length as the served ensemble groups them."""
+    groups = (length_groups([len(x) for x in inputs], [1] * len(inputs), min_pass_tokens)
+              if grouped else [list(range(len(inputs)))])
+    votes = torch.empty(len(members), len(inputs), dtype=torch.long)
+    for g in groups:
+        votes[:, g] = torch.stack([m.class_scores(data, [inputs[i] for i in g]).argmax(-1).cpu() for m in members])
+    return [Counter(column.tolist()).most_common(1)[0][0] for column in votes.T]
 
 
 def main() -> None:
@@ -92,24 +104,16 @@ def main() -> None:
         uncached = PromptEnsemble(backbone, {"rt": TaskPrompts(data.verbalizers, data.target_ids, prompts)})
         uncached.prefixes = None
         members = [PromptedModel(backbone, SoftPrompt(p).to(device)) for p in prompts]
-
-        def separate(inputs, grouped=False):
-            groups = (length_groups([len(x) for x in inputs], [1] * len(inputs), MIN_PASS_TOKENS[device.type])
-                      if grouped else [list(range(len(inputs)))])
-            votes = torch.empty(len(members), len(inputs), dtype=torch.long)
-            for g in groups:
-                votes[:, g] = torch.stack([m.class_scores(data, [inputs[i] for i in g]).argmax(-1).cpu()
-                                           for m in members])
-            return [Counter(column.tolist()).most_common(1)[0][0] for column in votes.T]
+        separate = partial(separate_passes, data, members, MIN_PASS_TOKENS[device.type])
 
         for size in (int(b) for b in args.batches.split(",")):
             inputs = inputs_all[:size]
             served, voted = [label for label, _ in ensemble.predict(["rt"] * size, inputs)], separate(inputs)
             assert not exact or served == voted == separate(inputs, grouped=True)
             agree = sum(a == b for a, b in zip(served, voted)) / size
-            seconds = timed({"many": lambda: separate(inputs), "grouped": lambda: separate(inputs, grouped=True),
-                             "plain": lambda: uncached.predict(["rt"] * size, inputs),
-                             "one": lambda: ensemble.predict(["rt"] * size, inputs)}, args.repeats, args.min_seconds)
+            seconds = timed({"many": partial(separate, inputs), "grouped": partial(separate, inputs, grouped=True),
+                             "plain": partial(uncached.predict, ["rt"] * size, inputs),
+                             "one": partial(ensemble.predict, ["rt"] * size, inputs)}, args.repeats, args.min_seconds)
             many, grouped, plain, one = (seconds[name] for name in ("many", "grouped", "plain", "one"))
             lines.append(f"| {length} | {size} | {size / many:.1f} | {size / grouped:.1f} | {size / plain:.1f} | "
                          f"{size / one:.1f} | {many / one:.2f}x | {grouped / one:.2f}x |" + ("" if exact else f" {agree:.0%} |"))

@@ -151,7 +151,10 @@ def report(results: list[dict], args) -> str:
                   f"best on both backbones in that unit; the grid's step is about 3x.", "",
                   "| optimizer | best absolute lr (grid) | factor, absolute units | factor, embedding-RMS units | "
                   "fitted best (parabola) | factor, absolute | factor, embedding-RMS |", "|---|---|---|---|---|---|---|"]
-        shown = lambda f: f"{max(f, 1 / f):.2g}x" + ("" if abs(f - 1) < 1e-9 else f" ({'higher' if f > 1 else 'lower'})")
+
+        def shown(f):
+            return f"{max(f, 1 / f):.2g}x" + ("" if abs(f - 1) < 1e-9 else f" ({'higher' if f > 1 else 'lower'})")
+
         for label in tables[a["model"]]:
             if label not in tables[b["model"]]:
                 continue

@@ -133,8 +133,11 @@ def main() -> None:
     judge_cfg = trial_config(points[0], {**cfg.train.to_dict(), "max_test_examples": None})
     backbone = load_backbone(judge_cfg.model, judge_cfg.dtype)
     data = prepare_data(judge_cfg, backbone)
-    score = lambda prompt: evaluate(PromptedModel(backbone, SoftPrompt(prompt)), data, "test", judge_cfg.eval_mode,
-                                    judge_cfg.eval_batch_size)["accuracy"]
+
+    def score(prompt):
+        return evaluate(PromptedModel(backbone, SoftPrompt(prompt)), data, "test", judge_cfg.eval_mode,
+                        judge_cfg.eval_batch_size)["accuracy"]
+
     results = {"config": args.config, "sets": args.set, "multiples": args.multiples, "test_examples": len(data.splits["test"]),
                "zero_shot": zero_shot(judge_cfg, backbone, data)["accuracy"], "t1_s": [], "runs": []}
     storage = Path(tempfile.mkdtemp(prefix="bench-worth-"))

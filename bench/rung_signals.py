@@ -140,7 +140,9 @@ def replay_asha(trials: list[dict], signal) -> tuple[int, list[int]]:
 
 
 def spearman(a, b) -> float:
-    ranks = lambda x: np.argsort(np.argsort(x))
+    def ranks(x):
+        return np.argsort(np.argsort(x))
+
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
@@ -186,7 +188,10 @@ def analyse(rows: list[dict], draws: int = 3000) -> str:
             read = signal
             if signal is None:  # a coin per trial and rung
                 by_curve = {id(r["curve"]): coins[id(r)] for r in sample}
-                read = lambda c, s, by_curve=by_curve: by_curve[id(c)][s]
+
+                def read(c, s, by_curve=by_curve):
+                    return by_curve[id(c)][s]
+
             steps, finished = replay_asha(sample, read)
             gap = max(r["confirmed"] for r in sample) - max(sample[i]["confirmed"] for i in finished)
             outcomes.append((steps / (len(sample) * MAX_STEPS), gap <= 0.01 + 1e-9))
