@@ -42,7 +42,10 @@ def cmd_train(args) -> int:
 def _print_trials(rows: list[dict], metric: str) -> None:
     """`confirmed`: the metric on further dev examples, for trials that ran to the end (the winner
     is the best of those)."""
-    show = lambda value: f"{value:.4f}" if value is not None else "-"
+
+    def show(value):
+        return f"{value:.4f}" if value is not None else "-"
+
     print(f"{'trial':<12}{'status':<15}{'step':>6}{metric:>20}{'confirmed':>11}{'test acc':>10}  parameters")
     for r in rows:
         print(f"{r['trial_id']:<12}{r['status']:<15}{r['step'] or '-':>6}{show(r['metric']):>20}"

@@ -155,7 +155,7 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
             bar.write(f"step {done}: train_loss {metrics['train_loss']:.4f}  dev_{cfg.select_metric} "
                       f"{dev[cfg.select_metric]:.4f}  best {best['dev'][cfg.select_metric]:.4f} @ {best['step']}")
         if report is not None:
-            def save(folder: Path, step=done, metrics=metrics, best=dict(best)):
+            def save(folder: Path, step=done, metrics=metrics, best=best):  # this report's values, bound now
                 save_checkpoint(Path(folder) / "current", prompt.weight,
                                 {**checkpoint_meta(cfg, backbone, data, step, metrics),
                                  "scheduler": schedule.state_dict()}, optimizer.state_dict())

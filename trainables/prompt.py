@@ -113,7 +113,10 @@ class Prefix:
         extra = length - self.mask.shape[1]
         if extra == 0:
             return self
-        pad = lambda t: torch.nn.functional.pad(t, (0, 0, extra, 0))  # left, along the length axis
+
+        def pad(t):  # left, along the length axis
+            return torch.nn.functional.pad(t, (0, 0, extra, 0))
+
         return Prefix([(pad(k), pad(v)) for k, v in self.layers], torch.nn.functional.pad(self.mask, (extra, 0)))
 
     def select(self, rows: list[int]) -> Prefix:
@@ -191,7 +194,10 @@ def loss(backbone: Backbone, prompts: Prompts, batch: Batch, dropout: InputDropo
     if groups is None:
         return -logp.sum() / counted.sum()
     ids = torch.as_tensor(groups, device=logp.device)
-    per_group = lambda values: values.new_zeros(int(ids.max()) + 1).index_add(0, ids, values)
+
+    def per_group(values):
+        return values.new_zeros(int(ids.max()) + 1).index_add(0, ids, values)
+
     return -per_group(logp.sum(-1)) / per_group(counted.sum(-1).to(logp.dtype))
 
 
