@@ -48,7 +48,8 @@ class InputDropout:
         return None if rate == 0 else cls(rate, seed, step)
 
     def __call__(self, embeds: torch.Tensor) -> torch.Tensor:
-        mixed = int(np.random.SeedSequence([self.seed, self.step]).generate_state(1)[0])  # nearby steps, unrelated masks
+        # nearby steps, unrelated masks
+        mixed = int(np.random.SeedSequence([self.seed, self.step]).generate_state(1)[0])
         generator = torch.Generator(embeds.device).manual_seed(mixed)
         keep = torch.rand(embeds.shape, generator=generator, device=embeds.device) >= self.rate
         return embeds * keep.to(embeds.dtype) / (1 - self.rate)
