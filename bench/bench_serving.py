@@ -66,7 +66,8 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=10.0, help="of calls timed, each way and size")
     parser.add_argument("--random-weights", action="store_true",
                         help="untrained weights in the architecture of --model, a folder with its config and tokenizer")
-    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU and on a CPU that runs it natively, else float32")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto: bfloat16 on a GPU and on a CPU that runs it natively, else float32")
     parser.add_argument("--out", default="bench/results/serving.md")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -81,14 +82,15 @@ def main() -> None:
                        backbone.vocab_is_frequency_ordered, 256, 64, 64)
     lengths = [int(n) for n in args.prompt_lengths.split(",")]
     inputs_all = data.splits["test"].input_ids
+    weights = ", random weights: same architecture and arithmetic" if args.random_weights else ""
+    checked = ("every row checked: the ensemble's labels equal the majority vote of the k separate passes." if exact
+               else "agreement of the ensemble's labels with the majority vote of the k separate passes is counted "
+                    "below (in bfloat16, padding and pass shape change the last bits, and untrained weights score "
+                    "classes nearly alike).")
     lines = [f"# Ensemble serving: {args.k} prompts, one batched pass vs {args.k} passes", "",
-             f"Model `{args.model}` ({backbone.model.config.model_type}"
-             f"{', random weights: same architecture and arithmetic' if args.random_weights else ''}), rotten_tomatoes test inputs (mean "
-             f"{sum(map(len, inputs_all)) / len(inputs_all):.0f} tokens), {where}; the four measured in turn, median of "
-             f"at least {args.repeats} rounds and {args.min_seconds:g} s each; "
-             + ("every row checked: the ensemble's labels equal the majority vote of the k separate passes." if exact else
-                "agreement of the ensemble's labels with the majority vote of the k separate passes is counted below "
-                "(in bfloat16, padding and pass shape change the last bits, and untrained weights score classes nearly alike)."),
+             f"Model `{args.model}` ({backbone.model.config.model_type}{weights}), rotten_tomatoes test inputs "
+             f"(mean {sum(map(len, inputs_all)) / len(inputs_all):.0f} tokens), {where}; the four measured in turn, "
+             f"median of at least {args.repeats} rounds and {args.min_seconds:g} s each; " + checked,
              "",
              "| prompt length | requests per batch | k passes (ex/s) | k passes, grouped by length (ex/s) | "
              "ensemble, prompts recomputed (ex/s) | served ensemble: cached prompts (ex/s) | "
@@ -116,7 +118,8 @@ def main() -> None:
                              "one": partial(ensemble.predict, ["rt"] * size, inputs)}, args.repeats, args.min_seconds)
             many, grouped, plain, one = (seconds[name] for name in ("many", "grouped", "plain", "one"))
             lines.append(f"| {length} | {size} | {size / many:.1f} | {size / grouped:.1f} | {size / plain:.1f} | "
-                         f"{size / one:.1f} | {many / one:.2f}x | {grouped / one:.2f}x |" + ("" if exact else f" {agree:.0%} |"))
+                         f"{size / one:.1f} | {many / one:.2f}x | {grouped / one:.2f}x |"
+                         + ("" if exact else f" {agree:.0%} |"))
             print(lines[-1], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")

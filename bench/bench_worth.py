@@ -138,7 +138,8 @@ def main() -> None:
         return evaluate(PromptedModel(backbone, SoftPrompt(prompt)), data, "test", judge_cfg.eval_mode,
                         judge_cfg.eval_batch_size)["accuracy"]
 
-    results = {"config": args.config, "sets": args.set, "multiples": args.multiples, "test_examples": len(data.splits["test"]),
+    results = {"config": args.config, "sets": args.set, "multiples": args.multiples,
+               "test_examples": len(data.splits["test"]),
                "zero_shot": zero_shot(judge_cfg, backbone, data)["accuracy"], "t1_s": [], "runs": []}
     storage = Path(tempfile.mkdtemp(prefix="bench-worth-"))
     try:
