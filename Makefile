@@ -27,7 +27,9 @@ train: install
 	$(BIN)/softprompt train examples/train.yaml
 
 # The loopback `ray up` test needs sshd and rsync: installed here as root with apt, else that test skips.
+# ruff runs first (pyproject.toml's [tool.ruff]), so a lint error fails the target before the suite starts.
 test: install
+	$(BIN)/ruff check .
 	@bash tests/install_prerequisites.sh
 	$(BIN)/python -m pytest -q
 

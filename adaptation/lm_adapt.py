@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from adaptation.manifest import MANIFEST_FILE, read_manifest, write_manifest
+from adaptation.manifest import read_manifest, write_manifest
 from adaptation.resume import MODEL_FILE, OPTIMIZER_FILE, STEP_FILE, resume_from_newest_complete_checkpoint
 from search.configfile import ConfigError, check_tracking_uri
 
@@ -56,13 +55,14 @@ class AdaptConfig:
 
 def check_config(cfg: AdaptConfig) -> None:
     """One-line errors for what the job would otherwise fail on later, on a worker."""
-    if not cfg.steps or any(not isinstance(s, int) or s < 1 for s in cfg.steps) or list(cfg.steps) != sorted(set(cfg.steps)):
+    if (not cfg.steps or any(not isinstance(s, int) or s < 1 for s in cfg.steps)
+            or list(cfg.steps) != sorted(set(cfg.steps))):
         raise ConfigError("--steps", ",".join(map(str, cfg.steps)), "positive step counts, strictly increasing "
                                                                     "(e.g. 10000,50000,100000)")
     for field in ("batch_size", "seq_len", "checkpoint_every", "log_every"):
         if getattr(cfg, field) < (2 if field == "seq_len" else 1):
-            raise ConfigError(f"--{field.replace('_', '-')}", getattr(cfg, field), "a positive whole number"
-                                                                                    + (" of at least 2" if field == "seq_len" else ""))
+            raise ConfigError(f"--{field.replace('_', '-')}", getattr(cfg, field),
+                              "a positive whole number" + (" of at least 2" if field == "seq_len" else ""))
     if cfg.workers is not None and cfg.workers < 1:
         raise ConfigError("--workers", cfg.workers, "a positive whole number")
     if not cfg.lr > 0:
@@ -136,8 +136,9 @@ def read_corpus(source: str, text_column: str = "text", config: str | None = Non
     except ConfigError:
         raise
     except (OSError, ValueError, UnicodeDecodeError, datasets.exceptions.DatasetNotFoundError) as error:
-        raise ConfigError("--corpus", source, f"a readable corpus: a save_to_disk folder, text files or a hub data "
-                                              f"set ({type(error).__name__}: {' '.join(str(error).split())[:200]})") from None
+        raise ConfigError("--corpus", source,
+                          f"a readable corpus: a save_to_disk folder, text files or a hub data set "
+                          f"({type(error).__name__}: {' '.join(str(error).split())[:200]})") from None
 
 
 def _file_texts(path: Path, text_column: str, source: str) -> list[str]:
@@ -182,7 +183,8 @@ def prefix_lm_batch(stream: np.ndarray, cfg: AdaptConfig, step: int, rank: int, 
         return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
     input_ids = padded(inputs, pad)
-    return {"input_ids": input_ids, "attention_mask": (padded(inputs, -1) != -1).long(), "labels": padded(targets, -100)}
+    return {"input_ids": input_ids, "attention_mask": (padded(inputs, -1) != -1).long(),
+            "labels": padded(targets, -100)}
 
 
 # ---- what runs on each worker ----
@@ -220,7 +222,8 @@ def train_worker(config: dict) -> None:
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     model.train()
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tracker = _RunLogger(cfg.tracking_uri, config.get("run_id")) if rank == 0 else None
     last, window_tokens, window_start, losses = cfg.steps[-1], 0, time.perf_counter(), []
     for step in range(start + 1, last + 1):
@@ -246,7 +249,8 @@ def train_worker(config: dict) -> None:
                 Path(folder, STEP_FILE).write_text(json.dumps({"step": step}))
                 if step in cfg.steps:
                     _save_loadable(unwrapped, tokenizer, Path(cfg.out) / f"step-{step}")
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 and save else None)
+            ray.train.report(metrics,
+                             checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 and save else None)
         if rank == 0 and save:
             # report returns once the checkpoint is uploaded; Ray Train's controller registers it in the run's
             # snapshot, which a resume reads, only at its next poll. Until then a kill loses it.
@@ -293,7 +297,7 @@ class _RunLogger:
             return
         try:
             call()
-        except Exception as error:  # noqa: BLE001 - tracking is never worth the job
+        except Exception as error:  # tracking is never worth the job
             print(f"lm-adapt: MLflow logging failed ({type(error).__name__}); the job goes on untracked", flush=True)
             self.client = None
 
@@ -313,8 +317,8 @@ def _cluster_workers(cfg: AdaptConfig, started_here: bool) -> tuple[int, bool, i
         if not gpus:
             print("lm-adapt: no GPU node yet: the job waits for the autoscaler to add one", flush=True)
         elif cfg.workers and cfg.workers > gpus and not any(n.get("GPU", 0) for n in addable_node_types(started_here)):
-            raise ConfigError("--workers", cfg.workers, f"at most {gpus}, the GPUs of this Ray cluster (a worker each), "
-                                                        f"which cannot add nodes")
+            raise ConfigError("--workers", cfg.workers,
+                              f"at most {gpus}, the GPUs of this Ray cluster (a worker each), which cannot add nodes")
         return cfg.workers or max(gpus, 1), True, 1
     nodes = max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")))
     workers = cfg.workers or nodes
@@ -356,8 +360,9 @@ def _start_run(cfg: AdaptConfig, state: Path) -> str | None:
         run = client.create_run(softprompt_experiment(client, cfg.tracking_uri),
                                 run_name=f"lm-adapt {Path(cfg.out).name}", tags={"softprompt.kind": "lm-adapt"})
         for key, value in dataclasses.asdict(cfg).items():
-            client.log_param(run.info.run_id, key, ",".join(map(str, value)) if isinstance(value, tuple) else str(value))
-    except Exception as error:  # noqa: BLE001 - tracking is never worth the job
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            client.log_param(run.info.run_id, key, shown)
+    except Exception as error:  # tracking is never worth the job
         print(f"lm-adapt: MLflow at {cfg.tracking_uri} unreachable ({type(error).__name__}); the job runs untracked",
               flush=True)
         return None
@@ -399,7 +404,8 @@ def run_adaptation(cfg: AdaptConfig, worker=train_worker) -> Path:
                            "threads": threads, "run_id": run_id},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": threads}),
-        run_config=RunConfig(name=RUN_NAME, storage_path=str(out / STATE_DIR), failure_config=FailureConfig(max_failures=2),
+        run_config=RunConfig(name=RUN_NAME, storage_path=str(out / STATE_DIR),
+                             failure_config=FailureConfig(max_failures=2),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              # INFO is a line per report and checkpoint; without the dashboard's state API a
                              # warning every few seconds. A worker's failure still ends fit() with its error.

@@ -31,13 +31,15 @@ def read_manifest(path: str | Path) -> tuple[dict[str, int], str]:
     path = path / MANIFEST_FILE if path.is_dir() else path
     try:
         manifest = yaml.safe_load(path.read_text())
-        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not manifest.get("checkpoints"):
+        if (not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT
+                or not manifest.get("checkpoints")):
             raise ValueError("not one")
         saved = {str((path.parent / c["path"]).resolve()): int(c["steps"]) for c in manifest["checkpoints"]}
         return dict(sorted(saved.items(), key=lambda item: -item[1])), str(manifest["base_model"])
     except (OSError, yaml.YAMLError, ValueError, TypeError, KeyError) as error:
-        raise ConfigError("checkpoints", str(path), f"a {MANIFEST_FORMAT} manifest with at least one saved checkpoint, "
-                                                    f"as `softprompt lm-adapt` writes ({type(error).__name__})") from None
+        raise ConfigError("checkpoints", str(path),
+                          f"a {MANIFEST_FORMAT} manifest with at least one saved checkpoint, "
+                          f"as `softprompt lm-adapt` writes ({type(error).__name__})") from None
 
 
 def expand_manifests(checkpoints: list[str]) -> list[str]:

@@ -22,7 +22,9 @@ from pathlib import Path
 import yaml
 
 RESULTS = Path(__file__).parent / "results"
-LENGTHS, INITS, OPTIMIZERS = [1, 5, 20, 100], ["random_uniform", "sampled_vocab", "class_label"], ["adafactor", "adafactor_hf"]
+LENGTHS = [1, 5, 20, 100]
+INITS = ["random_uniform", "sampled_vocab", "class_label"]
+OPTIMIZERS = ["adafactor", "adafactor_hf"]
 
 
 def search_config(steps: int, seeds: int, dev: int, test: int) -> dict:

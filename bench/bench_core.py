@@ -28,12 +28,20 @@ import torch
 from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from trainables.backbone import (Backbone, compiled_graphs, fingerprint, freeze, load_backbone, load_tokenizer,
-                                 resolve_dtype, resolve_model)
+from trainables.backbone import (
+    Backbone,
+    compiled_graphs,
+    fingerprint,
+    freeze,
+    load_backbone,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model,
+)
 from trainables.config import TrainConfig
 from trainables.data import IGNORE, TrainOrder, make_batch, pad_rows, train_batch
-from trainables.loop import initial_prompt, prepare_data, train, zero_shot
 from trainables.evaluate import evaluate
+from trainables.loop import initial_prompt, prepare_data, train, zero_shot
 from trainables.prompt import PromptedModel, SoftPrompt
 
 RESULTS = Path(__file__).parent / "results"
@@ -89,10 +97,12 @@ def speed(cfg: TrainConfig, steps: int, block: int, dtype: str = "float32") -> d
 
     split = data.splits["train"]
     rng = np.random.default_rng(0)
-    shuffled = [rng.permutation(len(split))[i:i + cfg.batch_size] for i in range(0, steps * cfg.batch_size, cfg.batch_size)]
+    shuffled = [rng.permutation(len(split))[i:i + cfg.batch_size]
+                for i in range(0, steps * cfg.batch_size, cfg.batch_size)]
     order = TrainOrder([len(x) for x in split.input_ids], cfg.batch_size, cfg.seed)
 
-    fixed_ours = [make_batch(data, [split.input_ids[i] for i in idx], [split.labels[i] for i in idx]) for idx in shuffled]
+    fixed_ours = [make_batch(data, [split.input_ids[i] for i in idx], [split.labels[i] for i in idx])
+                  for idx in shuffled]
     fixed_peft = [peft_batch(data, idx, pad_id) for idx in shuffled]
     epoch_ours = [train_batch(data, order, s) for s in range(order.batches_per_epoch())]
     epoch_peft = fixed_peft  # PEFT's usual shuffled batches over the same examples
@@ -109,7 +119,10 @@ def speed(cfg: TrainConfig, steps: int, block: int, dtype: str = "float32") -> d
             totals[key][0] += seconds
             totals[key][1] += n
     rate = {key: n / seconds for key, (seconds, n) in totals.items()}
-    padded = lambda batches: sum(b.input_ids.numel() for b in batches)
+
+    def padded(batches):
+        return sum(b.input_ids.numel() for b in batches)
+
     return {"examples_per_s": rate,
             "fixed_batches_ratio": rate["fixed_ours"] / rate["fixed_peft"],
             "epoch_ratio": rate["epoch_ours"] / rate["epoch_peft"],
@@ -123,8 +136,9 @@ PART_ORDER = ("learning", "speed", "search", "probe")
 def learning(seeds: int, steps: int, first_seed: int = 0, previous: dict | None = None) -> dict:
     """Test accuracy after `steps` steps, float32 against bfloat16, seed by seed (the seed moves the
     init's sampling, the data order and nothing else); `previous` runs (other seeds) are kept."""
-    runs = {d: list(previous["runs"][d]) for d in ("float32", "bfloat16")} if previous else {"float32": [], "bfloat16": []}
-    baselines = {k: previous[k] for k in ("zero_shot_test_accuracy", "untrained_prompt_test_accuracy")} if previous else None
+    runs = {d: list(previous["runs"][d]) if previous else [] for d in ("float32", "bfloat16")}
+    baselines = ({k: previous[k] for k in ("zero_shot_test_accuracy", "untrained_prompt_test_accuracy")}
+                 if previous else None)
     backbones, prompts = {}, {}
     for dtype in ("float32", "bfloat16"):
         backbone = backbones[dtype] = load_backbone("smollm2-135m", dtype)
@@ -166,9 +180,9 @@ def scoring_probe(seeds: int, steps: int) -> dict:
     rows = []
     for seed in range(seeds):
         result = train(base.replace(seed=seed), backbones["bfloat16"], data, progress=True)
+        in_float32 = PromptedModel(backbones["float32"], SoftPrompt(result["prompt"]))
         rows.append({"seed": seed, "best_step": result["best_step"], "test_accuracy_bfloat16": result["test_accuracy"],
-                     "test_accuracy_float32": evaluate(PromptedModel(backbones["float32"], SoftPrompt(result["prompt"])),
-                                                       data, "test")["accuracy"]})
+                     "test_accuracy_float32": evaluate(in_float32, data, "test")["accuracy"]})
         print("probe", rows[-1], flush=True)
     return {"runs": rows}
 
@@ -211,12 +225,14 @@ def speed_arms(steps: int, block: int, eval_examples: int) -> dict:
     cfg = TrainConfig(max_train_examples=steps * 8, max_eval_examples=eval_examples)
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     ours = {"float32, before": before_issue_21(cfg.model), "float32": load_backbone(cfg.model, "float32"),
-            "bfloat16": load_backbone(cfg.model, "bfloat16"), "bfloat16, compiled": load_backbone(cfg.model, "bfloat16")}
+            "bfloat16": load_backbone(cfg.model, "bfloat16"),
+            "bfloat16, compiled": load_backbone(cfg.model, "bfloat16")}
     data = prepare_data(cfg, ours["float32"])
     split = data.splits["train"]
     rng = np.random.default_rng(0)
     shuffled = [rng.permutation(len(split))[i:i + 8] for i in range(0, steps * 8, 8)]
-    fixed_ours = [make_batch(data, [split.input_ids[i] for i in idx], [split.labels[i] for i in idx]) for idx in shuffled]
+    fixed_ours = [make_batch(data, [split.input_ids[i] for i in idx], [split.labels[i] for i in idx])
+                  for idx in shuffled]
     fixed_peft = [peft_batch(data, idx, data.pad_id) for idx in shuffled]
     init = initial_prompt(cfg, ours["float32"], data)
 
@@ -297,22 +313,25 @@ def search_compiles(storage: Path) -> dict:
     graphs its worker process had compiled by then."""
     name = f"compile-{int(time.time())}"
     started = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "softprompt"), "search", "run", "examples/demo.yaml", "--set", f"name={name}",
-                    "--set", f"storage_path={storage}", "--set", "train.compile=true", "--tracking-uri", "none"],
+    subprocess.run([str(Path(sys.executable).parent / "softprompt"), "search", "run", "examples/demo.yaml",
+                    "--set", f"name={name}", "--set", f"storage_path={storage}", "--set", "train.compile=true",
+                    "--tracking-uri", "none"],
                    check=True, cwd=Path(__file__).parent.parent)
     seconds = time.perf_counter() - started
     trials = []
     for result in sorted((storage / name).glob("*/result.json")):
         reports = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
         last = reports[-1]
-        trials.append({"trial": result.parent.name[:40], "steps": last.get("step"), "compiled_graphs": last.get("compiled_graphs"),
-                       "setup_s": last.get("setup_s"), "reused": last.get("backbone_reused")})
+        trials.append({"trial": result.parent.name[:40], "steps": last.get("step"),
+                       "compiled_graphs": last.get("compiled_graphs"), "setup_s": last.get("setup_s"),
+                       "reused": last.get("backbone_reused")})
     return {"trials": trials, "wall_s": seconds}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default=",".join(PART_ORDER), help=f"comma-separated, of {', '.join(PART_ORDER)} (none: only render core.md from core.json)")
+    parser.add_argument("--parts", default=",".join(PART_ORDER),
+                        help=f"comma-separated, of {', '.join(PART_ORDER)} (none: only render core.md from core.json)")
     parser.add_argument("--steps", type=int, default=250, help="training steps per learning run")
     parser.add_argument("--seeds", type=int, default=3, help="learning runs per dtype")
     parser.add_argument("--first-seed", type=int, default=0,
@@ -354,35 +373,41 @@ def render(r: dict) -> str:
     if "learning" in r:
         lr = r["learning"]
         runs = lr["runs"]
-        out += [f"## Accuracy: bfloat16 against float32 ({len(runs['float32'])} seeds, {lr['config']['max_steps']} AdamW "
-                f"steps at lr {lr['config']['lr']}, 20-token class-label prompt, {lr['test_examples']} test examples)", "",
-                "| seed | float32 test accuracy | bfloat16 test accuracy | bfloat16 - float32 | best dev accuracy, float32 / bfloat16 | float32 s | bfloat16 s |",
+        out += [f"## Accuracy: bfloat16 against float32 ({len(runs['float32'])} seeds, "
+                f"{lr['config']['max_steps']} AdamW steps at lr {lr['config']['lr']}, 20-token class-label prompt, "
+                f"{lr['test_examples']} test examples)", "",
+                "| seed | float32 test accuracy | bfloat16 test accuracy | bfloat16 - float32 | "
+                "best dev accuracy, float32 / bfloat16 | float32 s | bfloat16 s |",
                 "|---|---|---|---|---|---|---|"]
         for a, b in zip(runs["float32"], runs["bfloat16"]):
             out.append(f"| {a['seed']} | {a['test_accuracy']:.4f} (best dev step {a['best_step']}) | "
                        f"{b['test_accuracy']:.4f} (best dev step {b['best_step']}) | "
                        f"{100 * (b['test_accuracy'] - a['test_accuracy']):+.2f} | "
-                       f"{a['best_dev_accuracy']:.3f} / {b['best_dev_accuracy']:.3f} | {a['seconds']:.0f} | {b['seconds']:.0f} |")
+                       f"{a['best_dev_accuracy']:.3f} / {b['best_dev_accuracy']:.3f} | "
+                       f"{a['seconds']:.0f} | {b['seconds']:.0f} |")
         mean = lr["mean_test_accuracy"]
-        out += [f"| **mean** | **{mean['float32']:.4f}** | **{mean['bfloat16']:.4f}** | **{lr['difference_points']:+.2f}** | | | |", "",
+        out += [f"| **mean** | **{mean['float32']:.4f}** | **{mean['bfloat16']:.4f}** | "
+                f"**{lr['difference_points']:+.2f}** | | | |", "",
                 f"bfloat16 minus float32: **{lr['difference_points']:+.2f} points** (goal: within 1). "
                 f"Zero-shot (no prompt, float32): {lr['zero_shot_test_accuracy']:.4f}; the untrained prompt: "
                 f"{lr['untrained_prompt_test_accuracy']:.4f}.", ""]
-        crossed = [(a, b) for a, b in zip(runs["float32"], runs["bfloat16"]) if "test_accuracy_scored_in_bfloat16" in a]
+        crossed = [(a, b) for a, b in zip(runs["float32"], runs["bfloat16"])
+                   if "test_accuracy_scored_in_bfloat16" in a]
         if crossed:
             out += ["Each kept prompt scored in the other dtype as well (training and scoring told apart):", "",
-                    "| seed | float32-trained prompt: scored in float32 / bfloat16 | bfloat16-trained prompt: scored in "
-                    "bfloat16 / float32 |", "|---|---|---|"]
+                    "| seed | float32-trained prompt: scored in float32 / bfloat16 | "
+                    "bfloat16-trained prompt: scored in bfloat16 / float32 |", "|---|---|---|"]
             out += [f"| {a['seed']} | {a['test_accuracy']:.4f} / {a['test_accuracy_scored_in_bfloat16']:.4f} | "
                     f"{b['test_accuracy']:.4f} / {b['test_accuracy_scored_in_float32']:.4f} |" for a, b in crossed]
             out.append("")
     if "probe" in r:
         rows = r["probe"]["runs"]
-        out += ["Where the gap is made: the bfloat16 runs again (same seeds), each kept prompt scored on the test split "
-                "in both dtypes:", "", "| seed | scored in bfloat16 | scored in float32 |", "|---|---|---|"]
+        out += ["Where the gap is made: the bfloat16 runs again (same seeds), each kept prompt scored on the test "
+                "split in both dtypes:", "", "| seed | scored in bfloat16 | scored in float32 |", "|---|---|---|"]
         out += [f"| {p['seed']} | {p['test_accuracy_bfloat16']:.4f} | {p['test_accuracy_float32']:.4f} |" for p in rows]
-        out += ["", "A prompt scores the same in either dtype, within half a point: the loss is made in training (bfloat16's prompt gradients "
-                "differ from float32's by half their norm or more, measured on the first steps), not in scoring. "
+        out += ["", "A prompt scores the same in either dtype, within half a point: the loss is made in training "
+                "(bfloat16's prompt gradients differ from float32's by half their norm or more, measured on the "
+                "first steps), not in scoring. "
                 "So `dtype: auto` stays float32 on a CPU; `dtype: bfloat16` is there for who wants the speed.", ""]
     if "speed" in r:
         sp = r["speed"]
@@ -390,22 +415,26 @@ def render(r: dict) -> str:
         peak = sp["matmul_peak_gflop_per_s"]
         out += [f"## Speed (identical batches, {sp['steps']} steps per arm in interleaved blocks; dev evaluation: "
                 f"{sp['eval_examples']} examples, batch 32, twice per arm)", "",
-                "| | training examples/s | vs before | training GFLOP/s | dev-eval examples/s | vs before | dev-eval GFLOP/s |",
+                "| | training examples/s | vs before | training GFLOP/s | dev-eval examples/s | vs before | "
+                "dev-eval GFLOP/s |",
                 "|---|---|---|---|---|---|---|"]
         for name in tr:
             if name in ev:
-                out.append(f"| {name} | {tr[name]:.2f} | {tr[name] / tr[base]:.2f}x | {sp['train_gflop_per_s'][name]:.0f} | "
+                out.append(f"| {name} | {tr[name]:.2f} | {tr[name] / tr[base]:.2f}x | "
+                           f"{sp['train_gflop_per_s'][name]:.0f} | "
                            f"{ev[name]:.1f} | {ev[name] / ev[base]:.2f}x | {sp['eval_gflop_per_s'][name]:.0f} |")
             else:
                 out.append(f"| {name} (its usual model and batches: the model's default attention, right-padded "
                            f"rows, logits at every position) | {tr[name]:.2f} | "
                            f"{tr[name] / tr[base]:.2f}x | | | | |")
         c = sp["compile"]
-        out += ["", f"Matmul peaks in the same run ([600, 576] x [576, 1536]): **{peak['float32']:.0f} GFLOP/s float32, "
-                f"{peak['bfloat16']:.0f} bfloat16**. GFLOP/s counts every matmul and attention FLOP "
+        out += ["", "Matmul peaks in the same run ([600, 576] x [576, 1536]): "
+                f"**{peak['float32']:.0f} GFLOP/s float32, {peak['bfloat16']:.0f} bfloat16**. "
+                "GFLOP/s counts every matmul and attention FLOP "
                 "(torch's FlopCounterMode) over the padded tokens.", "",
-                f"- `before`: the loop before issue 21 (float32, torch's fused attention, the output head fed a strided "
-                "slice). `float32`, `bfloat16`: now (the head's input made contiguous; bfloat16 with eager attention).",
+                "- `before`: the loop before issue 21 (float32, torch's fused attention, the output head fed a "
+                "strided slice). `float32`, `bfloat16`: now (the head's input made contiguous; bfloat16 with eager "
+                "attention).",
                 f"- Compiled (`compile: true`): the first training step took **{c['first_training_step_s']:.0f} s** "
                 f"(compiling), the first evaluation **{c['first_evaluation_s']:.0f} s**; "
                 f"{c['graphs_after_warmup']} graphs then, {c['graphs_after_run']} after every batch and evaluation.",
@@ -425,7 +454,8 @@ def render(r: dict) -> str:
                 "of the wall time at this size (the uncompiled demo: 4 min).", ""]
     if "demo_wall_s" in r:
         d = r["demo_wall_s"]
-        out += ["## The demo from a fresh clone", "", f"`make demo` after install: before {d['before']}, after {d['after']}.", ""]
+        out += ["## The demo from a fresh clone", "",
+                f"`make demo` after install: before {d['before']}, after {d['after']}.", ""]
     out.append(f"Peak RSS of the last part's process: {r.get('peak_rss_gib', 0):.2f} GiB.")
     return "\n".join(out) + "\n"
 

@@ -85,8 +85,8 @@ def main() -> None:
                 for task in args.tasks for seed in range(args.seeds) for dtype in ("float32", "bfloat16")]
         for run in pool.map(timed_run, jobs):
             runs.append(run)
-            print(f"{run['task']} seed {run['seed']} {run['dtype']}: {run['steps']} steps, best dev {run['best_dev']:.4f}",
-                  flush=True)
+            print(f"{run['task']} seed {run['seed']} {run['dtype']}: {run['steps']} steps, "
+                  f"best dev {run['best_dev']:.4f}", flush=True)
     torch.set_num_threads(2)
     judge = load_backbone("smollm2-135m", "float32")
     for task in args.tasks:
@@ -106,7 +106,8 @@ def write(args: dict, runs: list[dict]) -> None:
              f"each), dev scoring on {args['dev']} examples every {args['eval_every']} steps inside the budget. A run "
              f"stops at its first evaluation past {args['budget_s']:g} s, so the wall time each took is shown. Kept "
              f"prompts scored in float32 on up to {args['test']} test examples.", "",
-             "| task | dtype | steps (mean) | wall s (mean) | test accuracy, per seed | mean |", "|---|---|---|---|---|---|"]
+             "| task | dtype | steps (mean) | wall s (mean) | test accuracy, per seed | mean |",
+             "|---|---|---|---|---|---|"]
     gaps = []
     for task in args["tasks"]:
         means = {}

@@ -171,15 +171,15 @@ def render(r: dict) -> str:
         for row in r["packing"]:
             held = "-" if row["cap_held"][0] is None else ("yes, every trial" if all(row["cap_held"]) else
                                                              f"NO ({row['cap_held']})")
-            lines.append(f"| {row['trials']} | {row['cap_gib']:.1f} GiB | {row['peak_reserved_gib']:.2f} GiB | {held} | "
-                         f"{row['total_examples_per_s']:.0f} | {row['total_examples_per_s'] / base:.2f}x |")
+            lines.append(f"| {row['trials']} | {row['cap_gib']:.1f} GiB | {row['peak_reserved_gib']:.2f} GiB | "
+                         f"{held} | {row['total_examples_per_s']:.0f} | {row['total_examples_per_s'] / base:.2f}x |")
         lines.append("")
     if r.get("pass_sizes"):
         best = max(row["tokens_per_s"] for row in r["pass_sizes"])
         lines += ["## Forward-pass throughput against pass size (bfloat16, no gradients, rows of 64 tokens)", "",
                   "| tokens per pass | ms per pass | tokens/s | of the best |", "|---:|---:|---:|---:|"]
-        lines += [f"| {row['tokens']} | {row['ms']:.1f} | {row['tokens_per_s']:,.0f} | {row['tokens_per_s'] / best:.0%} |"
-                  for row in r["pass_sizes"]]
+        lines += [f"| {row['tokens']} | {row['ms']:.1f} | {row['tokens_per_s']:,.0f} | "
+                  f"{row['tokens_per_s'] / best:.0%} |" for row in r["pass_sizes"]]
         lines.append("")
     for name, error in r.get("errors", {}).items():
         lines += [f"{name}: failed: {error}", ""]
@@ -219,7 +219,7 @@ def main() -> None:
             continue
         try:  # one section failing still leaves the others' figures
             report[name] = run()
-        except Exception as error:  # noqa: BLE001 - reported in the results file, not lost
+        except Exception as error:  # reported in the results file, not lost
             report["errors"][name] = f"{type(error).__name__}: {error}"
             print(f"{name} failed: {report['errors'][name]}", flush=True)
         out.with_suffix(".json").write_text(json.dumps(report, indent=2))

@@ -104,11 +104,13 @@ def main() -> None:
     report["step_ratio"] = a["trial_steps"] / r["trial_steps"]
     report["accuracy_gap_points"] = 100 * (r["best_dev_accuracy"] - a["best_dev_accuracy"])
     report["rung_rank_correlation"] = rung_correlations(r["curves"], asha.train.max_steps)
-    scores, n_test = test_accuracy(asha, {"asha_tpe": a["winner"]["prompt"], "random_no_stopping": r["winner"]["prompt"]})
+    winners = {"asha_tpe": a["winner"]["prompt"], "random_no_stopping": r["winner"]["prompt"]}
+    scores, n_test = test_accuracy(asha, winners)
     for name, accuracy in scores.items():
         report[name]["winner"]["test_accuracy"] = accuracy
     report["test_examples"] = n_test
-    report["confirmed_gap_points"] = 100 * (r["winner"]["confirmed_dev_accuracy"] - a["winner"]["confirmed_dev_accuracy"])
+    report["confirmed_gap_points"] = 100 * (r["winner"]["confirmed_dev_accuracy"]
+                                            - a["winner"]["confirmed_dev_accuracy"])
     report["test_gap_points"] = 100 * (scores["random_no_stopping"] - scores["asha_tpe"])
     report["seed"] = asha.seed
     report["overrides"] = args.set
@@ -158,23 +160,37 @@ def curve_table(report: dict, final_step: int) -> str:
 def render(report: dict, cfg) -> str:
     a, r = report["asha_tpe"], report["random_no_stopping"]
     rungs = ", ".join(map(str, asha_rungs(cfg.grace_period, cfg.reduction_factor, cfg.train.max_steps)))
-    row = lambda name, m: (f"| {name} | {m['trials']} | {m['trial_steps']} | {m['wall_s']:.0f} s | "
-                           f"{m['best_dev_accuracy']:.4f} | {100 * m['loop_fraction']:.0f}% | "
-                           f"{100 * m['train_fraction']:.0f}% | {m['backbone_loads']} |")
+
+    def row(name, m):
+        return (f"| {name} | {m['trials']} | {m['trial_steps']} | {m['wall_s']:.0f} s | "
+                f"{m['best_dev_accuracy']:.4f} | {100 * m['loop_fraction']:.0f}% | "
+                f"{100 * m['train_fraction']:.0f}% | {m['backbone_loads']} |")
+
     n = report["test_examples"]
     se = 100 * max(math.sqrt(m["winner"]["test_accuracy"] * (1 - m["winner"]["test_accuracy"]) / n) for m in (a, r))
-    show = lambda value, digits: f"{value:.{digits}f}" if value is not None else "-"
-    winner_row = lambda name, m: (f"| {name} | {m['winner']['trial_id']} | {short(m['winner']['params'])} | "
-                                  f"{show(m['winner']['best_dev_accuracy'], 2)} | "
-                                  f"{show(m['winner']['confirmed_dev_accuracy'], 4)} | {m['winner']['test_accuracy']:.4f} |")
+
+    def show(value, digits):
+        return f"{value:.{digits}f}" if value is not None else "-"
+
+    def winner_row(name, m):
+        return (f"| {name} | {m['winner']['trial_id']} | {short(m['winner']['params'])} | "
+                f"{show(m['winner']['best_dev_accuracy'], 2)} | "
+                f"{show(m['winner']['confirmed_dev_accuracy'], 4)} | {m['winner']['test_accuracy']:.4f} |")
+
     overrides = f" (run with {', '.join(f'--set {o}' for o in report['overrides'])})" if report.get("overrides") else ""
+    runs_header = ("| search | trials | trial-steps | wall time | best dev accuracy | worker time in the training loop "
+                   "| of which optimizer steps | model loads |")
+    winner_header = (f"| search | winner | its parameters | best dev accuracy ({cfg.train.max_eval_examples}) "
+                     f"| confirmed dev accuracy ({cfg.train.confirm_examples}) "
+                     f"| test accuracy ({report['test_examples']}) |")
     return f"""# Search benchmark (bench/bench_search.py, seed {report['seed']})
 
 The demo setting ({report['config'].split('/')[-1]}): SmolLM2-135M, rotten_tomatoes, {cfg.trials} trials of up to
-{cfg.train.max_steps} steps, {cfg.concurrency} at a time on 2 CPU cores, dev accuracy on {cfg.train.max_eval_examples} examples.
+{cfg.train.max_steps} steps, {cfg.concurrency} at a time on 2 CPU cores, dev accuracy on
+{cfg.train.max_eval_examples} examples.
 ASHA compares trials by `{cfg.asha_metric}` at its rungs{overrides}.
 
-| search | trials | trial-steps | wall time | best dev accuracy | worker time in the training loop | of which optimizer steps | model loads |
+{runs_header}
 |---|---|---|---|---|---|---|---|
 {row("ASHA + TPE", a)}
 {row("random, no early stopping", r)}
@@ -188,14 +204,15 @@ therefore the trial with the best accuracy on {cfg.train.confirm_examples} furth
 only trials that ran to step {cfg.train.max_steps} have one), and both winners are scored on the whole test
 split ({report['test_examples']} examples, standard error about {se:.1f} points), which no search saw:
 
-| search | winner | its parameters | best dev accuracy ({cfg.train.max_eval_examples}) | confirmed dev accuracy ({cfg.train.confirm_examples}) | test accuracy ({report['test_examples']}) |
+{winner_header}
 |---|---|---|---:|---:|---:|
 {winner_row("ASHA + TPE", a)}
 {winner_row("random, no early stopping", r)}
 
 ASHA + TPE's winner is {-report['confirmed_gap_points']:+.1f} points from the random search's on confirmed dev accuracy
 and {-report['test_gap_points']:+.1f} points on the test split.
-Model reuse saved {a['backbone_load_s_saved'] + r['backbone_load_s_saved']:.1f} s of backbone loading over both searches.
+Model reuse saved {a['backbone_load_s_saved'] + r['backbone_load_s_saved']:.1f} s of backbone loading
+over both searches.
 Both searches evaluate on dev only at ASHA's rungs (steps {rungs}), so every evaluation
 is one ASHA uses and both see the same checkpoints.
 

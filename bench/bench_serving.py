@@ -17,6 +17,7 @@ import platform
 import statistics
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,6 +45,17 @@ def timed(calls: dict, repeats: int, min_seconds: float = 10.0) -> dict[str, flo
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def separate_passes(data, members: list, min_pass_tokens: int, inputs: list, grouped: bool = False) -> list[int]:
+    """The majority vote of one pass per prompt (`members`), each over every input or, `grouped`,
+    over requests of similar length as the served ensemble groups them."""
+    groups = (length_groups([len(x) for x in inputs], [1] * len(inputs), min_pass_tokens)
+              if grouped else [list(range(len(inputs)))])
+    votes = torch.empty(len(members), len(inputs), dtype=torch.long)
+    for g in groups:
+        votes[:, g] = torch.stack([m.class_scores(data, [inputs[i] for i in g]).argmax(-1).cpu() for m in members])
+    return [Counter(column.tolist()).most_common(1)[0][0] for column in votes.T]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -54,7 +66,8 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=10.0, help="of calls timed, each way and size")
     parser.add_argument("--random-weights", action="store_true",
                         help="untrained weights in the architecture of --model, a folder with its config and tokenizer")
-    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU and on a CPU that runs it natively, else float32")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto: bfloat16 on a GPU and on a CPU that runs it natively, else float32")
     parser.add_argument("--out", default="bench/results/serving.md")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -69,14 +82,15 @@ def main() -> None:
                        backbone.vocab_is_frequency_ordered, 256, 64, 64)
     lengths = [int(n) for n in args.prompt_lengths.split(",")]
     inputs_all = data.splits["test"].input_ids
+    weights = ", random weights: same architecture and arithmetic" if args.random_weights else ""
+    checked = ("every row checked: the ensemble's labels equal the majority vote of the k separate passes." if exact
+               else "agreement of the ensemble's labels with the majority vote of the k separate passes is counted "
+                    "below (in bfloat16, padding and pass shape change the last bits, and untrained weights score "
+                    "classes nearly alike).")
     lines = [f"# Ensemble serving: {args.k} prompts, one batched pass vs {args.k} passes", "",
-             f"Model `{args.model}` ({backbone.model.config.model_type}"
-             f"{', random weights: same architecture and arithmetic' if args.random_weights else ''}), rotten_tomatoes test inputs (mean "
-             f"{sum(map(len, inputs_all)) / len(inputs_all):.0f} tokens), {where}; the four measured in turn, median of "
-             f"at least {args.repeats} rounds and {args.min_seconds:g} s each; "
-             + ("every row checked: the ensemble's labels equal the majority vote of the k separate passes." if exact else
-                "agreement of the ensemble's labels with the majority vote of the k separate passes is counted below "
-                "(in bfloat16, padding and pass shape change the last bits, and untrained weights score classes nearly alike)."),
+             f"Model `{args.model}` ({backbone.model.config.model_type}{weights}), rotten_tomatoes test inputs "
+             f"(mean {sum(map(len, inputs_all)) / len(inputs_all):.0f} tokens), {where}; the four measured in turn, "
+             f"median of at least {args.repeats} rounds and {args.min_seconds:g} s each; " + checked,
              "",
              "| prompt length | requests per batch | k passes (ex/s) | k passes, grouped by length (ex/s) | "
              "ensemble, prompts recomputed (ex/s) | served ensemble: cached prompts (ex/s) | "
@@ -92,27 +106,20 @@ def main() -> None:
         uncached = PromptEnsemble(backbone, {"rt": TaskPrompts(data.verbalizers, data.target_ids, prompts)})
         uncached.prefixes = None
         members = [PromptedModel(backbone, SoftPrompt(p).to(device)) for p in prompts]
-
-        def separate(inputs, grouped=False):
-            groups = (length_groups([len(x) for x in inputs], [1] * len(inputs), MIN_PASS_TOKENS[device.type])
-                      if grouped else [list(range(len(inputs)))])
-            votes = torch.empty(len(members), len(inputs), dtype=torch.long)
-            for g in groups:
-                votes[:, g] = torch.stack([m.class_scores(data, [inputs[i] for i in g]).argmax(-1).cpu()
-                                           for m in members])
-            return [Counter(column.tolist()).most_common(1)[0][0] for column in votes.T]
+        separate = partial(separate_passes, data, members, MIN_PASS_TOKENS[device.type])
 
         for size in (int(b) for b in args.batches.split(",")):
             inputs = inputs_all[:size]
             served, voted = [label for label, _ in ensemble.predict(["rt"] * size, inputs)], separate(inputs)
             assert not exact or served == voted == separate(inputs, grouped=True)
             agree = sum(a == b for a, b in zip(served, voted)) / size
-            seconds = timed({"many": lambda: separate(inputs), "grouped": lambda: separate(inputs, grouped=True),
-                             "plain": lambda: uncached.predict(["rt"] * size, inputs),
-                             "one": lambda: ensemble.predict(["rt"] * size, inputs)}, args.repeats, args.min_seconds)
+            seconds = timed({"many": partial(separate, inputs), "grouped": partial(separate, inputs, grouped=True),
+                             "plain": partial(uncached.predict, ["rt"] * size, inputs),
+                             "one": partial(ensemble.predict, ["rt"] * size, inputs)}, args.repeats, args.min_seconds)
             many, grouped, plain, one = (seconds[name] for name in ("many", "grouped", "plain", "one"))
             lines.append(f"| {length} | {size} | {size / many:.1f} | {size / grouped:.1f} | {size / plain:.1f} | "
-                         f"{size / one:.1f} | {many / one:.2f}x | {grouped / one:.2f}x |" + ("" if exact else f" {agree:.0%} |"))
+                         f"{size / one:.1f} | {many / one:.2f}x | {grouped / one:.2f}x |"
+                         + ("" if exact else f" {agree:.0%} |"))
             print(lines[-1], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -115,7 +115,8 @@ def _trial(cfg: TrainConfig, barrier, key: str | None) -> dict:
     train(cfg, backbone, data, report=lambda metrics, save: seen.update(metrics))
     if key:
         backbone.leave()
-    return {"train_s": seen["train_s"], "examples": cfg.max_steps * cfg.batch_size, "rss": psutil.Process().memory_info().rss}
+    return {"train_s": seen["train_s"], "examples": cfg.max_steps * cfg.batch_size,
+            "rss": psutil.Process().memory_info().rss}
 
 
 def run_arm(trials: int, shared: bool, threads: int, idle: int) -> dict:
@@ -130,7 +131,8 @@ def run_arm(trials: int, shared: bool, threads: int, idle: int) -> dict:
         if shared:
             from trainables.shared import NAMESPACE, servers
             (name,) = servers(key)
-            server_rss = psutil.Process(ray.get(ray.get_actor(name, namespace=NAMESPACE).describe.remote())["pid"]).memory_info().rss
+            server_pid = ray.get(ray.get_actor(name, namespace=NAMESPACE).describe.remote())["pid"]
+            server_rss = psutil.Process(server_pid).memory_info().rss
             statistics_ = ray.get(ray.get_actor(name, namespace=NAMESPACE).statistics.remote())
     if shared:
         stop_servers(key)
@@ -243,8 +245,9 @@ def worth(budget_s: float, seeds: int, storage: Path, arms: list[str], saved: di
             print(f"{arm} seed {seed}: {len(record.trials)} trials, {runs[-1]['trial_steps']} trial-steps, "
                   f"winner test {test:.4f} ({wall:.0f} s)", flush=True)
         tests = [r["test_accuracy"] for r in runs]
-        base["arms"][arm] = {"seeds": seeds, "runs": runs, "median_test": statistics.median(tests), "min_test": min(tests),
-                             "max_test": max(tests), "sd_test": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+        base["arms"][arm] = {"seeds": seeds, "runs": runs, "median_test": statistics.median(tests),
+                             "min_test": min(tests), "max_test": max(tests),
+                             "sd_test": statistics.stdev(tests) if len(tests) > 1 else 0.0,
                              "median_trials": statistics.median(r["trials"] for r in runs),
                              "median_trial_steps": statistics.median(r["trial_steps"] for r in runs)}
     return base
@@ -273,20 +276,22 @@ def write(results: dict) -> None:
         rates = {int(k): v for k, v in t["pass_sizes"].items()}
         first_rate, best_rate = rates[min(rates)], max(rates.values())
         lines += ["", f"- 4 shared against 2 unshared: **{t['examples_per_s_ratio']:.2f}x** aggregate examples/s "
-                      f"(goal >= 1.0x), **{t['memory_per_trial_ratio']:.2f}x** memory per running trial (goal <= 0.5x).",
+                      f"(goal >= 1.0x), **{t['memory_per_trial_ratio']:.2f}x** memory per running trial "
+                      "(goal <= 0.5x).",
                   f"- 8 shared trials: **{t['memory_per_trial_ratio_8']:.2f}x** the memory per running trial. One more "
                   f"shared trial adds {t['one_more_shared_trial_gib']:.2f} GiB (8 against 4); the server itself, with "
                   f"the model and one pass's activations, about {server_gib:.2f} GiB. So n shared trials take about "
-                  f"{server_gib:.2f} + {t['one_more_shared_trial_gib']:.2f} n GiB against {unshared_gib:.2f} n unshared: "
-                  f"sharing saves memory from {break_even} trials at once. In the memory today's 2 unshared trials "
+                  f"{server_gib:.2f} + {t['one_more_shared_trial_gib']:.2f} n GiB against "
+                  f"{unshared_gib:.2f} n unshared: sharing saves memory from {break_even} trials at once. "
+                  "In the memory today's 2 unshared trials "
                   f"take ({arms['unshared_2']['memory_added_gib']:.2f} GiB), shared trials fit: "
                   f"{t['shared_trials_in_unshared_2']} (the server alone takes most of it).",
                   f"- Resident memory: an unshared trial's process {arms['unshared_2']['trial_rss_gib']:.2f} GiB, a "
                   f"shared trial's {arms['shared_4']['trial_rss_gib']:.2f} GiB, the server "
                   f"{arms['shared_4']['server_rss_gib']:.2f} GiB (RSS counts shared library pages in each process; "
                   f"the table's machine-level figures do not).",
-                  f"- Pass size on this CPU (one process on every core, loss and backward, the same 64 examples in "
-                  f"turns): " + ", ".join(f"{v:.2f} examples/s at {k} rows" for k, v in t["pass_sizes"].items())
+                  "- Pass size on this CPU (one process on every core, loss and backward, the same 64 examples in "
+                  "turns): " + ", ".join(f"{v:.2f} examples/s at {k} rows" for k, v in t["pass_sizes"].items())
                   + f" per pass. A bigger pass is no faster per example here (best {best_rate:.2f} against "
                   f"{first_rate:.2f} at 8 rows), so a CPU server runs each trial's batch as its own pass, one "
                   f"trial's activations at a time; on a GPU a small pass is launch-bound, and the server fuses.",
@@ -305,7 +310,8 @@ def write(results: dict) -> None:
                   "| arm | seeds | median test accuracy | min - max | sd | median trials | median trial-steps |",
                   "|---|---|---|---|---|---|---|"]
         for arm, a in sorted(w["arms"].items()):
-            lines.append(f"| {arm} | {len(a['runs'])} | {a['median_test']:.4f} | {a['min_test']:.4f} - {a['max_test']:.4f} | "
+            lines.append(f"| {arm} | {len(a['runs'])} | {a['median_test']:.4f} | "
+                         f"{a['min_test']:.4f} - {a['max_test']:.4f} | "
                          f"{a['sd_test']:.4f} | {a['median_trials']:g} | {a['median_trial_steps']:g} |")
         lines += [""]
     if results.get("reading"):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import time
@@ -97,7 +96,8 @@ def best_lrs(result: dict) -> dict:
                  for lr, runs in sorted(by_lr.items())}
         table[label] = {"by_lr": stats, "best_lr": min(stats, key=lambda lr: stats[lr]["test_log_loss"][0]),
                         "fitted_lr": fitted_best({lr: st["test_log_loss"][0] for lr, st in stats.items()}),
-                        "best_share": bootstrap_best({lr: [r["test_log_loss"] for r in runs] for lr, runs in by_lr.items()})}
+                        "best_share": bootstrap_best({lr: [r["test_log_loss"] for r in runs]
+                                                      for lr, runs in by_lr.items()})}
     return table
 
 
@@ -128,8 +128,9 @@ def report(results: list[dict], args) -> str:
              f"--steps {args.steps}`: rotten_tomatoes, {args.steps} steps of batch 8, a 20-token class-label prompt, "
              f"float32; each run's final prompt scored on {args.test} test examples; {args.seeds} seeds per point, two "
              f"single-thread runs at a time on a 2-core CPU. The best lr is the one with the lowest mean held-out "
-             f"log-loss (of the true class, renormalised over the classes); \"best in resamples\": how often each lr is "
-             f"the best when the seeds are resampled with replacement, the same seeds for every lr (2,000 draws).", ""]
+             f"log-loss (of the true class, renormalised over the classes); \"best in resamples\": how often each "
+             f"lr is the best when the seeds are resampled with replacement, the same seeds for every lr "
+             f"(2,000 draws).", ""]
     results = sorted(results, key=lambda r: r["embedding_rms"])  # the smaller scale first
     tables = {r["model"]: best_lrs(r) for r in results}
     for result in results:
@@ -141,8 +142,9 @@ def report(results: list[dict], args) -> str:
             for lr, st in entry["by_lr"].items():
                 mark = " **best**" if lr == entry["best_lr"] else ""
                 (ll, ll_sd), (acc, acc_sd) = st["test_log_loss"], st["test_accuracy"]
-                lines.append(f"| {label} | {lr:g}{mark} | {lr / result['embedding_rms']:.3g} | {ll:.4f} ± {ll_sd:.4f} | "
-                             f"{acc:.4f} ± {acc_sd:.4f} | {st['n']} | {entry['best_share'][lr]:.0%} |")
+                lines.append(f"| {label} | {lr:g}{mark} | {lr / result['embedding_rms']:.3g} | "
+                             f"{ll:.4f} ± {ll_sd:.4f} | {acc:.4f} ± {acc_sd:.4f} | {st['n']} | "
+                             f"{entry['best_share'][lr]:.0%} |")
         lines.append("")
     if len(results) >= 2:
         a, b = results[0], results[1]
@@ -151,8 +153,12 @@ def report(results: list[dict], args) -> str:
                   f"The embedding RMS is {ratio:.2f}x as large on {b['model']}. A factor of 1 means the same value is "
                   f"best on both backbones in that unit; the grid's step is about 3x.", "",
                   "| optimizer | best absolute lr (grid) | factor, absolute units | factor, embedding-RMS units | "
-                  "fitted best (parabola) | factor, absolute | factor, embedding-RMS |", "|---|---|---|---|---|---|---|"]
-        shown = lambda f: f"{max(f, 1 / f):.2g}x" + ("" if abs(f - 1) < 1e-9 else f" ({'higher' if f > 1 else 'lower'})")
+                  "fitted best (parabola) | factor, absolute | factor, embedding-RMS |",
+                  "|---|---|---|---|---|---|---|"]
+
+        def shown(f):
+            return f"{max(f, 1 / f):.2g}x" + ("" if abs(f - 1) < 1e-9 else f" ({'higher' if f > 1 else 'lower'})")
+
         for label in tables[a["model"]]:
             if label not in tables[b["model"]]:
                 continue
@@ -163,7 +169,8 @@ def report(results: list[dict], args) -> str:
                 if la is None or lb is None:
                     cells += ["-", "-", "-"]
                     continue
-                cells += [f"{la:.3g} / {lb:.3g}", shown(lb / la), "(already relative)" if scaling else shown(lb / la / ratio)]
+                cells += [f"{la:.3g} / {lb:.3g}", shown(lb / la),
+                          "(already relative)" if scaling else shown(lb / la / ratio)]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -190,7 +197,8 @@ def main() -> None:
         before = next((r for r in results if r["model"] == model), None)
         if before:  # runs measured before for other points are kept; the same point is replaced
             points = {(r["optimizer"], r["lr"], r["seed"]) for r in fresh["runs"]}
-            fresh["runs"] = [r for r in before["runs"] if (r["optimizer"], r["lr"], r["seed"]) not in points] + fresh["runs"]
+            kept = [r for r in before["runs"] if (r["optimizer"], r["lr"], r["seed"]) not in points]
+            fresh["runs"] = kept + fresh["runs"]
             results.remove(before)
         results.append(fresh)
         saved.write_text(json.dumps(results, indent=1))

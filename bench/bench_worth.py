@@ -29,21 +29,21 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import ray  # noqa: E402
-import torch  # noqa: E402
-from ray.tune import ExperimentAnalysis  # noqa: E402
+import matplotlib.pyplot as plt
+import ray
+import torch
+from ray.tune import ExperimentAnalysis
 
-from search.config import load_search_config  # noqa: E402
-from search.record import SearchRecord, rank_rows  # noqa: E402
-from search.storage import SearchStorage  # noqa: E402
-from search.tuner import _points, give_local_workers_env, run_search  # noqa: E402
-from trainables.backbone import load_backbone  # noqa: E402
-from trainables.checkpoint import load_checkpoint  # noqa: E402
-from trainables.config import trial_config  # noqa: E402
-from trainables.evaluate import evaluate  # noqa: E402
-from trainables.loop import prepare_data, train, zero_shot  # noqa: E402
-from trainables.prompt import PromptedModel, SoftPrompt  # noqa: E402
+from search.config import load_search_config
+from search.record import SearchRecord, rank_rows
+from search.storage import SearchStorage
+from search.tuner import _points, give_local_workers_env, run_search
+from trainables.backbone import load_backbone
+from trainables.checkpoint import load_checkpoint
+from trainables.config import trial_config
+from trainables.evaluate import evaluate
+from trainables.loop import prepare_data, train, zero_shot
+from trainables.prompt import PromptedModel, SoftPrompt
 
 RESULTS = Path(__file__).parent / "results"
 ARMS = {"a": "default point, its own run", "a'": "default point, whole budget", "b": "random search, no early stopping",
@@ -133,9 +133,13 @@ def main() -> None:
     judge_cfg = trial_config(points[0], {**cfg.train.to_dict(), "max_test_examples": None})
     backbone = load_backbone(judge_cfg.model, judge_cfg.dtype)
     data = prepare_data(judge_cfg, backbone)
-    score = lambda prompt: evaluate(PromptedModel(backbone, SoftPrompt(prompt)), data, "test", judge_cfg.eval_mode,
-                                    judge_cfg.eval_batch_size)["accuracy"]
-    results = {"config": args.config, "sets": args.set, "multiples": args.multiples, "test_examples": len(data.splits["test"]),
+
+    def score(prompt):
+        return evaluate(PromptedModel(backbone, SoftPrompt(prompt)), data, "test", judge_cfg.eval_mode,
+                        judge_cfg.eval_batch_size)["accuracy"]
+
+    results = {"config": args.config, "sets": args.set, "multiples": args.multiples,
+               "test_examples": len(data.splits["test"]),
                "zero_shot": zero_shot(judge_cfg, backbone, data)["accuracy"], "t1_s": [], "runs": []}
     storage = Path(tempfile.mkdtemp(prefix="bench-worth-"))
     try:

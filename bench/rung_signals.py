@@ -3,7 +3,8 @@
 and records, at ASHA's rungs, several signals computed from the same forward passes on the 100
 dev examples: accuracy (the search metric, which ASHA compared before the demo moved to training
 loss), the accuracy with the decision threshold re-centred (calibration-free), ROC AUC of the
-class-score margin, the dev log-loss, and the training loss. The target is each trial's confirmed dev accuracy (500 further examples).
+class-score margin, the dev log-loss, and the training loss. The target is each trial's confirmed dev
+accuracy (500 further examples).
 
 Then replays ASHA offline on those curves, once per signal: the demo's rungs (5, 15, 45), factor 3,
 two workers, Ray's cutoff rule (a trial reaching a rung stops if it is below the (1 - 1/3)
@@ -140,7 +141,9 @@ def replay_asha(trials: list[dict], signal) -> tuple[int, list[int]]:
 
 
 def spearman(a, b) -> float:
-    ranks = lambda x: np.argsort(np.argsort(x))
+    def ranks(x):
+        return np.argsort(np.argsort(x))
+
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
@@ -151,10 +154,10 @@ def analyse(rows: list[dict], draws: int = 3000) -> str:
     default = rows[0]
     others = [r for r in unique if r["params"] != default["params"]]
     final = [r["confirmed"] for r in unique]
-    lines = [f"# Which early signal predicts a trial's final quality? (bench/rung_signals.py)", "",
-             f"{len(unique)} trials of the demo setting (seeds {sorted({r['seed'] for r in rows})} of the search bench, "
-             f"trained to step {MAX_STEPS} without stopping). Spearman correlation between each signal at a rung "
-             f"and the trial's confirmed dev accuracy (500 examples) at the end:", "",
+    lines = ["# Which early signal predicts a trial's final quality? (bench/rung_signals.py)", "",
+             f"{len(unique)} trials of the demo setting (seeds {sorted({r['seed'] for r in rows})} of the search "
+             f"bench, trained to step {MAX_STEPS} without stopping). Spearman correlation between each signal at "
+             f"a rung and the trial's confirmed dev accuracy (500 examples) at the end:", "",
              "| signal | " + " | ".join(f"step {s}" for s in RUNGS) + " |", "|---|" + "---:|" * len(RUNGS)]
     for name, signal in SIGNALS.items():
         lines.append(f"| {name} | " + " | ".join(f"{spearman([signal(r['curve'], s) for r in unique], final):+.2f}"
@@ -163,7 +166,8 @@ def analyse(rows: list[dict], draws: int = 3000) -> str:
     samples = [[default, *(others[i] for i in rng.choice(len(others), 7, replace=False))] for _ in range(draws)]
     noise = [{id(r): {s: rng.random() for s in RUNGS} for r in sample} for sample in samples]
     seeds = sorted({r["seed"] for r in rows})
-    lines += ["", f"ASHA replayed on those curves (rungs {', '.join(map(str, RUNGS))}, factor {FACTOR}, {WORKERS} workers). "
+    lines += ["", f"ASHA replayed on those curves (rungs {', '.join(map(str, RUNGS))}, factor {FACTOR}, "
+              f"{WORKERS} workers). "
               f"Per seed: the share of the {8 * MAX_STEPS} steps spent and the winner's confirmed accuracy "
               f"against the best trial's. Over {draws} draws of 8 trials (the default point first): the mean share, "
               "how often the winner is within 1 point of the best, and how often both goals hold (at most "
@@ -186,7 +190,10 @@ def analyse(rows: list[dict], draws: int = 3000) -> str:
             read = signal
             if signal is None:  # a coin per trial and rung
                 by_curve = {id(r["curve"]): coins[id(r)] for r in sample}
-                read = lambda c, s, by_curve=by_curve: by_curve[id(c)][s]
+
+                def read(c, s, by_curve=by_curve):
+                    return by_curve[id(c)][s]
+
             steps, finished = replay_asha(sample, read)
             gap = max(r["confirmed"] for r in sample) - max(sample[i]["confirmed"] for i in finished)
             outcomes.append((steps / (len(sample) * MAX_STEPS), gap <= 0.01 + 1e-9))

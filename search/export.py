@@ -21,8 +21,16 @@ from search.record import SearchRecord
 from search.tracking import softprompt_experiment
 from serving.ensemble import COMBINE
 from trainables.backbone import OFFLINE_MODELS
-from trainables.checkpoint import (BUNDLE_FILE, CheckpointError, load_bundle_prompts, load_bundle_record,
-                                   load_checkpoint, save_bundle_record, save_checkpoint, verify_prompt)
+from trainables.checkpoint import (
+    BUNDLE_FILE,
+    CheckpointError,
+    load_bundle_prompts,
+    load_bundle_record,
+    load_checkpoint,
+    save_bundle_record,
+    save_checkpoint,
+    verify_prompt,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED_MODEL_CODE = ROOT / "serving" / "served_model.py"
@@ -113,7 +121,8 @@ def _read_provenance(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(record, dict) or not record.get("prompt_sha256") or not record.get("fingerprint"):
-        raise CheckpointError(f"{path}: no prompt_sha256 and fingerprint (export the prompt again with this softprompt)")
+        raise CheckpointError(f"{path}: no prompt_sha256 and fingerprint "
+                              "(export the prompt again with this softprompt)")
     return record
 
 
@@ -214,7 +223,8 @@ def export_mlflow_model(bundle: Path, registered_name: str, tracking_uri: str) -
             code_paths=[str(ROOT / "serving"), str(ROOT / "trainables")], signature=signature,
             pip_requirements=_requirements(), registered_model_name=registered_name)
     version = int(info.registered_model_version)
-    mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri).set_registered_model_alias(registered_name, ALIAS, version)
+    registry = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    registry.set_registered_model_alias(registered_name, ALIAS, version)
     return version
 
 

@@ -41,8 +41,9 @@ def job_client(address: str):
         raise ConfigError("--address", address, "a cluster whose token this machine has: RAY_AUTH_MODE=token and the "
                                                 "head's ~/.ray/auth_token here (or RAY_AUTH_TOKEN)") from None
     except (ConnectionError, RuntimeError, ValueError) as error:
-        raise ConfigError("--address", address, f"the job API of a running cluster's head, e.g. {DEFAULT_ADDRESS} "
-                                                f"through `ray dashboard cluster.yaml` ({str(error).splitlines()[0]})") from None
+        raise ConfigError("--address", address,
+                          f"the job API of a running cluster's head, e.g. {DEFAULT_ADDRESS} "
+                          f"through `ray dashboard cluster.yaml` ({str(error).splitlines()[0]})") from None
 
 
 def _project_root() -> Path:

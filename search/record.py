@@ -31,7 +31,8 @@ TRIAL_SECONDS = {"setup_s": "start-up", "train_s": "training", "rung_eval_s": "d
 
 def save_config(cfg: SearchConfig) -> None:
     """A new search's config, saved in its folder (for a URI, uploaded too)."""
-    SearchStorage(cfg.storage_path, cfg.name).write_text(CONFIG_FILE, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    SearchStorage(cfg.storage_path, cfg.name).write_text(CONFIG_FILE,
+                                                         yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
 def read_config(search: SearchStorage) -> SearchConfig:
@@ -42,7 +43,8 @@ def read_config(search: SearchStorage) -> SearchConfig:
                                                       f"(no {CONFIG_FILE} there)")
     values = yaml.safe_load(path.read_text())
     train = values["train"]
-    values["train"] = TrainConfig(**{**train, "eval_steps": tuple(train["eval_steps"]) if train.get("eval_steps") else None})
+    eval_steps = tuple(train["eval_steps"]) if train.get("eval_steps") else None
+    values["train"] = TrainConfig(**{**train, "eval_steps": eval_steps})
     values["checkpoints"] = tuple(values["checkpoints"])
     values.setdefault("asha_metric", values["metric"])  # saved before ASHA's metric could differ
     if values["points_to_evaluate"] is not None:
@@ -107,8 +109,10 @@ class SearchRecord:
             checkpoint = trial.checkpoint.path if trial.checkpoint else None
             scored = last.get("best_step") != 0  # 0: stopped before any dev scoring (trainables.loop.best_metrics)
             rows.append({"trial_id": trial.trial_id, "status": trial_status(trial),
-                         "params": trial.config, "step": last.get("step"), "metric": last.get(cfg.metric) if scored else None,
-                         "confirmed": last.get(CONFIRMED.get(cfg.metric, "")), "test_accuracy": last.get("test_accuracy"),
+                         "params": trial.config, "step": last.get("step"),
+                         "metric": last.get(cfg.metric) if scored else None,
+                         "confirmed": last.get(CONFIRMED.get(cfg.metric, "")),
+                         "test_accuracy": last.get("test_accuracy"),
                          "prompt": search.remote_location(f"{checkpoint}/best") if checkpoint else None,
                          "lr_absolute": last.get("lr_absolute"),
                          "seconds": {key: last.get(key, 0.0) for key in TRIAL_SECONDS}})

@@ -42,7 +42,8 @@ def point_trials_at_complete_checkpoints(search: SearchStorage) -> None:
         if newest == name:
             continue
         if newest is None:
-            metadata.checkpoint_manager = type(metadata.checkpoint_manager)(metadata.checkpoint_manager.checkpoint_config)
+            manager = metadata.checkpoint_manager
+            metadata.checkpoint_manager = type(manager)(manager.checkpoint_config)
             entry[1], cleared = metadata.get_json_state(), True
             print(f"softprompt: trial {trial['trial_id']} has no complete checkpoint left on storage; it starts over",
                   file=sys.stderr)

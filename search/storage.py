@@ -42,7 +42,7 @@ def _filesystem(storage_path: str):
     return _resolved(storage_path, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _resolved(storage_path: str, aws_settings: tuple):
     with reachable(storage_path):
         return pyarrow.fs.FileSystem.from_uri(storage_path)

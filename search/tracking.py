@@ -20,8 +20,15 @@ from pathlib import Path
 from search.config import ConfigError, SearchConfig
 from search.record import CONFIRMED, SearchRecord
 from search.storage import CONFIG_FILE, RUN_FILE, STUDY_FILE, SearchStorage
-from trainables.tracking import (PARENT_TAG, TRIAL_TAG, TrackingTarget, client, find_or_create_child,
-                                 replay_spool, set_status)
+from trainables.tracking import (
+    PARENT_TAG,
+    TRIAL_TAG,
+    TrackingTarget,
+    client,
+    find_or_create_child,
+    replay_spool,
+    set_status,
+)
 
 EXPERIMENT = "softprompt"
 SEARCH_TAG = "softprompt.search"
@@ -55,7 +62,8 @@ def softprompt_experiment(mlflow_client, uri: str) -> str:
     experiment without a kind on its GenAI (traces) overview, not on the runs table."""
     experiment = mlflow_client.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+        location = ((Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri() if uri.startswith("sqlite:")
+                    else None)
         return mlflow_client.create_experiment(EXPERIMENT, artifact_location=location, tags=EXPERIMENT_KIND)
     for key, value in EXPERIMENT_KIND.items():
         if experiment.tags.get(key) != value:
@@ -168,7 +176,8 @@ def _log_results(mlflow_client, run_id: str, record: SearchRecord) -> None:
         point = best["point"]
         metrics.update({f"winner_mean_{cfg.metric}": point["mean"], "winner_seeds": point["n"],
                         **({f"winner_sd_{cfg.metric}": point["sd"]} if point["sd"] is not None else {})})
-    tags = {"softprompt.best_trial": best["trial_id"], "softprompt.best_params": json.dumps(best["params"], default=str)}
+    tags = {"softprompt.best_trial": best["trial_id"],
+            "softprompt.best_params": json.dumps(best["params"], default=str)}
     mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
                             tags=[RunTag(k, v) for k, v in tags.items()])
     mlflow_client.log_artifacts(run_id, best["prompt"], "winning_prompt")
@@ -187,7 +196,8 @@ def _log_verdict(mlflow_client, run_id: str, summary: dict | None) -> None:
     if summary is None:
         return
     now = int(time.time() * 1000)
-    metrics = {"winner_test_accuracy": summary["test_accuracy"], "zero_shot_test_accuracy": summary["zero_shot_test_accuracy"]}
+    metrics = {"winner_test_accuracy": summary["test_accuracy"],
+               "zero_shot_test_accuracy": summary["zero_shot_test_accuracy"]}
     mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
     mlflow_client.set_tag(run_id, "softprompt.beats_zero_shot", str(summary["beats_zero_shot"]).lower())
 
@@ -277,6 +287,7 @@ def nearest_tokens_table(prompt, model: str, k: int = NEAREST_TOKENS) -> dict[st
     Only the embedding matrix is read, unscaled: a model that scales its embeddings (Gemma, by
     sqrt(width)) scales every row alike, and cosine ignores a global scale."""
     import torch
+
     from trainables.backbone import input_embeddings
 
     embeddings, tokenizer = input_embeddings(model)

@@ -253,7 +253,8 @@ def run_search(cfg: SearchConfig, trainable=tune_trial, tracking_uri: str | None
     return _fit(build_tuner(cfg, trainable, tracking, verbose), search, tracking, cfg)
 
 
-def resume_search(storage_path: str, name: str, trainable=tune_trial, tracking_uri: str | None = None) -> tune.ResultGrid:
+def resume_search(storage_path: str, name: str, trainable=tune_trial,
+                  tracking_uri: str | None = None) -> tune.ResultGrid:
     """Continue an interrupted search: finished trials are kept, unfinished ones resume from
     their last checkpoint, errored ones are retried. A tracked search keeps logging to its parent
     run (or to a new one at `tracking_uri`)."""

@@ -167,8 +167,10 @@ def dtype_note(dtype: str, device: torch.device | None = None) -> str:
     if device.type == "cuda":
         return name + (" (auto: a GPU)" if dtype == "auto" else "")
     if picked == torch.bfloat16:
-        return name + ((" (auto: this CPU multiplies it natively)" if dtype == "auto" else " (this CPU runs it natively)")
-                       if cpu_runs_bf16() else " (emulated on this CPU, which has no native bfloat16: slower than float32)")
+        if not cpu_runs_bf16():
+            return name + " (emulated on this CPU, which has no native bfloat16: slower than float32)"
+        return name + (" (auto: this CPU multiplies it natively)" if dtype == "auto" else
+                       " (this CPU runs it natively)")
     return name + (" (auto: this CPU has no native bfloat16)" if dtype == "auto" and not cpu_runs_bf16() else "")
 
 
@@ -288,7 +290,8 @@ def load_backbone(name: str, dtype: str = "auto", device: torch.device | None = 
 
 
 # Where transformers' save_pretrained puts weights, newest layout first; an index maps tensor -> shard.
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
+                "pytorch_model.bin.index.json", "pytorch_model.bin")
 
 
 def _checkpoint_file(source: str, filename: str) -> Path | None:

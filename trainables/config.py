@@ -23,9 +23,9 @@ class TrainConfig:
     model: str = "smollm2-135m"       # offline alias, hub id, or local folder
     dtype: str = "auto"               # auto: bfloat16 on a GPU and on a CPU that multiplies it natively (AVX512-BF16,
                                       # AMX), else float32 (backbone.resolve_dtype)
-    compile: bool = False             # torch.compile the model's passes, once per worker process: measured here in bfloat16
-                                      # 1.2x per step for about 3 min of compiling, so worth it from ~3,000
-                                      # steps per worker (bench/results/core.md)
+    compile: bool = False             # torch.compile the model's passes, once per worker process: measured here
+                                      # in bfloat16 1.2x per step for about 3 min of compiling, so worth it from
+                                      # ~3,000 steps per worker (bench/results/core.md)
     # task
     task: str | dict = "rotten_tomatoes"  # registered name, a .csv/.jsonl/.parquet file, or a mapping
                                       # (trainables.tasks.TASK_KEYS: dataset, splits, template, ...)
@@ -81,7 +81,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/train"
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:

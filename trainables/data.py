@@ -55,11 +55,12 @@ class Batch:
     labels: torch.Tensor           # [B, L] target tokens, IGNORE where padded
     classes: torch.Tensor          # [B] the class each row's target belongs to
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.classes)))
 
 
-def verbalizer_ids(tokenizer, verbalizers: list[str], is_encoder_decoder: bool, sentinel: bool = False) -> list[list[int]]:
+def verbalizer_ids(tokenizer, verbalizers: list[str], is_encoder_decoder: bool,
+                   sentinel: bool = False) -> list[list[int]]:
     """Target tokens per class: the verbalizer plus EOS for encoder-decoders (after SENTINEL with
     `sentinel`); for causal LMs the verbalizer after a space, as it follows the input's cue."""
     if is_encoder_decoder:

@@ -63,7 +63,10 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """ROC AUC of each class's log-odds against the other classes, averaged over the classes that
     occur (for two classes both give the AUC of the margin between the two scores). Unlike accuracy
     it does not move when every score shifts one way, so it is not fooled by a prompt's calibration."""
-    log_odds = lambda c: scores[:, c] - np.logaddexp.reduce(np.delete(scores, c, axis=1), axis=1)
+
+    def log_odds(c):
+        return scores[:, c] - np.logaddexp.reduce(np.delete(scores, c, axis=1), axis=1)
+
     values = [metrics.roc_auc_score(labels == c, log_odds(c)) for c in range(scores.shape[1])
               if 0 < np.sum(labels == c) < len(labels)]
     return float(np.mean(values)) if values else float("nan")

@@ -60,7 +60,9 @@ def initial_prompt(cfg: TrainConfig, backbone: Backbone, data: EncodedTask) -> t
 
 def prompted_model(backbone: Backbone | SharedBackbone, prompt: SoftPrompt) -> PromptedModel | RemotePromptedModel:
     """The prompt on the backbone: in this process, or through a shared backbone's server."""
-    return RemotePromptedModel(backbone, prompt) if isinstance(backbone, SharedBackbone) else PromptedModel(backbone, prompt)
+    if isinstance(backbone, SharedBackbone):
+        return RemotePromptedModel(backbone, prompt)
+    return PromptedModel(backbone, prompt)
 
 
 def checkpoint_meta(cfg: TrainConfig, backbone: Backbone, data: EncodedTask, step: int, metrics: dict) -> dict:
@@ -89,7 +91,8 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
     if cfg.compile and isinstance(backbone, Backbone):
         backbone.compile()
     prompt = SoftPrompt(initial_prompt(cfg, backbone, data)).to(device)
-    current = load_checkpoint(Path(resume_from) / "current", backbone.fingerprint, backbone.width) if resume_from else None
+    current = (load_checkpoint(Path(resume_from) / "current", backbone.fingerprint, backbone.width) if resume_from
+               else None)
     optimizer_name = resumed_optimizer(cfg.optimizer, current.optimizer_state) if current else cfg.optimizer
     lr = absolute_lr(optimizer_name, cfg.lr, cfg.lr_unit, embedding_rms(backbone.embed, data.common_token_ids))
     optimizer, schedule = build_optimizer(optimizer_name, prompt.weight, lr, cfg.weight_decay,
@@ -155,7 +158,7 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
             bar.write(f"step {done}: train_loss {metrics['train_loss']:.4f}  dev_{cfg.select_metric} "
                       f"{dev[cfg.select_metric]:.4f}  best {best['dev'][cfg.select_metric]:.4f} @ {best['step']}")
         if report is not None:
-            def save(folder: Path, step=done, metrics=metrics, best=dict(best)):
+            def save(folder: Path, step=done, metrics=metrics, best=best):  # this report's values, bound now
                 save_checkpoint(Path(folder) / "current", prompt.weight,
                                 {**checkpoint_meta(cfg, backbone, data, step, metrics),
                                  "scheduler": schedule.state_dict()}, optimizer.state_dict())
@@ -220,7 +223,8 @@ def final_metrics(pm: PromptedModel, values: torch.Tensor, data: EncodedTask, cf
         for split, (prefix, timer) in splits.items():
             metrics[f"{prefix}examples"] = len(data.splits[split])
             started = time.perf_counter()
-            metrics.update({prefix + k: v for k, v in evaluate(pm, data, split, cfg.eval_mode, cfg.eval_batch_size).items()})
+            scores = evaluate(pm, data, split, cfg.eval_mode, cfg.eval_batch_size)
+            metrics.update({prefix + k: v for k, v in scores.items()})
             seconds[timer] = seconds.get(timer, 0.0) + time.perf_counter() - started
         pm.prompt.weight.copy_(current)
     return metrics
@@ -239,7 +243,8 @@ def train_and_save(cfg: TrainConfig, backbone: Backbone, data: EncodedTask) -> t
     baseline = zero_shot(cfg, backbone, data)
     result = train(cfg, backbone, data, progress=True)
     out = Path(cfg.output_dir)
-    save_checkpoint(out / "best", result.pop("prompt"), checkpoint_meta(cfg, backbone, data, result["best_step"], result))
+    save_checkpoint(out / "best", result.pop("prompt"),
+                    checkpoint_meta(cfg, backbone, data, result["best_step"], result))
     summary = {"zero_shot_test_accuracy": baseline["accuracy"], **result}
     (out / "result.json").write_text(json.dumps(summary, indent=2))
     return summary, baseline

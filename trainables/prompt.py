@@ -44,11 +44,12 @@ class InputDropout:
     step: int
 
     @classmethod
-    def for_step(cls, rate: float, seed: int, step: int, device: torch.device | None = None) -> "InputDropout | None":
+    def for_step(cls, rate: float, seed: int, step: int, device: torch.device | None = None) -> InputDropout | None:
         return None if rate == 0 else cls(rate, seed, step)
 
     def __call__(self, embeds: torch.Tensor) -> torch.Tensor:
-        mixed = int(np.random.SeedSequence([self.seed, self.step]).generate_state(1)[0])  # nearby steps, unrelated masks
+        # nearby steps, unrelated masks
+        mixed = int(np.random.SeedSequence([self.seed, self.step]).generate_state(1)[0])
         generator = torch.Generator(embeds.device).manual_seed(mixed)
         keep = torch.rand(embeds.shape, generator=generator, device=embeds.device) >= self.rate
         return embeds * keep.to(embeds.dtype) / (1 - self.rate)
@@ -83,7 +84,7 @@ class Prefix:
     mask: torch.Tensor                                # [rows, length]: 1 where a prompt vector is
 
     @classmethod
-    def of(cls, backbone: Backbone, prompts: list[torch.Tensor]) -> "Prefix | None":
+    def of(cls, backbone: Backbone, prompts: list[torch.Tensor]) -> Prefix | None:
         """None where the model's cache is not plain full-attention keys and values in every layer
         (sliding-window, linear-attention or state-space layers keep something else)."""
         parts = []
@@ -102,21 +103,24 @@ class Prefix:
         return cls.cat(parts)
 
     @classmethod
-    def cat(cls, parts: list["Prefix"]) -> "Prefix":
+    def cat(cls, parts: list[Prefix]) -> Prefix:
         length = max(p.mask.shape[1] for p in parts)
         parts = [p.pad_to(length) for p in parts]
         layers = [(torch.cat([p.layers[i][0] for p in parts]), torch.cat([p.layers[i][1] for p in parts]))
                   for i in range(len(parts[0].layers))]
         return cls(layers, torch.cat([p.mask for p in parts]))
 
-    def pad_to(self, length: int) -> "Prefix":
+    def pad_to(self, length: int) -> Prefix:
         extra = length - self.mask.shape[1]
         if extra == 0:
             return self
-        pad = lambda t: torch.nn.functional.pad(t, (0, 0, extra, 0))  # left, along the length axis
+
+        def pad(t):  # left, along the length axis
+            return torch.nn.functional.pad(t, (0, 0, extra, 0))
+
         return Prefix([(pad(k), pad(v)) for k, v in self.layers], torch.nn.functional.pad(self.mask, (extra, 0)))
 
-    def select(self, rows: list[int]) -> "Prefix":
+    def select(self, rows: list[int]) -> Prefix:
         return Prefix([(k[rows], v[rows]) for k, v in self.layers], self.mask[rows])
 
 
@@ -191,7 +195,10 @@ def loss(backbone: Backbone, prompts: Prompts, batch: Batch, dropout: InputDropo
     if groups is None:
         return -logp.sum() / counted.sum()
     ids = torch.as_tensor(groups, device=logp.device)
-    per_group = lambda values: values.new_zeros(int(ids.max()) + 1).index_add(0, ids, values)
+
+    def per_group(values):
+        return values.new_zeros(int(ids.max()) + 1).index_add(0, ids, values)
+
     return -per_group(logp.sum(-1)) / per_group(counted.sum(-1).to(logp.dtype))
 
 

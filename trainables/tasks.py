@@ -17,10 +17,10 @@ import csv
 import glob
 import importlib.util
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from string import Formatter
-from typing import Callable
 
 import datasets
 import numpy as np
@@ -77,7 +77,8 @@ def split_three(inputs: list[str], labels: list[int], seed: int = SPLIT_SEED,
     order = np.random.default_rng(seed).permutation(len(texts))
     n_dev, n_test = int(len(texts) * dev_fraction), int(len(texts) * test_fraction)
     parts = {"dev": order[:n_dev], "test": order[n_dev:n_dev + n_test], "train": order[n_dev + n_test:]}
-    return datasets.DatasetDict({name: _rows([texts[i] for i in idx], [ys[i] for i in idx]) for name, idx in parts.items()})
+    return datasets.DatasetDict({name: _rows([texts[i] for i in idx], [ys[i] for i in idx])
+                                 for name, idx in parts.items()})
 
 
 def _rows(inputs: list[str], labels: list[int]) -> datasets.Dataset:
@@ -220,7 +221,8 @@ def read_rows(source: str, where: Where) -> datasets.Dataset:
     if kind is None:
         raise where.fail("dataset", f"{where.source}: unknown format {suffix!r}; allowed: {', '.join(FILE_SUFFIXES)}")
     if not (glob.glob(source) if _is_glob(source) else Path(source).exists()):
-        raise where.fail("dataset", f"{where.source} does not exist" + (" (the glob matches no file)" if _is_glob(source) else ""))
+        raise where.fail("dataset", f"{where.source} does not exist"
+                         + (" (the glob matches no file)" if _is_glob(source) else ""))
     with _quiet_reads():
         try:
             return datasets.load_dataset(kind, data_files=source, split="train")
@@ -250,7 +252,8 @@ def read_dataset(spec: dict, where: Where, load_dataset: Callable) -> datasets.D
                 loaded = datasets.load_dataset(source)
             except Exception as error:
                 raise where.fail("dataset", f"{where.source} could not be read as a folder of data files "
-                                            f"({_short(error)}); allowed: train/dev/test {'/'.join(FILE_SUFFIXES)} files") from None
+                                            f"({_short(error)}); allowed: train/dev/test "
+                                            f"{'/'.join(FILE_SUFFIXES)} files") from None
     elif is_local_source(source):
         loaded = read_rows(source, where)
     else:
@@ -260,8 +263,8 @@ def read_dataset(spec: dict, where: Where, load_dataset: Callable) -> datasets.D
         try:
             loaded = load_dataset(source, spec.get("config"), **revision)
         except ConnectionError as error:
-            raise where.fail("dataset", f"{where.source} is not a local path, and it is neither in datasets' cache here "
-                                        f"nor reachable on the hub ({_short(error)})") from None
+            raise where.fail("dataset", f"{where.source} is not a local path, and it is neither in datasets' "
+                                        f"cache here nor reachable on the hub ({_short(error)})") from None
         except Exception as error:  # datasets raises many types: unknown id, config or revision
             field = next((k for k in ("config", "revision") if spec.get(k) and spec[k] in str(error)), "dataset")
             raise where.fail(field, f"{where.source} could not be loaded from the hub ({type(error).__name__}: "
@@ -281,7 +284,8 @@ def split_roles(given: dict, available: list[str], where: Where) -> dict[str, st
             raise where.error(f"splits.{role}", f"no split {split!r}; its splits: {available}")
     played = [s for s in roles.values() if s is not None]
     if len(set(played)) < len(played):
-        raise where.error("splits", f"one split plays two roles ({roles}); leave dev or test out to carve it from train")
+        raise where.error("splits",
+                          f"one split plays two roles ({roles}); leave dev or test out to carve it from train")
     return roles
 
 
@@ -325,7 +329,8 @@ def dataset_task(spec: dict, load_dataset: Callable = datasets.load_dataset) -> 
         if raw[split].num_rows == 0:
             raise where.error(f"splits.{role}", "no rows; every split a task uses needs rows", split)
         if label_column not in raw[split].column_names:
-            raise where.error("label_column", f"no column {label_column!r}; its columns: {raw[split].column_names}", split)
+            raise where.error("label_column", f"no column {label_column!r}; its columns: {raw[split].column_names}",
+                              split)
     template = spec.get("template") or default_template(raw[roles["train"]], label_column, where)
     for split in filter(None, roles.values()):
         check_template(template, raw[split].column_names, where, split)
@@ -370,7 +375,8 @@ def build_task(name: str, raw: datasets.DatasetDict, roles: dict, template: str,
     return Task(name, strings, splits, template, labels=keys)
 
 
-def label_keys(verbalizers: list | dict | None, names: list[str] | None, values, where: Where) -> tuple[list[str], list[str]]:
+def label_keys(verbalizers: list | dict | None, names: list[str] | None, values,
+               where: Where) -> tuple[list[str], list[str]]:
     """(each class's label value as text, its verbalizer). Verbalizers come as a list (class i: a
     ClassLabel's i-th name, or the integer i), as a mapping of label value to verbalizer, or by
     default as a ClassLabel's names, else as the label values found in train."""
@@ -425,8 +431,8 @@ def file_task(path: str, text_column: str = "text", label_column: str = "label",
             raise TaskError(f"task file {path}: no column {column!r}; columns are {rows.column_names} "
                             f"(set text_column / label_column)")
     template = f"{text_column}: {{{text_column}}}\n{label_column}:"
-    return build_task(Path(path).stem, datasets.DatasetDict({"train": rows}), {"train": "train", "dev": None, "test": None},
-                      template, label_column, verbalizers, where)
+    return build_task(Path(path).stem, datasets.DatasetDict({"train": rows}),
+                      {"train": "train", "dev": None, "test": None}, template, label_column, verbalizers, where)
 
 
 def task_names() -> list[str]:

@@ -59,7 +59,8 @@ def worst_metrics(metric: str, mode: str) -> dict:
 
 
 def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: float = 0.0,
-               tracking: TrackingTarget | None = None, shared: str | None = None, score_after_report: bool = False) -> None:
+               tracking: TrackingTarget | None = None, shared: str | None = None,
+               score_after_report: bool = False) -> None:
     """`config` holds this trial's sampled parameters, `base` the search's fixed TrainConfig fields;
     `tracking`, if given, is where the trial's MLflow child run goes; `shared`, if given, names the
     search's backbone servers (trainables/shared.py), which then hold the model and do the passes;
@@ -85,8 +86,8 @@ def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: f
             status = "completed" if metrics["step"] == cfg.max_steps else "running"
             if tracker:
                 unscored = metrics["best_step"] == 0  # its best_dev_* are Tune's placeholders, not scores
-                tracker.log({k: v for k, v in {**metrics, **setup}.items() if not (unscored and k.startswith("best_dev_"))},
-                            Path(folder) / "best")
+                tracker.log({k: v for k, v in {**metrics, **setup}.items()
+                             if not (unscored and k.startswith("best_dev_"))}, Path(folder) / "best")
                 if status == "completed":
                     tracker.finish(status)
             tune.report({**metrics, **setup, "status": status}, checkpoint=tune.Checkpoint.from_directory(folder))
@@ -111,8 +112,8 @@ def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: f
                     # one damaged since, or met by Ray's retry mid-search, makes the trial start over, not fail.
                     setup.update(resumed_from_step=0, resume_error=str(error))
                     folder = None
-                train(cfg, backbone, data, report=report, resume_from=Path(folder) if folder else None, score_test=False,
-                      score_after_report=score_after_report)
+                train(cfg, backbone, data, report=report, resume_from=Path(folder) if folder else None,
+                      score_test=False, score_after_report=score_after_report)
     except (Diverged, torch.OutOfMemoryError) as error:
         status = "diverged" if isinstance(error, Diverged) else "out_of_memory"
         if device.type == "cuda":  # this worker's next trial should not start with the failed one's cache
