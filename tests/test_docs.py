@@ -69,7 +69,8 @@ def test_links_inside_code_are_not_links_and_comments_in_code_are_not_headings(t
 
 def test_the_readme_is_at_most_12_kib():
     size = (ROOT / "README.md").stat().st_size
-    assert size <= README_LIMIT_BYTES, f"README.md is {size} bytes; move sections into docs/ (limit {README_LIMIT_BYTES})"
+    assert size <= README_LIMIT_BYTES, \
+        f"README.md is {size} bytes; move sections into docs/ (limit {README_LIMIT_BYTES})"
 
 
 def test_there_are_docs_pages_to_check():
