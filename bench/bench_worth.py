@@ -119,7 +119,11 @@ def main() -> None:
     parser.add_argument("--multiples", type=float, nargs="+", default=[2, 4, 8])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--out", type=Path, default=RESULTS / "worth.md")
+    parser.add_argument("--render", action="store_true", help="only write the .md and .png again from --out's .json")
     args = parser.parse_args()
+    if args.render:
+        write(json.loads(args.out.with_suffix(".json").read_text()), args.out)
+        return
     cfg = load_search_config(args.config, args.set)
     points = _points(cfg)
     if not points:
@@ -181,6 +185,17 @@ def summary(results: dict) -> dict:
     return table
 
 
+def goal_line(table: dict, m: float) -> str:
+    """Whether c's median reached a's and b's at budget `m`, with the figures."""
+    medians = {arm: table[arm][m][0] for arm in ("a", "b", "c") if m in table.get(arm, {})}
+    if len(medians) < 3:
+        return f"- {m:g} T1: not measured (arms {sorted(medians)})"
+    held = medians["c"] >= medians["a"] and medians["c"] >= medians["b"]
+    return (f"- {m:g} T1: **{'held' if held else 'did not hold'}**: c {medians['c']:.4f}, a {medians['a']:.4f} "
+            f"({(medians['c'] - medians['a']) * 100:+.2f} points), b {medians['b']:.4f} "
+            f"({(medians['c'] - medians['b']) * 100:+.2f})")
+
+
 def write(results: dict, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     table = summary(results)
@@ -195,6 +210,17 @@ def write(results: dict, out: Path) -> None:
         cells = [f"{by[m][0]:.4f} [{by[m][1]:.4f}-{by[m][2]:.4f}] (n={by[m][3]})" if m in by else "-"
                  for m in results["multiples"]]
         lines.append(f"| {arm}: {ARMS[arm]} | " + " | ".join(cells) + " |")
+    lines += ["", "Per seed (T1; trials the searches ran in 8 T1):", "",
+              "| seed | T1 | " + " | ".join(f"{arm} at {m:g} T1" for arm in ARMS for m in results["multiples"][1:])
+              + " | trials b | trials c |", "|---|---|" + "---|" * (len(ARMS) * (len(results["multiples"]) - 1) + 2)]
+    for run in results["runs"]:
+        cells = [f"{run['arms'][arm][str(m)]:.4f}" if run["arms"].get(arm, {}).get(str(m)) is not None else "-"
+                 for arm in ARMS for m in results["multiples"][1:]]
+        trials = run.get("trials", {})
+        lines.append(f"| {run['seed']} | {run['t1_s']:.0f} s | " + " | ".join(cells)
+                     + f" | {trials.get('b', '-')} | {trials.get('c', '-')} |")
+    lines += ["", "Goal: the search's (c) median at least the default's (a) and random search's (b) at 4 and 8 T1.", ""]
+    lines += [goal_line(table, m) for m in results["multiples"] if m >= 4]
     out.write_text("\n".join(lines) + "\n")
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for arm, by in table.items():
