@@ -176,6 +176,15 @@ def build_tuner(cfg: SearchConfig, trainable=tune_trial, tracking=None, verbose:
             callbacks=[TrialLines(cfg.metric, cfg.mode)], verbose=1 if verbose else 0))
 
 
+def quiet_driver(verbose: bool = False) -> None:
+    """The driver's console is the trial events' (search/console.py): Ray Tune's experiment box and
+    tables (its new output engine prints a box even when silent; the old one at verbosity 0 prints
+    nothing), Optuna's and MLflow's start-up notes only with `verbose`."""
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if verbose else "0"
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
 def give_local_workers_env() -> None:
     """A local Ray started after this call runs its workers with WORKER_ENV: they inherit this
     process's environment (glibc reads MALLOC_ARENA_MAX once, when a process starts)."""
@@ -247,6 +256,7 @@ def run_search(cfg: SearchConfig, trainable=tune_trial, tracking_uri: str | None
                                             f"(`softprompt search resume {cfg.name}` continues it)")
     search.start()
     ensure_ray(cfg)
+    quiet_driver(verbose)
     announce()
     save_config(cfg)
     tracking = start_search_run(cfg, tracking_uri) if tracking_uri else None
@@ -261,6 +271,7 @@ def resume_search(storage_path: str, name: str, trainable=tune_trial,
     search = SearchStorage(storage_path, name)
     cfg = read_config(search)
     ensure_ray(cfg)
+    quiet_driver()
     saved = load_target(search)
     uri = tracking_uri or (saved.uri if saved else None)
     tracking = start_search_run(cfg, uri) if uri else None
