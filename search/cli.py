@@ -222,7 +222,8 @@ def cmd_mlflow_ui(args) -> int:
         print(f"search {args.name} is tracked on a server: open {ui_link(target)}")
         return 0
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", target.uri,
-                               "--host", args.host, "--port", str(args.port)])
+                               "--host", args.host, "--port", str(args.port)],
+                              stdout=sys.stderr)  # this command's own output is the link
     try:
         for _ in range(240):
             if server.poll() is not None:
@@ -232,7 +233,7 @@ def cmd_mlflow_ui(args) -> int:
             try:
                 requests.get(f"http://127.0.0.1:{args.port}/health", timeout=1)
                 break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or not answering yet
                 time.sleep(0.5)
         print(f"MLflow UI on {target.uri}; the search's trials: {ui_link(target, args.port)}\n"
               f"Ctrl-C stops it.", flush=True)

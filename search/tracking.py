@@ -43,11 +43,13 @@ def is_server(uri: str) -> bool:
 
 
 def ui_link(target: TrackingTarget, port: int = UI_PORT) -> str:
-    """The MLflow UI's runs table of the search's trials (its parent's child runs). It goes straight to
-    the table: MLflow 3.17's UI opens an experiment on its GenAI overview whatever the experiment's kind."""
+    """The MLflow UI's comparison of the search's trials (its parent's child runs): their names, parameters
+    and metrics side by side. Not the runs table: MLflow 3.17's ignores a filter in its link and opens on
+    the parent run, collapsed, inside a GenAI overview by default (mlflow#24498)."""
     base = target.uri.rstrip("/") if is_server(target.uri) else f"http://127.0.0.1:{port}"
-    query = urllib.parse.quote(f"tags.`{PARENT_TAG}` = '{target.parent_run_id}'")
-    return f"{base}/#/experiments/{target.experiment_id}/runs?searchFilter={query}"
+    runs = sorted(_child_runs(client(target.uri), target).values())
+    return (f"{base}/#/compare-runs?runs={urllib.parse.quote(json.dumps(runs))}"
+            f"&experiments={urllib.parse.quote(json.dumps([target.experiment_id]))}")
 
 
 def default_tracking_uri() -> str:

@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 import pytest
 
 from search.console import TrialLines, shown_params
-from search.tracking import ui_link
-from trainables.tracking import TrackingTarget
 
 
 @dataclass
@@ -95,11 +93,3 @@ def test_parameters_show_three_significant_digits_and_the_absolute_lr_where_it_d
     assert shown_params({"lr": 0.30000001, "prompt_length": 20}) == "lr=0.3, prompt_length=20"
     assert shown_params({"lr": 0.5}, lr_absolute=0.058) == "lr=0.5 (absolute lr 0.058)"
     assert shown_params({"lr": 0.5}, lr_absolute=0.5) == "lr=0.5"
-
-
-def test_the_mlflow_link_goes_to_the_runs_table_filtered_to_the_search_s_trials():
-    local = TrackingTarget("sqlite:////tmp/mlflow.db", "7", "abc123", "/tmp/spool")
-    assert ui_link(local, 5001) == ("http://127.0.0.1:5001/#/experiments/7/runs?searchFilter="
-                                    "tags.%60mlflow.parentRunId%60%20%3D%20%27abc123%27")
-    server = TrackingTarget("http://mlflow.example:5000/", "7", "abc123", "/tmp/spool")
-    assert ui_link(server).startswith("http://mlflow.example:5000/#/experiments/7/runs?searchFilter=")
