@@ -26,6 +26,7 @@ import numpy as np
 from adaptation.manifest import read_manifest, write_manifest
 from adaptation.resume import MODEL_FILE, OPTIMIZER_FILE, STEP_FILE, resume_from_newest_complete_checkpoint
 from search.configfile import ConfigError, check_tracking_uri
+from trainables.errors import one_line
 
 STATE_DIR, RUN_NAME = ".ray", "lm-adapt"   # Ray Train's run under OUT: the same name resumes it
 RUN_FILE = "mlflow-run.json"               # the job's MLflow run, kept under STATE_DIR across resumes
@@ -138,7 +139,7 @@ def read_corpus(source: str, text_column: str = "text", config: str | None = Non
     except (OSError, ValueError, UnicodeDecodeError, datasets.exceptions.DatasetNotFoundError) as error:
         raise ConfigError("--corpus", source,
                           f"a readable corpus: a save_to_disk folder, text files or a hub data set "
-                          f"({type(error).__name__}: {' '.join(str(error).split())[:200]})") from None
+                          f"({type(error).__name__}: {one_line(error)})") from None
 
 
 def _file_texts(path: Path, text_column: str, source: str) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from adaptation.lm_adapt import AdaptConfig  # numpy and yaml: no torch, no ray
 from search.configfile import SEARCH_RULES, STORAGE_PATH, ConfigError, check_fields, check_tracking_uri, search_values
 from search.jobs import DEFAULT_ADDRESS  # yaml and the config file helpers: no torch, no ray, for a fast --help
-from trainables.errors import UserError
+from trainables.errors import UserError, one_line
 
 
 def cmd_train(args) -> int:
@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if args.debug or not isinstance(error, UserError):
             raise
-        print(f"softprompt: error: {' '.join(str(error).split())}", file=sys.stderr)  # always one line
+        print(f"softprompt: error: {one_line(error, limit=None)}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt as interrupt:  # search.tuner.SearchInterrupted says how to resume
         print(f"softprompt: {str(interrupt) or 'interrupted'}", file=sys.stderr)

@@ -26,6 +26,7 @@ import optuna
 import pyarrow.fs
 
 from search.configfile import ConfigError
+from trainables.errors import one_line
 
 CONFIG_FILE, SUMMARY_FILE, STUDY_FILE = "softprompt-search.yaml", "softprompt-summary.json", "optuna.db"
 RUN_FILE = "mlflow-run.json"  # the search's MLflow target (search/tracking.py)
@@ -54,7 +55,7 @@ def reachable(storage_path: str):
     try:
         yield
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
-        raise ConfigError("storage_path", storage_path, f"{ALLOWED} ({' '.join(str(error).split())[:300]})") from None
+        raise ConfigError("storage_path", storage_path, f"{ALLOWED} ({one_line(error)})") from None
 
 
 def copy_study(source: Path, target: Path) -> None:

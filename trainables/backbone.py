@@ -20,7 +20,7 @@ from filelock import FileLock
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from trainables.errors import UserError
+from trainables.errors import UserError, one_line
 
 SENTENCEPIECE_MODEL_TYPES = {"t5", "mt5", "umt5"}
 
@@ -258,7 +258,7 @@ def resolve_model(name: str) -> tuple[str, object, type]:
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
-        raise BackboneError(f"model {name!r} could not be loaded ({' '.join(str(error).split())}); "
+        raise BackboneError(f"model {name!r} could not be loaded ({one_line(error)}); "
                             f"allowed: {MODELS_ALLOWED}") from None
     return source, config, AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
 

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from trainables.errors import UserError
+from trainables.errors import UserError, one_line
 
 FORMAT = "softprompt-prompt/1"
 TENSORS, META = "prompt.safetensors", "prompt.json"
@@ -70,7 +70,7 @@ def save_checkpoint(directory: str | Path, prompt: torch.Tensor, meta: dict,
             _fsync(path)
     except (OSError, SafetensorError) as error:  # e.g. a full disk: the previous checkpoint stays, no half copy
         shutil.rmtree(partial, ignore_errors=True)
-        raise CheckpointError(f"{directory}: could not be written ({' '.join(str(error).split())}); "
+        raise CheckpointError(f"{directory}: could not be written ({one_line(error)}); "
                               f"the previous checkpoint there, if any, is unchanged") from error
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

@@ -25,7 +25,7 @@ from string import Formatter
 import datasets
 import numpy as np
 
-from trainables.errors import UserError
+from trainables.errors import UserError, one_line
 
 SPLIT_SEED = 2021  # fixed, so every trial of every search sees the same splits
 FILE_SUFFIXES = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -227,12 +227,8 @@ def read_rows(source: str, where: Where) -> datasets.Dataset:
         try:
             return datasets.load_dataset(kind, data_files=source, split="train")
         except Exception as error:  # datasets raises many types for unreadable files
-            raise where.fail("dataset", f"{where.source} could not be read as {kind} ({_short(error)}); "
+            raise where.fail("dataset", f"{where.source} could not be read as {kind} ({one_line(error)}); "
                                         f"allowed: a readable {', '.join(FILE_SUFFIXES)} file") from None
-
-
-def _short(error: Exception) -> str:
-    return " ".join(str(error).split())[:300]
 
 
 def read_dataset(spec: dict, where: Where, load_dataset: Callable) -> datasets.DatasetDict:
@@ -245,14 +241,14 @@ def read_dataset(spec: dict, where: Where, load_dataset: Callable) -> datasets.D
                 loaded = datasets.load_from_disk(source)  # a save_to_disk folder
             except Exception as error:  # damaged or partly written folders raise many types
                 raise where.fail("dataset", f"{where.source} could not be read as a save_to_disk folder "
-                                            f"({type(error).__name__}: {_short(error)})") from None
+                                            f"({type(error).__name__}: {one_line(error)})") from None
     elif path.is_dir():  # a folder of files: datasets names the splits by the files' names (train, dev, test...)
         with _quiet_reads():
             try:
                 loaded = datasets.load_dataset(source)
             except Exception as error:
                 raise where.fail("dataset", f"{where.source} could not be read as a folder of data files "
-                                            f"({_short(error)}); allowed: train/dev/test "
+                                            f"({one_line(error)}); allowed: train/dev/test "
                                             f"{'/'.join(FILE_SUFFIXES)} files") from None
     elif is_local_source(source):
         loaded = read_rows(source, where)
@@ -264,11 +260,11 @@ def read_dataset(spec: dict, where: Where, load_dataset: Callable) -> datasets.D
             loaded = load_dataset(source, spec.get("config"), **revision)
         except ConnectionError as error:
             raise where.fail("dataset", f"{where.source} is not a local path, and it is neither in datasets' "
-                                        f"cache here nor reachable on the hub ({_short(error)})") from None
+                                        f"cache here nor reachable on the hub ({one_line(error)})") from None
         except Exception as error:  # datasets raises many types: unknown id, config or revision
             field = next((k for k in ("config", "revision") if spec.get(k) and spec[k] in str(error)), "dataset")
             raise where.fail(field, f"{where.source} could not be loaded from the hub ({type(error).__name__}: "
-                                    f"{_short(error)}); allowed: a hub dataset id, a save_to_disk folder, or a "
+                                    f"{one_line(error)}); allowed: a hub dataset id, a save_to_disk folder, or a "
                                     f"data file / glob / folder of files") from None
     return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
 
