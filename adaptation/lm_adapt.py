@@ -15,7 +15,6 @@ import glob
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from adaptation.manifest import read_manifest, write_manifest
 from adaptation.resume import MODEL_FILE, OPTIMIZER_FILE, STEP_FILE, resume_from_newest_complete_checkpoint
 from search.configfile import ConfigError, check_tracking_uri
 from trainables.errors import one_line
+from trainables.files import atomic_folder
 
 STATE_DIR, RUN_NAME = ".ray", "lm-adapt"   # Ray Train's run under OUT: the same name resumes it
 RUN_FILE = "mlflow-run.json"               # the job's MLflow run, kept under STATE_DIR across resumes
@@ -264,14 +264,11 @@ def train_worker(config: dict) -> None:
 
 
 def _save_loadable(model, tokenizer, target: Path) -> None:
-    """A checkpoint transformers (and `load_backbone`) loads: safetensors, config, tokenizer; written
-    aside and renamed, so a folder that exists is whole."""
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    if target.exists():  # written by a run that was killed before its state was saved: the same weights
-        shutil.rmtree(target)
-    os.replace(partial, target)
+    """A checkpoint transformers (and `load_backbone`) loads: safetensors, config, tokenizer, written whole
+    (one there already was written by a run killed before its state was saved: the same weights)."""
+    with atomic_folder(target) as partial:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
 
 
 class _RunLogger:

@@ -9,7 +9,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from transformers.utils import logging as hf_logging
 
 from trainables.errors import UserError, one_line
+from trainables.files import atomic_folder
 
 SENTENCEPIECE_MODEL_TYPES = {"t5", "mt5", "umt5"}
 
@@ -111,11 +111,9 @@ class OfflineModel:
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
-            partial = target.with_name(target.name + f".partial-{os.getpid()}")
-            shutil.rmtree(partial, ignore_errors=True)
-            model.save_pretrained(partial)
-            tokenizer.save_pretrained(partial)
-            os.replace(partial, target)
+            with atomic_folder(target) as partial:
+                model.save_pretrained(partial)
+                tokenizer.save_pretrained(partial)
             (target.parent / self.gguf).unlink(missing_ok=True)
         return target
 
