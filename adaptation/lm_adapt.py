@@ -11,7 +11,6 @@ would have, and ends with the same weights.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
 import os
@@ -25,7 +24,6 @@ import numpy as np
 from adaptation.manifest import read_manifest, write_manifest
 from adaptation.resume import MODEL_FILE, OPTIMIZER_FILE, STEP_FILE, resume_from_newest_complete_checkpoint
 from search.configfile import ConfigError, check_tracking_uri
-from trainables.errors import one_line
 from trainables.files import atomic_folder
 
 STATE_DIR, RUN_NAME = ".ray", "lm-adapt"   # Ray Train's run under OUT: the same name resumes it
@@ -33,7 +31,6 @@ RUN_FILE = "mlflow-run.json"               # the job's MLflow run, kept under ST
 JOB_FILE = "job.json"                      # what the job trains on and how, kept under STATE_DIR: a resume must match
 # What decides the weights at each step: a resumed job with other values would not continue the same run.
 JOB_FIELDS = ("corpus", "corpus_config", "text_column", "batch_size", "seq_len", "lr", "seed", "workers")
-TEXT_SUFFIXES = {".txt": "text", ".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -115,41 +112,16 @@ def model_source(name: str) -> str:
 # ---- the corpus: read and tokenised once, in the driver ----
 
 def read_corpus(source: str, text_column: str = "text", config: str | None = None) -> list[str]:
-    """The corpus's texts: a save_to_disk folder, text files (a file, a folder of them, or a glob;
-    .txt one text a line, .csv/.jsonl/.parquet by `text_column`), or a hub data set's train split."""
-    import datasets
+    """The corpus's texts: `text_column` (a .txt file's lines: `text`) of the train split, else the first, of
+    what `source` names, read as a task mapping's dataset is (trainables.tasks.read_dataset)."""
+    from trainables.tasks import FILE_SUFFIXES, TaskError, Where, read_dataset
 
-    datasets.disable_progress_bars()  # a bar per file read is noise before a job that shows its own progress
-    path = Path(source).expanduser()
     try:
-        if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "dataset_info.json")):
-            data = datasets.load_from_disk(str(path))
-            if isinstance(data, datasets.DatasetDict):
-                data = data["train"] if "train" in data else next(iter(data.values()))
-            return _column(data, text_column, source)
-        files = (sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES) if path.is_dir() else
-                 [path] if path.is_file() else [Path(p) for p in sorted(glob.glob(os.path.expanduser(source)))])
-        if not files and (path.exists() or glob.has_magic(source)):
-            raise ConfigError("--corpus", source, f"text files ({', '.join(TEXT_SUFFIXES)}); none there")
-        if files:
-            return [t for f in files for t in _file_texts(f, text_column, source)]
-        return _column(datasets.load_dataset(source, config, split="train"), text_column, source)
-    except ConfigError:
-        raise
-    except (OSError, ValueError, UnicodeDecodeError, datasets.exceptions.DatasetNotFoundError) as error:
-        raise ConfigError("--corpus", source,
-                          f"a readable corpus: a save_to_disk folder, text files or a hub data set "
-                          f"({type(error).__name__}: {one_line(error)})") from None
-
-
-def _file_texts(path: Path, text_column: str, source: str) -> list[str]:
-    kind = TEXT_SUFFIXES.get(path.suffix)
-    if kind is None:
-        raise ConfigError("--corpus", source, f"text files ({', '.join(TEXT_SUFFIXES)}); {path.name} is not one")
-    if kind == "text":
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    import datasets
-    return _column(datasets.load_dataset(kind, data_files=str(path), split="train"), text_column, source)
+        data = read_dataset({"dataset": os.path.expanduser(source), "config": config}, Where(source, mapping=False))
+    except TaskError as error:
+        raise ConfigError("--corpus", source, f"a readable corpus: a save_to_disk folder, text files "
+                                              f"({', '.join(FILE_SUFFIXES)}) or a hub data set ({error})") from None
+    return _column(data["train"] if "train" in data else next(iter(data.values())), text_column, source)
 
 
 def _column(data, text_column: str, source: str) -> list[str]:

@@ -28,7 +28,8 @@ import numpy as np
 from trainables.errors import UserError, one_line
 
 SPLIT_SEED = 2021  # fixed, so every trial of every search sees the same splits
-FILE_SUFFIXES = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# Data files read by suffix, a task's and lm-adapt's corpus alike (a .txt file: a row per line, column `text`).
+FILE_SUFFIXES = {".txt": "text", ".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TASK_KEYS = ("name", "dataset", "config", "revision", "splits", "template", "label_column", "verbalizers")
 ROLES = ("train", "dev", "test")
 DEV_SPLITS = ("validation", "dev", "valid", "val")  # a dataset's dev split, as datasets names split files
@@ -226,19 +227,23 @@ def read_rows(source: str, where: Where) -> datasets.Dataset:
     with _quiet_reads():
         try:
             return datasets.load_dataset(kind, data_files=source, split="train")
-        except Exception as error:  # datasets raises many types for unreadable files
-            raise where.fail("dataset", f"{where.source} could not be read as {kind} ({one_line(error)}); "
-                                        f"allowed: a readable {', '.join(FILE_SUFFIXES)} file") from None
+        except Exception as error:  # datasets raises many types for unreadable files, the reason as the cause
+            cause = error.__cause__ or error
+            raise where.fail("dataset", f"{where.source} could not be read as {kind} ({type(cause).__name__}: "
+                                        f"{one_line(cause)}); allowed: a readable {', '.join(FILE_SUFFIXES)} "
+                                        f"file") from None
 
 
-def read_dataset(spec: dict, where: Where, load_dataset: Callable) -> datasets.DatasetDict:
-    """The dataset a mapping names, split by split, as `datasets` reads it."""
+def read_dataset(spec: dict, where: Where, load_dataset: Callable = datasets.load_dataset) -> datasets.DatasetDict:
+    """The dataset a mapping names, split by split, as `datasets` reads it: a save_to_disk folder, a
+    folder of FILE_SUFFIXES files, a file or glob of them, or a hub id. lm-adapt reads its corpus here too."""
     source = spec["dataset"]
     path = Path(source)
+    # a save_to_disk folder, as datasets tells one (load_dataset refuses a folder with a state.json)
     if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
         with _quiet_reads():
             try:
-                loaded = datasets.load_from_disk(source)  # a save_to_disk folder
+                loaded = datasets.load_from_disk(source)
             except Exception as error:  # damaged or partly written folders raise many types
                 raise where.fail("dataset", f"{where.source} could not be read as a save_to_disk folder "
                                             f"({type(error).__name__}: {one_line(error)})") from None
