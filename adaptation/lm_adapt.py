@@ -25,9 +25,9 @@ from adaptation.manifest import read_manifest, write_manifest
 from adaptation.resume import MODEL_FILE, OPTIMIZER_FILE, STEP_FILE, resume_from_newest_complete_checkpoint
 from search.configfile import ConfigError, check_tracking_uri
 from trainables.files import atomic_folder
+from trainables.tracking import RUN_FILE
 
 STATE_DIR, RUN_NAME = ".ray", "lm-adapt"   # Ray Train's run under OUT: the same name resumes it
-RUN_FILE = "mlflow-run.json"               # the job's MLflow run, kept under STATE_DIR across resumes
 JOB_FILE = "job.json"                      # what the job trains on and how, kept under STATE_DIR: a resume must match
 # What decides the weights at each step: a resumed job with other values would not continue the same run.
 JOB_FIELDS = ("corpus", "corpus_config", "text_column", "batch_size", "seq_len", "lr", "seed", "workers")
@@ -143,21 +143,16 @@ def tokenize_corpus(texts: list[str], tokenizer, seq_len: int, source: str) -> n
 def prefix_lm_batch(stream: np.ndarray, cfg: AdaptConfig, step: int, rank: int, eos: int, pad: int) -> dict:
     """Worker `rank`'s batch at `step`: `batch_size` windows of `seq_len` tokens, each split at a
     random point into input (prefix) and target (continuation), each ended by EOS."""
-    import torch
+    from trainables.data import IGNORE, pad_rows
 
     rng = np.random.default_rng([cfg.seed, step, rank])
     starts = rng.integers(0, len(stream) - cfg.seq_len + 1, cfg.batch_size)
     splits = rng.integers(1, cfg.seq_len, cfg.batch_size)
     inputs = [[*stream[s:s + k], eos] for s, k in zip(starts, splits)]
     targets = [[*stream[s + k:s + cfg.seq_len], eos] for s, k in zip(starts, splits)]
-
-    def padded(rows, value):
-        width = max(map(len, rows))
-        return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
-
-    input_ids = padded(inputs, pad)
-    return {"input_ids": input_ids, "attention_mask": (padded(inputs, -1) != -1).long(),
-            "labels": padded(targets, -100)}
+    return {"input_ids": pad_rows(inputs, pad, left=False),
+            "attention_mask": pad_rows([[1] * len(r) for r in inputs], 0, left=False),
+            "labels": pad_rows(targets, IGNORE, left=False)}
 
 
 # ---- what runs on each worker ----
@@ -169,10 +164,11 @@ def train_worker(config: dict) -> None:
     import ray.train.torch
     import torch
     from safetensors.torch import load_model, save_model
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoModelForSeq2SeqLM
     from transformers.utils import logging as hf_logging
 
     from trainables.adafactor import Adafactor
+    from trainables.backbone import load_tokenizer
 
     hf_logging.disable_progress_bar()
     logging.getLogger().setLevel(logging.WARNING)  # Ray Train logs a line per report at INFO, on a logger of its own
@@ -182,7 +178,7 @@ def train_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config["threads"])
     model = AutoModelForSeq2SeqLM.from_pretrained(source, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(source)  # one without a pad token pads with EOS, as in training
     start, optimizer_state = 0, None
     if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as folder:
@@ -195,8 +191,7 @@ def train_worker(config: dict) -> None:
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     model.train()
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     tracker = _RunLogger(cfg.tracking_uri, config.get("run_id")) if rank == 0 else None
     last, window_tokens, window_start, losses = cfg.steps[-1], 0, time.perf_counter(), []
     for step in range(start + 1, last + 1):

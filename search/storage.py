@@ -27,9 +27,9 @@ import pyarrow.fs
 from search.configfile import ConfigError
 from trainables.errors import one_line
 from trainables.files import atomic_folder
+from trainables.tracking import RUN_FILE
 
 CONFIG_FILE, SUMMARY_FILE, STUDY_FILE = "softprompt-search.yaml", "softprompt-summary.json", "optuna.db"
-RUN_FILE = "mlflow-run.json"  # the search's MLflow target (search/tracking.py)
 DRIVER_FILES = (CONFIG_FILE, SUMMARY_FILE, RUN_FILE, STUDY_FILE)
 ALLOWED = "a folder, or a storage URI such as s3://BUCKET/PREFIX that this machine can reach"
 

@@ -19,10 +19,11 @@ from pathlib import Path
 
 from search.config import ConfigError, SearchConfig
 from search.record import CONFIRMED, SearchRecord
-from search.storage import CONFIG_FILE, RUN_FILE, STUDY_FILE, SearchStorage
+from search.storage import CONFIG_FILE, STUDY_FILE, SearchStorage
 from trainables.errors import one_line
 from trainables.tracking import (
     PARENT_TAG,
+    RUN_FILE,
     TRIAL_TAG,
     TrackingTarget,
     client,

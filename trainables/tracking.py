@@ -19,6 +19,7 @@ from pathlib import Path
 
 from trainables.errors import one_line
 
+RUN_FILE = "mlflow-run.json"  # in a search's folder, or an LM-adaptation job's state: the MLflow run it logs to
 TRIAL_TAG, STATUS_TAG, PARENT_TAG = "softprompt.trial_id", "softprompt.status", "mlflow.parentRunId"
 # MLflow retries an unreachable server for minutes by default; a trial must not stall that long.
 HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
