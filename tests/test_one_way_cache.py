@@ -1,11 +1,14 @@
 """A worker's tokenised task is cached by one spec of its inputs (DataSpec), the same one
 prepare_data reads them from: a change to any input is a new key, so a trial is never served
-another configuration's data."""
+another configuration's data; and its backbones by functools.lru_cache, at most two."""
 from __future__ import annotations
 
 import dataclasses
 from types import SimpleNamespace
 
+import pytest
+
+from trainables import backbone as backbones
 from trainables import loop, trainable
 from trainables.config import TrainConfig
 from trainables.loop import DataSpec
@@ -57,3 +60,25 @@ def test_a_worker_tokenises_again_only_when_an_input_or_the_backbone_changes(mon
     assert trainable._cached_data(cfg, backbone) == trainable._cached_data(cfg.replace(lr=0.1, seed=3), backbone) == 1
     assert trainable._cached_data(cfg.replace(max_length=64), backbone) == 2
     assert trainable._cached_data(cfg.replace(max_length=64), SimpleNamespace(fingerprint="g")) == 3
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """load_backbone replaced by a recorder; the worker's cache emptied before and after."""
+    loaded = []
+    monkeypatch.setattr(backbones, "load_backbone", lambda *key: loaded.append(key) or object())
+    backbones._worker_backbone.cache_clear()
+    yield loaded
+    backbones._worker_backbone.cache_clear()
+
+
+def test_a_worker_keeps_its_two_most_recently_used_backbones(loads):
+    cpu = backbones.torch.device("cpu")
+    first, reused = backbones.cached_backbone("a", "auto", cpu)
+    assert not reused and backbones.cached_backbone("a", "auto", cpu) == (first, True)
+    backbones.cached_backbone("b", "auto", cpu)
+    backbones.cached_backbone("a", "auto", cpu)
+    backbones.cached_backbone("c", "auto", cpu)  # b is the least recently used: it goes
+    assert backbones.cached_backbone("a", "auto", cpu)[1] and not backbones.cached_backbone("b", "auto", cpu)[1]
+    assert not backbones.cached_backbone("a", "float32", cpu)[1]  # another dtype is another backbone
+    assert [key[:2] for key in loads] == [("a", "auto"), ("b", "auto"), ("c", "auto"), ("b", "auto"), ("a", "float32")]

