@@ -233,7 +233,7 @@ def _input_columns(record: dict) -> dict[str, bool]:
     """The raw columns the served model reads, each required if every task's template names it
     (a bundle made before templates travelled: `text`, the formatted input)."""
     from serving.served_model import UNFORMATTED
-    from trainables.tasks import template_columns
+    from trainables.templates import template_columns
 
     per_task = [template_columns(t.get("template") or UNFORMATTED) for t in record["tasks"].values()]
     return {c: all(c in columns for columns in per_task) for columns in per_task for c in columns}

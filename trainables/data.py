@@ -7,6 +7,7 @@ encoder and the verbalizer (plus EOS) as decoder labels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,7 +15,9 @@ import torch
 from trainables.backbone import load_tokenizer, resolve_model
 from trainables.errors import ConfigError
 from trainables.inits import common_token_ids
-from trainables.tasks import Task
+
+if TYPE_CHECKING:  # a served model formats and tokenises without `datasets`, which tasks import
+    from trainables.tasks import Task
 
 IGNORE = -100
 SENTINEL = "<extra_id_0>"  # T5's first sentinel: span corruption's targets start with it
@@ -39,7 +42,7 @@ class EncodedTask:
     common_token_ids: list[int]         # for sampled-vocab inits, most common first
     is_encoder_decoder: bool
     pad_id: int
-    template: str = "{text}"            # the task's raw columns -> its input (trainables.tasks.format_input)
+    template: str = "{text}"            # the task's raw columns -> its input (trainables.templates.format_input)
     sentinel: bool = False              # every target starts with SENTINEL (TrainConfig.sentinel)
     labels: list[str] | None = None     # per class: the task's own label value (None: the verbalizers)
 

@@ -26,6 +26,7 @@ import datasets
 import numpy as np
 
 from trainables.errors import UserError, one_line
+from trainables.templates import format_input, template_columns
 
 SPLIT_SEED = 2021  # fixed, so every trial of every search sees the same splits
 # Data files read by suffix, a task's and lm-adapt's corpus alike (a .txt file: a row per line, column `text`).
@@ -86,19 +87,6 @@ def _rows(inputs: list[str], labels: list[int]) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"input": inputs, "label": labels},
                                       features=datasets.Features({"input": datasets.Value("string"),
                                                                   "label": datasets.Value("int64")}))
-
-
-# ---- templates: one owner for training and serving, so both format a row alike ----
-
-def template_columns(template: str) -> list[str]:
-    """The columns a template names, each once, in order of first use."""
-    return list(dict.fromkeys(field for _, field, _, _ in Formatter().parse(template) if field is not None))
-
-
-def format_input(template: str, row: dict) -> str:
-    """The model's input for a row: the template with each column's value, stripped."""
-    return "".join(literal + ("" if field is None else str(row[field]).strip())
-                   for literal, field, _, _ in Formatter().parse(template))
 
 
 # ---- offline tasks (FIELD_NOTES 5) ----
