@@ -135,8 +135,8 @@ def compiled_graphs() -> int:
 
 
 def cpu_runs_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX). Measured on one that does
-    (AVX512-BF16): a model-shaped matmul at 799 GFLOP/s in bfloat16 against 203 in float32."""
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there bfloat16 steps are
+    several times as fast as float32 ones (bench/results/core.md); elsewhere they are emulated, slower."""
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # private API (torch 2.13): a torch without it gets float32
@@ -144,10 +144,9 @@ def cpu_runs_bf16() -> bool:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 on a GPU and on a CPU that multiplies it natively, float32 elsewhere. Step for
-    step, bfloat16 training ends a little lower (bench/results/core.md); for the same wall time, which
-    is what a search spends, its several times as many steps gave better prompts on every seed and task
-    measured (bench/results/dtype.md). The prompt stays a float32 master copy either way."""
+    """`auto`: bfloat16 on a GPU and on a CPU that multiplies it natively, float32 elsewhere. A search
+    spends wall time, not steps, and bfloat16's faster steps bought better prompts in the same time than
+    float32's slightly better ones (bench/results/dtype.md). The prompt stays a float32 master copy."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" or cpu_runs_bf16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
