@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from trainables.config import ASHA_METRICS, SEARCH_METRICS
-from trainables.errors import ConfigError
+from trainables.errors import ConfigError, one_line
 
 STORAGE_PATH = "runs/search"  # where searches live unless a config or --storage-path names another place
 
@@ -30,7 +30,7 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError("config file", str(path), f"a UTF-8 text file (byte {error.start} is not UTF-8: save it "
                                                     f"as UTF-8)") from None
     except yaml.YAMLError as error:
-        raise ConfigError("config file", str(path), f"valid YAML ({str(error).splitlines()[0]})") from None
+        raise ConfigError("config file", str(path), f"valid YAML ({one_line(error)})") from None
     if not isinstance(values, dict):
         raise ConfigError("config file", str(path), "a YAML mapping of field: value")
     return values
