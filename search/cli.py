@@ -490,8 +490,8 @@ def _add_lm_adapt_command(commands) -> None:
                     "(loss and tokens/s).")
     adapt.add_argument("model", help="a span-corruption T5: hub id (google/t5-v1_1-base) or local folder")
     adapt.add_argument("--corpus", required=True,
-                       help="a datasets source (hub id or save_to_disk folder) or text files "
-                            "(a .txt/.csv/.jsonl/.parquet file, a folder, or a glob)")
+                       help="a hub id, a save_to_disk folder, or data files as a task mapping's dataset takes "
+                            "them (a file, a folder, or a glob; .txt: a text per line)")
     adapt.add_argument("--steps", required=True,
                        help="save a checkpoint at each of these steps, e.g. 10000,50000,100000")
     adapt.add_argument("--out", required=True,
