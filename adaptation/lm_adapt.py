@@ -11,11 +11,9 @@ would have, and ends with the same weights.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,13 +24,13 @@ import numpy as np
 from adaptation.manifest import read_manifest, write_manifest
 from adaptation.resume import MODEL_FILE, OPTIMIZER_FILE, STEP_FILE, resume_from_newest_complete_checkpoint
 from search.configfile import ConfigError, check_tracking_uri
+from trainables.files import atomic_folder
+from trainables.tracking import RUN_FILE
 
 STATE_DIR, RUN_NAME = ".ray", "lm-adapt"   # Ray Train's run under OUT: the same name resumes it
-RUN_FILE = "mlflow-run.json"               # the job's MLflow run, kept under STATE_DIR across resumes
 JOB_FILE = "job.json"                      # what the job trains on and how, kept under STATE_DIR: a resume must match
 # What decides the weights at each step: a resumed job with other values would not continue the same run.
 JOB_FIELDS = ("corpus", "corpus_config", "text_column", "batch_size", "seq_len", "lr", "seed", "workers")
-TEXT_SUFFIXES = {".txt": "text", ".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -114,41 +112,16 @@ def model_source(name: str) -> str:
 # ---- the corpus: read and tokenised once, in the driver ----
 
 def read_corpus(source: str, text_column: str = "text", config: str | None = None) -> list[str]:
-    """The corpus's texts: a save_to_disk folder, text files (a file, a folder of them, or a glob;
-    .txt one text a line, .csv/.jsonl/.parquet by `text_column`), or a hub data set's train split."""
-    import datasets
+    """The corpus's texts: `text_column` (a .txt file's lines: `text`) of the train split, else the first, of
+    what `source` names, read as a task mapping's dataset is (trainables.tasks.read_dataset)."""
+    from trainables.tasks import FILE_SUFFIXES, TaskError, Where, read_dataset
 
-    datasets.disable_progress_bars()  # a bar per file read is noise before a job that shows its own progress
-    path = Path(source).expanduser()
     try:
-        if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "dataset_info.json")):
-            data = datasets.load_from_disk(str(path))
-            if isinstance(data, datasets.DatasetDict):
-                data = data["train"] if "train" in data else next(iter(data.values()))
-            return _column(data, text_column, source)
-        files = (sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES) if path.is_dir() else
-                 [path] if path.is_file() else [Path(p) for p in sorted(glob.glob(os.path.expanduser(source)))])
-        if not files and (path.exists() or glob.has_magic(source)):
-            raise ConfigError("--corpus", source, f"text files ({', '.join(TEXT_SUFFIXES)}); none there")
-        if files:
-            return [t for f in files for t in _file_texts(f, text_column, source)]
-        return _column(datasets.load_dataset(source, config, split="train"), text_column, source)
-    except ConfigError:
-        raise
-    except (OSError, ValueError, UnicodeDecodeError, datasets.exceptions.DatasetNotFoundError) as error:
-        raise ConfigError("--corpus", source,
-                          f"a readable corpus: a save_to_disk folder, text files or a hub data set "
-                          f"({type(error).__name__}: {' '.join(str(error).split())[:200]})") from None
-
-
-def _file_texts(path: Path, text_column: str, source: str) -> list[str]:
-    kind = TEXT_SUFFIXES.get(path.suffix)
-    if kind is None:
-        raise ConfigError("--corpus", source, f"text files ({', '.join(TEXT_SUFFIXES)}); {path.name} is not one")
-    if kind == "text":
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    import datasets
-    return _column(datasets.load_dataset(kind, data_files=str(path), split="train"), text_column, source)
+        data = read_dataset({"dataset": os.path.expanduser(source), "config": config}, Where(source, mapping=False))
+    except TaskError as error:
+        raise ConfigError("--corpus", source, f"a readable corpus: a save_to_disk folder, text files "
+                                              f"({', '.join(FILE_SUFFIXES)}) or a hub data set ({error})") from None
+    return _column(data["train"] if "train" in data else next(iter(data.values())), text_column, source)
 
 
 def _column(data, text_column: str, source: str) -> list[str]:
@@ -170,21 +143,16 @@ def tokenize_corpus(texts: list[str], tokenizer, seq_len: int, source: str) -> n
 def prefix_lm_batch(stream: np.ndarray, cfg: AdaptConfig, step: int, rank: int, eos: int, pad: int) -> dict:
     """Worker `rank`'s batch at `step`: `batch_size` windows of `seq_len` tokens, each split at a
     random point into input (prefix) and target (continuation), each ended by EOS."""
-    import torch
+    from trainables.data import IGNORE, pad_rows
 
     rng = np.random.default_rng([cfg.seed, step, rank])
     starts = rng.integers(0, len(stream) - cfg.seq_len + 1, cfg.batch_size)
     splits = rng.integers(1, cfg.seq_len, cfg.batch_size)
     inputs = [[*stream[s:s + k], eos] for s, k in zip(starts, splits)]
     targets = [[*stream[s + k:s + cfg.seq_len], eos] for s, k in zip(starts, splits)]
-
-    def padded(rows, value):
-        width = max(map(len, rows))
-        return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
-
-    input_ids = padded(inputs, pad)
-    return {"input_ids": input_ids, "attention_mask": (padded(inputs, -1) != -1).long(),
-            "labels": padded(targets, -100)}
+    return {"input_ids": pad_rows(inputs, pad, left=False),
+            "attention_mask": pad_rows([[1] * len(r) for r in inputs], 0, left=False),
+            "labels": pad_rows(targets, IGNORE, left=False)}
 
 
 # ---- what runs on each worker ----
@@ -196,10 +164,11 @@ def train_worker(config: dict) -> None:
     import ray.train.torch
     import torch
     from safetensors.torch import load_model, save_model
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoModelForSeq2SeqLM
     from transformers.utils import logging as hf_logging
 
     from trainables.adafactor import Adafactor
+    from trainables.backbone import load_tokenizer
 
     hf_logging.disable_progress_bar()
     logging.getLogger().setLevel(logging.WARNING)  # Ray Train logs a line per report at INFO, on a logger of its own
@@ -209,7 +178,7 @@ def train_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config["threads"])
     model = AutoModelForSeq2SeqLM.from_pretrained(source, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(source)  # one without a pad token pads with EOS, as in training
     start, optimizer_state = 0, None
     if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as folder:
@@ -222,8 +191,7 @@ def train_worker(config: dict) -> None:
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     model.train()
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     tracker = _RunLogger(cfg.tracking_uri, config.get("run_id")) if rank == 0 else None
     last, window_tokens, window_start, losses = cfg.steps[-1], 0, time.perf_counter(), []
     for step in range(start + 1, last + 1):
@@ -263,14 +231,11 @@ def train_worker(config: dict) -> None:
 
 
 def _save_loadable(model, tokenizer, target: Path) -> None:
-    """A checkpoint transformers (and `load_backbone`) loads: safetensors, config, tokenizer; written
-    aside and renamed, so a folder that exists is whole."""
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    if target.exists():  # written by a run that was killed before its state was saved: the same weights
-        shutil.rmtree(target)
-    os.replace(partial, target)
+    """A checkpoint transformers (and `load_backbone`) loads: safetensors, config, tokenizer, written whole
+    (one there already was written by a run killed before its state was saved: the same weights)."""
+    with atomic_folder(target) as partial:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
 
 
 class _RunLogger:

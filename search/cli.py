@@ -12,7 +12,7 @@ from pathlib import Path
 from adaptation.lm_adapt import AdaptConfig  # numpy and yaml: no torch, no ray
 from search.configfile import SEARCH_RULES, STORAGE_PATH, ConfigError, check_fields, check_tracking_uri, search_values
 from search.jobs import DEFAULT_ADDRESS  # yaml and the config file helpers: no torch, no ray, for a fast --help
-from trainables.errors import UserError
+from trainables.errors import UserError, one_line
 
 
 def cmd_train(args) -> int:
@@ -491,8 +491,8 @@ def _add_lm_adapt_command(commands) -> None:
                     "(loss and tokens/s).")
     adapt.add_argument("model", help="a span-corruption T5: hub id (google/t5-v1_1-base) or local folder")
     adapt.add_argument("--corpus", required=True,
-                       help="a datasets source (hub id or save_to_disk folder) or text files "
-                            "(a .txt/.csv/.jsonl/.parquet file, a folder, or a glob)")
+                       help="a hub id, a save_to_disk folder, or data files as a task mapping's dataset takes "
+                            "them (a file, a folder, or a glob; .txt: a text per line)")
     adapt.add_argument("--steps", required=True,
                        help="save a checkpoint at each of these steps, e.g. 10000,50000,100000")
     adapt.add_argument("--out", required=True,
@@ -565,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if args.debug or not isinstance(error, UserError):
             raise
-        print(f"softprompt: error: {' '.join(str(error).split())}", file=sys.stderr)  # always one line
+        print(f"softprompt: error: {one_line(error, limit=None)}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt as interrupt:  # search.tuner.SearchInterrupted says how to resume
         print(f"softprompt: {str(interrupt) or 'interrupted'}", file=sys.stderr)

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from search.configfile import ConfigError
+from trainables.errors import one_line
 
 # Ports a search's cluster serves that must never face the internet: each runs code or shows data.
 SERVICE_PORTS = {8265: "Ray dashboard and job API", 6379: "Ray GCS", 10001: "Ray client", 5000: "MLflow"}
@@ -240,7 +241,7 @@ def check_cluster_file(path: str | Path) -> CheckResult:
     except OSError as error:
         return CheckResult([ConfigError("cluster file", source, f"a readable file ({error.strerror})")])
     except yaml.YAMLError as error:
-        return CheckResult([ConfigError("cluster file", source, f"valid YAML ({str(error).splitlines()[0]})")])
+        return CheckResult([ConfigError("cluster file", source, f"valid YAML ({one_line(error)})")])
     if not isinstance(raw, dict):
         return CheckResult([ConfigError("cluster file", source, "a YAML mapping of Ray cluster-launcher keys")])
     config, problems = _ray_config(raw, source)

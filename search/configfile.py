@@ -1,7 +1,7 @@
-"""What reading a config file needs and nothing more (no torch): the one-line config error, the
-YAML loader, `--set` parsing, the tracking URI check, and the rules of a search's top-level fields.
-Commands that never train (`cluster check`, `submit`, `jobs`) import only this, and `search run`
-refuses a bad file with it before importing torch and Ray; search/config.py holds the other rules."""
+"""What reading a config file needs and nothing more (no torch): the YAML loader, `--set` parsing,
+the tracking URI check, and the rules of a search's top-level fields. Commands that never train
+(`cluster check`, `submit`, `jobs`) import only this, and `search run` refuses a bad file with it
+before importing torch and Ray; search/config.py holds the other rules."""
 from __future__ import annotations
 
 import difflib
@@ -14,18 +14,9 @@ from urllib.parse import urlsplit
 import yaml
 
 from trainables.config import ASHA_METRICS, SEARCH_METRICS
-from trainables.errors import UserError
+from trainables.errors import ConfigError, one_line
 
 STORAGE_PATH = "runs/search"  # where searches live unless a config or --storage-path names another place
-
-
-class ConfigError(UserError):
-    """A user mistake in a config: one line, no traceback."""
-
-    def __init__(self, field: str, value, allowed: str, source: str | None = None):
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}{field} = {value!r} is not allowed: {allowed}")
-        self.field, self.value, self.allowed = field, value, allowed
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -39,7 +30,7 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError("config file", str(path), f"a UTF-8 text file (byte {error.start} is not UTF-8: save it "
                                                     f"as UTF-8)") from None
     except yaml.YAMLError as error:
-        raise ConfigError("config file", str(path), f"valid YAML ({str(error).splitlines()[0]})") from None
+        raise ConfigError("config file", str(path), f"valid YAML ({one_line(error)})") from None
     if not isinstance(values, dict):
         raise ConfigError("config file", str(path), "a YAML mapping of field: value")
     return values

@@ -10,6 +10,7 @@ import time
 from ray import tune
 
 from search.record import RUNNING
+from trainables.errors import one_line
 
 STATUS_EVERY_S = 30.0
 
@@ -83,8 +84,8 @@ class TrialLines(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         error = trial.get_error()
-        first = str(error).strip().splitlines()[-1] if error else "see its error.txt"
-        self._print(f"trial {trial.trial_id} errored: {first[:200]}")
+        last = str(error).strip().splitlines()[-1] if error else "see its error.txt"
+        self._print(f"trial {trial.trial_id} errored: {one_line(last)}")
 
     def _note_best(self, value: float, trial_id: str) -> None:
         better = self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])

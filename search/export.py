@@ -31,6 +31,7 @@ from trainables.checkpoint import (
     save_checkpoint,
     verify_prompt,
 )
+from trainables.errors import one_line
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED_MODEL_CODE = ROOT / "serving" / "served_model.py"
@@ -132,7 +133,7 @@ def _read_exported_tensor(path: Path) -> torch.Tensor:
             return torch.from_numpy(np.load(path, allow_pickle=False))
         return load_file(str(path))["prompt_embeddings"]
     except (ValueError, OSError, EOFError, KeyError, SafetensorError) as error:
-        raise CheckpointError(f"{path}: unreadable or truncated ({' '.join(str(error).split())[:200]})") from None
+        raise CheckpointError(f"{path}: unreadable or truncated ({one_line(error)})") from None
 
 
 def load_export(path: str | Path, fingerprint: str | None = None, width: int | None = None) -> list[torch.Tensor]:
@@ -232,7 +233,7 @@ def _input_columns(record: dict) -> dict[str, bool]:
     """The raw columns the served model reads, each required if every task's template names it
     (a bundle made before templates travelled: `text`, the formatted input)."""
     from serving.served_model import UNFORMATTED
-    from trainables.tasks import template_columns
+    from trainables.templates import template_columns
 
     per_task = [template_columns(t.get("template") or UNFORMATTED) for t in record["tasks"].values()]
     return {c: all(c in columns for columns in per_task) for columns in per_task for c in columns}

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from search.configfile import STORAGE_PATH, ConfigError, check_tracking_uri, load_yaml, parse_overrides
+from trainables.errors import one_line
 
 PACKAGES = ("adaptation", "search", "serving", "spaces", "trainables")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -43,7 +44,7 @@ def job_client(address: str):
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise ConfigError("--address", address,
                           f"the job API of a running cluster's head, e.g. {DEFAULT_ADDRESS} "
-                          f"through `ray dashboard cluster.yaml` ({str(error).splitlines()[0]})") from None
+                          f"through `ray dashboard cluster.yaml` ({one_line(error)})") from None
 
 
 def _project_root() -> Path:

@@ -17,7 +17,6 @@ import functools
 import os
 import shutil
 import sqlite3
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,9 +25,11 @@ import optuna
 import pyarrow.fs
 
 from search.configfile import ConfigError
+from trainables.errors import one_line
+from trainables.files import atomic_folder
+from trainables.tracking import RUN_FILE
 
 CONFIG_FILE, SUMMARY_FILE, STUDY_FILE = "softprompt-search.yaml", "softprompt-summary.json", "optuna.db"
-RUN_FILE = "mlflow-run.json"  # the search's MLflow target (search/tracking.py)
 DRIVER_FILES = (CONFIG_FILE, SUMMARY_FILE, RUN_FILE, STUDY_FILE)
 ALLOWED = "a folder, or a storage URI such as s3://BUCKET/PREFIX that this machine can reach"
 
@@ -54,7 +55,7 @@ def reachable(storage_path: str):
     try:
         yield
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
-        raise ConfigError("storage_path", storage_path, f"{ALLOWED} ({' '.join(str(error).split())[:300]})") from None
+        raise ConfigError("storage_path", storage_path, f"{ALLOWED} ({one_line(error)})") from None
 
 
 def copy_study(source: Path, target: Path) -> None:
@@ -212,14 +213,8 @@ class SearchStorage:
         local = self.folder / Path(path).relative_to(f"{root}/{self.name}")
         if local.is_dir():
             return local
-        local.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{local.name}.", dir=local.parent))
-        try:
-            with reachable(self.storage_path):
-                pyarrow.fs.copy_files(path, str(partial), source_filesystem=filesystem)
-            os.replace(partial, local)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
+        with atomic_folder(local) as partial, reachable(self.storage_path):
+            pyarrow.fs.copy_files(path, str(partial), source_filesystem=filesystem)
         return local
 
 

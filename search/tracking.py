@@ -19,9 +19,11 @@ from pathlib import Path
 
 from search.config import ConfigError, SearchConfig
 from search.record import CONFIRMED, SearchRecord
-from search.storage import CONFIG_FILE, RUN_FILE, STUDY_FILE, SearchStorage
+from search.storage import CONFIG_FILE, STUDY_FILE, SearchStorage
+from trainables.errors import one_line
 from trainables.tracking import (
     PARENT_TAG,
+    RUN_FILE,
     TRIAL_TAG,
     TrackingTarget,
     client,
@@ -118,7 +120,7 @@ def start_search_run(cfg: SearchConfig, uri: str) -> TrackingTarget:
         else:
             mlflow_client.update_run(target.parent_run_id, status="RUNNING")
     except Exception as error:
-        print(f"softprompt: tracking server {uri} unreachable ({str(error).splitlines()[0][:200]}); the search runs "
+        print(f"softprompt: tracking server {uri} unreachable ({one_line(error)}); the search runs "
               f"and records go to {target.spool_dir}: `softprompt mlflow sync {cfg.name}` logs them later",
               file=sys.stderr, flush=True)
     _save_target(search, target)
@@ -155,7 +157,7 @@ def finish_search_run(record: SearchRecord, uri: str | None = None) -> TrackingT
         raise
     except Exception as error:
         print(f"softprompt: could not log to tracking server {target.uri}, unreachable? "
-              f"({str(error).splitlines()[0][:200]}); nothing is lost: `softprompt mlflow sync {record.storage.name}` "
+              f"({one_line(error)}); nothing is lost: `softprompt mlflow sync {record.storage.name}` "
               f"logs the search when it is back", file=sys.stderr, flush=True)
         return None
     return target
@@ -213,8 +215,8 @@ def _on_parent(search: SearchStorage, log: Callable[[object, str], None], later:
     try:
         log(client(target.uri), target.parent_run_id)
     except Exception as error:
-        print(f"softprompt: could not log to tracking server {target.uri} ({str(error).splitlines()[0][:200]}); "
-              f"{later}", file=sys.stderr, flush=True)
+        print(f"softprompt: could not log to tracking server {target.uri} ({one_line(error)}); {later}",
+              file=sys.stderr, flush=True)
         return None
     return target.parent_run_id
 

@@ -18,7 +18,7 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from serving.ensemble import load_bundle
-from trainables.tasks import format_input, template_columns
+from trainables.templates import format_input, template_columns
 
 UNFORMATTED = "{text}"  # bundles exported before templates travelled with prompts took formatted text
 

@@ -61,7 +61,7 @@ def quick(trial: optuna.Trial, checkpoints: list[str]) -> dict:
 
 
 SPACES: dict[str, Callable[[optuna.Trial, list[str]], dict]] = {"paper": paper, "quick": quick}
-# quick's first trial: the setting FIELD_NOTES saw reach ~85% on SmolLM2 (20 tokens, AdamW 0.03).
+# quick's first trial: the best AdamW setting on SmolLM2 in bench/results/units.md.
 DEFAULT_POINTS = {"paper": PAPER_DEFAULT,
                   "quick": {"prompt_length": 20, "init": "class_label", "optimizer": "adamw", "lr@adamw": 0.03}}
 

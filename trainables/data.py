@@ -7,14 +7,17 @@ encoder and the verbalizer (plus EOS) as decoder labels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from trainables.backbone import load_tokenizer, resolve_model
-from trainables.errors import UserError
+from trainables.errors import ConfigError
 from trainables.inits import common_token_ids
-from trainables.tasks import Task
+
+if TYPE_CHECKING:  # a served model formats and tokenises without `datasets`, which tasks import
+    from trainables.tasks import Task
 
 IGNORE = -100
 SENTINEL = "<extra_id_0>"  # T5's first sentinel: span corruption's targets start with it
@@ -39,7 +42,7 @@ class EncodedTask:
     common_token_ids: list[int]         # for sampled-vocab inits, most common first
     is_encoder_decoder: bool
     pad_id: int
-    template: str = "{text}"            # the task's raw columns -> its input (trainables.tasks.format_input)
+    template: str = "{text}"            # the task's raw columns -> its input (trainables.templates.format_input)
     sentinel: bool = False              # every target starts with SENTINEL (TrainConfig.sentinel)
     labels: list[str] | None = None     # per class: the task's own label value (None: the verbalizers)
 
@@ -68,8 +71,8 @@ def verbalizer_ids(tokenizer, verbalizers: list[str], is_encoder_decoder: bool,
         return [prefix + tokenizer(v, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                 for v in verbalizers]
     if sentinel:
-        raise UserError("sentinel = True is not allowed: an encoder-decoder (T5) model; a causal LM's targets follow "
-                        "its input directly")
+        raise ConfigError("sentinel", True, "an encoder-decoder (T5) model; a causal LM's targets follow its input "
+                                            "directly")
     return [tokenizer(" " + v, add_special_tokens=False)["input_ids"] for v in verbalizers]
 
 
@@ -83,8 +86,8 @@ def sentinel_id(tokenizer) -> int:
     """The id of T5's first sentinel, which starts every span-corruption target."""
     token_id = tokenizer.convert_tokens_to_ids(SENTINEL)
     if token_id is None or token_id == tokenizer.unk_token_id:
-        raise UserError(f"sentinel = True is not allowed: a model whose tokenizer has T5's {SENTINEL} token "
-                        f"(a T5 checkpoint); this one has none")
+        raise ConfigError("sentinel", True, f"a model whose tokenizer has T5's {SENTINEL} token (a T5 checkpoint); "
+                                            f"this one has none")
     return token_id
 
 

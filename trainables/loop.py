@@ -7,10 +7,12 @@ on dev, as in the paper) is evaluated on the held-out test split.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,11 +41,35 @@ class Diverged(RuntimeError):
         self.step = step
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """The TrainConfig fields a tokenised task depends on, the only ones prepare_data reads: a worker's
+    cache keyed by them (trainable.py) cannot serve data made from other inputs."""
+    task: str | dict
+    text_column: str
+    label_column: str
+    verbalizers: dict | None
+    max_length: int
+    max_train_examples: int | None
+    max_eval_examples: int | None
+    confirm_examples: int
+    max_test_examples: int | None
+    sentinel: bool
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> DataSpec:
+        return cls(**{field.name: getattr(cfg, field.name) for field in dataclasses.fields(cls)})
+
+    def __hash__(self) -> int:  # a task mapping and verbalizers are dicts: hashed as canonical JSON
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+
+
 def prepare_data(cfg: TrainConfig, backbone: Backbone) -> EncodedTask:
-    task = load_task(cfg.task, cfg.text_column, cfg.label_column, cfg.verbalizers)
+    spec = DataSpec.of(cfg)
+    task = load_task(spec.task, spec.text_column, spec.label_column, spec.verbalizers)
     return encode_task(task, backbone.tokenizer, backbone.is_encoder_decoder, backbone.vocab_is_frequency_ordered,
-                       cfg.max_length, cfg.max_train_examples, cfg.max_eval_examples, cfg.confirm_examples,
-                       cfg.max_test_examples, cfg.sentinel)
+                       spec.max_length, spec.max_train_examples, spec.max_eval_examples, spec.confirm_examples,
+                       spec.max_test_examples, spec.sentinel)
 
 
 def initial_prompt(cfg: TrainConfig, backbone: Backbone, data: EncodedTask) -> torch.Tensor:

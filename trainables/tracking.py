@@ -17,6 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainables.errors import one_line
+
+RUN_FILE = "mlflow-run.json"  # in a search's folder, or an LM-adaptation job's state: the MLflow run it logs to
 TRIAL_TAG, STATUS_TAG, PARENT_TAG = "softprompt.trial_id", "softprompt.status", "mlflow.parentRunId"
 # MLflow retries an unreachable server for minutes by default; a trial must not stall that long.
 HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -105,7 +108,7 @@ class TrialTracker:
             return
         if self.target.uri not in _warned:  # say so once per process and server
             _warned.add(self.target.uri)
-            print(f"softprompt: tracking server {self.target.uri} unreachable ({str(why).splitlines()[0][:200]}); "
+            print(f"softprompt: tracking server {self.target.uri} unreachable ({one_line(why)}); "
                   f"trial records go to {self.spool.parent} until `softprompt mlflow sync` replays them",
                   file=sys.stderr, flush=True)
         self.run_id = None

@@ -21,18 +21,15 @@ from trainables.backbone import cached_backbone, cap_gpu_memory, default_device,
 from trainables.checkpoint import CheckpointError, load_checkpoint
 from trainables.config import ASHA_METRICS, TrainConfig, trial_config
 from trainables.data import EncodedTask
-from trainables.loop import Diverged, prepare_data, train
+from trainables.loop import DataSpec, Diverged, prepare_data, train
 from trainables.shared import connect
-from trainables.tasks import task_key
 from trainables.tracking import TrackingTarget, TrialTracker
 
-_WORKER_DATA: dict[tuple, EncodedTask] = {}
+_WORKER_DATA: dict[tuple[DataSpec, str], EncodedTask] = {}
 
 
 def _cached_data(cfg: TrainConfig, backbone) -> EncodedTask:
-    key = (task_key(cfg.task), cfg.text_column, cfg.label_column, str(cfg.verbalizers), backbone.fingerprint,
-           cfg.max_length, cfg.max_train_examples, cfg.max_eval_examples, cfg.confirm_examples, cfg.max_test_examples,
-           cfg.sentinel)
+    key = (DataSpec.of(cfg), backbone.fingerprint)
     if key not in _WORKER_DATA:
         _WORKER_DATA.clear()  # one task per search: keep only the latest
         _WORKER_DATA[key] = prepare_data(cfg, backbone)
