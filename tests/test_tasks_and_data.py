@@ -152,9 +152,9 @@ def test_malformed_task_file_names_what_is_wrong(tmp_path, rows, kwargs, message
 
 
 def test_task_file_with_an_unknown_suffix_lists_the_allowed_ones(tmp_path):
-    path = tmp_path / "reviews.txt"
-    path.write_text("text,label\n")
-    with pytest.raises(TaskError, match=r"unknown format '\.txt'; allowed: \.csv, \.jsonl, \.json, \.parquet"):
+    path = tmp_path / "reviews.tsv"
+    path.write_text("text\tlabel\n")
+    with pytest.raises(TaskError, match=r"unknown format '\.tsv'; allowed: \.txt, \.csv, \.jsonl, \.json, \.parquet"):
         file_task(str(path))
 
 
