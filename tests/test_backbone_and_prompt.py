@@ -78,7 +78,8 @@ def test_a_backbone_on_cuda_turns_cudnn_attention_off_and_one_on_cpu_leaves_it_a
 
 def test_unknown_model_raises_backbone_error_naming_the_offline_aliases(tmp_path):
     missing = str(tmp_path / "no-such-model")
-    with pytest.raises(BackboneError, match=re.escape(f"model {missing!r} is neither an offline alias (smollm2-135m, gemma3-270m)")):
+    with pytest.raises(BackboneError,
+                       match=re.escape(f"model {missing!r} is neither an offline alias (smollm2-135m, gemma3-270m)")):
         load_backbone(missing)
 
 

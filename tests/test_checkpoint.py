@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from safetensors.torch import load_file, save_file
 
 from trainables.checkpoint import META, TENSORS, CheckpointError, load_checkpoint, save_checkpoint
@@ -80,7 +79,8 @@ def checkpoint(tmp_path) -> Path:
 
 
 def test_checkpoint_for_another_backbone_is_refused_naming_both_fingerprints(checkpoint):
-    with pytest.raises(CheckpointError, match=r"trained on backbone 'tiny' \(fingerprint abc\), not on this one \(xyz\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"trained on backbone 'tiny' \(fingerprint abc\), not on this one \(xyz\)"):
         load_checkpoint(checkpoint, fingerprint="xyz", width=16)
 
 

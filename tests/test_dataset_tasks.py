@@ -46,7 +46,8 @@ def save(folder, splits: dict[str, list[dict]], features: datasets.Features) -> 
 @pytest.fixture
 def review_folder(tmp_path):
     """A sentiment dataset with its own train / validation / test splits and ClassLabel labels."""
-    return save(tmp_path / "reviews", {"train": reviews(0, 40), "validation": reviews(100, 12), "test": reviews(200, 17)},
+    return save(tmp_path / "reviews",
+                {"train": reviews(0, 40), "validation": reviews(100, 12), "test": reviews(200, 17)},
                 REVIEW)
 
 
@@ -63,7 +64,8 @@ def test_a_datasets_folder_keeps_its_own_splits_and_takes_verbalizers_from_its_c
 def test_a_two_column_template_formats_each_row_as_boolq_is_formatted(tmp_path):
     folder = save(tmp_path / "boolq", {"train": boolq(0, 30), "validation": boolq(50, 10)}, BOOLQ)
     spec = {"dataset": folder, "splits": {"dev": None, "test": "validation"},
-            "template": "question: {question} passage: {passage}\nanswer:", "verbalizers": {"False": "no", "True": "yes"}}
+            "template": "question: {question} passage: {passage}\nanswer:",
+            "verbalizers": {"False": "no", "True": "yes"}}
     task = load_task(spec)
     assert task.verbalizers == ["no", "yes"]
     assert task.splits["test"][0] == {"input": "question: is 50 even passage: 50 is a number.\nanswer:", "label": 1}
@@ -90,9 +92,11 @@ def write_files(folder, splits: dict[str, list[dict]], suffix: str = ".csv") -> 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_a_folder_of_train_dev_test_files_keeps_its_splits(tmp_path, suffix):
-    folder = write_files(tmp_path / "reviews", {"train": reviews(0, 30), "dev": reviews(100, 6), "test": reviews(200, 9)},
+    folder = write_files(tmp_path / "reviews",
+                         {"train": reviews(0, 30), "dev": reviews(100, 6), "test": reviews(200, 9)},
                          suffix)
-    task = load_task({"dataset": folder, "template": "{text}\nsentiment:", "verbalizers": {"neg": "bad", "pos": "good"}})
+    task = load_task({"dataset": folder, "template": "{text}\nsentiment:",
+                      "verbalizers": {"neg": "bad", "pos": "good"}})
     assert {name: len(split) for name, split in task.splits.items()} == {"train": 30, "dev": 6, "test": 9}
     assert task.verbalizers == ["bad", "good"]
     assert task.splits["dev"][:] == {"input": [f"review {i}: a {'moving' if i % 2 else 'tedious'} film\nsentiment:"
@@ -108,7 +112,8 @@ def test_a_single_file_is_split_80_10_10_as_a_task_file_is(tmp_path):
     assert {s: mapped.splits[s][:] for s in mapped.splits} == {s: named.splits[s][:] for s in mapped.splits}
     assert {s: len(mapped.splits[s]) for s in mapped.splits} == {"train": 48, "dev": 6, "test": 6}
     glob = load_task({"dataset": os.path.join(folder, "*.csv"), "template": "text: {text}\nlabel:"})
-    assert glob.name == "data" and {s: glob.splits[s][:] for s in glob.splits} == {s: named.splits[s][:] for s in glob.splits}
+    assert glob.name == "data" and ({s: glob.splits[s][:] for s in glob.splits}
+                                    == {s: named.splits[s][:] for s in glob.splits})
 
 
 def test_a_missing_dev_split_is_carved_from_train_seeded_and_disjoint(tmp_path):
@@ -149,7 +154,8 @@ def test_equal_task_mappings_have_one_key_whatever_their_key_order():
     assert task_key("rotten_tomatoes") == "rotten_tomatoes"
 
 
-def test_a_task_mapping_config_survives_yaml_and_its_local_dataset_becomes_absolute(review_folder, tmp_path, monkeypatch):
+def test_a_task_mapping_config_survives_yaml_and_its_local_dataset_becomes_absolute(review_folder, tmp_path,
+                                                                                   monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = train_config({"task": {"dataset": "reviews", "template": "{text}", "splits": {"dev": None}}})
     assert cfg.task == {"dataset": review_folder, "template": "{text}", "splits": {"dev": None}}
@@ -158,7 +164,8 @@ def test_a_task_mapping_config_survives_yaml_and_its_local_dataset_becomes_absol
 
 def test_the_test_split_is_scored_whole_unless_max_test_examples_caps_it(review_folder, tiny_llama):
     cfg = TrainConfig(model=tiny_llama.name, task={"dataset": review_folder, "template": "review: {text}\nsentiment:"},
-                      batch_size=4, max_steps=2, eval_every=2, max_eval_examples=5, prompt_length=2, init="random_uniform")
+                      batch_size=4, max_steps=2, eval_every=2, max_eval_examples=5, prompt_length=2,
+                      init="random_uniform")
     data = prepare_data(cfg, tiny_llama)
     assert (len(data.splits["dev"]), len(data.splits["test"])) == (5, 17)
     assert train(cfg, tiny_llama, data)["test_examples"] == 17

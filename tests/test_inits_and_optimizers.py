@@ -9,8 +9,17 @@ from search.config import search_config
 from trainables.adafactor import Adafactor
 from trainables.config import TrainConfig, trial_config
 from trainables.data import encode_task
-from trainables.inits import (INITS, VOCAB_SAMPLE_SIZE, InitContext, class_label, common_token_ids, random_uniform,
-                              random_uniform_relative, sampled_vocab, text)
+from trainables.inits import (
+    INITS,
+    VOCAB_SAMPLE_SIZE,
+    InitContext,
+    class_label,
+    common_token_ids,
+    random_uniform,
+    random_uniform_relative,
+    sampled_vocab,
+    text,
+)
 from trainables.loop import initial_prompt
 from trainables.optimizers import DEFAULT_LR, OPTIMIZERS, adafactor, adafactor_hf, adamw, build_optimizer, lr_multiplier
 from trainables.tasks import Task, split_three
@@ -22,7 +31,8 @@ TABLE = torch.randn(VOCAB, WIDTH, generator=torch.Generator().manual_seed(0))  #
 def context(**changes) -> InitContext:
     """A random embedding table whose 5,000 'most common' tokens are a shuffled subset of the vocabulary."""
     values = {"embed": lambda ids: TABLE[ids], "width": WIDTH,
-              "common_token_ids": torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0)).tolist()[:VOCAB_SAMPLE_SIZE],
+              "common_token_ids":
+                  torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0)).tolist()[:VOCAB_SAMPLE_SIZE],
               "class_token_ids": [[11, 12, 13], [40], [7, 8]], "text_token_ids": [5, 6, 9],
               "scale": 0.5, "generator": torch.Generator().manual_seed(1)}
     return InitContext(**{**values, **changes})
@@ -147,7 +157,8 @@ def tiny_gemma3(smollm2_tokenizer, tmp_path_factory):
     tok = smollm2_tokenizer
     config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
-                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-gemma3")
     Gemma3ForCausalLM(config).save_pretrained(folder)
@@ -158,7 +169,8 @@ def tiny_gemma3(smollm2_tokenizer, tmp_path_factory):
 
 
 def tiny_task(backbone):
-    task = Task("t", ["negative", "positive"], split_three([f"text {i}" for i in range(30)], [i % 2 for i in range(30)]))
+    task = Task("t", ["negative", "positive"],
+                split_three([f"text {i}" for i in range(30)], [i % 2 for i in range(30)]))
     return encode_task(task, backbone.tokenizer, False, backbone.vocab_is_frequency_ordered, 32)
 
 
@@ -183,7 +195,8 @@ def test_a_text_init_prompt_acts_on_a_scaling_model_exactly_as_its_tokens_do(tin
     prompted = PromptedModel(tiny_gemma3, SoftPrompt(initial_prompt(cfg, tiny_gemma3, data)))
     plain = PromptedModel(tiny_gemma3, SoftPrompt(torch.zeros(0, tiny_gemma3.width)))
     inputs = data.splits["test"].input_ids[:3]
-    torch.testing.assert_close(prompted.class_scores(data, inputs), plain.class_scores(data, [words + x for x in inputs]))
+    torch.testing.assert_close(prompted.class_scores(data, inputs),
+                               plain.class_scores(data, [words + x for x in inputs]))
 
 
 def reported_lr(backbone, data, **fields) -> float:
@@ -203,7 +216,8 @@ def test_an_lr_in_embedding_rms_units_is_the_same_share_of_any_backbone_s_scale(
         data = tiny_task(backbone)
         received = backbone.model.get_input_embeddings()(torch.tensor(data.common_token_ids[:VOCAB_SAMPLE_SIZE]))
         scales.append(float(received.pow(2).mean().sqrt()))
-        assert reported_lr(backbone, data, optimizer="adamw", lr=0.5, lr_unit="embedding_rms") == pytest.approx(0.5 * scales[-1])
+        assert (reported_lr(backbone, data, optimizer="adamw", lr=0.5, lr_unit="embedding_rms")
+                == pytest.approx(0.5 * scales[-1]))
         assert reported_lr(backbone, data, optimizer="adamw", lr=0.5, lr_unit="absolute") == 0.5
         assert reported_lr(backbone, data, optimizer="adafactor") == DEFAULT_LR["adafactor"]  # no lr: the default
     assert max(scales) > 1.5 * min(scales)  # the two scales differ: the test tells the units apart
@@ -313,7 +327,8 @@ def test_lr_multiplier_decays_exponentially_to_the_factor_at_max_steps():
 def test_lr_multiplier_with_decay_steps_multiplies_by_the_factor_every_decay_steps():
     assert [lr_multiplier(s, 0, 0.5, 100, decay_steps=3) for s in range(8)] == [1, 1, 1, 0.5, 0.5, 0.5, 0.25, 0.25]
     # warmup multiplies, and the steps count from 0, not from the end of warmup (T5X's decay_every)
-    assert [lr_multiplier(s, 4, 0.1, 100, decay_steps=2) for s in range(5)] == pytest.approx([0.25, 0.5, 0.075, 0.1, 0.01])
+    assert ([lr_multiplier(s, 4, 0.1, 100, decay_steps=2) for s in range(5)]
+            == pytest.approx([0.25, 0.5, 0.075, 0.1, 0.01]))
 
 
 def test_decay_steps_without_a_decay_factor_keeps_the_lr():

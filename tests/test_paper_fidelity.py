@@ -201,7 +201,8 @@ def reviews_data(backbone):
 
 
 def prompted(backbone) -> PromptedModel:
-    return PromptedModel(backbone, SoftPrompt(torch.randn(5, backbone.width, generator=torch.Generator().manual_seed(0))))
+    return PromptedModel(backbone,
+                         SoftPrompt(torch.randn(5, backbone.width, generator=torch.Generator().manual_seed(0))))
 
 
 def embeds_received(pm: PromptedModel, batch, dropout) -> torch.Tensor:
@@ -245,7 +246,8 @@ def test_dropout_masks_are_fixed_by_seed_and_step_and_scoring_never_drops(name, 
     data, pm = reviews_data(backbone), prompted(backbone)
     batch = make_batch(data, data.splits["train"].input_ids[:4], data.splits["train"].labels[:4])
     cpu = torch.device("cpu")
-    losses = [pm.loss(batch, InputDropout.for_step(0.3, seed, step, cpu)) for seed, step in ((0, 3), (0, 3), (0, 4), (1, 3))]
+    losses = [pm.loss(batch, InputDropout.for_step(0.3, seed, step, cpu))
+              for seed, step in ((0, 3), (0, 3), (0, 4), (1, 3))]
     assert torch.equal(losses[0], losses[1])
     assert len({loss.item() for loss in losses[1:]} | {pm.loss(batch).item()}) == 4
     inputs = data.splits["dev"].input_ids[:6]
@@ -326,11 +328,13 @@ def sentinel_t5(smollm2_tokenizer, tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(folder)
     tok.add_special_tokens({"additional_special_tokens": [SENTINEL]})
     config = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
-                      decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                      decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     T5ForConditionalGeneration(config).save_pretrained(folder)
     tok.save_pretrained(folder)
-    return load_backbone(str(folder), "float32", device=torch.device("cpu"))  # served and trained scores compared to 1e-5
+    # served and trained scores compared to 1e-5
+    return load_backbone(str(folder), "float32", device=torch.device("cpu"))
 
 
 def sentinel_data(backbone, sentinel: bool):
@@ -368,7 +372,8 @@ def test_a_sentinel_run_trains_on_sentinel_targets_and_its_export_serves_them(se
     served = torch.stack([s[0] for s in ensemble.member_scores(["reviews"] * 5, inputs)])
     trained = PromptedModel(sentinel_t5, SoftPrompt(result["prompt"])).class_scores(marked, inputs)
     torch.testing.assert_close(served, trained, rtol=1e-5, atol=1e-5)
-    plain = PromptedModel(sentinel_t5, SoftPrompt(result["prompt"])).class_scores(sentinel_data(sentinel_t5, False), inputs)
+    plain = PromptedModel(sentinel_t5, SoftPrompt(result["prompt"])).class_scores(
+        sentinel_data(sentinel_t5, False), inputs)
     assert not torch.allclose(plain, trained)  # the sentinel is in what is scored
 
 
@@ -397,7 +402,8 @@ def test_a_search_with_sentinel_on_a_causal_lm_is_refused_before_any_trial(tiny_
             search_config(values)
 
 
-def test_the_paper_space_s_default_point_steps_at_the_papers_lr_0_3_on_a_t5_1_1_shaped_model(smollm2_tokenizer, tmp_path):
+def test_the_paper_space_s_default_point_steps_at_the_papers_lr_0_3_on_a_t5_1_1_shaped_model(smollm2_tokenizer,
+                                                                                            tmp_path):
     """Whatever unit the paper space draws its lr in, its default point must give T5 1.1 (token embeddings of
     std about 11.6, N(0, 1)-initialised and not scaled at the input) the paper's lr 0.3."""
     from transformers import T5Config, T5ForConditionalGeneration
@@ -408,7 +414,8 @@ def test_the_paper_space_s_default_point_steps_at_the_papers_lr_0_3_on_a_t5_1_1_
     tok = smollm2_tokenizer
     config = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
                       feed_forward_proj="gated-gelu", tie_word_embeddings=False,  # T5 1.1's shape
-                      decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                      decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     model = T5ForConditionalGeneration(config)
     with torch.no_grad():
@@ -423,7 +430,8 @@ def test_the_paper_space_s_default_point_steps_at_the_papers_lr_0_3_on_a_t5_1_1_
     base = TrainConfig(model=backbone.name, batch_size=2, max_steps=1, eval_every=1, max_eval_examples=2,
                        max_test_examples=2).to_dict()
     cfg = trial_config(params, base)
-    task = Task("t", ["negative", "positive"], split_three([f"text {i}" for i in range(40)], [i % 2 for i in range(40)]))
+    task = Task("t", ["negative", "positive"],
+                split_three([f"text {i}" for i in range(40)], [i % 2 for i in range(40)]))
     data = encode_task(task, backbone.tokenizer, True, backbone.vocab_is_frequency_ordered, 32)
     reports = []
     train(cfg.replace(prompt_length=4), backbone, data, report=lambda metrics, save: reports.append(metrics),

@@ -1,7 +1,7 @@
 """Precision and compiled passes: what `dtype: auto` picks (bfloat16 on a GPU and on a CPU that runs it
-natively, bench/results/dtype.md), the bfloat16 attention kernel, the output head's contiguous input, and `compile: true`. None of these may
-trade accuracy away: bfloat16 and float32 rank classification must agree on the dev examples, and a
-compiled pass must give the eager one's loss, gradient and scores."""
+natively, bench/results/dtype.md), the bfloat16 attention kernel, the output head's contiguous input, and
+`compile: true`. None of these may trade accuracy away: bfloat16 and float32 rank classification must agree on
+the dev examples, and a compiled pass must give the eager one's loss, gradient and scores."""
 from __future__ import annotations
 
 import numpy as np
@@ -71,11 +71,13 @@ def test_bfloat16_and_float32_rank_classification_agree_on_at_least_95_percent_o
     labels = np.asarray(data.splits["dev"].labels)
     accuracy = {name: float(np.mean(p == labels)) for name, p in predictions.items()}
     print(f"FIGURE precision: bfloat16 and float32 rank classification agree on {agree:.3f} of "
-          f"{len(labels)} dev examples; accuracy {accuracy['float32']:.3f} float32, {accuracy['bfloat16']:.3f} bfloat16")
+          f"{len(labels)} dev examples; accuracy {accuracy['float32']:.3f} float32, "
+          f"{accuracy['bfloat16']:.3f} bfloat16")
     assert agree >= 0.95
 
 
-needs_cxx = pytest.mark.skipif(not _has_cxx(), reason="torch.compile on a CPU needs a C++ compiler (g++, c++ or clang++)")
+needs_cxx = pytest.mark.skipif(not _has_cxx(),
+                               reason="torch.compile on a CPU needs a C++ compiler (g++, c++ or clang++)")
 
 
 @needs_cxx
@@ -102,7 +104,8 @@ def test_a_compiled_backbone_gives_the_eager_loss_gradient_and_scores_and_builds
             value.backward()
             results.append((value.detach(), prompt.grad))
         torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-3, atol=1e-5)  # fused kernels round differently
+        # fused kernels round differently
+        torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-3, atol=1e-5)
     assert len(shapes) >= 3  # really several shapes
     inputs = data.splits["dev"].input_ids
     for rows in (inputs[:16], inputs[:5]):

@@ -23,15 +23,14 @@ from pathlib import Path
 import optuna
 import pytest
 import ray
-import yaml
 from ray import tune
 from ray.train.constants import _get_ray_train_session_dir
+from test_s3 import environment, forget_this_machine, s3, s3_keys  # noqa: F401 (s3 is a fixture)
 
 from search.config import search_config
 from search.record import SearchRecord
 from search.storage import SearchStorage
 from search.tuner import SearchInterrupted, resume_search, run_search
-from test_s3 import environment, forget_this_machine, s3, s3_keys  # noqa: F401 (s3 is a fixture)
 from trainables.checkpoint import META, TENSORS
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -90,7 +89,8 @@ class Storage:
         if self.s3:
             return [k[len(self.prefix) + 1:] for k in s3_keys(self.s3, f"{self.prefix}/{under}")]
         root = self.search.folder
-        return [str(p.relative_to(root)) for p in (root / under).rglob("*") if p.is_file()] if (root / under).exists() else []
+        return ([str(p.relative_to(root)) for p in (root / under).rglob("*") if p.is_file()]
+                if (root / under).exists() else [])
 
     def read(self, name: str) -> bytes:
         if self.s3:
@@ -174,8 +174,10 @@ def interrupted(request, ray_cluster, tiny_llama_dir, tmp_path_factory):
     running = [tid for tid, r in rows.items() if r["status"] != "completed"]
     assert len(finished) == 1 and len(running) == 1, rows
     storage.save_pristine()
-    assert sorted(n for n in storage.names(f"trial_{running[0]}") if "/checkpoint_" in f"/{n}" and n[-1] != "/") == [
-        f"trial_{running[0]}/checkpoint_000001/{kind}/{name}" for kind in ("best", "current") for name in (META, TENSORS)]
+    assert sorted(n for n in storage.names(f"trial_{running[0]}")
+                  if "/checkpoint_" in f"/{n}" and n[-1] != "/") == [
+        f"trial_{running[0]}/checkpoint_000001/{kind}/{name}"
+        for kind in ("best", "current") for name in (META, TENSORS)]
     return {"storage": storage, "finished": finished[0], "running": running[0],
             "finished_results": storage.read(f"trial_{finished[0]}/result.json"),
             "told": [t for t in storage.study() if t[1] == "COMPLETE"]}

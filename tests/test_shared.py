@@ -169,7 +169,8 @@ def test_on_a_cpu_each_trials_batch_is_its_own_pass_through_the_one_copy(tiny_ll
     runs as two passes there, with the same results as one fused pass."""
     data = prepare_data(small_cfg(tiny_llama_dir), tiny_llama)
     rows = data.splits["train"]
-    requests = [TrainRequest(torch.randn(n, tiny_llama.width), make_batch(data, rows.input_ids[i:i + 4], rows.labels[i:i + 4]),
+    requests = [TrainRequest(torch.randn(n, tiny_llama.width),
+                             make_batch(data, rows.input_ids[i:i + 4], rows.labels[i:i + 4]),
                              None) for n, i in ((3, 0), (2, 8))]
     cpu = BackboneServer(str(tiny_llama_dir), "float32", None, pass_tokens=0)
     fused = BackboneServer(str(tiny_llama_dir), "float32", None, pass_tokens=1 << 20)
@@ -278,7 +279,8 @@ def test_a_shared_search_whose_driver_was_killed_resumes_to_its_end_on_the_serve
         assert last["step"] == 24 and last["backbone_reused"] is True  # through the server the killed run left
     assert servers(key) == []
     deadline = time.monotonic() + 30
-    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+    while (psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+           and time.monotonic() < deadline):
         time.sleep(0.2)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 

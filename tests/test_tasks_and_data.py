@@ -6,10 +6,27 @@ import numpy as np
 import pytest
 import torch
 
-from trainables.data import (BUCKET_BATCHES, IGNORE, EncodedSplit, EncodedTask, TrainOrder, encode_task, make_batch,
-                             train_batch)
-from trainables.tasks import (HUB_TASKS, OFFLINE_TASKS, TASK_KEYS, Task, TaskError, file_task, format_input, hub_task,
-                               load_task)
+from trainables.data import (
+    BUCKET_BATCHES,
+    IGNORE,
+    EncodedSplit,
+    EncodedTask,
+    TrainOrder,
+    encode_task,
+    make_batch,
+    train_batch,
+)
+from trainables.tasks import (
+    HUB_TASKS,
+    OFFLINE_TASKS,
+    TASK_KEYS,
+    Task,
+    TaskError,
+    file_task,
+    format_input,
+    hub_task,
+    load_task,
+)
 
 EXPECTED_CLASSES = {"rotten_tomatoes": ["negative", "positive"], "sms_spam": ["ham", "spam"],
                     "trec": ["abbreviation", "description", "entity", "human", "location", "numeric"]}
@@ -91,7 +108,8 @@ def test_hub_task_splits_are_deterministic():
     assert list(first.splits["dev"]["input"]) == list(second.splits["dev"]["input"])
 
 
-HUB_FIELDS = {"glue/sst2": ("sentence",), "glue/mrpc": ("sentence1", "sentence2"), "glue/qqp": ("question1", "question2"),
+HUB_FIELDS = {"glue/sst2": ("sentence",), "glue/mrpc": ("sentence1", "sentence2"),
+              "glue/qqp": ("question1", "question2"),
               "super_glue/boolq": ("question", "passage"), "super_glue/rte": ("premise", "hypothesis"),
               "super_glue/cb": ("premise", "hypothesis")}
 
