@@ -1,9 +1,18 @@
 """Shared fixtures: the SmolLM2 tokenizer, tiny random Llama and T5 backbones built on it (saved to
-disk and loaded through `load_backbone`, so the real loading code runs), and the real SmolLM2."""
+disk and loaded through `load_backbone`, so the real loading code runs), and the real SmolLM2.
+Shared helpers, imported by the test modules (`from conftest import ...`): a test-sized search, a free
+port, a search's Optuna trials, and a search driver started in a process of its own."""
 from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from trainables.backbone import _smollm2_folder, load_backbone
@@ -92,3 +101,66 @@ def repository_stays_clean():
     yield
     leaked = {name for name in watched if (root / name).exists()} - before
     assert not leaked, f"the test session created {sorted(leaked)} in {root}"
+
+
+# ---- helpers the test modules import ----
+
+def tiny_search_values(model_dir, folder: Path, **overrides) -> dict:
+    """A search sized for a test: 2 trials of 4 steps on the tiny model, 64 training and 16 dev examples.
+    A trial confirms its prompt on 8 more dev examples, and the driver's verdict scores 16 test examples
+    (a search's own defaults are 500 and the whole test split, what a user wants and a test does not need).
+    `train` overrides are merged into the trial fields; every other key replaces the search field."""
+    values = {"name": "tiny", "trials": 2, "max_steps": 4, "concurrency": 2, "scheduler": "none",
+              "metric": "best_dev_accuracy", "storage_path": str(folder / "runs"), "seed": 0,
+              "train": {"model": str(model_dir), "task": "rotten_tomatoes", "batch_size": 4, "eval_every": 2,
+                        "max_eval_examples": 16, "max_train_examples": 64, "confirm_examples": 8,
+                        "max_test_examples": 16, "output_dir": str(folder)}}
+    for key, value in overrides.items():
+        values[key] = {**values["train"], **value} if key == "train" else value
+    return values
+
+
+def tiny_search(model_dir, folder: Path, **overrides):
+    """tiny_search_values, validated: a SearchConfig."""
+    from search.config import search_config
+
+    return search_config(tiny_search_values(model_dir, folder, **overrides))
+
+
+def tiny_search_file(model_dir, folder: Path, **overrides) -> Path:
+    """tiny_search_values as a config file (`softprompt search run FILE`), named after the search."""
+    values = tiny_search_values(model_dir, folder, **overrides)
+    path = folder / f"{values['name']}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def study_trials(cfg) -> list:
+    """The search's Optuna trials, from its study on local storage."""
+    import optuna
+
+    from search.storage import SearchStorage
+
+    folder = SearchStorage(cfg.storage_path, cfg.name).folder
+    return optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{folder / 'optuna.db'}").trials
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SOFTPROMPT = [sys.executable, "-m", "search.cli"]
+
+
+def on_session_ray() -> dict:
+    """The environment of a command that joins this session's Ray cluster (ray_cluster must be running)."""
+    import ray
+
+    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+
+def softprompt(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`softprompt ARGS` in a process of its own; its output captured."""
+    return subprocess.run([*SOFTPROMPT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
