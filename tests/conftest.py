@@ -1,9 +1,11 @@
 """Shared fixtures: the SmolLM2 tokenizer, tiny random Llama and T5 backbones built on it (saved to
 disk and loaded through `load_backbone`, so the real loading code runs), and the real SmolLM2.
 Shared helpers, imported by the test modules (`from conftest import ...`): a test-sized search, a free
-port, a search's Optuna trials, and a search driver started in a process of its own."""
+port, a search's Optuna trials, `softprompt` in a process of its own, and a driver that one of its own
+trials stops (Ctrl-C or a kill) at a named point."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -164,3 +166,108 @@ def on_session_ray() -> dict:
 def softprompt(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """`softprompt ARGS` in a process of its own; its output captured."""
     return subprocess.run([*SOFTPROMPT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ---- a driver stopped at a named point, by one of its trials ----
+
+STOP_FILE = "stop.json"  # in the search's train.output_dir: which trial stops the driver, when and how
+
+
+def _start_number(folder: Path) -> int:
+    """This trial's place in the order trials started (1, 2, ...), claimed with a file each."""
+    number = 1
+    while True:
+        try:
+            os.close(os.open(folder / f"started-{number}", os.O_CREAT | os.O_EXCL))
+            return number
+        except FileExistsError:
+            number += 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def stops_the_driver(config, base, metric, mode, gpu_fraction=0.0, tracking=None, **options):
+    """The real trainable; but the trial that starts as number `trial` (STOP_FILE), once its step-`step`
+    checkpoint is registered and Tune's saved state names it and shows the trials before it ended, sends
+    the driver `signal` and parks until the driver is gone or Tune stops it. Where the driver stops is
+    then certain, not a race between the test and the trials."""
+    import signal
+    import time
+
+    from ray import tune
+
+    from search.record import COMPLETED, SearchRecord
+    from trainables.trainable import tune_trial
+
+    folder = Path(base["output_dir"])
+    stop = json.loads((folder / STOP_FILE).read_text())
+    report = tune.report
+
+    def saved_as_expected() -> bool:
+        rows = SearchRecord.load(stop["storage_path"], stop["name"]).trials
+        mine = [r for r in rows if r["trial_id"] == tune.get_context().get_trial_id()]
+        return (sum(r["status"] == COMPLETED for r in rows) >= stop["trial"] - 1 and len(mine) == 1
+                and mine[0]["step"] == stop["step"] and mine[0]["prompt"] is not None)
+
+    def report_then_stop(metrics, checkpoint=None):
+        report(metrics, checkpoint=checkpoint)  # returns once the driver has registered the checkpoint
+        if metrics["step"] != stop["step"]:
+            return
+        driver = int((folder / "driver.pid").read_text())
+        deadline = time.monotonic() + 120  # a guard: Tune saves its state every few seconds
+        while not saved_as_expected() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(driver, getattr(signal, stop["signal"]))
+        deadline = time.monotonic() + 300
+        while _alive(driver) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os._exit(0)  # nothing more from this attempt: the driver that ran it is gone
+
+    if tune.get_checkpoint() is None and _start_number(folder) == stop["trial"]:
+        tune.report = report_then_stop
+    try:
+        tune_trial(config, base, metric, mode, gpu_fraction, tracking, **options)
+    finally:
+        tune.report = report  # workers are reused by later trials
+
+
+stops_the_driver.__name__ = "tune_trial"  # Tune resumes a search only with a trainable of the name it started with
+
+# The driver: `softprompt ARGS` with stops_the_driver as the search's trainable.
+STOPPED_DRIVER = """
+import functools, os, sys
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[1])
+import conftest, ray
+import search.tuner
+from search.cli import main
+
+ray.cloudpickle.register_pickle_by_value(conftest)  # trial workers cannot import it by name
+Path(sys.argv[2], "driver.pid").write_text(str(os.getpid()))
+search.tuner.run_search = functools.partial(search.tuner.run_search, trainable=conftest.stops_the_driver)
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def run_stopped(config: Path, signal_name: str, trial: int, step: int, *args: str, env: dict,
+                log: Path | None = None) -> subprocess.CompletedProcess:
+    """`softprompt search run CONFIG ARGS` (the config's trials run one at a time), stopped by `signal_name`
+    (SIGINT: Ctrl-C; SIGKILL: a kill, nothing flushed) once the `trial`-th trial to start has its step-`step`
+    checkpoint registered and saved in Tune's state, the trials before it finished. Output to `log`, or captured."""
+    values = yaml.safe_load(config.read_text())
+    folder = Path(values["train"]["output_dir"])
+    (folder / STOP_FILE).write_text(json.dumps({"signal": signal_name, "trial": trial, "step": step,
+                                                "storage_path": values["storage_path"], "name": values["name"]}))
+    command = [sys.executable, "-c", STOPPED_DRIVER, str(Path(__file__).parent), str(folder), "search", "run",
+               str(config), *args]
+    if log is None:
+        return subprocess.run(command, env=env, cwd=folder, capture_output=True, text=True, timeout=600)
+    with open(log, "w") as out:
+        return subprocess.run(command, env=env, cwd=folder, stdout=out, stderr=subprocess.STDOUT, text=True,
+                              timeout=600)
