@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import optuna
 import pytest
 import ray
 import yaml
+from conftest import free_port
 from mlflow.tracking import MlflowClient
 from moto.server import ThreadedMotoServer
 
@@ -44,17 +44,11 @@ SECRET = "sk-softprompt-s3-secret-7d2e01"  # the secret access key the drivers r
 REGION = "us-east-1"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3():
     """A running S3 server with an empty bucket; its mirrors under SOFTPROMPT_CACHE go at the end."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint, bucket = f"http://127.0.0.1:{port}", f"softprompt-test-{uuid.uuid4().hex[:8]}"
@@ -124,7 +118,8 @@ def search_values(model_dir, storage_path: str, name: str, folder: Path, **overr
     return {"name": name, "trials": 2, "max_steps": 8, "concurrency": 2, "scheduler": "none",
             "metric": "best_dev_accuracy", "storage_path": storage_path, "seed": 0,
             "train": {"model": str(model_dir), "task": "rotten_tomatoes", "batch_size": 4, "eval_every": 4,
-                      "max_eval_examples": 16, "max_train_examples": 64, "output_dir": str(folder)}, **overrides}
+                      "max_eval_examples": 16, "max_train_examples": 64, "confirm_examples": 8,
+                      "max_test_examples": 16, "output_dir": str(folder)}, **overrides}
 
 
 # ---- a search on S3, read back from another machine ----
@@ -209,13 +204,14 @@ def test_a_missing_search_or_bucket_and_an_unreachable_server_are_one_line_error
         f"(no {CONFIG_FILE} there)"]
 
     config = tmp_path / "search.yaml"
-    config.write_text(yaml.safe_dump(search_values(tiny_llama_dir, "s3://softprompt-no-such-bucket/x", "nowhere", tmp_path)))
+    nowhere = search_values(tiny_llama_dir, "s3://softprompt-no-such-bucket/x", "nowhere", tmp_path)
+    config.write_text(yaml.safe_dump(nowhere))
     assert main(["search", "run", str(config), "--tracking-uri", "none"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "storage_path = 's3://softprompt-no-such-bucket/x' is not allowed" in lines[0]
     assert "bucket 'softprompt-no-such-bucket' does not exist there" in lines[0]
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     assert main(["search", "best", "on-s3", "--storage-path", f"s3://{s3['bucket']}/searches"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "that this machine can reach" in lines[0], lines
@@ -282,15 +278,16 @@ def killed_on_s3_and_resumed(s3, ray_cluster, tiny_llama_dir, tmp_path_factory):
     with open(tmp / "resume.log", "w") as log:
         resumed = subprocess.run([*softprompt, "search", "resume", name, "--storage-path", storage_path],
                                  env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, timeout=500)
-    return {"before": before, "after": snapshot(tmp), "resume_code": resumed.returncode, "prefix": prefix, "running": running,
-            "logs": (tmp / "run.log").read_text() + (tmp / "resume.log").read_text()}
+    return {"before": before, "after": snapshot(tmp), "resume_code": resumed.returncode, "prefix": prefix,
+            "running": running, "logs": (tmp / "run.log").read_text() + (tmp / "resume.log").read_text()}
 
 
 def test_a_driver_killed_mid_search_on_s3_resumes_elsewhere_with_nothing_lost(s3, killed_on_s3_and_resumed):
     before, after = killed_on_s3_and_resumed["before"], killed_on_s3_and_resumed["after"]
     running, logs = killed_on_s3_and_resumed["running"], killed_on_s3_and_resumed["logs"]
+    states = (("before", before), ("after", after))
     seen = "\n".join([f"{when}: trials {[(tid, r['status'], r['step']) for tid, r in state['rows'].items()]}, "
-                       f"Optuna {[t[:2] for t in state['optuna']]}" for when, state in (("before", before), ("after", after))]
+                       f"Optuna {[t[:2] for t in state['optuna']]}" for when, state in states]
                       + [f"running {running}", logs[-4000:]])
     assert killed_on_s3_and_resumed["resume_code"] == 0, seen
     finished = {tid for tid, r in before["rows"].items() if r["status"] == "completed"}
