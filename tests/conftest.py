@@ -119,6 +119,8 @@ def tiny_search_values(model_dir, folder: Path, **overrides) -> dict:
                         "max_test_examples": 16, "output_dir": str(folder)}}
     for key, value in overrides.items():
         values[key] = {**values["train"], **value} if key == "train" else value
+    if values.get("sampler") == "grid" and "trials" not in overrides:
+        del values["trials"]  # a grid runs each of its cells once
     return values
 
 
