@@ -5,12 +5,15 @@ port, a search's Optuna trials, `softprompt` in a process of its own, and a driv
 trials stops (Ctrl-C or a kill) at a named point."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -168,6 +171,23 @@ def on_session_ray() -> dict:
 def softprompt(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """`softprompt ARGS` in a process of its own; its output captured."""
     return subprocess.run([*SOFTPROMPT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+class StubTune:
+    """What the trainable (trainables/trainable.py) reads of `ray.tune`, without Ray: a checkpoint to resume
+    from (or none), and the reports, each with a copy of its checkpoint folder."""
+
+    def __init__(self, keep: Path, resume_from: Path | None = None):
+        self.keep, self.resume_from, self.reports = keep, resume_from, []
+        self.Checkpoint = SimpleNamespace(from_directory=lambda folder: shutil.copytree(
+            folder, keep / f"checkpoint_{len(self.reports)}"))
+
+    def get_checkpoint(self):
+        folder = self.resume_from
+        return folder and SimpleNamespace(as_directory=lambda: contextlib.nullcontext(str(folder)))
+
+    def report(self, metrics: dict, checkpoint=None) -> None:
+        self.reports.append(metrics)
 
 
 # ---- a driver stopped at a named point, by one of its trials ----

@@ -13,7 +13,7 @@ import pytest
 import ray
 import torch
 import yaml
-from conftest import study_trials
+from conftest import StubTune, study_trials
 from conftest import tiny_search as shared_tiny_search
 from ray import tune
 
@@ -316,18 +316,23 @@ def overflowing_llama_dir(tiny_llama_dir, tmp_path_factory):
     return folder
 
 
-def test_a_diverging_trial_ends_as_diverged_and_the_search_goes_on(ray_cluster, tiny_llama_dir,
-                                                                   overflowing_llama_dir, tmp_path):
-    models = [str(tiny_llama_dir), str(overflowing_llama_dir)]
-    cfg = tiny_search(tiny_llama_dir, tmp_path, name="diverge", trials=2, scheduler="none", metric="best_dev_accuracy",
-                      space={"model": {"choices": models}}, points_to_evaluate=[{"model": m} for m in models])
-    run_search(cfg)
-    rows = {r["params"]["model"]: r for r in SearchRecord.load(cfg.storage_path, cfg.name).trials}
-    assert rows[str(overflowing_llama_dir)]["status"] == "diverged"
-    assert rows[str(overflowing_llama_dir)]["metric"] == 0.0  # the worst accuracy, finite for Optuna
-    assert rows[str(tiny_llama_dir)]["status"] == "completed" and rows[str(tiny_llama_dir)]["metric"] > 0.0
-    states = {t.params["model"]: t.state.name for t in study_trials(cfg)}
-    assert states == {models[0]: "COMPLETE", models[1]: "COMPLETE"}  # no trial left RUNNING in the study
+def test_a_trial_on_a_model_whose_loss_overflows_ends_as_diverged_at_the_worst_metric(
+        tiny_llama_dir, overflowing_llama_dir, tmp_path, monkeypatch):
+    """The real trainable, without Ray (conftest's StubTune), on the overflowing model and on the healthy one.
+    That a search goes on past a diverged trial, with every Optuna trial told, is tests/test_reliability.py's
+    fault 3 and tests/test_trial_faults.py's diverging searches."""
+    import trainables.trainable as trainable
+
+    base = tiny_search(tiny_llama_dir, tmp_path, scheduler="none", metric="best_dev_accuracy").train.to_dict()
+    last = {}
+    for name, model in (("overflowing", overflowing_llama_dir), ("healthy", tiny_llama_dir)):
+        stub = StubTune(tmp_path / name)
+        monkeypatch.setattr(trainable, "tune", stub)
+        trainable.tune_trial({"model": str(model)}, base, "best_dev_accuracy", "max")
+        last[name] = stub.reports[-1]
+    assert last["overflowing"]["status"] == "diverged"
+    assert last["overflowing"]["best_dev_accuracy"] == 0.0  # the worst accuracy, finite for Optuna
+    assert last["healthy"]["status"] == "completed" and last["healthy"]["best_dev_accuracy"] > 0.0
 
 
 def record_resources(config, base, metric, mode, gpu_fraction):

@@ -3,19 +3,15 @@ metric ASHA and Optuna read (issue 15, item 1), a trial gets its own optimizer's
 and the kept prompt is the best by the search's own metric (item 6)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import shutil
 import sys
-from pathlib import Path
-from types import SimpleNamespace
 
 import optuna
 import pytest
 import ray
 import torch
-from conftest import study_trials
+from conftest import StubTune, study_trials
 from conftest import tiny_search as shared_tiny_search
 from ray import tune
 
@@ -288,23 +284,6 @@ def test_a_retried_trial_whose_checkpoint_is_incomplete_starts_over_and_complete
 
 
 # ---- a trial resumed in another dtype says so ----
-
-class StubTune:
-    """What tune_trial reads of `ray.tune`, without Ray: a checkpoint to resume from (or none), and the
-    reports, each with a copy of its checkpoint folder."""
-
-    def __init__(self, keep: Path, resume_from: Path | None = None):
-        self.keep, self.resume_from, self.reports = keep, resume_from, []
-        self.Checkpoint = SimpleNamespace(from_directory=lambda folder: shutil.copytree(
-            folder, keep / f"checkpoint_{len(self.reports)}"))
-
-    def get_checkpoint(self):
-        folder = self.resume_from
-        return folder and SimpleNamespace(as_directory=lambda: contextlib.nullcontext(str(folder)))
-
-    def report(self, metrics: dict, checkpoint=None) -> None:
-        self.reports.append(metrics)
-
 
 def test_a_trial_resumed_in_another_dtype_records_both_and_says_so(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     import trainables.trainable as trainable
