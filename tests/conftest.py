@@ -231,7 +231,10 @@ def stops_the_driver(config, base, metric, mode, gpu_fraction=0.0, tracking=None
     report = tune.report
 
     def saved_as_expected() -> bool:
-        rows = SearchRecord.load(stop["storage_path"], stop["name"]).trials
+        try:
+            rows = SearchRecord.load(stop["storage_path"], stop["name"]).trials
+        except Exception:  # noqa: BLE001 - read while the driver writes it: look again
+            return False
         mine = [r for r in rows if r["trial_id"] == tune.get_context().get_trial_id()]
         return (sum(r["status"] == COMPLETED for r in rows) >= stop["trial"] - 1 and len(mine) == 1
                 and mine[0]["step"] == stop["step"] and mine[0]["prompt"] is not None)
