@@ -206,6 +206,21 @@ def _start_number(folder: Path) -> int:
             number += 1
 
 
+@contextlib.contextmanager
+def _environment(values: dict):
+    """os.environ with `values` set, as it was after."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -232,7 +247,8 @@ def stops_the_driver(config, base, metric, mode, gpu_fraction=0.0, tracking=None
 
     def saved_as_expected() -> bool:
         try:
-            rows = SearchRecord.load(stop["storage_path"], stop["name"]).trials
+            with _environment(stop["env"]):  # what reading the search's storage takes (an S3 endpoint, keys)
+                rows = SearchRecord.load(stop["storage_path"], stop["name"]).trials
         except Exception:  # noqa: BLE001 - read while the driver writes it: look again
             return False
         mine = [r for r in rows if r["trial_id"] == tune.get_context().get_trial_id()]
@@ -281,14 +297,17 @@ sys.exit(main(sys.argv[3:]))
 
 
 def run_stopped(config: Path, signal_name: str, trial: int, step: int, *args: str, env: dict,
-                log: Path | None = None) -> subprocess.CompletedProcess:
+                log: Path | None = None, storage_env: dict | None = None) -> subprocess.CompletedProcess:
     """`softprompt search run CONFIG ARGS` (the config's trials run one at a time), stopped by `signal_name`
     (SIGINT: Ctrl-C; SIGKILL: a kill, nothing flushed) once the `trial`-th trial to start has its step-`step`
-    checkpoint registered and saved in Tune's state, the trials before it finished. Output to `log`, or captured."""
+    checkpoint registered and saved in Tune's state, the trials before it finished. `storage_env`: what the
+    trial needs in its environment to read that state (the session's workers started without it). Output to
+    `log`, or captured."""
     values = yaml.safe_load(config.read_text())
     folder = Path(values["train"]["output_dir"])
     (folder / STOP_FILE).write_text(json.dumps({"signal": signal_name, "trial": trial, "step": step,
-                                                "storage_path": values["storage_path"], "name": values["name"]}))
+                                                "storage_path": values["storage_path"], "name": values["name"],
+                                                "env": storage_env or {}}))
     command = [sys.executable, "-c", STOPPED_DRIVER, str(Path(__file__).parent), str(folder), "search", "run",
                str(config), *args]
     if log is None:
