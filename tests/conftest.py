@@ -206,21 +206,6 @@ def _start_number(folder: Path) -> int:
             number += 1
 
 
-@contextlib.contextmanager
-def _environment(values: dict):
-    """os.environ with `values` set, as it was after."""
-    before = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -246,11 +231,18 @@ def stops_the_driver(config, base, metric, mode, gpu_fraction=0.0, tracking=None
     report = tune.report
 
     def saved_as_expected() -> bool:
+        before = {key: os.environ.get(key) for key in stop["env"]}
+        os.environ.update(stop["env"])  # what reading the search's storage takes (an S3 endpoint, keys)
         try:
-            with _environment(stop["env"]):  # what reading the search's storage takes (an S3 endpoint, keys)
-                rows = SearchRecord.load(stop["storage_path"], stop["name"]).trials
+            rows = SearchRecord.load(stop["storage_path"], stop["name"]).trials
         except Exception:  # noqa: BLE001 - read while the driver writes it: look again
             return False
+        finally:  # as it was: the worker's later trials reach storage as a cluster's would
+            for key, value in before.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         mine = [r for r in rows if r["trial_id"] == tune.get_context().get_trial_id()]
         return (sum(r["status"] == COMPLETED for r in rows) >= stop["trial"] - 1 and len(mine) == 1
                 and mine[0]["step"] == stop["step"] and mine[0]["prompt"] is not None)
