@@ -47,14 +47,6 @@ def lm_adapt(model, corpus, out, *extra: str, env: dict | None = None, **popen) 
                           env={**os.environ, **(env or {})}, **popen)
 
 
-@pytest.fixture(scope="module")
-def adapted(tiny_t5_dir, corpus, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("adapted")
-    done = lm_adapt(tiny_t5_dir, corpus, tmp / "out", "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", cwd=tmp)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return {"tmp": tmp, "out": tmp / "out", "uri": f"sqlite:///{tmp / 'mlflow.db'}", "stdout": done.stdout}
-
-
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 
@@ -90,16 +82,18 @@ def test_the_job_is_one_mlflow_run_with_its_loss_curve(adapted):
     assert run.info.status == "FINISHED"
 
 
+# `softprompt lm-adapt ARGS`, its rank 0 copying OUT at two moments: when its step-2 and step-4 lines say its
+# state is saved, OUT is copied as a kill right then would leave it (rank 0 waits in the copy, rank 1 for rank
+# 0 in the next step's all-reduce). The job is otherwise the command's own, run to its end.
 TOLD = textwrap.dedent("""
-    import shutil, sys
+    import functools, shutil, sys
     import adaptation.lm_adapt
-    from adaptation.lm_adapt import AdaptConfig, run_adaptation, train_worker
+    from adaptation.lm_adapt import run_adaptation, train_worker
+    from search.cli import main
 
-    copies, model, corpus, out = sys.argv[1:]  # captured by value: a worker's own sys.argv is Ray's
+    copies, out = sys.argv[1:3]  # captured by value: a worker's own sys.argv is Ray's
 
     def copied_when_told(config):
-        # When rank 0's step-2 and step-4 lines say its state is saved, OUT is copied as a kill right then
-        # would leave it: rank 0 waits in the copy, rank 1 for rank 0 in the next step's all-reduce.
         def print_then_copy(line, **kwargs):
             print(line, **kwargs)
             step = line.split()[2].split("/")[0]
@@ -108,20 +102,29 @@ TOLD = textwrap.dedent("""
         adaptation.lm_adapt.print = print_then_copy
         train_worker(config)
 
-    run_adaptation(AdaptConfig(model=model, corpus=corpus, steps=(4, 8), out=out, workers=2, batch_size=4, seq_len=32,
-                               checkpoint_every=2, log_every=2), worker=copied_when_told)
+    adaptation.lm_adapt.run_adaptation = functools.partial(run_adaptation, worker=copied_when_told)
+    sys.exit(main(sys.argv[3:]))
 """)
 
 
 @pytest.fixture(scope="module")
-def told(tiny_t5_dir, corpus, tmp_path_factory) -> Path:
-    """OUT as a kill leaves it the moment rank 0 says its step-2 (told-2) and its step-4 (told-4) state is saved."""
-    tmp = tmp_path_factory.mktemp("told")
+def adapted(tiny_t5_dir, corpus, tmp_path_factory):
+    """One tracked `softprompt lm-adapt` job to step 8, and OUT as a kill leaves it the moment rank 0 says its
+    step-2 (told-2) and its step-4 (told-4) state is saved."""
+    tmp = tmp_path_factory.mktemp("adapted")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
     (tmp / "told.py").write_text(TOLD)
-    done = subprocess.run([sys.executable, str(tmp / "told.py"), str(tmp), str(tiny_t5_dir), str(corpus),
-                           str(tmp / "out")], cwd=tmp, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(tmp / "told.py"), str(tmp), str(tmp / "out"), "lm-adapt",
+                           str(tiny_t5_dir), "--corpus", str(corpus), *JOB, "--out", str(tmp / "out"),
+                           "--tracking-uri", uri], cwd=tmp, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return tmp
+    return {"tmp": tmp, "out": tmp / "out", "uri": uri, "stdout": done.stdout}
+
+
+@pytest.fixture(scope="module")
+def told(adapted) -> Path:
+    """The folder holding told-2 and told-4."""
+    return adapted["tmp"]
 
 
 def checkpoint_folders(out: Path) -> list[Path]:
