@@ -38,11 +38,10 @@ def softprompt_errors(stderr: str) -> list[str]:
 
 # ---- resources no node can give ----
 
+# A GPU share on a machine without GPUs: tests/test_bad_input.py, which also checks nothing is announced before.
 @pytest.mark.parametrize("setting,line", [
     ("cpus_per_trial=64", "cpus_per_trial = 64 is not allowed: at most {cpus}, the most CPUs one node of this local "
                           "Ray has, and it cannot add nodes (a trial runs on one node)"),
-    ("gpus_per_trial=0.5", "gpus_per_trial = 0.5 is not allowed: at most 0, the most GPUs one node of this local "
-                           "Ray has, and it cannot add nodes (a trial runs on one node)"),
 ])
 def test_a_local_search_asking_for_more_than_the_machine_has_is_refused_before_it_exists(
         tiny_llama_dir, tmp_path, setting, line):
