@@ -1,4 +1,5 @@
-"""The search: Optuna spaces, the Tuner with ASHA, divergence, resume, fractional GPUs, bad configs."""
+"""The search: Optuna spaces, the Tuner with ASHA, divergence, fractional GPUs, bad configs (Ctrl-C and resume:
+tests/test_driver_faults.py)."""
 from __future__ import annotations
 
 import json
