@@ -293,17 +293,21 @@ def _cluster_workers(cfg: AdaptConfig, started_here: bool) -> tuple[int, bool, i
     return workers, False, threads
 
 
-def check_resumed_job(cfg: AdaptConfig, state: Path) -> None:
+def check_resumed_job(cfg: AdaptConfig, state: Path, record_new: bool = True) -> None:
     """A job resumed in OUT must train as the one that started there did (more steps may be asked
-    for); the first run records how."""
+    for); the first run records how (`record_new`). A --workers left to the cluster (None: not known
+    before Ray starts) is compared once it is known."""
     job = {"model": cfg.model, **{k: getattr(cfg, k) for k in JOB_FIELDS}}
     record = state / JOB_FILE
     if not record.is_file():
-        state.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(job, indent=2))
+        if record_new:
+            state.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps(job, indent=2))
         return
     started = json.loads(record.read_text())
     for key, value in job.items():
+        if key == "workers" and value is None:
+            continue
         if started.get(key) != value:
             flag = "model" if key == "model" else f"--{key.replace('_', '-')}"
             raise ConfigError(flag, value, f"{started.get(key)!r}, as the job in {Path(cfg.out)} started (it resumes "
@@ -346,6 +350,8 @@ def run_adaptation(cfg: AdaptConfig, worker=train_worker) -> Path:
     from search.resources import addable_node_types
 
     check_config(cfg)
+    resolved = Path(cfg.out).resolve()  # a resume with other settings is refused before Ray starts, in seconds
+    check_resumed_job(dataclasses.replace(cfg, out=str(resolved)), resolved / STATE_DIR, record_new=False)
     source = model_source(cfg.model)
     texts = read_corpus(cfg.corpus, cfg.text_column, cfg.corpus_config)
     stream = tokenize_corpus(texts, AutoTokenizer.from_pretrained(source), cfg.seq_len, cfg.corpus)

@@ -1,9 +1,23 @@
 """Shared fixtures: the SmolLM2 tokenizer, tiny random Llama and T5 backbones built on it (saved to
-disk and loaded through `load_backbone`, so the real loading code runs), and the real SmolLM2."""
+disk and loaded through `load_backbone`, so the real loading code runs), and the real SmolLM2.
+Shared helpers, imported by the test modules (`from conftest import ...`): a test-sized search, a free
+port, a search's Optuna trials, `softprompt` in a process of its own, and a driver that one of its own
+trials stops (Ctrl-C or a kill) at a named point."""
 from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from trainables.backbone import _smollm2_folder, load_backbone
@@ -92,3 +106,204 @@ def repository_stays_clean():
     yield
     leaked = {name for name in watched if (root / name).exists()} - before
     assert not leaked, f"the test session created {sorted(leaked)} in {root}"
+
+
+# ---- helpers the test modules import ----
+
+def tiny_search_values(model_dir, folder: Path, **overrides) -> dict:
+    """A search sized for a test: 2 trials of 4 steps on the tiny model, 64 training and 16 dev examples.
+    A trial confirms its prompt on 8 more dev examples, and the driver's verdict scores 16 test examples
+    (a search's own defaults are 500 and the whole test split, what a user wants and a test does not need).
+    `train` overrides are merged into the trial fields; every other key replaces the search field."""
+    values = {"name": "tiny", "trials": 2, "max_steps": 4, "concurrency": 2, "scheduler": "none",
+              "metric": "best_dev_accuracy", "storage_path": str(folder / "runs"), "seed": 0,
+              "train": {"model": str(model_dir), "task": "rotten_tomatoes", "batch_size": 4, "eval_every": 2,
+                        "max_eval_examples": 16, "max_train_examples": 64, "confirm_examples": 8,
+                        "max_test_examples": 16, "output_dir": str(folder)}}
+    for key, value in overrides.items():
+        values[key] = {**values["train"], **value} if key == "train" else value
+    if values.get("sampler") == "grid" and "trials" not in overrides:
+        del values["trials"]  # a grid runs each of its cells once
+    return values
+
+
+def tiny_search(model_dir, folder: Path, **overrides):
+    """tiny_search_values, validated: a SearchConfig."""
+    from search.config import search_config
+
+    return search_config(tiny_search_values(model_dir, folder, **overrides))
+
+
+def tiny_search_file(model_dir, folder: Path, **overrides) -> Path:
+    """tiny_search_values as a config file (`softprompt search run FILE`), named after the search."""
+    values = tiny_search_values(model_dir, folder, **overrides)
+    path = folder / f"{values['name']}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def study_trials(cfg) -> list:
+    """The search's Optuna trials, from its study on local storage."""
+    import optuna
+
+    from search.storage import SearchStorage
+
+    folder = SearchStorage(cfg.storage_path, cfg.name).folder
+    return optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{folder / 'optuna.db'}").trials
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SOFTPROMPT = [sys.executable, "-m", "search.cli"]
+
+
+def on_session_ray() -> dict:
+    """The environment of a command that joins this session's Ray cluster (ray_cluster must be running)."""
+    import ray
+
+    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+
+def softprompt(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`softprompt ARGS` in a process of its own; its output captured."""
+    return subprocess.run([*SOFTPROMPT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+class StubTune:
+    """What the trainable (trainables/trainable.py) reads of `ray.tune`, without Ray: a checkpoint to resume
+    from (or none), and the reports, each with a copy of its checkpoint folder."""
+
+    def __init__(self, keep: Path, resume_from: Path | None = None):
+        self.keep, self.resume_from, self.reports = keep, resume_from, []
+        self.Checkpoint = SimpleNamespace(from_directory=lambda folder: shutil.copytree(
+            folder, keep / f"checkpoint_{len(self.reports)}"))
+
+    def get_checkpoint(self):
+        folder = self.resume_from
+        return folder and SimpleNamespace(as_directory=lambda: contextlib.nullcontext(str(folder)))
+
+    def report(self, metrics: dict, checkpoint=None) -> None:
+        self.reports.append(metrics)
+
+
+# ---- a driver stopped at a named point, by one of its trials ----
+
+STOP_FILE = "stop.json"  # in the search's train.output_dir: which trial stops the driver, when and how
+
+
+def _start_number(folder: Path) -> int:
+    """This trial's place in the order trials started (1, 2, ...), claimed with a file each."""
+    number = 1
+    while True:
+        try:
+            os.close(os.open(folder / f"started-{number}", os.O_CREAT | os.O_EXCL))
+            return number
+        except FileExistsError:
+            number += 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def stops_the_driver(config, base, metric, mode, gpu_fraction=0.0, tracking=None, **options):
+    """The real trainable; but the trial that starts as number `trial` (STOP_FILE), once its step-`step`
+    checkpoint is registered and Tune's saved state names it and shows the trials before it ended, sends
+    the driver `signal` and parks until the driver is gone or Tune stops it. Where the driver stops is
+    then certain, not a race between the test and the trials."""
+    import signal
+    import time
+
+    from ray import tune
+
+    from search.record import COMPLETED, SearchRecord
+    from trainables.trainable import tune_trial
+
+    folder = Path(base["output_dir"])
+    stop = json.loads((folder / STOP_FILE).read_text())
+    report = tune.report
+
+    def saved_as_expected() -> bool:
+        before = {key: os.environ.get(key) for key in stop["env"]}
+        os.environ.update(stop["env"])  # what reading the search's storage takes (an S3 endpoint, keys)
+        try:
+            rows = SearchRecord.load(stop["storage_path"], stop["name"]).trials
+        except Exception:  # noqa: BLE001 - read while the driver writes it: look again
+            return False
+        finally:  # as it was: the worker's later trials reach storage as a cluster's would
+            for key, value in before.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        mine = [r for r in rows if r["trial_id"] == tune.get_context().get_trial_id()]
+        return (sum(r["status"] == COMPLETED for r in rows) >= stop["trial"] - 1 and len(mine) == 1
+                and mine[0]["step"] == stop["step"] and mine[0]["prompt"] is not None)
+
+    def report_then_stop(metrics, checkpoint=None):
+        report(metrics, checkpoint=checkpoint)  # returns once the driver has registered the checkpoint
+        if metrics["step"] != stop["step"]:
+            return
+        driver = int((folder / "driver.pid").read_text())
+        deadline = time.monotonic() + 120  # a guard: Tune saves its state every few seconds
+        while not saved_as_expected() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(driver, getattr(signal, stop["signal"]))
+        deadline = time.monotonic() + 300
+        while _alive(driver) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os._exit(0)  # nothing more from this attempt: the driver that ran it is gone
+
+    if tune.get_checkpoint() is None and _start_number(folder) == stop["trial"]:
+        tune.report = report_then_stop
+    try:
+        tune_trial(config, base, metric, mode, gpu_fraction, tracking, **options)
+    finally:
+        tune.report = report  # workers are reused by later trials
+
+
+stops_the_driver.__name__ = "tune_trial"  # Tune resumes a search only with a trainable of the name it started with
+
+# The driver: `softprompt ARGS` with stops_the_driver as the search's trainable.
+STOPPED_DRIVER = """
+import functools, os, sys
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[1])
+import conftest, ray
+import search.tuner
+from search.cli import main
+
+ray.cloudpickle.register_pickle_by_value(conftest)  # trial workers cannot import it by name
+Path(sys.argv[2], "driver.pid").write_text(str(os.getpid()))
+search.tuner.run_search = functools.partial(search.tuner.run_search, trainable=conftest.stops_the_driver)
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def run_stopped(config: Path, signal_name: str, trial: int, step: int, *args: str, env: dict,
+                log: Path | None = None, storage_env: dict | None = None) -> subprocess.CompletedProcess:
+    """`softprompt search run CONFIG ARGS` (the config's trials run one at a time), stopped by `signal_name`
+    (SIGINT: Ctrl-C; SIGKILL: a kill, nothing flushed) once the `trial`-th trial to start has its step-`step`
+    checkpoint registered and saved in Tune's state, the trials before it finished. `storage_env`: what the
+    trial needs in its environment to read that state (the session's workers started without it). Output to
+    `log`, or captured."""
+    values = yaml.safe_load(config.read_text())
+    folder = Path(values["train"]["output_dir"])
+    (folder / STOP_FILE).write_text(json.dumps({"signal": signal_name, "trial": trial, "step": step,
+                                                "storage_path": values["storage_path"], "name": values["name"],
+                                                "env": storage_env or {}}))
+    command = [sys.executable, "-c", STOPPED_DRIVER, str(Path(__file__).parent), str(folder), "search", "run",
+               str(config), *args]
+    if log is None:
+        return subprocess.run(command, env=env, cwd=folder, capture_output=True, text=True, timeout=600)
+    with open(log, "w") as out:
+        return subprocess.run(command, env=env, cwd=folder, stdout=out, stderr=subprocess.STDOUT, text=True,
+                              timeout=600)

@@ -34,6 +34,7 @@ import numpy as np
 import psutil
 import pytest
 import yaml
+from conftest import free_port
 
 from adaptation.manifest import read_manifest
 from search.cluster import check_cluster_file
@@ -90,7 +91,8 @@ def _dashboard_on_all_interfaces(c):
 
 
 def _no_token_auth(c):
-    c["worker_start_ray_commands"][-1] = c["worker_start_ray_commands"][-1].replace("export RAY_AUTH_MODE=token && ", "")
+    command = c["worker_start_ray_commands"][-1]
+    c["worker_start_ray_commands"][-1] = command.replace("export RAY_AUTH_MODE=token && ", "")
 
 
 def _usage_stats_on(c):
@@ -154,15 +156,16 @@ def test_cluster_check_cli_prints_one_line_per_problem_and_exits_2(tmp_path):
 
 def test_submit_refuses_a_storage_path_that_not_every_node_shares_before_connecting():
     result = subprocess.run([*SOFTPROMPT, "submit", str(ROOT / "examples" / "demo.yaml"), "--address",
-                             f"http://127.0.0.1:{_free_port()}"], capture_output=True, text=True, timeout=120)
+                             f"http://127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"softprompt: error: {ROOT / 'examples' / 'demo.yaml'}: storage_path = 'runs/search' is not allowed: s3://BUCKET/PREFIX, "
-        f"or an absolute path on storage every node mounts, e.g. /mnt/softprompt/runs (--set storage_path=...)"]
+        f"softprompt: error: {ROOT / 'examples' / 'demo.yaml'}: storage_path = 'runs/search' is not allowed: "
+        f"s3://BUCKET/PREFIX, or an absolute path on storage every node mounts, e.g. /mnt/softprompt/runs "
+        f"(--set storage_path=...)"]
 
 
 def test_jobs_commands_say_in_one_line_that_no_cluster_answers():
-    address = f"http://127.0.0.1:{_free_port()}"
+    address = f"http://127.0.0.1:{free_port()}"
     result = subprocess.run([*SOFTPROMPT, "jobs", "status", "raysubmit_x", "--address", address],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
@@ -172,12 +175,6 @@ def test_jobs_commands_say_in_one_line_that_no_cluster_answers():
 
 
 # ---- ray up, submit, MLflow, export, ray down: real, on loopback ----
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _listening(port: int) -> bool:
     with socket.socket() as s:
@@ -304,32 +301,37 @@ def _missing_prerequisite() -> str | None:
     return None
 
 
-def test_without_rsync_the_loopback_test_skips_outside_ci_and_fails_in_ci(tmp_path):
-    """`make test` on a machine that cannot install sshd/rsync must pass, naming what is missing;
-    CI (CI=true) must never skip it. rsync is hidden by a PATH that holds everything else."""
+def skip_or_fail(missing: str | None, ci: bool) -> None:
+    """A machine without what the loopback test needs: `make test` skips it, naming what is missing; CI
+    (CI=true) fails it, since a skip there would hide a broken path."""
+    if missing and ci:
+        pytest.fail(missing)
+    if missing:
+        pytest.skip(f"{missing}; CI=true makes this a failure")
+
+
+def test_without_rsync_the_loopback_test_skips_outside_ci_and_fails_in_ci(tmp_path, monkeypatch):
+    """rsync is hidden by a PATH that holds everything else."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for folder in ("/usr/local/bin", "/usr/bin", "/bin"):
         for tool in Path(folder).iterdir():
             if tool.name != "rsync" and not (bin_dir / tool.name).exists():
                 (bin_dir / tool.name).symlink_to(tool)
-    test = f"{Path(__file__)}::test_ray_up_submit_track_export_and_ray_down_on_loopback"
-    env = {key: value for key, value in os.environ.items() if key != "CI"}
-    env["PATH"] = f"{Path(sys.executable).parent}:{bin_dir}"
-    local, ci = (_run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test],
-                      timeout=600, cwd=ROOT, env={**env, "CI": value}) for value in ("", "true"))
-    assert local.returncode == 0, local.stdout[-2000:]
-    missing = "openssh-server is not installed" if not SSHD.is_file() else "rsync is not installed"
-    assert local.returncode == 0 and "1 skipped" in local.stdout and missing in local.stdout, local.stdout[-2000:]
-    assert ci.returncode == 1 and "1 failed" in ci.stdout and missing in ci.stdout, ci.stdout[-2000:]
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{bin_dir}")
+    missing = _missing_prerequisite()
+    named = "openssh-server is not installed" if not SSHD.is_file() else "rsync is not installed"
+    assert missing is not None and missing.startswith(named), missing
+    with pytest.raises(pytest.skip.Exception, match=f"{named}.*CI=true makes this a failure"):
+        skip_or_fail(missing, ci=False)
+    with pytest.raises(pytest.fail.Exception, match=named):
+        skip_or_fail(missing, ci=True)
+    skip_or_fail(None, ci=True)  # nothing missing: the test runs, in CI or not
+    skip_or_fail(None, ci=False)
 
 
 def test_ray_up_submit_track_export_and_ray_down_on_loopback(ray_cluster, tiny_llama_dir, tiny_t5_dir, tmp_path):
-    missing = _missing_prerequisite()
-    if missing and os.environ.get("CI") == "true":  # CI must run it: a skip there would hide a broken path
-        pytest.fail(missing)
-    if missing:
-        pytest.skip(f"{missing}; CI=true makes this a failure")
+    skip_or_fail(_missing_prerequisite(), ci=os.environ.get("CI") == "true")
     session_ray = ray_cluster  # this session's own Ray: `ray down` must leave it running
     worker_pid = session_ray.remote(lambda: os.getpid())
     with contextlib.ExitStack() as cleanup:
@@ -340,7 +342,7 @@ def test_ray_up_submit_track_export_and_ray_down_on_loopback(ray_cluster, tiny_l
         namespace = cleanup.enter_context(isolated_sshd(shared, key.with_suffix(".pub").read_text()))
         token = shared / "auth_token"
         token.write_text(secrets.token_hex(32))
-        ports = {name: _free_port() for name in ("gcs", "dashboard", "client", "mlflow", "agent")}
+        ports = {name: free_port() for name in ("gcs", "dashboard", "client", "mlflow", "agent")}
         cluster_file = loopback_cluster_file(shared, key, token, ports)
         cluster_name = load_cluster_name(cluster_file)
         cleanup.callback(_remove_ssh_control_folder, cluster_name)
@@ -369,7 +371,8 @@ def test_ray_up_submit_track_export_and_ray_down_on_loopback(ray_cluster, tiny_l
             "name": "cluster-tiny", "trials": 2, "max_steps": 4, "concurrency": 2, "scheduler": "none",
             "storage_path": str(storage), "seed": 0,
             "train": {"model": str(model), "task": "rotten_tomatoes", "batch_size": 4, "eval_every": 2,
-                      "max_eval_examples": 16, "max_train_examples": 64}}))
+                      "max_eval_examples": 16, "max_train_examples": 64, "confirm_examples": 8,
+                      "max_test_examples": 16}}))
         started = time.time()
         submitted = _run([*SOFTPROMPT, "submit", str(search), "--address", address], timeout=240, env=env, cwd=tmp_path)
         job_seconds = time.time() - started
@@ -380,7 +383,8 @@ def test_ray_up_submit_track_export_and_ray_down_on_loopback(ray_cluster, tiny_l
         jobs = ["--address", address]
         status, logs, stop, unknown = _run_at_once([
             [*SOFTPROMPT, "jobs", "status", job_id, *jobs], [*SOFTPROMPT, "jobs", "logs", job_id, *jobs],
-            [*SOFTPROMPT, "jobs", "stop", job_id, *jobs], [*SOFTPROMPT, "jobs", "status", "raysubmit_nosuchjob", *jobs]],
+            [*SOFTPROMPT, "jobs", "stop", job_id, *jobs],
+            [*SOFTPROMPT, "jobs", "status", "raysubmit_nosuchjob", *jobs]],
             timeout=120, env=env)
         assert "status: SUCCEEDED" in status.stdout, status.stderr
         assert "best trial" in logs.stdout, logs.stderr
@@ -395,7 +399,8 @@ def test_ray_up_submit_track_export_and_ray_down_on_loopback(ray_cluster, tiny_l
             [*SOFTPROMPT, "export", "--run", parent_run_id, "--format", "npy", "--tracking-uri", tracking_uri,
              "--out", str(tmp_path / "from-mlflow.npy")],
             [*SOFTPROMPT, "export", "cluster-tiny", "--format", "npy", "--storage-path", str(storage),
-             "--out", str(tmp_path / "from-storage.npy"), "--tracking-uri", "none"]], timeout=180, env=env, cwd=tmp_path)
+             "--out", str(tmp_path / "from-storage.npy"), "--tracking-uri", "none"]],
+            timeout=180, env=env, cwd=tmp_path)
         assert from_mlflow.returncode == 0, from_mlflow.stderr
         assert from_storage.returncode == 0, from_storage.stderr
         prompt = np.load(tmp_path / "from-mlflow.npy")

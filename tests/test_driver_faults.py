@@ -7,38 +7,24 @@ import csv
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import ray
 import torch
-import yaml
+from conftest import SOFTPROMPT, on_session_ray, run_stopped, softprompt, tiny_search_file
 from mlflow.tracking import MlflowClient
 
 from search.cli import main
 from search.configfile import ConfigError
-from search.resources import check_trial_resources
 from search.record import SearchRecord
+from search.resources import check_trial_resources
 from search.storage import SUMMARY_FILE, SearchStorage
 from trainables.data import encode_task
 from trainables.evaluate import rank_classify
 from trainables.prompt import PromptedModel, SoftPrompt
 from trainables.tasks import file_task
-
-SOFTPROMPT = [sys.executable, "-m", "search.cli"]
-
-
-def tiny_search_file(folder: Path, model_dir, name: str, **values) -> Path:
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": name, "trials": 2, "max_steps": 4, "scheduler": "none", "storage_path": str(folder / "runs"),
-        "train": {"model": str(model_dir), "task": "rotten_tomatoes", "batch_size": 4, "eval_every": 2,
-                  "max_eval_examples": 16, "max_train_examples": 64}, **values}))
-    return path
 
 
 def without_ray_address() -> dict:
@@ -52,15 +38,14 @@ def softprompt_errors(stderr: str) -> list[str]:
 
 # ---- resources no node can give ----
 
+# A GPU share on a machine without GPUs: tests/test_bad_input.py, which also checks nothing is announced before.
 @pytest.mark.parametrize("setting,line", [
     ("cpus_per_trial=64", "cpus_per_trial = 64 is not allowed: at most {cpus}, the most CPUs one node of this local "
                           "Ray has, and it cannot add nodes (a trial runs on one node)"),
-    ("gpus_per_trial=0.5", "gpus_per_trial = 0.5 is not allowed: at most 0, the most GPUs one node of this local "
-                           "Ray has, and it cannot add nodes (a trial runs on one node)"),
 ])
 def test_a_local_search_asking_for_more_than_the_machine_has_is_refused_before_it_exists(
         tiny_llama_dir, tmp_path, setting, line):
-    config = tiny_search_file(tmp_path, tiny_llama_dir, "too-big")
+    config = tiny_search_file(tiny_llama_dir, tmp_path, name="too-big")
     refused = subprocess.run([*SOFTPROMPT, "search", "run", str(config), "--set", setting, "--tracking-uri", "none"],
                              cwd=tmp_path, env=without_ray_address(), capture_output=True, text=True,
                              timeout=300)  # a guard only: before the fix this run waited forever
@@ -73,10 +58,10 @@ def test_a_local_search_asking_for_more_than_the_machine_has_is_refused_before_i
 
 def test_a_search_on_a_cluster_without_an_autoscaler_gets_what_its_nodes_declare(ray_cluster, tiny_llama_dir, tmp_path):
     """The session's cluster declares 2 CPUs and 1 GPU on its one node, and nothing adds nodes."""
-    config = tiny_search_file(tmp_path, tiny_llama_dir, "two-gpus")
+    config = tiny_search_file(tiny_llama_dir, tmp_path, name="two-gpus")
     refused = subprocess.run([*SOFTPROMPT, "search", "run", str(config), "--set", "gpus_per_trial=2",
                               "--tracking-uri", "none"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address})
+                             env=on_session_ray())
     assert refused.returncode == 2, refused.stderr
     assert softprompt_errors(refused.stderr) == [
         "softprompt: error: gpus_per_trial = 2 is not allowed: at most 1, the most GPUs one node of this Ray "
@@ -114,33 +99,44 @@ def test_an_autoscaling_cluster_waits_for_a_node_type_that_fits_and_refuses_one_
 
 # ---- Ctrl-C ----
 
-def test_ctrl_c_stops_a_search_without_scoring_a_winner_and_says_how_to_resume_it(ray_cluster, tiny_llama_dir, tmp_path):
-    config = tiny_search_file(tmp_path, tiny_llama_dir, "ctrl-c", trials=4, max_steps=40, concurrency=1,
-                              train={"model": str(tiny_llama_dir), "task": "rotten_tomatoes", "batch_size": 4,
-                                     "eval_every": 4, "max_eval_examples": 16, "max_train_examples": 64})
-    runs = tmp_path / "runs"
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    driver = subprocess.Popen([*SOFTPROMPT, "search", "run", str(config), "--tracking-uri", "none"], env=env,
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and driver.poll() is None:  # until the first trial has reported
-        time.sleep(0.2)
-        if any(p.stat().st_size for p in runs.glob("ctrl-c/trial_*/result.json")):
-            break
-    driver.send_signal(signal.SIGINT)
-    out, err = driver.communicate(timeout=120)
-    assert driver.returncode == 130, err[-3000:]
-    assert softprompt_errors(err) == [
+def test_ctrl_c_stops_a_search_without_scoring_a_winner_and_its_resume_reruns_nothing_finished(
+        ray_cluster, tiny_llama_dir, tmp_path):
+    """Ctrl-C while the second of three trials runs, right after its step-8 checkpoint: exit 130 with the way
+    to resume it. The resume finishes the search: the finished trial is not run again, the stopped one goes
+    on from step 8, and any step a trial reports twice (a replay after its checkpoint) is the same run."""
+    config = tiny_search_file(tiny_llama_dir, tmp_path, name="ctrl-c", trials=3, max_steps=16, concurrency=1,
+                              train={"eval_every": 4})
+    runs, env = tmp_path / "runs", on_session_ray()
+    stopped = run_stopped(config, "SIGINT", 2, 8, "--tracking-uri", "none", env=env)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert softprompt_errors(stopped.stderr) == [
         f"softprompt: search ctrl-c stopped; `softprompt search resume ctrl-c --storage-path {runs}` continues it"]
-    assert "Traceback" not in err and "best trial" not in out  # no winner was loaded or scored
+    assert "Traceback" not in stopped.stderr and "best trial" not in stopped.stdout  # no winner was loaded or scored
     assert not (SearchStorage(str(runs), "ctrl-c").folder / SUMMARY_FILE).exists()
-    assert any(r["status"] != "completed" for r in SearchRecord.load(str(runs), "ctrl-c").trials)
+    before = {r["trial_id"]: r for r in SearchRecord.load(str(runs), "ctrl-c").trials}
+    (finished,) = [tid for tid, r in before.items() if r["status"] == "completed"]
+    (interrupted,) = [tid for tid, r in before.items() if r["status"] == "unfinished" and r["step"] == 8]
 
-    resumed = subprocess.run([*SOFTPROMPT, "search", "resume", "ctrl-c", "--storage-path", str(runs)], env=env,
-                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    def results(tid: str) -> str:
+        return (runs / "ctrl-c" / f"trial_{tid}" / "result.json").read_text()
+
+    reported = results(finished)
+
+    resumed = softprompt("search", "resume", "ctrl-c", "--storage-path", str(runs), cwd=tmp_path, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "best trial" in resumed.stdout
-    assert [r["status"] for r in SearchRecord.load(str(runs), "ctrl-c").trials] == ["completed"] * 4
+    after = {r["trial_id"]: r for r in SearchRecord.load(str(runs), "ctrl-c").trials}
+    assert len(after) == 3 and all(r["status"] == "completed" for r in after.values())
+    assert results(finished) == reported  # not one more report from the trial that had finished
+    rows = {tid: [json.loads(line) for line in results(tid).splitlines()] for tid in after}
+    assert [(r["step"], r.get("resumed_from_step")) for r in rows[interrupted]] == [(4, None), (8, None), (12, 8),
+                                                                                    (16, 8)]
+    for tid, reports in rows.items():
+        assert sorted({r["step"] for r in reports}) == [4, 8, 12, 16], tid
+        by_step = {}
+        for r in reports:
+            by_step.setdefault(r["step"], set()).add((r["train_loss"], r["dev_accuracy"], r["best_dev_accuracy"]))
+        assert all(len(values) == 1 for values in by_step.values()), (tid, by_step)
 
 
 # ---- a winner below zero-shot ----
@@ -148,13 +144,14 @@ def test_ctrl_c_stops_a_search_without_scoring_a_winner_and_says_how_to_resume_i
 def self_labelled_task(backbone, folder: Path) -> Path:
     """A task labelled by what `backbone` itself predicts with no prompt: its zero-shot accuracy is
     1.0 on every split, so no prompt can beat it."""
-    texts = [f"review {i}: {'a fine' if i % 3 else 'a dull'} film with {'some' if i % 5 else 'no'} plot" for i in range(200)]
+    texts = [f"review {i}: {'a fine' if i % 3 else 'a dull'} film with {'some' if i % 5 else 'no'} plot"
+             for i in range(200)]
     verbalizers = {"neg": "negative", "pos": "positive"}
     path = folder / "self-labelled.csv"
 
     def write(labels):
         with open(path, "w", newline="") as handle:
-            csv.writer(handle).writerows([("text", "label"), *zip(texts, labels)])
+            csv.writer(handle).writerows([("text", "label"), *zip(texts, labels, strict=True)])
 
     write(["pos" if i % 2 else "neg" for i in range(len(texts))])
     task = file_task(str(path), verbalizers=verbalizers)
@@ -163,7 +160,7 @@ def self_labelled_task(backbone, folder: Path) -> Path:
     predicted = {}
     for split in ("train", "dev", "test"):
         classes = rank_classify(no_prompt, data, data.splits[split], 32)
-        for formatted, c in zip(task.splits[split]["input"], classes):
+        for formatted, c in zip(task.splits[split]["input"], classes, strict=True):
             predicted[int(re.search(r"review (\d+):", formatted).group(1))] = list(verbalizers)[c]
     assert set(predicted.values()) == {"neg", "pos"}  # the model does tell the texts apart
     write([predicted[i] for i in range(len(texts))])
@@ -173,8 +170,8 @@ def self_labelled_task(backbone, folder: Path) -> Path:
 def test_a_winner_that_does_not_beat_zero_shot_is_called_out_in_the_summary_best_and_mlflow(
         ray_cluster, tiny_llama, tiny_llama_dir, tmp_path, capsys):
     task = self_labelled_task(tiny_llama, tmp_path)
-    config = tiny_search_file(tmp_path, tiny_llama_dir, "below", concurrency=2, space={"prompt_length": {"choices": [2, 4]}},
-                              train={"model": str(tiny_llama_dir), "task": str(task), "batch_size": 4, "eval_every": 2,
+    config = tiny_search_file(tiny_llama_dir, tmp_path, name="below", space={"prompt_length": {"choices": [2, 4]}},
+                              train={"task": str(task),
                                      "dtype": "float32",  # labelled by the float32 model: ties would flip
                                      "verbalizers": {"neg": "negative", "pos": "positive"}, "max_eval_examples": 20,
                                      "init": "random_uniform", "optimizer": "adamw", "lr": 0.3})

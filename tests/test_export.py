@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import requests
 import torch
+from conftest import free_port
 
 import serving.ensemble
 from search.export import export_mlflow_model, export_npy, export_peft_adapter, write_bundle
@@ -100,7 +100,8 @@ def test_peft_round_trip_gives_identical_logits(kind, models, tmp_path):
     assert config["num_transformer_submodules"] == 1 and config["num_virtual_tokens"] == 5
     provenance = json.loads((adapter / "softprompt.json").read_text())
     assert provenance["fingerprint"] == backbone.fingerprint
-    assert (provenance["template"], provenance["verbalizers"]) == (TEMPLATES["rotten_tomatoes"], TASKS["rotten_tomatoes"])
+    assert (provenance["template"], provenance["verbalizers"]) == (TEMPLATES["rotten_tomatoes"],
+                                                                   TASKS["rotten_tomatoes"])
 
 
 def test_npy_export_is_the_bare_prompt_array_with_its_backbone_recorded_beside_it(backbones, tmp_path):
@@ -122,7 +123,7 @@ def test_ensemble_equals_the_majority_vote_of_its_members_predictions(kind, back
     split = data.splits["test"]
     alone = [rank_classify(PromptedModel(backbone, SoftPrompt(load_checkpoint(m).prompt)), data, split, 8)
              for m in members]
-    vote = [Counter(column).most_common(1)[0][0] for column in zip(*alone)]  # 3 voters, 2 classes: no ties
+    vote = [Counter(column).most_common(1)[0][0] for column in zip(*alone, strict=True)]  # 3 voters, 2 classes: no ties
     together = ensemble.predict(["rotten_tomatoes"] * len(split), split.input_ids)
     assert [label for label, _ in together] == vote
     # causal LMs serve from the prompts' cached keys and values (prompts of 3, 4, 5 vectors: padded)
@@ -228,26 +229,20 @@ def test_one_batch_serves_two_tasks_each_example_with_its_own_prompts(backbones,
     ensemble, _ = load_bundle(bundle, backbone)
     rt, sms = encoded(backbone, "rotten_tomatoes", 6)[0], encoded(backbone, "sms_spam", 6)[0]
     tasks = ["rotten_tomatoes", "sms_spam"] * 6
-    inputs = [x for pair in zip(rt.splits["test"].input_ids, sms.splits["test"].input_ids) for x in pair]
+    inputs = [x for pair in zip(rt.splits["test"].input_ids, sms.splits["test"].input_ids, strict=True) for x in pair]
     mixed = ensemble.predict(tasks, inputs)
-    assert [l for l, _ in mixed[0::2]] == [l for l, _ in ensemble.predict(tasks[0::2], inputs[0::2])]
-    assert [l for l, _ in mixed[1::2]] == [l for l, _ in ensemble.predict(tasks[1::2], inputs[1::2])]
-    assert [l for l, _ in mixed[1::2]] == list(rank_classify(
+    assert [label for label, _ in mixed[0::2]] == [label for label, _ in ensemble.predict(tasks[0::2], inputs[0::2])]
+    assert [label for label, _ in mixed[1::2]] == [label for label, _ in ensemble.predict(tasks[1::2], inputs[1::2])]
+    assert [label for label, _ in mixed[1::2]] == list(rank_classify(
         PromptedModel(backbone, SoftPrompt(ensemble.tasks["sms_spam"].prompts[0])), sms, sms.splits["test"], 4))
 
 
 def test_a_bundle_refuses_another_backbone_with_a_message_naming_both(backbones, tmp_path):
-    bundle = write_bundle({"rotten_tomatoes": [make_prompt(tmp_path / "p", backbones["llama"], "rotten_tomatoes", 2, 0)]},
-                          tmp_path / "b")
+    prompt = make_prompt(tmp_path / "p", backbones["llama"], "rotten_tomatoes", 2, 0)
+    bundle = write_bundle({"rotten_tomatoes": [prompt]}, tmp_path / "b")
     other = load_backbone(str(save_tiny(tmp_path / "other", "llama", seed=7)), "float32", torch.device("cpu"))
     with pytest.raises(CheckpointError, match="trained on backbone .* not on"):
         load_bundle(bundle, other)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serving_env(uri: str) -> dict:
@@ -269,8 +264,8 @@ def test_registered_model_served_by_mlflow_applies_the_template_to_raw_text(back
     version = export_mlflow_model(bundle, "tiny-sentiment", uri)
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     assert int(client.get_model_version_by_alias("tiny-sentiment", "production").version) == version
-    model_dir = Path(mlflow.artifacts.download_artifacts("models:/tiny-sentiment@production", dst_path=str(tmp_path / "dl"),
-                                                         tracking_uri=uri))
+    model_dir = Path(mlflow.artifacts.download_artifacts("models:/tiny-sentiment@production",
+                                                         dst_path=str(tmp_path / "dl"), tracking_uri=uri))
     for path in model_dir.rglob("*"):  # no pickle anywhere in the registered model
         assert path.suffix not in {".pkl", ".pickle"}
         assert not (path.is_file() and path.read_bytes()[:1] == b"\x80"), path
@@ -283,8 +278,9 @@ def test_registered_model_served_by_mlflow_applies_the_template_to_raw_text(back
     expected = rank_classify(PromptedModel(backbone, SoftPrompt(load_checkpoint(tmp_path / "p").prompt)), data,
                              data.splits["test"], 8)
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/tiny-sentiment@production",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve",
+                               "-m", "models:/tiny-sentiment@production", "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                               env=serving_env(uri), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, start_new_session=True)
 
@@ -330,13 +326,15 @@ def test_the_cache_goes_to_forward_under_the_name_the_model_takes():
     assert returned_cache(SimpleNamespace(cache="kv", past_key_values=None)) == "kv"
 
 
-@pytest.mark.parametrize("template", ["sst2 sentence: {sentence}", "{sentence}\nlabel:", "review: {sentence}\nsentiment:"])
+@pytest.mark.parametrize("template", ["sst2 sentence: {sentence}", "{sentence}\nlabel:",
+                                      "review: {sentence}\nsentiment:"])
 def test_served_input_is_formatted_once_whether_the_request_sends_raw_or_formatted_text(template):
     from serving.served_model import request_input
 
     formatted = template.format(sentence="a fine film")
     assert request_input(template, {"sentence": "a fine film"}, "t", 1) == formatted
-    assert request_input(template, {"sentence": formatted}, "t", 1) == formatted  # not "sst2 sentence: sst2 sentence: ..."
+    # not "sst2 sentence: sst2 sentence: ..."
+    assert request_input(template, {"sentence": formatted}, "t", 1) == formatted
 
 
 TOPICS = {"sports": "sport", "tech": "technology", "politics": "government", "health": "medicine", "arts": "culture"}
@@ -383,4 +381,5 @@ def test_served_model_and_peft_record_answer_in_the_tasks_labels_not_its_verbali
     assert set(topics["label"]) <= set(TOPICS) and list(topics["verbalizer"]) == [TOPICS[x] for x in topics["label"]]
     assert topics[[f"score_{label}" for label in TOPICS]].notna().all().all()
     assert not {f"score_{word}" for word in TOPICS.values()} & set(answer.columns)
-    assert set(reviews["label"]) <= set(TASKS["rotten_tomatoes"]) and list(reviews["label"]) == list(reviews["verbalizer"])
+    assert set(reviews["label"]) <= set(TASKS["rotten_tomatoes"])
+    assert list(reviews["label"]) == list(reviews["verbalizer"])

@@ -4,6 +4,7 @@ searches read, resume after a kill, and one-line refusals. A tiny random T5 on l
 for google/t5-v1_1-base on C4."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import on_session_ray, softprompt
 from safetensors.torch import load_file
 
-from adaptation.lm_adapt import RUN_NAME, STATE_DIR
+from adaptation.lm_adapt import JOB_FILE, RUN_NAME, STATE_DIR
 from adaptation.manifest import MANIFEST_FILE, read_manifest
 from adaptation.resume import SNAPSHOT
 from search.cli import main
@@ -43,14 +45,6 @@ def lm_adapt(model, corpus, out, *extra: str, env: dict | None = None, **popen) 
     return subprocess.run([sys.executable, "-m", "search.cli", "lm-adapt", str(model), "--corpus", str(corpus), *JOB,
                            "--out", str(out), *extra], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})}, **popen)
-
-
-@pytest.fixture(scope="module")
-def adapted(tiny_t5_dir, corpus, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("adapted")
-    done = lm_adapt(tiny_t5_dir, corpus, tmp / "out", "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", cwd=tmp)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return {"tmp": tmp, "out": tmp / "out", "uri": f"sqlite:///{tmp / 'mlflow.db'}", "stdout": done.stdout}
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -88,16 +82,18 @@ def test_the_job_is_one_mlflow_run_with_its_loss_curve(adapted):
     assert run.info.status == "FINISHED"
 
 
+# `softprompt lm-adapt ARGS`, its rank 0 copying OUT at two moments: when its step-2 and step-4 lines say its
+# state is saved, OUT is copied as a kill right then would leave it (rank 0 waits in the copy, rank 1 for rank
+# 0 in the next step's all-reduce). The job is otherwise the command's own, run to its end.
 TOLD = textwrap.dedent("""
-    import shutil, sys
+    import functools, shutil, sys
     import adaptation.lm_adapt
-    from adaptation.lm_adapt import AdaptConfig, run_adaptation, train_worker
+    from adaptation.lm_adapt import run_adaptation, train_worker
+    from search.cli import main
 
-    copies, model, corpus, out = sys.argv[1:]  # captured by value: a worker's own sys.argv is Ray's
+    copies, out = sys.argv[1:3]  # captured by value: a worker's own sys.argv is Ray's
 
     def copied_when_told(config):
-        # When rank 0's step-2 and step-4 lines say its state is saved, OUT is copied as a kill right then
-        # would leave it: rank 0 waits in the copy, rank 1 for rank 0 in the next step's all-reduce.
         def print_then_copy(line, **kwargs):
             print(line, **kwargs)
             step = line.split()[2].split("/")[0]
@@ -106,20 +102,29 @@ TOLD = textwrap.dedent("""
         adaptation.lm_adapt.print = print_then_copy
         train_worker(config)
 
-    run_adaptation(AdaptConfig(model=model, corpus=corpus, steps=(4, 8), out=out, workers=2, batch_size=4, seq_len=32,
-                               checkpoint_every=2, log_every=2), worker=copied_when_told)
+    adaptation.lm_adapt.run_adaptation = functools.partial(run_adaptation, worker=copied_when_told)
+    sys.exit(main(sys.argv[3:]))
 """)
 
 
 @pytest.fixture(scope="module")
-def told(tiny_t5_dir, corpus, tmp_path_factory) -> Path:
-    """OUT as a kill leaves it the moment rank 0 says its step-2 (told-2) and its step-4 (told-4) state is saved."""
-    tmp = tmp_path_factory.mktemp("told")
+def adapted(tiny_t5_dir, corpus, tmp_path_factory):
+    """One tracked `softprompt lm-adapt` job to step 8, and OUT as a kill leaves it the moment rank 0 says its
+    step-2 (told-2) and its step-4 (told-4) state is saved."""
+    tmp = tmp_path_factory.mktemp("adapted")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
     (tmp / "told.py").write_text(TOLD)
-    done = subprocess.run([sys.executable, str(tmp / "told.py"), str(tmp), str(tiny_t5_dir), str(corpus), str(tmp / "out")],
-                          cwd=tmp, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(tmp / "told.py"), str(tmp), str(tmp / "out"), "lm-adapt",
+                           str(tiny_t5_dir), "--corpus", str(corpus), *JOB, "--out", str(tmp / "out"),
+                           "--tracking-uri", uri], cwd=tmp, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return tmp
+    return {"tmp": tmp, "out": tmp / "out", "uri": uri, "stdout": done.stdout}
+
+
+@pytest.fixture(scope="module")
+def told(adapted) -> Path:
+    """The folder holding told-2 and told-4."""
+    return adapted["tmp"]
 
 
 def checkpoint_folders(out: Path) -> list[Path]:
@@ -138,10 +143,12 @@ def resumed(state: Path, tiny_t5_dir, corpus, adapted, tmp_path) -> list[int]:
         assert again.keys() == first.keys()
         assert all(torch.equal(again[k], first[k]) for k in first), step
     assert len(checkpoint_folders(out)) == 1
-    return [int(step) for step in re.findall(r"lm-adapt step (\d+)/", done.stdout)]  # lines Ray prefixes with the worker
+    # lines Ray prefixes with the worker
+    return [int(step) for step in re.findall(r"lm-adapt step (\d+)/", done.stdout)]
 
 
-def test_a_job_killed_once_it_says_its_state_is_saved_resumes_from_that_state(told, tiny_t5_dir, corpus, adapted, tmp_path):
+def test_a_job_killed_once_it_says_its_state_is_saved_resumes_from_that_state(told, tiny_t5_dir, corpus, adapted,
+                                                                               tmp_path):
     """Saved means registered in Ray Train's snapshot, where a resume looks, before the step's line says so."""
     assert resumed(told / "told-2", tiny_t5_dir, corpus, adapted, tmp_path) == [4, 6, 8]
 
@@ -199,7 +206,8 @@ def test_a_job_killed_in_each_phase_of_saving_resumes_from_its_newest_complete_s
     assert resumed(state, tiny_t5_dir, corpus, adapted, tmp_path) == resumed_steps
 
 
-def test_a_search_explores_the_adapted_checkpoints_with_their_adaptation_steps(adapted, tiny_t5_dir, tmp_path):
+def test_a_search_explores_the_adapted_checkpoints_with_their_adaptation_steps(ray_cluster, adapted, tiny_t5_dir,
+                                                                               tmp_path):
     from search.record import SearchRecord
 
     config = tmp_path / "search.yaml"
@@ -208,9 +216,8 @@ def test_a_search_explores_the_adapted_checkpoints_with_their_adaptation_steps(a
         "storage_path": str(tmp_path / "runs"), "checkpoints": [str(adapted["out"] / MANIFEST_FILE), str(tiny_t5_dir)],
         "space": {"prompt_length": {"choices": [4]}},
         "train": {"task": "rotten_tomatoes", "batch_size": 4, "eval_every": 4, "max_eval_examples": 8,
-                  "max_train_examples": 32, "max_test_examples": 8}}))
-    done = subprocess.run([sys.executable, "-m", "search.cli", "search", "run", str(config), "--tracking-uri", "none"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                  "max_train_examples": 32, "max_test_examples": 8, "confirm_examples": 8}}))
+    done = softprompt("search", "run", str(config), "--tracking-uri", "none", cwd=tmp_path, env=on_session_ray())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     trials = SearchRecord.load(str(tmp_path / "runs"), "adapted").trials
     steps = {str(adapted["out"] / "step-8"): 8, str(adapted["out"] / "step-4"): 4, str(tiny_t5_dir): 0}
@@ -218,15 +225,46 @@ def test_a_search_explores_the_adapted_checkpoints_with_their_adaptation_steps(a
     assert "adaptation_steps=0" in done.stdout and "adaptation_steps=8" in done.stdout
 
 
-def test_a_job_resumed_with_other_settings_is_refused_in_one_line(adapted, tiny_t5_dir, corpus, tmp_path):
+@pytest.fixture
+def ray_must_not_start(monkeypatch):
+    """A command that should be refused before Ray starts fails loudly if it gets that far."""
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started before the refusal")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+def test_a_job_resumed_with_other_settings_is_refused_in_one_line_before_ray_starts(
+        adapted, tiny_t5_dir, corpus, tmp_path, capsys, ray_must_not_start):
     other = [*JOB[:JOB.index("--seq-len")], "--seq-len", "48", *JOB[JOB.index("--seq-len") + 2:]]
-    done = subprocess.run([sys.executable, "-m", "search.cli", "lm-adapt", str(tiny_t5_dir), "--corpus", str(corpus),
-                           *other, "--out", str(adapted["out"]), "--tracking-uri", "none"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and lines[-1].startswith("softprompt: error: --seq-len = 48 is not allowed: 32, as the job"), \
-        done.stderr[-2000:]
-    assert "Traceback" not in done.stderr
+    job = json.loads((adapted["out"] / STATE_DIR / JOB_FILE).read_text())
+    code = main(["lm-adapt", str(tiny_t5_dir), "--corpus", str(corpus), *other, "--out", str(adapted["out"]),
+                 "--tracking-uri", "none"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"softprompt: error: --seq-len = 48 is not allowed: 32, as the job in {adapted['out']} "
+                               f"started"), lines
+    assert json.loads((adapted["out"] / STATE_DIR / JOB_FILE).read_text()) == job  # the record is unchanged
+
+
+def test_a_resume_that_leaves_workers_to_the_cluster_is_compared_once_they_are_known(tmp_path):
+    """Before Ray starts, --workers left out (None) is not known yet: every other setting is checked then,
+    the workers once the cluster has said how many."""
+    from adaptation.lm_adapt import AdaptConfig, check_resumed_job
+
+    state = tmp_path / "out" / STATE_DIR
+    first = AdaptConfig(model="t5", corpus="corpus.txt", steps=(4, 8), out=str(tmp_path / "out"), workers=2)
+    check_resumed_job(first, state, record_new=False)  # a new job, before Ray starts: nothing written yet
+    assert not state.exists()
+    check_resumed_job(first, state)  # once Ray has started: the job's settings recorded
+    check_resumed_job(dataclasses.replace(first, workers=None, steps=(4, 8, 12)), state, record_new=False)
+    with pytest.raises(ConfigError, match="--lr = 0.5 is not allowed: 0.001, as the job in"):
+        check_resumed_job(dataclasses.replace(first, workers=None, lr=0.5), state, record_new=False)
+    with pytest.raises(ConfigError, match="--workers = 1 is not allowed: 2, as the job in"):
+        check_resumed_job(dataclasses.replace(first, workers=1), state)
 
 
 @pytest.mark.parametrize("change,fragments", [
@@ -249,8 +287,9 @@ def test_bad_input_gets_one_line_and_exit_2(change, fragments, tiny_t5_dir, tiny
     corpora["no-column"].write_text("review,label\ngood,1\n")
     model = tiny_llama_dir if change.get("model") == "llama" else tiny_t5_dir
     source = corpora.get(change.get("corpus"), corpus)
-    job = [change.get(a, v) for a, v in zip(JOB[::2], JOB[1::2])]
-    argv = ["lm-adapt", str(model), "--corpus", str(source), *[x for pair in zip(JOB[::2], job) for x in pair],
+    job = [change.get(a, v) for a, v in zip(JOB[::2], JOB[1::2], strict=True)]
+    argv = ["lm-adapt", str(model), "--corpus", str(source),
+            *[x for pair in zip(JOB[::2], job, strict=True) for x in pair],
             "--out", change.get("--out", str(tmp_path / "out")), "--tracking-uri", "none"]
     code = main(argv)
     out, err = capsys.readouterr()
@@ -264,7 +303,8 @@ def test_bad_input_gets_one_line_and_exit_2(change, fragments, tiny_t5_dir, tiny
 @pytest.mark.parametrize("other_nodes,filesystem,refused", [
     (True, "ext4", True), (True, "overlay", True), (True, "nfs4", False), (True, "fuse.s3fs", False),
     (True, None, False), (False, "ext4", False)])
-def test_out_on_a_disk_of_this_machine_only_is_refused_when_other_nodes_may_run_workers(other_nodes, filesystem, refused):
+def test_out_on_a_disk_of_this_machine_only_is_refused_when_other_nodes_may_run_workers(other_nodes, filesystem,
+                                                                                        refused):
     """Without --submit on a cluster of several nodes (or one an autoscaler grows), rank 0 writes OUT/step-N
     on whichever node it runs: OUT must be a filesystem every node mounts."""
     from adaptation.lm_adapt import check_out_shared
@@ -275,7 +315,7 @@ def test_out_on_a_disk_of_this_machine_only_is_refused_when_other_nodes_may_run_
     with pytest.raises(ConfigError) as refusal:
         check_out_shared("/data/adapted", other_nodes, filesystem)
     assert str(refusal.value).startswith("--out = '/data/adapted' is not allowed: a folder every node of this Ray "
-                                         f"cluster mounts") and f"on a {filesystem} filesystem" in str(refusal.value)
+                                         "cluster mounts") and f"on a {filesystem} filesystem" in str(refusal.value)
 
 
 def test_the_filesystem_of_a_folder_not_made_yet_is_that_of_its_nearest_existing_parent(tmp_path):

@@ -48,21 +48,22 @@ def save(folder, features: datasets.Features, make_row, sizes: dict[str, int]) -
 
 @pytest.fixture(scope="module")
 def two_searches(ray_cluster, tiny_llama_dir, tmp_path_factory):
-    """A finished one-trial search per task: sentiment on `text`, and yes/no on `question` + `passage`;
-    and a second sentiment search."""
+    """A finished one-trial search per task: sentiment on `text`, and yes/no on `question` + `passage`."""
     tmp = tmp_path_factory.mktemp("mixed")
     folders = {
-        "reviews": save(tmp / "reviews", REVIEW, lambda i: {"text": f"a {'fine' if i % 2 else 'dull'} film, take {i}",
-                                                            "label": i % 2}, {"train": 40, "validation": 8, "test": 11}),
-        "boolq": save(tmp / "boolq", BOOLQ, lambda i: {"question": f"is {i} even", "passage": f"{i} is a number.",
-                                                       "label": int(i % 2 == 0)}, {"train": 40, "validation": 8, "test": 7}),
+        "reviews": save(tmp / "reviews", REVIEW,
+                        lambda i: {"text": f"a {'fine' if i % 2 else 'dull'} film, take {i}", "label": i % 2},
+                        {"train": 40, "validation": 8, "test": 11}),
+        "boolq": save(tmp / "boolq", BOOLQ,
+                      lambda i: {"question": f"is {i} even", "passage": f"{i} is a number.", "label": int(i % 2 == 0)},
+                      {"train": 40, "validation": 8, "test": 7}),
     }
     configs = {}
-    for name, folder in [*folders.items(), ("reviews-again", folders["reviews"])]:  # the last: a second search of a task
+    for name, folder in folders.items():
         configs[name] = search_config({
             "name": name, "trials": 1, "max_steps": 2, "scheduler": "none", "concurrency": 1,
             "storage_path": str(tmp / "runs"),
-            "train": {"model": str(tiny_llama_dir), "task": {"dataset": folder, "template": TEMPLATES[name.split("-")[0]]},
+            "train": {"model": str(tiny_llama_dir), "task": {"dataset": folder, "template": TEMPLATES[name]},
                       "batch_size": 4, "eval_every": 2, "prompt_length": 2, "init": "random_uniform",
                       "confirm_examples": 0}})
         run_search(configs[name])
@@ -120,15 +121,20 @@ def test_export_of_two_searches_registers_one_model_that_serves_both_tasks_on_ra
 
 
 def test_export_refuses_two_searches_of_one_task_and_several_searches_as_a_peft_adapter(two_searches, capsys):
-    _, _, tmp = two_searches
+    from search.configfile import ConfigError
+    from search.export import search_prompts, tasks_by_name
+
+    configs, _, tmp = two_searches
+    reviews = search_prompts(SearchRecord.load(configs["reviews"].storage_path, "reviews"))
+    with pytest.raises(ConfigError) as same_task:  # a second search of the task: its prompts are on it too
+        tasks_by_name({"reviews": reviews, "reviews-again": reviews})
+    assert "searches of different tasks; reviews and reviews-again are both on task 'reviews'" in str(same_task.value)
     common = ["--storage-path", str(tmp / "runs"), "--tracking-uri", f"sqlite:///{tmp / 'refused.db'}",
               "--out", str(tmp / "refused")]
-    assert main(["export", "reviews", "reviews-again", "--format", "mlflow", *common]) == 2
     assert main(["export", "reviews", "boolq", "--format", "peft", *common]) == 2
     assert main(["export", "reviews", "reviews", "--format", "mlflow", *common]) == 2
     out, err = capsys.readouterr()
-    same_task, peft, twice = err.strip().splitlines()
-    assert "searches of different tasks; reviews and reviews-again are both on task 'reviews'" in same_task
+    peft, twice = err.strip().splitlines()
     assert "export source = ['reviews', 'boolq']" in peft and "one search for --format peft" in peft
     assert "export source = ['reviews', 'reviews']" in twice and "each search once" in twice
     assert out == "" and not (tmp / "refused").exists()

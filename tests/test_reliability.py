@@ -30,15 +30,17 @@ import pytest
 import ray
 import torch
 import yaml
+from conftest import SOFTPROMPT, on_session_ray, run_stopped, tiny_search_file
+from conftest import tiny_search as shared_tiny_search
 from mlflow.tracking import MlflowClient
 from ray import tune
 
 from search.cli import main
 from search.config import search_config
 from search.export import export_npy, export_peft_adapter, write_bundle
-from search.tracking import SEARCH_TAG
 from search.record import SearchRecord
 from search.storage import SearchStorage
+from search.tracking import SEARCH_TAG
 from search.tuner import run_search
 from trainables.checkpoint import META, TENSORS, CheckpointError, load_checkpoint, save_checkpoint
 from trainables.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG
@@ -49,13 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_search(model_dir, tmp_path, **overrides):
-    values = {"name": "tiny", "trials": 2, "max_steps": 8, "concurrency": 2, "scheduler": "none",
-              "metric": "best_dev_accuracy", "storage_path": str(tmp_path / "runs"), "seed": 0,
-              "train": {"model": str(model_dir), "task": "rotten_tomatoes", "batch_size": 4, "eval_every": 2,
-                        "max_eval_examples": 16, "max_train_examples": 64, "output_dir": str(tmp_path)}}
-    for key, value in overrides.items():
-        values[key] = {**values["train"], **value} if key == "train" else value
-    return search_config(values)
+    """The shared test-sized search (conftest), its trials 8 steps long."""
+    return shared_tiny_search(model_dir, tmp_path, **{"max_steps": 8, **overrides})
 
 
 def figure(text: str) -> None:
@@ -148,32 +145,16 @@ SECRET_ENV = {"MLFLOW_TRACKING_PASSWORD": SECRET, "MLFLOW_TRACKING_TOKEN": SECRE
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(ray_cluster, tiny_llama_dir, tmp_path_factory):
-    """A tracked search whose driver is SIGKILLed once two trials have finished (with secrets in its
-    environment), then resumed with `softprompt search resume`. Returns what was seen before and after."""
+    """A tracked search of 4 trials, one at a time, whose driver (with secrets in its environment) is SIGKILLed
+    by its third trial once that trial's step-4 checkpoint is saved and the two before it have finished; then
+    resumed with `softprompt search resume`. Returns what was seen before and after."""
     tmp = tmp_path_factory.mktemp("killed-driver")
     runs, uri = tmp / "runs", f"sqlite:///{tmp / 'mlflow.db'}"
-    config = tmp / "search.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "killed", "trials": 4, "max_steps": 16, "concurrency": 1, "scheduler": "none", "storage_path": str(runs),
-        "train": {"model": str(tiny_llama_dir), "task": "rotten_tomatoes", "batch_size": 4, "eval_every": 4,
-                  "max_eval_examples": 16, "max_train_examples": 64}}))
-    env = {**os.environ, **SECRET_ENV, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    softprompt = [sys.executable, "-m", "search.cli"]
-    with open(tmp / "run.log", "w") as log:
-        driver = subprocess.Popen([*softprompt, "search", "run", str(config), "--tracking-uri", uri],
-                                  env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and driver.poll() is None:  # until Ray's saved state has 2 finished
-            time.sleep(0.2)
-            # one trial at a time: a third trial reporting means two have finished (a file check is cheap;
-            # reading Ray's state each time would slow the trials this loop races)
-            if len([p for p in runs.glob("killed/trial_*/result.json") if p.stat().st_size]) < 3:
-                continue
-            if sum(r["status"] == "completed" for r in SearchRecord.load(str(runs), "killed").trials) >= 2:
-                break
-        driver.kill()  # SIGKILL: no handler runs, nothing is flushed or closed
-        driver.wait(timeout=60)
-    time.sleep(2)  # the cluster notices the dead driver and stops its trial actors
+    config = tiny_search_file(tiny_llama_dir, tmp, name="killed", trials=4, max_steps=16, concurrency=1,
+                              train={"eval_every": 4})
+    env = {**on_session_ray(), **SECRET_ENV}
+    killed = run_stopped(config, "SIGKILL", 3, 4, "--tracking-uri", uri, env=env, log=tmp / "run.log")
+    assert killed.returncode == -signal.SIGKILL, (tmp / "run.log").read_text()[-3000:]
 
     def snapshot():
         cfg_ = search_config(yaml.safe_load(config.read_text()))
@@ -184,14 +165,15 @@ def killed_and_resumed(ray_cluster, tiny_llama_dir, tmp_path_factory):
         client = MlflowClient(uri)
         parents = client.search_runs([client.get_experiment_by_name("softprompt").experiment_id],
                                      f"tags.`{SEARCH_TAG}` = 'killed'")
-        children = client.search_runs([parents[0].info.experiment_id], f"tags.`{PARENT_TAG}` = '{parents[0].info.run_id}'")
+        children = client.search_runs([parents[0].info.experiment_id],
+                                      f"tags.`{PARENT_TAG}` = '{parents[0].info.run_id}'")
         return {"rows": rows, "results": results, "optuna": optuna_trials, "parents": parents,
                 "children": [(c.data.tags[TRIAL_TAG], c.info.run_id, c) for c in children]}
 
     before = snapshot()
     with open(tmp / "resume.log", "w") as log:
-        resumed = subprocess.run([*softprompt, "search", "resume", "killed", "--storage-path", str(runs)],
-                                 env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, timeout=400)
+        resumed = subprocess.run([*SOFTPROMPT, "search", "resume", "killed", "--storage-path", str(runs)],
+                                 env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, timeout=600)
     return {"tmp": tmp, "uri": uri, "before": before, "after": snapshot(), "resume_code": resumed.returncode,
             "logs": (tmp / "run.log").read_text() + (tmp / "resume.log").read_text()}
 
@@ -200,11 +182,15 @@ def test_fault2_a_killed_driver_resumes_without_rerunning_trials_or_losing_histo
     before, after = killed_and_resumed["before"], killed_and_resumed["after"]
     assert killed_and_resumed["resume_code"] == 0, killed_and_resumed["logs"][-3000:]
     finished = {tid for tid, r in before["rows"].items() if r["status"] == "completed"}
-    assert 2 <= len(finished) < 4
+    assert len(finished) == 2
+    (killed,) = [tid for tid, r in before["rows"].items() if r["status"] == "unfinished" and r["step"] == 4]
     # every trial accounted for, and a finished trial was not run again: not one more line in its results
     assert len(after["rows"]) == 4 and all(r["status"] == "completed" for r in after["rows"].values())
     for tid in finished:
         assert after["results"][tid] == before["results"][tid]
+    # the trial the driver died under goes on from its step-4 checkpoint
+    steps = [json.loads(line) for line in after["results"][killed].splitlines()]
+    assert [(r["step"], r.get("resumed_from_step")) for r in steps] == [(4, None), (8, 4), (12, 4), (16, 4)]
     # the Optuna study keeps its history: the trials told before the kill are unchanged, and every
     # trial ends COMPLETE: none is left RUNNING by the killed driver
     finished_before = [t for t in before["optuna"] if t[1] == "COMPLETE"]
@@ -367,7 +353,8 @@ def enospc_halfway(tensors: dict, path: str, **_) -> None:
 
 
 @pytest.mark.parametrize("disk", ["full tmpfs", "write failing halfway"])
-def test_fault6_a_disk_full_during_a_checkpoint_write_leaves_the_previous_checkpoint_usable(disk, tmp_path, monkeypatch):
+def test_fault6_a_disk_full_during_a_checkpoint_write_leaves_the_previous_checkpoint_usable(disk, tmp_path,
+                                                                                            monkeypatch):
     folder = tmp_path / "disk"
     mounted = disk == "full tmpfs" and small_disk(folder)
     if disk == "full tmpfs" and not mounted:
@@ -398,12 +385,16 @@ def test_fault6_a_disk_full_during_a_checkpoint_write_leaves_the_previous_checkp
 
 # ---- security ----
 
+UNPICKLERS = {"pickle", "cloudpickle", "dill", "joblib", "marshal", "shelve"}
+
+
 def _read_path_offences(tree: ast.AST) -> list[str]:
     found = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-            found += [f"import {n}" for n in names if n.split(".")[0] in {"pickle", "cloudpickle", "dill", "joblib", "marshal", "shelve"}]
+            module = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            names = [a.name for a in node.names] + module
+            found += [f"import {n}" for n in names if n.split(".")[0] in UNPICKLERS]
         if isinstance(node, ast.Call):
             name = ast.unparse(node.func)
             keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
@@ -418,7 +409,8 @@ def _read_path_offences(tree: ast.AST) -> list[str]:
 
 def test_no_source_file_unpickles_what_a_user_might_receive():
     offences = {}
-    for path in sorted(path for folder in ("search", "serving", "trainables", "spaces") for path in (ROOT / folder).glob("*.py")):
+    folders = ("search", "serving", "trainables", "spaces")
+    for path in sorted(path for folder in folders for path in (ROOT / folder).glob("*.py")):
         found = _read_path_offences(ast.parse(path.read_text()))
         if found:
             offences[str(path.relative_to(ROOT))] = found

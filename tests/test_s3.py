@@ -11,12 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -27,6 +24,7 @@ import optuna
 import pytest
 import ray
 import yaml
+from conftest import SOFTPROMPT, free_port, on_session_ray, run_stopped
 from mlflow.tracking import MlflowClient
 from moto.server import ThreadedMotoServer
 
@@ -44,17 +42,11 @@ SECRET = "sk-softprompt-s3-secret-7d2e01"  # the secret access key the drivers r
 REGION = "us-east-1"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3():
     """A running S3 server with an empty bucket; its mirrors under SOFTPROMPT_CACHE go at the end."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint, bucket = f"http://127.0.0.1:{port}", f"softprompt-test-{uuid.uuid4().hex[:8]}"
@@ -124,7 +116,8 @@ def search_values(model_dir, storage_path: str, name: str, folder: Path, **overr
     return {"name": name, "trials": 2, "max_steps": 8, "concurrency": 2, "scheduler": "none",
             "metric": "best_dev_accuracy", "storage_path": storage_path, "seed": 0,
             "train": {"model": str(model_dir), "task": "rotten_tomatoes", "batch_size": 4, "eval_every": 4,
-                      "max_eval_examples": 16, "max_train_examples": 64, "output_dir": str(folder)}, **overrides}
+                      "max_eval_examples": 16, "max_train_examples": 64, "confirm_examples": 8,
+                      "max_test_examples": 16, "output_dir": str(folder)}, **overrides}
 
 
 # ---- a search on S3, read back from another machine ----
@@ -209,13 +202,14 @@ def test_a_missing_search_or_bucket_and_an_unreachable_server_are_one_line_error
         f"(no {CONFIG_FILE} there)"]
 
     config = tmp_path / "search.yaml"
-    config.write_text(yaml.safe_dump(search_values(tiny_llama_dir, "s3://softprompt-no-such-bucket/x", "nowhere", tmp_path)))
+    nowhere = search_values(tiny_llama_dir, "s3://softprompt-no-such-bucket/x", "nowhere", tmp_path)
+    config.write_text(yaml.safe_dump(nowhere))
     assert main(["search", "run", str(config), "--tracking-uri", "none"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "storage_path = 's3://softprompt-no-such-bucket/x' is not allowed" in lines[0]
     assert "bucket 'softprompt-no-such-bucket' does not exist there" in lines[0]
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     assert main(["search", "best", "on-s3", "--storage-path", f"s3://{s3['bucket']}/searches"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "that this machine can reach" in lines[0], lines
@@ -225,37 +219,22 @@ def test_a_missing_search_or_bucket_and_an_unreachable_server_are_one_line_error
 
 @pytest.fixture(scope="module")
 def killed_on_s3_and_resumed(s3, ray_cluster, tiny_llama_dir, tmp_path_factory):
-    """A search on S3 whose driver process is SIGKILLed once a trial has finished and the next one has
-    a checkpoint; the local mirror is deleted, and the gap a kill may land in is made certain (Tune
-    deletes a trial's previous checkpoint when it registers the next one, and uploads the state that
-    names the next one only afterwards): the running trial's named checkpoint is half deleted, a
-    newer one beside it. Then `softprompt search resume` continues the search. Returns what S3 held
-    before and after."""
+    """A search on S3 of 3 trials, one at a time, whose driver process is SIGKILLed by its second trial once
+    that trial's step-4 checkpoint is registered and named in Tune's state on S3, the first trial finished.
+    The local mirror is deleted, and the gap a kill may land in is made (Tune deletes a trial's previous
+    checkpoint when it registers the next one, and uploads the state that names the next one only
+    afterwards): the running trial's named checkpoint is half deleted, a newer one beside it. Then
+    `softprompt search resume` continues the search. Returns what S3 held before and after."""
     tmp = tmp_path_factory.mktemp("killed-on-s3")
     storage_path, name, prefix = f"s3://{s3['bucket']}/killed", "killed", "killed/killed/"
     config = tmp / "search.yaml"
     config.write_text(yaml.safe_dump(search_values(tiny_llama_dir, storage_path, name, tmp, trials=3, concurrency=1,
                                                    max_steps=24)))
-    env = {**os.environ, **s3["env"], "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    softprompt = [sys.executable, "-m", "search.cli"]
-    with open(tmp / "run.log", "w") as log:
-        started_ms = int(time.time() * 1000)
-        driver = subprocess.Popen([*softprompt, "search", "run", str(config), "--tracking-uri", "none"],
-                                  env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and driver.poll() is None:
-            time.sleep(0.5)
-            # one trial at a time: a second trial's checkpoint on S3 means the first has finished (a
-            # listing is cheap; reading Tune's state each time would slow the trials this loop races)
-            if len({k.split("/")[2] for k in s3_keys(s3, prefix) if "/checkpoint_" in k}) < 2:
-                continue
-            with environment(s3["env"]):
-                rows = SearchRecord.load(storage_path, name).trials
-            if (any(r["status"] == "completed" for r in rows)
-                    and any(r["status"] == "unfinished" and r["prompt"] for r in rows)):
-                break
-        driver.send_signal(signal.SIGKILL)  # no handler runs, nothing is flushed or uploaded
-        driver.wait(timeout=60)
+    env = {**on_session_ray(), **s3["env"]}
+    started_ms = int(time.time() * 1000)
+    killed = run_stopped(config, "SIGKILL", 2, 4, "--tracking-uri", "none", env=env, log=tmp / "run.log",
+                         storage_env=s3["env"])
+    assert killed.returncode == -signal.SIGKILL, (tmp / "run.log").read_text()[-3000:]
     until_its_trial_actors_are_gone(started_ms)
 
     def snapshot(folder: Path) -> dict:
@@ -270,43 +249,39 @@ def killed_on_s3_and_resumed(s3, ray_cluster, tiny_llama_dir, tmp_path_factory):
     before = snapshot(tmp)
     running = next(r for r in before["rows"].values() if r["status"] == "unfinished" and r["prompt"])
     named = running["prompt"].split("://", 1)[1].split("/", 1)[1].removesuffix("/best")
-    if s3_keys(s3, f"{named}/"):  # else the kill landed in that gap by itself
-        newer = f"{named[:-6]}{int(named[-6:]) + 1:06d}"
-        for key in s3_keys(s3, f"{named}/"):
-            s3["client"].copy_object(Bucket=s3["bucket"], Key=newer + key[len(named):],
-                                     CopySource={"Bucket": s3["bucket"], "Key": key})
-        s3["client"].delete_object(Bucket=s3["bucket"], Key=f"{named}/current/{META}")
+    newer = f"{named[:-6]}{int(named[-6:]) + 1:06d}"
+    for key in s3_keys(s3, f"{named}/"):
+        s3["client"].copy_object(Bucket=s3["bucket"], Key=newer + key[len(named):],
+                                 CopySource={"Bucket": s3["bucket"], "Key": key})
+    s3["client"].delete_object(Bucket=s3["bucket"], Key=f"{named}/current/{META}")
     newest = max(k for k in s3_keys(s3, named.rsplit("/", 1)[0]) if k.endswith(f"/current/{META}"))
     running = {**running, "newest_step": json.loads(s3_bytes(s3, newest))["step"]}
     forget_this_machine(storage_path, name)  # a new machine: no mirror, no working copy of the study
     with open(tmp / "resume.log", "w") as log:
-        resumed = subprocess.run([*softprompt, "search", "resume", name, "--storage-path", storage_path],
+        resumed = subprocess.run([*SOFTPROMPT, "search", "resume", name, "--storage-path", storage_path],
                                  env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, timeout=500)
-    return {"before": before, "after": snapshot(tmp), "resume_code": resumed.returncode, "prefix": prefix, "running": running,
-            "logs": (tmp / "run.log").read_text() + (tmp / "resume.log").read_text()}
+    return {"before": before, "after": snapshot(tmp), "resume_code": resumed.returncode, "prefix": prefix,
+            "running": running, "logs": (tmp / "run.log").read_text() + (tmp / "resume.log").read_text()}
 
 
 def test_a_driver_killed_mid_search_on_s3_resumes_elsewhere_with_nothing_lost(s3, killed_on_s3_and_resumed):
     before, after = killed_on_s3_and_resumed["before"], killed_on_s3_and_resumed["after"]
     running, logs = killed_on_s3_and_resumed["running"], killed_on_s3_and_resumed["logs"]
+    states = (("before", before), ("after", after))
     seen = "\n".join([f"{when}: trials {[(tid, r['status'], r['step']) for tid, r in state['rows'].items()]}, "
-                       f"Optuna {[t[:2] for t in state['optuna']]}" for when, state in (("before", before), ("after", after))]
+                       f"Optuna {[t[:2] for t in state['optuna']]}" for when, state in states]
                       + [f"running {running}", logs[-4000:]])
     assert killed_on_s3_and_resumed["resume_code"] == 0, seen
     finished = {tid for tid, r in before["rows"].items() if r["status"] == "completed"}
-    assert 1 <= len(finished) < 3, seen
+    assert len(finished) == 1 and running["step"] == 4, seen
     # every trial there, and a finished trial not run again: its results on S3 unchanged
     assert [r["status"] for r in after["rows"].values()] == ["completed"] * 3, seen
     for tid in finished:
         assert after["results"][tid] == before["results"][tid], seen
-    # the trial whose named checkpoint was half gone went on from the newer one beside it; where the kill
-    # also cut that newer one's upload short, no whole checkpoint is left and the trial starts over, saying why
+    # the trial whose named checkpoint was half gone went on from the newer one beside it (a copy of it)
     resumed = [json.loads(line) for line in after["results"][running["trial_id"]].decode().splitlines()]
-    starts = {r["resumed_from_step"] for r in resumed if "resumed_from_step" in r}
-    restarted = not starts and (f"softprompt: trial {running['trial_id']} has no complete checkpoint left on storage; "
-                                f"it starts over") in logs
-    assert starts == {running["newest_step"]} or restarted, seen
-    assert running["newest_step"] >= running["step"], seen
+    assert {r["resumed_from_step"] for r in resumed if "resumed_from_step" in r} == {4}, seen
+    assert running["newest_step"] == 4, seen
     # the study on S3 keeps the trials it had told before the kill, and ends with every trial COMPLETE
     told_before = [t for t in before["optuna"] if t[1] == "COMPLETE"]
     assert len(told_before) >= len(finished) and all(t in after["optuna"] for t in told_before), seen

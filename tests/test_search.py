@@ -1,9 +1,9 @@
-"""The search: Optuna spaces, the Tuner with ASHA, divergence, resume, fractional GPUs, bad configs."""
+"""The search: Optuna spaces, the Tuner with ASHA, divergence, fractional GPUs, bad configs (Ctrl-C and resume:
+tests/test_driver_faults.py)."""
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +14,8 @@ import pytest
 import ray
 import torch
 import yaml
+from conftest import StubTune, study_trials
+from conftest import tiny_search as shared_tiny_search
 from ray import tune
 
 from search.config import ConfigError, asha_rungs, load_search_config, search_config
@@ -28,21 +30,10 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def tiny_search(tiny_llama_dir, tmp_path, **overrides):
-    values = {"name": "tiny", "trials": 6, "max_steps": 8, "concurrency": 2, "grace_period": 2,
-              "reduction_factor": 2, "metric": "train_loss", "storage_path": str(tmp_path), "seed": 0,
-              "train": {"model": str(tiny_llama_dir), "task": "rotten_tomatoes", "batch_size": 4, "eval_every": 2,
-                        "max_eval_examples": 16, "max_train_examples": 64}}
-    for key, value in overrides.items():
-        if key == "train":
-            values["train"].update(value)
-        else:
-            values[key] = value
-    return search_config(values)
-
-
-def study_trials(cfg):
-    folder = SearchStorage(cfg.storage_path, cfg.name).folder
-    return optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{folder / 'optuna.db'}").trials
+    """The shared test-sized search (conftest): six trials of 8 steps under ASHA (rungs 2, 4, 8) by training loss."""
+    values = {"trials": 6, "max_steps": 8, "scheduler": "asha", "grace_period": 2, "reduction_factor": 2,
+              "metric": "train_loss", **overrides}
+    return shared_tiny_search(tiny_llama_dir, tmp_path, **values)
 
 
 # ---- spaces: pure functions of an Optuna trial ----
@@ -116,7 +107,8 @@ def test_set_overrides_a_trial_field_with_a_train_prefix(tmp_path):
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump({"max_steps": 45, "train": {"task": "rotten_tomatoes", "batch_size": 8}}))
     cfg = load_search_config(path, ["train.batch_size=16", "train.eval_steps=[5, 15]", "trials=3"])
-    assert (cfg.train.batch_size, cfg.train.eval_steps, cfg.trials, cfg.train.task) == (16, (5, 15), 3, "rotten_tomatoes")
+    assert (cfg.train.batch_size, cfg.train.eval_steps, cfg.trials, cfg.train.task) == (16, (5, 15), 3,
+                                                                                        "rotten_tomatoes")
     with pytest.raises(ConfigError, match="train.eval_steps"):
         load_search_config(path, ["train.eval_steps=[0]"])
 
@@ -143,15 +135,17 @@ def test_a_trial_under_a_training_loss_scheduler_scores_dev_only_once_it_is_kept
     runs = {}
     for later in (False, True):
         reports = []
-        result = train(cfg, tiny_llama, report=lambda metrics, save: reports.append(dict(metrics)), score_after_report=later)
+        result = train(cfg, tiny_llama, report=lambda metrics, _, reports=reports: reports.append(dict(metrics)),
+                       score_after_report=later)
         runs[later] = (reports, result)
     (first, second, last), result = runs[True]
     assert first["best_step"] == 0 and first["best_dev_accuracy"] == 0.0 and first["rung_eval_s"] == 0.0
     assert "dev_accuracy" not in first and "dev_accuracy" not in second
     assert second["rung_eval_s"] > 0  # step 2's prompt, scored after its report
     eager, _ = runs[False]
-    assert second["best_step"] == eager[0]["best_step"] and second["best_dev_accuracy"] == eager[0]["best_dev_accuracy"]
-    assert last["best_dev_accuracy"] == eager[-1]["best_dev_accuracy"] and last["dev_accuracy"] == eager[-1]["dev_accuracy"]
+    assert (second["best_step"], second["best_dev_accuracy"]) == (eager[0]["best_step"], eager[0]["best_dev_accuracy"])
+    assert (last["best_dev_accuracy"], last["dev_accuracy"]) == (eager[-1]["best_dev_accuracy"],
+                                                                 eager[-1]["dev_accuracy"])
     torch.testing.assert_close(result["prompt"], runs[False][1]["prompt"])
 
 
@@ -175,7 +169,10 @@ def test_where_a_search_s_time_went_adds_up_to_its_slots():
     from search.record import SearchRecord
 
     cfg = search_config({"train": {"task": "rotten_tomatoes"}, "concurrency": 2})
-    seconds = lambda s, t, r, c: {"setup_s": s, "train_s": t, "rung_eval_s": r, "confirm_s": c}
+
+    def seconds(s, t, r, c):
+        return {"setup_s": s, "train_s": t, "rung_eval_s": r, "confirm_s": c}
+
     record = SearchRecord(None, cfg, [{"seconds": seconds(5, 100, 20, 0)}, {"seconds": seconds(5, 300, 30, 40)}], None)
     spent = record.time_spent(wall_s=300, driver_s=10)
     assert spent == {"start-up": 10, "training": 400, "dev scoring at rungs": 50, "confirmation": 40,
@@ -215,8 +212,9 @@ def test_a_trial_confirms_its_best_prompt_on_further_dev_examples(tiny_llama):
 def test_confirmed_trials_rank_first_by_their_confirmed_score():
     from search.record import rank_rows
 
-    row = lambda trial, metric, confirmed=None, status="completed": {"trial_id": trial, "metric": metric,
-                                                                      "confirmed": confirmed, "status": status}
+    def row(trial, metric, confirmed=None, status="completed"):
+        return {"trial_id": trial, "metric": metric, "confirmed": confirmed, "status": status}
+
     rows = [row("lucky", 0.95, status="stopped early"), row("a", 0.80, 0.71), row("b", 0.84, 0.70),
             row("c", 0.90, status="stopped early")]
     assert [r["trial_id"] for r in rank_rows(rows, "max")] == ["a", "b", "lucky", "c"]
@@ -231,9 +229,15 @@ def test_a_search_confirms_on_500_dev_examples_unless_told_otherwise():
 
 # ---- the Tuner, on the session's Ray cluster ----
 
-def test_small_search_runs_the_default_point_first_and_asha_prunes_weak_trials(ray_cluster, tiny_llama_dir, tmp_path):
-    cfg = tiny_search(tiny_llama_dir, tmp_path)
-    run_search(cfg)
+@pytest.fixture(scope="module")
+def small_search(ray_cluster, tiny_llama_dir, tmp_path_factory):
+    """Six trials of 8 steps on two workers under ASHA by training loss: its config and Tune's results."""
+    cfg = tiny_search(tiny_llama_dir, tmp_path_factory.mktemp("small"))
+    return cfg, run_search(cfg)
+
+
+def test_small_search_runs_the_default_point_first_and_asha_prunes_weak_trials(small_search):
+    cfg, _ = small_search
     rows = SearchRecord.load(cfg.storage_path, cfg.name).trials
     assert len(rows) == 6
     statuses = [r["status"] for r in rows]
@@ -260,7 +264,8 @@ def test_small_search_runs_the_default_point_first_and_asha_prunes_weak_trials(r
 
 
 def test_asha_can_compare_trials_by_another_metric_than_the_search_picks_by(ray_cluster, tiny_llama_dir, tmp_path):
-    cfg = tiny_search(tiny_llama_dir, tmp_path, name="asha-metric", metric="best_dev_accuracy", asha_metric="dev_log_loss")
+    cfg = tiny_search(tiny_llama_dir, tmp_path, name="asha-metric", metric="best_dev_accuracy",
+                      asha_metric="dev_log_loss")
     assert (cfg.asha_metric, cfg.asha_mode, cfg.mode) == ("dev_log_loss", "min", "max")
     run_search(cfg)
     record = SearchRecord.load(cfg.storage_path, cfg.name)
@@ -270,6 +275,8 @@ def test_asha_can_compare_trials_by_another_metric_than_the_search_picks_by(ray_
     assert all(0.0 <= res["dev_auc"] <= 1.0 and res["dev_log_loss"] > 0.0 for rs in results.values() for res in rs)
     stopped = [r for r in rows if r["status"] == "stopped early"]
     assert stopped
+    # every trial that ran to the end was confirmed on further dev examples, and the best of those won (below)
+    assert all(r["confirmed"] is not None for r in rows if r["status"] == "completed")
     for r in stopped:  # stopped for its log-loss: some other trial did better at that rung
         last = results[r["trial_id"]][-1]
         others = [res["dev_log_loss"] for tid, rs in results.items() if tid != r["trial_id"]
@@ -281,17 +288,11 @@ def test_asha_can_compare_trials_by_another_metric_than_the_search_picks_by(ray_
     assert (saved["metric"], saved["asha_metric"]) == ("best_dev_accuracy", "dev_log_loss")
 
 
-def test_workers_reuse_the_frozen_backbone_across_trials(ray_cluster, tiny_llama_dir, tmp_path):
-    cfg = tiny_search(tiny_llama_dir, tmp_path, name="reuse", trials=4, scheduler="none", max_steps=2,
-                      metric="best_dev_accuracy", train={"eval_every": 2, "confirm_examples": 64})
-    grid = run_search(cfg)
+def test_workers_reuse_the_frozen_backbone_across_trials(small_search):
+    _, grid = small_search
     reused = [r.metrics["backbone_reused"] for r in grid]
-    # 2 workers, 4 trials: at most the first trial on each worker loads the model
-    assert reused.count(False) <= 2 and reused.count(True) >= 2
-    # every trial ran to the end, so each was confirmed on 64 more dev examples and the best of those won
-    rows = SearchRecord.load(cfg.storage_path, cfg.name).trials
-    assert all(r["confirmed"] is not None for r in rows)
-    assert SearchRecord.load(cfg.storage_path, cfg.name).best()["confirmed"] == max(r["confirmed"] for r in rows)
+    # 2 workers, 6 trials: at most the first trial on each worker loads the model
+    assert len(reused) == 6 and reused.count(False) <= 2 and reused.count(True) >= 4
 
 
 def test_trial_workers_run_with_two_malloc_arenas(ray_cluster):
@@ -318,18 +319,23 @@ def overflowing_llama_dir(tiny_llama_dir, tmp_path_factory):
     return folder
 
 
-def test_a_diverging_trial_ends_as_diverged_and_the_search_goes_on(ray_cluster, tiny_llama_dir,
-                                                                   overflowing_llama_dir, tmp_path):
-    models = [str(tiny_llama_dir), str(overflowing_llama_dir)]
-    cfg = tiny_search(tiny_llama_dir, tmp_path, name="diverge", trials=2, scheduler="none", metric="best_dev_accuracy",
-                      space={"model": {"choices": models}}, points_to_evaluate=[{"model": m} for m in models])
-    run_search(cfg)
-    rows = {r["params"]["model"]: r for r in SearchRecord.load(cfg.storage_path, cfg.name).trials}
-    assert rows[str(overflowing_llama_dir)]["status"] == "diverged"
-    assert rows[str(overflowing_llama_dir)]["metric"] == 0.0  # the worst accuracy, finite for Optuna
-    assert rows[str(tiny_llama_dir)]["status"] == "completed" and rows[str(tiny_llama_dir)]["metric"] > 0.0
-    states = {t.params["model"]: t.state.name for t in study_trials(cfg)}
-    assert states == {models[0]: "COMPLETE", models[1]: "COMPLETE"}  # no trial left RUNNING in the study
+def test_a_trial_on_a_model_whose_loss_overflows_ends_as_diverged_at_the_worst_metric(
+        tiny_llama_dir, overflowing_llama_dir, tmp_path, monkeypatch):
+    """The real trainable, without Ray (conftest's StubTune), on the overflowing model and on the healthy one.
+    That a search goes on past a diverged trial, with every Optuna trial told, is tests/test_reliability.py's
+    fault 3 and tests/test_trial_faults.py's diverging searches."""
+    import trainables.trainable as trainable
+
+    base = tiny_search(tiny_llama_dir, tmp_path, scheduler="none", metric="best_dev_accuracy").train.to_dict()
+    last = {}
+    for name, model in (("overflowing", overflowing_llama_dir), ("healthy", tiny_llama_dir)):
+        stub = StubTune(tmp_path / name)
+        monkeypatch.setattr(trainable, "tune", stub)
+        trainable.tune_trial({"model": str(model)}, base, "best_dev_accuracy", "max")
+        last[name] = stub.reports[-1]
+    assert last["overflowing"]["status"] == "diverged"
+    assert last["overflowing"]["best_dev_accuracy"] == 0.0  # the worst accuracy, finite for Optuna
+    assert last["healthy"]["status"] == "completed" and last["healthy"]["best_dev_accuracy"] > 0.0
 
 
 def record_resources(config, base, metric, mode, gpu_fraction):
@@ -340,8 +346,8 @@ def record_resources(config, base, metric, mode, gpu_fraction):
     deadline = time.time() + 300  # waited out only by a failing test: four workers may take minutes to start
     while len(list(barrier.iterdir())) < 4 and time.time() < deadline:
         time.sleep(0.1)
-    tune.report({metric: 0.5, "step": base["max_steps"], "status": "completed", "together": len(list(barrier.iterdir())),
-                 "gpu_ids": ray.get_gpu_ids(), "gpu_fraction": gpu_fraction,
+    tune.report({metric: 0.5, "step": base["max_steps"], "status": "completed",
+                 "together": len(list(barrier.iterdir())), "gpu_ids": ray.get_gpu_ids(), "gpu_fraction": gpu_fraction,
                  "resources": ray.get_runtime_context().get_assigned_resources()})
 
 
@@ -356,53 +362,6 @@ def test_quarter_gpu_trials_pack_four_to_a_one_gpu_node(ray_cluster, tiny_llama_
     for r in results:
         assert r["resources"]["GPU"] == 0.25 and r["gpu_fraction"] == 0.25
         assert len(r["gpu_ids"]) == 1
-
-
-def test_resume_after_an_interrupted_search_reruns_nothing_finished(ray_cluster, tiny_llama_dir, tmp_path):
-    cfg_file = tmp_path / "search.yaml"
-    cfg_file.write_text(yaml.safe_dump({
-        "name": "interrupted", "trials": 5, "max_steps": 40, "concurrency": 1, "scheduler": "none",
-        "storage_path": str(tmp_path / "runs"),
-        "train": {"model": str(tiny_llama_dir), "task": "rotten_tomatoes", "batch_size": 4, "eval_every": 4,
-                  "max_eval_examples": 16, "max_train_examples": 64}}))
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    softprompt = [sys.executable, "-m", "search.cli"]
-    driver = subprocess.Popen([*softprompt, "search", "run", str(cfg_file)], env=env, cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    study = f"sqlite:///{tmp_path / 'runs' / 'interrupted' / 'optuna.db'}"
-    deadline = time.time() + 240
-    while time.time() < deadline:  # interrupt once two trials have finished
-        time.sleep(1)
-        try:
-            done = [t for t in optuna.load_study(study_name="interrupted", storage=study).trials if t.state.is_finished()]
-        except Exception:  # the study is not created yet
-            continue
-        if len(done) >= 2:
-            break
-    driver.send_signal(signal.SIGINT)
-    driver.wait(timeout=120)
-    before = {r["trial_id"]: r for r in SearchRecord.load(str(tmp_path / "runs"), "interrupted").trials}
-    finished = {tid for tid, r in before.items() if r["status"] == "completed"}
-    assert 2 <= len(finished) < 5
-    lines = lambda tid: (tmp_path / "runs" / "interrupted" / f"trial_{tid}" / "result.json").read_text().splitlines()
-    reported = {tid: lines(tid) for tid in finished}
-
-    resumed = subprocess.run([*softprompt, "search", "resume", "interrupted", "--storage-path", str(tmp_path / "runs")],
-                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    after = {r["trial_id"]: r for r in SearchRecord.load(str(tmp_path / "runs"), "interrupted").trials}
-    assert len(after) == 5 and all(r["status"] == "completed" for r in after.values())
-    for tid in finished:  # not one more report from a trial that had finished
-        assert lines(tid) == reported[tid]
-    for tid in after:
-        rows = [json.loads(line) for line in lines(tid)]
-        assert sorted({r["step"] for r in rows}) == list(range(4, 41, 4)), tid
-        # A trial interrupted mid-run resumes from its last registered checkpoint and replays the
-        # steps after it: the replay must be bit-for-bit the same run.
-        by_step = {}
-        for r in rows:
-            by_step.setdefault(r["step"], set()).add((r["train_loss"], r["dev_accuracy"], r["best_dev_accuracy"]))
-        assert all(len(values) == 1 for values in by_step.values()), (tid, by_step)
 
 
 # ---- bad search configs ----

@@ -4,18 +4,12 @@ means and sds of the trials behind them."""
 from __future__ import annotations
 
 import itertools
-import os
 import re
-import signal
 import statistics
-import subprocess
-import sys
-import time
 
 import optuna
 import pytest
-import ray
-import yaml
+from conftest import on_session_ray, run_stopped, softprompt, study_trials, tiny_search_file, tiny_search_values
 from mlflow.tracking import MlflowClient
 from ray.tune.search import Searcher
 
@@ -29,18 +23,11 @@ from search.tuner import run_search
 from trainables.tracking import PARENT_TAG
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-TASK = {"task": "rotten_tomatoes", "batch_size": 4, "max_eval_examples": 16, "max_train_examples": 64}
 
 
 def tiny(tiny_llama_dir, tmp_path, **values) -> dict:
-    return {"name": "tiny", "max_steps": 4, "concurrency": 2, "scheduler": "none", "metric": "train_loss",
-            "storage_path": str(tmp_path / "runs"), "train": {"model": str(tiny_llama_dir), **TASK, "eval_every": 2},
-            **values}
-
-
-def study_trials(cfg):
-    folder = SearchStorage(cfg.storage_path, cfg.name).folder
-    return optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{folder / 'optuna.db'}").trials
+    """The shared test-sized search's values (conftest), by training loss."""
+    return tiny_search_values(tiny_llama_dir, tmp_path, **{"metric": "train_loss", **values})
 
 
 def parent_run(uri: str, name: str):
@@ -72,7 +59,10 @@ def test_each_point_is_handed_out_once_per_seed_and_the_inner_searcher_gets_the_
     configs = {f"t{i}": seeds.suggest(f"t{i}") for i in range(6)}
     assert [(c["point"], c["seed"]) for c in configs.values()] == [(0, 10), (0, 11), (0, 12), (1, 10), (1, 11), (1, 12)]
     assert inner.suggested == 2
-    done = lambda loss, step=4: {"loss": loss, "status": "completed", "training_iteration": step}
+
+    def done(loss, step=4):
+        return {"loss": loss, "status": "completed", "training_iteration": step}
+
     seeds.on_trial_complete("t0", done(0.3))
     seeds.on_trial_complete("t2", done(0.6))
     assert inner.told == {}  # a seed is still running
@@ -96,7 +86,7 @@ def test_each_point_is_handed_out_once_per_seed_and_the_inner_searcher_gets_the_
 def test_a_point_is_stopped_early_if_any_seed_was_and_errored_only_if_all_were(outcomes, told):
     inner = Inner()
     seeds = SeedRepeater(inner, seeds=2, first_seed=0)
-    for i, (result, error) in enumerate(outcomes):
+    for i in range(len(outcomes)):
         seeds.suggest(f"t{i}")
     for i, (result, error) in enumerate(outcomes):
         seeds.on_trial_complete(f"t{i}", result, error)
@@ -132,7 +122,8 @@ def test_a_grid_search_has_one_trial_per_cell_and_seeds_multiply_the_trials_that
     ({"sampler": "grid"}, "sampler", "space 'quick' has ranges"),
     ({"sampler": "grid", "space": {**GRID, "lr": {"low": 0.01, "high": 0.3}}}, "sampler", "space.lr has a range"),
     ({"sampler": "grid", "space": {"optimizer": {"choices": ["adamw"]},
-                                   "lr": {"choices": [0.1], "when": {"optimizer": "adamw"}}}}, "sampler", "space.lr has when:"),
+                                   "lr": {"choices": [0.1], "when": {"optimizer": "adamw"}}}},
+     "sampler", "space.lr has when:"),
     ({"sampler": "grid", "space": GRID, "trials": 4}, "trials", "6, the number of grid cells"),
     ({"sampler": "grid", "space": GRID, "points_to_evaluate": [{"prompt_length": 2}]}, "points_to_evaluate",
      "left out with sampler: grid"),
@@ -258,31 +249,23 @@ def test_search_report_writes_each_parameters_mean_and_sd_by_value_as_a_table_an
 
 
 def test_a_seeded_search_interrupted_and_resumed_runs_every_seed_once(ray_cluster, tiny_llama_dir, tmp_path):
-    config = tmp_path / "search.yaml"
-    config.write_text(yaml.safe_dump(tiny(tiny_llama_dir, tmp_path, name="seeded-resume", seeds=2,
-                                          concurrency=1, max_steps=24, sampler="grid",
-                                          space={"prompt_length": {"choices": [2, 4]}},
-                                          train={"model": str(tiny_llama_dir), **TASK, "eval_every": 4})))
-    runs = tmp_path / "runs"
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    softprompt = [sys.executable, "-m", "search.cli"]
-    driver = subprocess.Popen([*softprompt, "search", "run", str(config), "--tracking-uri", "none"], env=env,
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and driver.poll() is None:  # one trial at a time: a second reporting
-        time.sleep(0.2)                                             # means the first seed has finished
-        if len([p for p in runs.glob("seeded-resume/trial_*/result.json") if p.stat().st_size]) >= 2:
-            break
-    driver.send_signal(signal.SIGINT)
-    assert driver.wait(timeout=120) == 130
+    """Ctrl-C right after the second trial's first checkpoint (the first point's second seed); then resumed."""
+    config = tiny_search_file(tiny_llama_dir, tmp_path, name="seeded-resume", metric="train_loss", seeds=2,
+                              concurrency=1, max_steps=24, sampler="grid", space={"prompt_length": {"choices": [2, 4]}},
+                              train={"eval_every": 4})
+    runs, env = tmp_path / "runs", on_session_ray()
+    stopped = run_stopped(config, "SIGINT", 2, 4, "--tracking-uri", "none", env=env)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
     before = {r["trial_id"]: r for r in SearchRecord.load(str(runs), "seeded-resume").trials}
     finished = {tid for tid, r in before.items() if r["status"] == "completed"}
-    assert 1 <= len(finished) < 4
-    lines = lambda tid: (runs / "seeded-resume" / f"trial_{tid}" / "result.json").read_text()
+    assert len(finished) == 1
+
+    def lines(tid: str) -> str:
+        return (runs / "seeded-resume" / f"trial_{tid}" / "result.json").read_text()
+
     reported = {tid: lines(tid) for tid in finished}
 
-    resumed = subprocess.run([*softprompt, "search", "resume", "seeded-resume", "--storage-path", str(runs)],
-                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    resumed = softprompt("search", "resume", "seeded-resume", "--storage-path", str(runs), cwd=tmp_path, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = SearchRecord.load(str(runs), "seeded-resume")
     assert len(after.trials) == 4 and all(r["status"] == "completed" for r in after.trials)
@@ -303,7 +286,8 @@ def test_the_grid_lets_tune_tell_its_last_cell_pruned_without_stopping_the_study
     through Ray's searcher that ended the last cell's trial as errored when ASHA had stopped it."""
     from search.tuner import TuneGridSampler
 
-    for sampler, raises in ((optuna.samplers.GridSampler({"x": [1, 2]}), True), (TuneGridSampler({"x": [1, 2]}), False)):
+    for sampler, raises in ((optuna.samplers.GridSampler({"x": [1, 2]}), True),
+                            (TuneGridSampler({"x": [1, 2]}), False)):
         study = optuna.create_study(sampler=sampler)
         first, last = study.ask(), study.ask()
         for trial in (first, last):
@@ -321,8 +305,11 @@ def test_the_grid_lets_tune_tell_its_last_cell_pruned_without_stopping_the_study
 def test_a_point_suggested_twice_is_two_points_each_with_its_seeds_once(tiny_llama_dir, tmp_path):
     cfg = search_config(tiny(tiny_llama_dir, tmp_path, seeds=2, sampler="random",
                              space={"prompt_length": {"choices": [4]}}))
-    row = lambda tid, seed, metric: {"trial_id": tid, "status": "completed", "params": {"prompt_length": 4, "seed": seed},
-                                     "metric": metric, "confirmed": None, "prompt": f"/p/{tid}"}
+
+    def row(tid, seed, metric):
+        return {"trial_id": tid, "status": "completed", "params": {"prompt_length": 4, "seed": seed},
+                "metric": metric, "confirmed": None, "prompt": f"/p/{tid}"}
+
     rows = [row("a", 0, 0.1), row("b", 1, 0.3), row("c", 0, 0.5), row("d", 1, 0.7)]
     points = SearchRecord(SearchStorage(cfg.storage_path, cfg.name), cfg, rows, None).points()
     assert [([t["trial_id"] for t in p["trials"]], p["n"], p["metric"]) for p in points] == [
@@ -347,9 +334,11 @@ def test_a_custom_space_chooses_among_several_checkpoints_and_a_grid_counts_them
 def test_a_point_missing_a_seeds_evaluation_ranks_after_the_whole_points(tiny_llama_dir, tmp_path):
     cfg = search_config(tiny(tiny_llama_dir, tmp_path, seeds=2, sampler="random",
                              space={"prompt_length": {"choices": [2, 4]}}))
-    row = lambda tid, length, seed, metric: {"trial_id": tid, "status": "completed", "metric": metric,
-                                             "params": {"prompt_length": length, "seed": seed}, "confirmed": None,
-                                             "prompt": f"/p/{tid}"}
+
+    def row(tid, length, seed, metric):
+        return {"trial_id": tid, "status": "completed", "metric": metric,
+                "params": {"prompt_length": length, "seed": seed}, "confirmed": None, "prompt": f"/p/{tid}"}
+
     rows = [row("a", 2, 0, 0.5), row("b", 2, 1, 0.7), row("c", 4, 0, 0.1)]  # c's seed 1 never evaluated
     points = SearchRecord(SearchStorage(cfg.storage_path, cfg.name), cfg, rows, None).points()
     assert [([t["trial_id"] for t in p["trials"]], p["n"]) for p in points] == [(["a", "b"], 2), (["c"], 1)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,13 +12,14 @@ from pathlib import Path
 import optuna
 import pytest
 import requests
+from conftest import free_port
+from conftest import tiny_search as shared_tiny_search
 from mlflow.tracking import MlflowClient
 
 from search.cli import main
-from search.config import search_config
-from search.tracking import SEARCH_TAG, finish_search_run, nearest_tokens_table, softprompt_experiment, start_search_run
 from search.record import SearchRecord, save_config
 from search.storage import SearchStorage
+from search.tracking import SEARCH_TAG, finish_search_run, nearest_tokens_table, softprompt_experiment, start_search_run
 from search.tuner import build_tuner, ensure_ray, run_search
 from trainables.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG
 
@@ -27,17 +27,16 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def tiny_search(model_dir, tmp_path, **overrides):
-    # one point diverges: 1e39 overflows float32, the prompt is infinite and the loss NaN at step 1
-    values = {"name": "tracked", "trials": 5, "max_steps": 8, "concurrency": 2, "grace_period": 2,
-              "reduction_factor": 2, "metric": "train_loss", "storage_path": str(tmp_path / "runs"), "seed": 0,
+    """The shared test-sized search (conftest): 5 trials of 8 steps under ASHA by training loss, one of whose
+    points diverges (1e39 overflows float32: the prompt is infinite and the loss NaN at step 1)."""
+    values = {"name": "tracked", "trials": 5, "max_steps": 8, "scheduler": "asha", "grace_period": 2,
+              "reduction_factor": 2, "metric": "train_loss",
               "startup_trials": 10,  # 5 random points: the diverging init_scale stays one trial of several
               "space": {"init_scale": {"choices": [0.5, 1.0e39]}, "prompt_length": {"choices": [2, 4]},
                         "lr": {"low": 0.01, "high": 0.3, "log": True}},
               "points_to_evaluate": [{"init_scale": 1.0e39, "prompt_length": 2, "lr": 0.1}],
-              "train": {"model": str(model_dir), "task": "rotten_tomatoes", "batch_size": 4, "eval_every": 2,
-                        "max_eval_examples": 16, "max_train_examples": 64, "init": "random_uniform"}}
-    values.update(overrides)
-    return search_config(values)
+              "train": {"init": "random_uniform"}, **overrides}
+    return shared_tiny_search(model_dir, tmp_path, **values)
 
 
 def children_by_trial(client, parent):
@@ -96,7 +95,8 @@ def test_a_tracked_search_has_one_parent_with_one_child_per_trial_and_right_stat
     assert {"winning_prompt", "optuna", "nearest_tokens.json", "softprompt-search.yaml"} <= artifacts
     plots = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "optuna")}
     assert {"plot_optimization_history.png", "plot_param_importances.png", "plot_parallel_coordinate.png"} <= plots
-    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "nearest_tokens.json", str(tmp_path))).read_text())
+    table_file = client.download_artifacts(parent.info.run_id, "nearest_tokens.json", str(tmp_path))
+    table = json.loads(Path(table_file).read_text())
     best = json.loads(parent.data.tags["softprompt.best_params"])
     assert len(table["data"]) == 5 * best["prompt_length"]  # 5 nearest tokens per prompt vector
     assert {"position", "token", "cosine"} <= set(table["columns"])
@@ -114,7 +114,8 @@ def test_export_takes_a_search_a_trial_or_a_run_and_the_top_k_as_one_registered_
     child = children_by_trial(client, parent)[best]
     assert main(["export", "--run", child.info.run_id, "--format", "npy", "--out", str(tmp_path / "run"), *common]) == 0
     assert np.array_equal(np.load(tmp_path / "best.npy"), np.load(tmp_path / "run.npy"))  # the same winner
-    assert main(["export", cfg.name, "--trial", best, "--format", "peft", "--out", str(tmp_path / "peft"), *common]) == 0
+    peft = ["--format", "peft", "--out", str(tmp_path / "peft")]
+    assert main(["export", cfg.name, "--trial", best, *peft, *common]) == 0
     assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
     assert main(["export", cfg.name, "--top", "3", "--format", "mlflow", "--name", "tiny-top3",
                  "--out", str(tmp_path / "bundle"), *common]) == 0
@@ -122,12 +123,6 @@ def test_export_takes_a_search_a_trial_or_a_run_and_the_top_k_as_one_registered_
     bundle = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
     assert len(bundle["tasks"]["rotten_tomatoes"]["members"]) == 3
     assert main(["export", cfg.name, "--top", "3", "--format", "peft", *common]) == 2  # one line, exit 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_tracking_server(folder: Path, port: int) -> subprocess.Popen:
@@ -235,6 +230,7 @@ def zip_checkpoint_copy(folder: Path, out: Path) -> Path:
 def test_the_nearest_token_table_reads_only_the_embedding_matrix_and_finds_each_tokens_own_row(
         request, backbone_fixture, layout, tmp_path):
     import torch
+
     from trainables.backbone import input_embeddings
 
     backbone = request.getfixturevalue(backbone_fixture)

@@ -3,21 +3,19 @@ metric ASHA and Optuna read (issue 15, item 1), a trial gets its own optimizer's
 and the kept prompt is the best by the search's own metric (item 6)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import shutil
 import sys
-from pathlib import Path
-from types import SimpleNamespace
 
 import optuna
 import pytest
 import ray
 import torch
+from conftest import StubTune, study_trials
+from conftest import tiny_search as shared_tiny_search
 from ray import tune
 
-from search.config import ConfigError, search_config
+from search.config import ConfigError
 from search.record import SearchRecord
 from search.storage import SearchStorage
 from search.tuner import resume_search, run_search
@@ -32,14 +30,10 @@ DIVERGES = 1.0e39  # as init_scale of random_uniform: overflows float32, so the 
 
 
 def tiny_search(model_dir, tmp_path, **overrides):
-    values = {"name": "tiny", "trials": 2, "max_steps": 4, "concurrency": 1, "scheduler": "asha",
-              "storage_path": str(tmp_path / "runs"), "seed": 0,
-              "train": {"model": str(model_dir), "task": "rotten_tomatoes", "batch_size": 4, "prompt_length": 2,
-                        "max_eval_examples": 16, "max_train_examples": 64, "confirm_examples": 0,
-                        "output_dir": str(tmp_path)}}
-    for key, value in overrides.items():
-        values[key] = {**values["train"], **value} if key == "train" else value
-    return search_config(values)
+    """The shared test-sized search (conftest), one trial at a time under ASHA, 2-vector prompts, no confirmation."""
+    train = {"prompt_length": 2, "confirm_examples": 0, **overrides.pop("train", {})}
+    values = {"concurrency": 1, "scheduler": "asha", **overrides, "train": train}
+    return shared_tiny_search(model_dir, tmp_path, **values)
 
 
 def diverging_search(model_dir, tmp_path, asha_metric: str):
@@ -53,11 +47,6 @@ def diverging_search(model_dir, tmp_path, asha_metric: str):
 def reports(cfg, trial_id: str) -> list[dict]:
     path = SearchStorage(cfg.storage_path, cfg.name).folder / f"trial_{trial_id}" / "result.json"
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def study_trials(cfg) -> list:
-    folder = SearchStorage(cfg.storage_path, cfg.name).folder
-    return optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{folder / 'optuna.db'}").trials
 
 
 def assert_the_diverged_trial_ended_with_every_worst_value_and_the_search_went_on(cfg):
@@ -76,7 +65,28 @@ def assert_the_diverged_trial_ended_with_every_worst_value_and_the_search_went_o
 
 # ---- 1. a diverged trial ----
 
-@pytest.mark.parametrize("asha_metric", list(ASHA_METRICS))
+@pytest.mark.parametrize("metric", list(SEARCH_METRICS))
+def test_a_diverged_trials_last_report_holds_every_metric_asha_and_optuna_read_at_its_worst(
+        tiny_llama_dir, tmp_path, monkeypatch, metric):
+    """The real trainable, without Ray (StubTune), for every search metric: its last report is what ASHA
+    (by any asha_metric) and Optuna (by the search metric) read."""
+    import trainables.trainable as trainable
+
+    base = tiny_search(tiny_llama_dir, tmp_path, metric=metric, train={"init": "random_uniform"}).train.to_dict()
+    stub = StubTune(tmp_path / "reports")
+    monkeypatch.setattr(trainable, "tune", stub)
+    trainable.tune_trial({"init_scale": DIVERGES}, base, metric, SEARCH_METRICS[metric])
+    last = stub.reports[-1]
+    assert (last["status"], last["step"]) == ("diverged", base["max_steps"])  # step: ASHA's time_attr
+    assert set(ASHA_METRICS) <= set(last)
+    for name, mode in ASHA_METRICS.items():
+        assert math.isfinite(last[name])
+        assert last[name] == 0.0 if mode == "max" else last[name] >= 1e9
+
+
+# A real search per direction of ASHA's metric, neither of them the search's own (best_dev_accuracy):
+# before issue 15 the diverged trial's report lacked it, and Ray ended the search right there.
+@pytest.mark.parametrize("asha_metric", ["dev_auc", "dev_log_loss"])
 def test_a_diverged_trial_reports_every_metric_asha_and_optuna_read_and_the_search_goes_on(
         ray_cluster, tiny_llama_dir, tmp_path, asha_metric):
     cfg = diverging_search(tiny_llama_dir, tmp_path, asha_metric)
@@ -138,7 +148,8 @@ def test_a_trial_runs_at_its_optimizers_default_lr_and_keeps_the_prompt_with_the
     assert last["best_dev_accuracy"] == kept["dev_accuracy"]  # the kept prompt's, not the highest seen
     best = load_checkpoint(row["prompt"])
     assert best.meta["step"] == last["best_step"]
-    assert (best.meta["metrics"]["dev_f1"], best.meta["metrics"]["dev_accuracy"]) == (kept["dev_f1"], kept["dev_accuracy"])
+    kept_metrics = best.meta["metrics"]
+    assert (kept_metrics["dev_f1"], kept_metrics["dev_accuracy"]) == (kept["dev_f1"], kept["dev_accuracy"])
     assert row["metric"] == last[metric]  # best_dev_f1 ranks trials by their kept prompt's F1
 
 
@@ -161,13 +172,15 @@ def test_a_run_keeps_the_prompt_of_the_step_its_select_metric_picks(tiny_llama, 
     """A real run whose dev accuracy and dev f1 peak at different steps (16 dev examples, seed 2)."""
     from trainables.config import TrainConfig
 
-    cfg = TrainConfig(model="tiny", task="rotten_tomatoes", batch_size=4, max_steps=8, eval_every=1, max_eval_examples=16,
-                      max_train_examples=64, prompt_length=2, init="random_uniform", optimizer="adamw", lr=0.1, seed=2)
+    cfg = TrainConfig(model="tiny", task="rotten_tomatoes", batch_size=4, max_steps=8, eval_every=1,
+                      max_eval_examples=16, max_train_examples=64, prompt_length=2, init="random_uniform",
+                      optimizer="adamw", lr=0.1, seed=2)
     data = prepare_data(cfg, tiny_llama)
     runs = {}
     for select in ("accuracy", "f1"):
         seen = []
-        result = train(cfg.replace(select_metric=select), tiny_llama, data, report=lambda m, save: seen.append(m))
+        result = train(cfg.replace(select_metric=select), tiny_llama, data,
+                       report=lambda m, _, seen=seen: seen.append(m))
         first_best = max(seen, key=lambda m: m[f"dev_{select}"])  # max() returns the first of equals
         assert result["best_step"] == first_best["step"]
         assert result[f"best_dev_{select}"] == first_best[f"dev_{select}"]
@@ -181,14 +194,15 @@ def test_a_run_checkpointed_before_select_metric_existed_resumes_to_the_same_res
     """Such a checkpoint's best prompt records its dev accuracy only; here that prompt (step 2) stays the best."""
     from trainables.config import TrainConfig
 
-    cfg = TrainConfig(model="tiny", task="rotten_tomatoes", batch_size=4, max_steps=4, eval_every=2, max_eval_examples=16,
-                      max_train_examples=64, prompt_length=2, optimizer="adamw", seed=1)
+    cfg = TrainConfig(model="tiny", task="rotten_tomatoes", batch_size=4, max_steps=4, eval_every=2,
+                      max_eval_examples=16, max_train_examples=64, prompt_length=2, optimizer="adamw", seed=1)
     data = prepare_data(cfg, tiny_llama)
     straight = train(cfg, tiny_llama, data, report=lambda m, save: save(tmp_path / str(m["step"])))
     assert straight["best_step"] == 2
     best = load_checkpoint(tmp_path / "2" / "best")
     old_meta = {k: v for k, v in best.meta.items() if k not in ("format", "length", "width", "prompt_sha256")}
-    save_checkpoint(tmp_path / "2" / "best", best.prompt, {**old_meta, "metrics": {"dev_accuracy": best.meta["metrics"]["dev_accuracy"]}})
+    accuracy_only = {"dev_accuracy": best.meta["metrics"]["dev_accuracy"]}
+    save_checkpoint(tmp_path / "2" / "best", best.prompt, {**old_meta, "metrics": accuracy_only})
     resumed = train(cfg, tiny_llama, data, resume_from=tmp_path / "2")
     assert torch.equal(resumed.pop("prompt"), straight.pop("prompt"))
     assert "best_dev_f1" not in resumed  # never measured for that prompt
@@ -200,8 +214,8 @@ def test_a_trial_checkpointed_when_adafactor_was_transformers_resumes_with_that_
     optimizer state is transformers' Adafactor's, and resuming must continue that run, not fail."""
     from trainables.config import TrainConfig
 
-    old = TrainConfig(model="tiny", task="rotten_tomatoes", batch_size=4, max_steps=4, eval_every=2, max_eval_examples=16,
-                      max_train_examples=64, prompt_length=2, optimizer="adafactor_hf", seed=1)
+    old = TrainConfig(model="tiny", task="rotten_tomatoes", batch_size=4, max_steps=4, eval_every=2,
+                      max_eval_examples=16, max_train_examples=64, prompt_length=2, optimizer="adafactor_hf", seed=1)
     data = prepare_data(old, tiny_llama)
     straight = train(old, tiny_llama, data, report=lambda m, save: save(tmp_path / str(m["step"])))
     resumed = train(old.replace(optimizer="adafactor"), tiny_llama, data, resume_from=tmp_path / "2")
@@ -255,7 +269,8 @@ def tune_trial(config, base, metric, mode, gpu_fraction=0.0, tracking=None, **op
         tune.report = report  # workers are reused by later trials
 
 
-def test_a_retried_trial_whose_checkpoint_is_incomplete_starts_over_and_completes(ray_cluster, tiny_llama_dir, tmp_path):
+def test_a_retried_trial_whose_checkpoint_is_incomplete_starts_over_and_completes(ray_cluster, tiny_llama_dir,
+                                                                                   tmp_path):
     global DAMAGED_SEARCH
     cfg = tiny_search(tiny_llama_dir, tmp_path, name="damaged", trials=1, scheduler="none", max_failures=1,
                       train={"eval_every": 2})
@@ -269,23 +284,6 @@ def test_a_retried_trial_whose_checkpoint_is_incomplete_starts_over_and_complete
 
 
 # ---- a trial resumed in another dtype says so ----
-
-class StubTune:
-    """What tune_trial reads of `ray.tune`, without Ray: a checkpoint to resume from (or none), and the
-    reports, each with a copy of its checkpoint folder."""
-
-    def __init__(self, keep: Path, resume_from: Path | None = None):
-        self.keep, self.resume_from, self.reports = keep, resume_from, []
-        self.Checkpoint = SimpleNamespace(from_directory=lambda folder: shutil.copytree(
-            folder, keep / f"checkpoint_{len(self.reports)}"))
-
-    def get_checkpoint(self):
-        folder = self.resume_from
-        return folder and SimpleNamespace(as_directory=lambda: contextlib.nullcontext(str(folder)))
-
-    def report(self, metrics: dict, checkpoint=None) -> None:
-        self.reports.append(metrics)
-
 
 def test_a_trial_resumed_in_another_dtype_records_both_and_says_so(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     import trainables.trainable as trainable
