@@ -235,7 +235,7 @@ def stops_the_driver(config, base, metric, mode, gpu_fraction=0.0, tracking=None
         os.environ.update(stop["env"])  # what reading the search's storage takes (an S3 endpoint, keys)
         try:
             rows = SearchRecord.load(stop["storage_path"], stop["name"]).trials
-        except Exception:  # noqa: BLE001 - read while the driver writes it: look again
+        except Exception:
             return False
         finally:  # as it was: the worker's later trials reach storage as a cluster's would
             for key, value in before.items():

@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from search.config import search_config
 from search.record import save_config
@@ -29,12 +29,6 @@ def chromium() -> str:
             pytest.fail("chromium is missing (tests/install_prerequisites.sh installs it)")
         pytest.skip("chromium is missing; CI=true makes this a failure")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
