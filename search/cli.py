@@ -116,17 +116,21 @@ def _finish_search(storage_path: str, name: str, started: float | None = None) -
 
 
 def _print_ui_hint(record) -> None:
-    """Where to look at the trials side by side: the MLflow UI's runs table of this search."""
+    """Where to look at the trials side by side: the MLflow UI's comparison of this search's trials."""
     from search.tracking import is_server, load_target, ui_link
 
     target = load_target(record.storage)
     if target is None or target.parent_run_id is None:
         return
+    try:
+        link = ui_link(target)
+    except Exception:  # the server went away since the search logged: `mlflow sync` says so, not this hint
+        return
     if is_server(target.uri):
-        print(f"  MLflow: {ui_link(target)}")
+        print(f"  MLflow: {link}")
     else:
         where = "" if record.storage.storage_path == STORAGE_PATH else f" --storage-path {record.storage.storage_path}"
-        print(f"  MLflow: `softprompt mlflow ui {record.storage.name}{where}`, then open {ui_link(target)}")
+        print(f"  MLflow: `softprompt mlflow ui {record.storage.name}{where}`, then open {link}")
 
 
 def _time_line(spent: dict[str, float], wall: float, slots: int) -> str:
