@@ -67,9 +67,8 @@ class TrialLines(tune.Callback):
         if scored and self.metric in result:
             parts.append(f"{self.metric} {_value(result[self.metric])} @ {result['best_step']}")
             self._note_best(result[self.metric], trial.trial_id)
-        if "confirmed_" + self.metric.removeprefix("best_dev_") in result:
-            key = "confirmed_" + self.metric.removeprefix("best_dev_")
-            parts.append(f"confirmed {_value(result[key])}")
+        if (confirmed := "confirmed_" + self.metric.removeprefix("best_dev_")) in result:
+            parts.append(f"confirmed {_value(result[confirmed])}")
         self._print(f"trial {trial.trial_id} step {result.get('step', '?')}: " + ", ".join(parts))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
