@@ -226,7 +226,7 @@ def isolated_sshd(folder: Path, public_key: str):
                                  "--mount-proc", str(SSHD), "-D", "-e", "-f", str(folder / "sshd_config")],
                                 stdout=log, stderr=log)
     try:
-        deadline = time.time() + 20
+        deadline = time.time() + 60
         while not _listening(22):
             assert sshd.poll() is None and time.time() < deadline, (folder / "sshd.log").read_text()
             time.sleep(0.2)
@@ -360,7 +360,7 @@ def test_ray_up_submit_track_export_and_ray_down_on_loopback(ray_cluster, tiny_l
         up_seconds = time.time() - started
         assert up.returncode == 0, up.stdout[-8000:] + up.stderr[-3000:]
         tracking_uri = f"http://127.0.0.1:{ports['mlflow']}"
-        _wait_for(f"{tracking_uri}/health", 60)
+        _wait_for(f"{tracking_uri}/health", 240)  # a guard: `make test` runs 4 test processes at once
 
         model = shared / "tiny-llama"
         shutil.copytree(tiny_llama_dir, model)
@@ -423,11 +423,11 @@ def test_ray_up_submit_track_export_and_ray_down_on_loopback(ray_cluster, tiny_l
         down = _run([ray, "down", "-y", str(cluster_file)], timeout=120, env=env, cwd=ROOT)
         down_seconds = time.time() - started
         assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
-        deadline = time.time() + 15
+        deadline = time.time() + 60
         while _ray_processes(namespace) and time.time() < deadline:
             time.sleep(0.5)
         assert _ray_processes(namespace) == []
-        _wait_for(f"{tracking_uri}/health", 5)  # the runs stay viewable; ending the namespace ends the server
+        _wait_for(f"{tracking_uri}/health", 30)  # the runs stay viewable; ending the namespace ends the server
         assert session_ray.get(worker_pid.remote(), timeout=60) > 0  # untouched by `ray down`
         print(f"ray up {up_seconds:.0f} s, job {job_seconds:.0f} s, ray down {down_seconds:.0f} s")
 

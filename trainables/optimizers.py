@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-from transformers.optimization import Adafactor as TransformersAdafactor
 
 from trainables.adafactor import Adafactor
 
@@ -17,7 +16,10 @@ def adafactor(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
 def adafactor_hf(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """transformers' Adafactor at the same settings, kept so a bench can measure what the paper's
     differs by: it factors every 2-D tensor (so its first step is not lr * sign(grad)) and removes
-    lr * weight_decay per step. Its decay_rate is the exponent of 1 - t^decay_rate, hence -0.8."""
+    lr * weight_decay per step. Its decay_rate is the exponent of 1 - t^decay_rate, hence -0.8.
+    Imported here: transformers.optimization imports peft, 1.5 s of every trial's start otherwise."""
+    from transformers.optimization import Adafactor as TransformersAdafactor
+
     return TransformersAdafactor(params, lr=lr, weight_decay=weight_decay, decay_rate=-0.8,
                                  scale_parameter=False, relative_step=False, warmup_init=False,
                                  clip_threshold=1.0, beta1=None)
