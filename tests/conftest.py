@@ -29,33 +29,30 @@ torch.set_num_threads(1)  # the tiny models' ops are too small to gain from thre
 # Seconds the slowest tests took under `make test` (rounded; from --durations). Only the order of the
 # work depends on them: the longest groups are dealt out first, so no process is left with one at the end.
 SLOW_TESTS = {
-    "test_cluster.py::test_ray_up_submit_track_export_and_ray_down_on_loopback": 190,
-    "test_s3.py::test_a_driver_killed_mid_search_on_s3_resumes_elsewhere_with_nothing_lost": 160,
-    "test_shared.py::test_a_shared_search_whose_driver_was_killed_resumes_to_its_end_on_the_server_it_left": 110,
-    "test_shared.py::test_killing_the_server_fails_only_its_trials_which_resume_from_their_checkpoints": 100,
-    "test_learning.py::test_a_short_run_lowers_the_training_loss_and_beats_the_untrained_prompt_on_dev": 100,
-    "test_driver_faults.py::test_ctrl_c_stops_a_search_without_scoring_a_winner_and_its_resume_reruns_nothing_finished":
-        90,
-    "test_driver_faults.py::test_a_winner_that_does_not_beat_zero_shot_is_called_out_in_the_summary_best_and_mlflow": 85,
-    "test_search.py::test_small_search_runs_the_default_point_first_and_asha_prunes_weak_trials": 85,
-    "test_shared.py::test_a_trial_fused_with_three_others_ends_with_the_prompt_it_reaches_alone_on_the_server": 75,
-    "test_lm_adapt.py::test_checkpoints_appear_at_the_requested_steps_and_each_loads_as_a_backbone": 90,
-    "test_lm_adapt.py::test_a_job_killed_in_each_phase_of_saving_resumes_from_its_newest_complete_state": 60,
-    "test_lm_adapt.py::test_a_job_killed_once_it_says_its_state_is_saved_resumes_from_that_state": 60,
-    "test_lm_adapt.py::test_a_search_explores_the_adapted_checkpoints_with_their_adaptation_steps": 50,
-    "test_resume_faults.py::test_a_trial_resumes_from_its_newest_complete_checkpoint_or_starts_over_and_nothing_is_lost":
-        40,
-    "test_resume_faults.py::test_a_searcher_state_a_kill_left_unreadable_is_rebuilt_from_the_study_and_the_search_completes":
-        30,
-    "test_reliability.py::test_fault2_a_killed_driver_resumes_without_rerunning_trials_or_losing_history": 70,
-    "test_seeds_and_grid.py::test_a_seeded_search_interrupted_and_resumed_runs_every_seed_once": 70,
-    "test_tracking.py::test_a_tracking_server_stopped_during_a_search_loses_nothing": 60,
-    "test_s3.py::test_a_search_on_s3_keeps_tune_state_checkpoints_and_its_own_files_there": 55,
-    "test_mixed_export.py::test_the_driver_scores_the_winner_on_its_whole_test_split_and_says_how_many": 55,
-    "test_imports.py::test_the_forking_interpreter_has_no_project_module_loaded": 50,
-    "test_precision.py::test_bfloat16_and_float32_rank_classification_agree_on_at_least_95_percent_of_dev_examples": 50,
-    "test_mlflow_ui.py::test_mlflow_ui_prints_a_link_that_opens_on_the_search_s_trials_in_a_browser": 50,
-    "test_trial_faults.py::test_a_search_that_a_diverged_trial_ended_resumes_to_its_end": 45,
+    "test_ray_up_submit_track_export_and_ray_down_on_loopback": 190,
+    "test_a_driver_killed_mid_search_on_s3_resumes_elsewhere_with_nothing_lost": 160,
+    "test_a_shared_search_whose_driver_was_killed_resumes_to_its_end_on_the_server_it_left": 110,
+    "test_killing_the_server_fails_only_its_trials_which_resume_from_their_checkpoints": 100,
+    "test_a_short_run_lowers_the_training_loss_and_beats_the_untrained_prompt_on_dev": 100,
+    "test_ctrl_c_stops_a_search_without_scoring_a_winner_and_its_resume_reruns_nothing_finished": 90,
+    "test_a_winner_that_does_not_beat_zero_shot_is_called_out_in_the_summary_best_and_mlflow": 85,
+    "test_small_search_runs_the_default_point_first_and_asha_prunes_weak_trials": 85,
+    "test_a_trial_fused_with_three_others_ends_with_the_prompt_it_reaches_alone_on_the_server": 75,
+    "test_checkpoints_appear_at_the_requested_steps_and_each_loads_as_a_backbone": 90,
+    "test_a_job_killed_in_each_phase_of_saving_resumes_from_its_newest_complete_state": 60,
+    "test_a_job_killed_once_it_says_its_state_is_saved_resumes_from_that_state": 60,
+    "test_a_search_explores_the_adapted_checkpoints_with_their_adaptation_steps": 50,
+    "test_a_trial_resumes_from_its_newest_complete_checkpoint_or_starts_over_and_nothing_is_lost": 40,
+    "test_a_searcher_state_a_kill_left_unreadable_is_rebuilt_from_the_study_and_the_search_completes": 30,
+    "test_fault2_a_killed_driver_resumes_without_rerunning_trials_or_losing_history": 70,
+    "test_a_seeded_search_interrupted_and_resumed_runs_every_seed_once": 70,
+    "test_a_tracking_server_stopped_during_a_search_loses_nothing": 60,
+    "test_a_search_on_s3_keeps_tune_state_checkpoints_and_its_own_files_there": 55,
+    "test_the_driver_scores_the_winner_on_its_whole_test_split_and_says_how_many": 55,
+    "test_the_forking_interpreter_has_no_project_module_loaded": 50,
+    "test_bfloat16_and_float32_rank_classification_agree_on_at_least_95_percent_of_dev_examples": 50,
+    "test_mlflow_ui_prints_a_link_that_opens_on_the_search_s_trials_in_a_browser": 50,
+    "test_a_search_that_a_diverged_trial_ended_resumes_to_its_end": 45,
 }
 
 
@@ -86,8 +83,7 @@ def pytest_collection_modifyitems(config, items):
             parent[root(i)] = root(owner.setdefault(instance, i))
     weight: dict[int, float] = {}
     for i, item in enumerate(items):
-        name = f"{item.path.name}::{item.originalname}"
-        weight[root(i)] = weight.get(root(i), 0.0) + SLOW_TESTS.get(name, 0.5)
+        weight[root(i)] = weight.get(root(i), 0.0) + SLOW_TESTS.get(item.originalname, 0.5)
     for i, item in enumerate(items):
         item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}-{root(i)}"))
     order = {id(item): (-weight[root(i)], root(i), i) for i, item in enumerate(items)}
