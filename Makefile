@@ -29,11 +29,11 @@ train: install
 # The loopback `ray up` test needs sshd and rsync: installed here as root with apt, else that test skips.
 # ruff runs first (pyproject.toml's [tool.ruff]), so a lint error fails the target before the suite starts.
 # 4 test processes on 2 cores: most of a test's time is waiting on Ray, servers and subprocesses. Tests that
-# share a module-scoped fixture run in one process (tests/conftest.py), the longest first.
+# share a module-scoped fixture run in one process (tests/conftest.py), the longest first (in collection order).
 test: install
 	$(BIN)/ruff check .
 	@bash tests/install_prerequisites.sh
-	$(BIN)/python -m pytest -q -n 4 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 4 --dist loadgroup --no-loadscope-reorder
 
 bench: install
 	$(BIN)/python bench/bench_core.py

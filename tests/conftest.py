@@ -63,11 +63,12 @@ def _shared_instances(item) -> set[tuple]:
             for name, defs in item._fixtureinfo.name2fixturedefs.items() if defs and defs[-1].scope == "module"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist's loadgroup, one group per set of tests that share a module-scoped fixture
     instance (a fixture parametrized twice makes two groups): each such fixture is built once, in one
     process, and everything else spreads over the processes. The longest groups are sent first."""
-    if config.getoption("dist", "no") != "loadgroup":
+    if not getattr(config.option, "loadgroup", False):  # set in xdist's workers, where `dist` reads "no"
         return
     parent = list(range(len(items)))
 
