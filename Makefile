@@ -30,10 +30,13 @@ train: install
 # ruff runs first (pyproject.toml's [tool.ruff]), so a lint error fails the target before the suite starts.
 # 4 test processes on 2 cores: most of a test's time is waiting on Ray, servers and subprocesses. Tests that
 # share a module-scoped fixture run in one process (tests/conftest.py), the longest first (in collection order).
+# Tests marked `serial` (the loopback `ray up`) run first, alone.
 test: install
 	$(BIN)/ruff check .
 	@bash tests/install_prerequisites.sh
-	$(BIN)/python -m pytest -q -n 4 --dist loadgroup --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -m serial; serial=$$?; \
+	$(BIN)/python -m pytest -q -n 4 --dist loadgroup --no-loadscope-reorder -m "not serial"; rest=$$?; \
+	test $$serial -eq 0 -a $$rest -eq 0
 
 bench: install
 	$(BIN)/python bench/bench_core.py

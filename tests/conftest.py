@@ -29,7 +29,6 @@ torch.set_num_threads(1)  # the tiny models' ops are too small to gain from thre
 # Seconds the slowest tests took under `make test` (rounded; from --durations). Only the order of the
 # work depends on them: the longest groups are dealt out first, so no process is left with one at the end.
 SLOW_TESTS = {
-    "test_ray_up_submit_track_export_and_ray_down_on_loopback": 190,
     "test_a_driver_killed_mid_search_on_s3_resumes_elsewhere_with_nothing_lost": 160,
     "test_a_shared_search_whose_driver_was_killed_resumes_to_its_end_on_the_server_it_left": 110,
     "test_killing_the_server_fails_only_its_trials_which_resume_from_their_checkpoints": 100,
