@@ -86,8 +86,7 @@ def pytest_collection_modifyitems(config, items):
         weight[root(i)] = weight.get(root(i), 0.0) + SLOW_TESTS.get(item.originalname, 0.5)
     for i, item in enumerate(items):
         item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}-{root(i)}"))
-    order = {id(item): (-weight[root(i)], root(i), i) for i, item in enumerate(items)}
-    items.sort(key=lambda item: order[id(item)])
+    items[:] = [items[i] for i in sorted(range(len(items)), key=lambda i: (-weight[root(i)], root(i), i))]
 
 
 @pytest.fixture(scope="session")
