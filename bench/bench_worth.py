@@ -116,6 +116,10 @@ def main() -> None:
     parser.add_argument("config")
     parser.add_argument("--set", action="append", default=[], help="config overrides, as `softprompt search run --set`")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run from this one on")
+    parser.add_argument("--append", action="store_true",
+                        help="add these seeds' runs to --out's .json (same config, --set and multiples) instead of "
+                             "starting a new one")
     parser.add_argument("--multiples", type=float, nargs="+", default=[2, 4, 8])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--out", type=Path, default=RESULTS / "worth.md")
@@ -145,9 +149,18 @@ def main() -> None:
     results = {"config": args.config, "sets": args.set, "multiples": args.multiples,
                "test_examples": len(data.splits["test"]),
                "zero_shot": zero_shot(judge_cfg, backbone, data)["accuracy"], "t1_s": [], "runs": []}
+    if args.append:
+        earlier = json.loads(args.out.with_suffix(".json").read_text())
+        same = ("config", "sets", "multiples", "test_examples")
+        if any(earlier[k] != results[k] for k in same):
+            raise SystemExit(f"--append: {args.out.with_suffix('.json')} has other {', '.join(same)}")
+        done = {r["seed"] for r in earlier["runs"]}
+        if done & set(range(args.first_seed, args.first_seed + args.seeds)):
+            raise SystemExit(f"--append: seeds {sorted(done)} are already in {args.out.with_suffix('.json')}")
+        results = earlier
     storage = Path(tempfile.mkdtemp(prefix="bench-worth-"))
     try:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             own = default_run(cfg, points[0], seed)
             t1 = own["wall_s"]
             results["t1_s"].append(t1)
@@ -166,6 +179,10 @@ def main() -> None:
                     marks[str(m)] = score(prompt) if prompt is not None else None
                 run["arms"][arm] = marks
                 run.setdefault("trials", {})[arm] = len(record.trials)
+                # each trial: how far it got and what ranked it (the winner pick's inputs), for a later reading
+                run.setdefault("trial_rows", {})[arm] = [
+                    {"params": r["params"], "status": r["status"], "step": r["step"], "metric": r["metric"],
+                     "confirmed": r["confirmed"], "ended_s": ended.get(r["trial_id"])} for r in record.trials]
             print(f"seed {seed}: " + "; ".join(f"{a} {v}" for a, v in run["arms"].items()), flush=True)
             results["runs"].append(run)
             write(results, args.out)
