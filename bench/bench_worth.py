@@ -50,6 +50,9 @@ ARMS = {"a": "default point, its own run", "a'": "default point, whole budget", 
         "c": "the config's search"}
 
 
+READING = "Reading (written by hand"
+
+
 class BudgetSpent(Exception):
     pass
 
@@ -238,7 +241,9 @@ def write(results: dict, out: Path) -> None:
                      + f" | {trials.get('b', '-')} | {trials.get('c', '-')} |")
     lines += ["", "Goal: the search's (c) median at least the default's (a) and random search's (b) at 4 and 8 T1.", ""]
     lines += [goal_line(table, m) for m in results["multiples"] if m >= 4]
-    out.write_text("\n".join(lines) + "\n")
+    written = out.read_text() if out.exists() else ""
+    reading = written[written.index(READING):] if READING in written else ""  # kept across runs and --render
+    out.write_text("\n".join(lines) + "\n" + (f"\n{reading}" if reading else ""))
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for arm, by in table.items():
         xs = sorted(by)
