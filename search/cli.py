@@ -311,8 +311,8 @@ def cmd_export(args) -> int:
             counts = ", ".join(f"{task}: {len(members)} prompt(s)" for task, members in tasks.items())
             print(f"registered model {name} version {version} (alias {ALIAS}; {counts}; "
                   f"combine {args.combine}) in {uri}\n"
-                  f"serve it: MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{name}@{ALIAS} "
-                  "--env-manager local")
+                  f"serve it: softprompt serve {name} --tracking-uri {uri} (Ray Serve), or MLFLOW_TRACKING_URI={uri} "
+                  f"mlflow models serve -m models:/{name}@{ALIAS} --env-manager local")
     return 0
 
 
@@ -472,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(handler=cmd_verify)
     _add_lm_adapt_command(commands)
     _add_cluster_commands(commands)
+    _add_serve_command(commands)
     return parser
 
 
@@ -481,6 +482,30 @@ def _handler(module: str, name: str):
         import importlib
         return getattr(importlib.import_module(module), name)(args)
     return run
+
+
+def _add_serve_command(commands) -> None:
+    """`serve` (serving/deploy.py): exported prompts on Ray Serve."""
+    serve = commands.add_parser(
+        "serve", help="serve exported prompts on Ray Serve (HTTP JSON, the MLflow model's schema)",
+        description="Serve a registered model (NAME: its production alias, or models:/NAME@ALIAS), a bundle folder "
+                    "or a search's winner on Ray Serve: one frozen backbone per replica answers every task of the "
+                    "bundle, concurrent requests are scored together, and a registry alias that moves to a new "
+                    "version is served from the next batch on, without a restart. POST {\"dataframe_records\": "
+                    "[{\"text\": ...}]} as to `mlflow models serve`. Without --address it starts a local Ray and "
+                    "serves until Ctrl-C; with one it deploys onto that cluster and returns. `serve status` and "
+                    "`serve stop` manage it.")
+    serve.add_argument("target", metavar="NAME|models:/NAME@ALIAS|BUNDLE|SEARCH|status|stop",
+                       help="what to serve, or `status` / `stop`")
+    serve.add_argument("--config", help="YAML serve config: replicas or autoscaling, num_cpus and num_gpus per "
+                                        "replica, port, batching (serving/deploy.py lists the fields)")
+    serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    serve.add_argument("--address", help="a Ray cluster to deploy onto (default: RAY_ADDRESS, else a local Ray)")
+    serve.add_argument("--name", default="softprompt", help="with stop: the application (default: softprompt)")
+    serve.add_argument("--tracking-uri", metavar="URI",
+                       help="the MLflow registry (default: sqlite:///mlflow.db here)")
+    serve.add_argument("--storage-path", default=STORAGE_PATH, help=f"where searches live (default: {STORAGE_PATH})")
+    serve.set_defaults(handler=_handler("serving.deploy", "cmd_serve"))
 
 
 def _add_lm_adapt_command(commands) -> None:

@@ -232,7 +232,7 @@ def export_mlflow_model(bundle: Path, registered_name: str, tracking_uri: str) -
 def _input_columns(record: dict) -> dict[str, bool]:
     """The raw columns the served model reads, each required if every task's template names it
     (a bundle made before templates travelled: `text`, the formatted input)."""
-    from serving.served_model import UNFORMATTED
+    from serving.rows import UNFORMATTED
     from trainables.templates import template_columns
 
     per_task = [template_columns(t.get("template") or UNFORMATTED) for t in record["tasks"].values()]

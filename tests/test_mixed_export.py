@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+from pathlib import Path
 
 import datasets
 import mlflow
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import ray
+import torch
 
 from search.cli import main
 from search.config import search_config
@@ -138,3 +140,19 @@ def test_export_refuses_two_searches_of_one_task_and_several_searches_as_a_peft_
     assert "export source = ['reviews', 'boolq']" in peft and "one search for --format peft" in peft
     assert "export source = ['reviews', 'reviews']" in twice and "each search once" in twice
     assert out == "" and not (tmp / "refused").exists()
+
+
+def test_serve_takes_a_search_name_as_its_winner_in_a_bundle(two_searches, tiny_llama, tmp_path, monkeypatch):
+    """`softprompt serve SEARCH`: the search's best prompt, as `export` would bundle it (no registry needed)."""
+    from serving.deploy import serve_source
+    from serving.ensemble import load_bundle
+
+    configs, _, tmp = two_searches
+    monkeypatch.chdir(tmp_path)
+    source, what = serve_source("boolq", f"sqlite:///{tmp_path / 'none.db'}", str(tmp / "runs"))
+    assert what == "search boolq's winner" and Path(source["bundle"]) == tmp_path / "runs" / "serve" / "boolq"
+    ensemble, record = load_bundle(Path(source["bundle"]), tiny_llama)
+    assert list(record["tasks"]) == ["boolq"] and record["tasks"]["boolq"]["template"] == TEMPLATES["boolq"]
+    best = load_checkpoint(SearchRecord.load(configs["boolq"].storage_path, "boolq").best()["prompt"]).prompt
+    assert torch.equal(ensemble.tasks["boolq"].prompts[0], best)
+    assert not (tmp_path / "none.db").exists()  # a registry that is not there is not created

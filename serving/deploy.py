@@ -1,0 +1,209 @@
+"""`softprompt serve`: exported prompts on Ray Serve (serving/ray_serve.py is what runs in a replica).
+
+    softprompt serve NAME|models:/NAME@ALIAS|BUNDLE_FOLDER|SEARCH [--config serve.yaml] [--address ADDR]
+    softprompt serve status [--address ADDR]
+    softprompt serve stop [--name APP] [--address ADDR]
+
+Without --address (and RAY_ADDRESS) it starts a local Ray and serves in the foreground until Ctrl-C,
+as `mlflow models serve` does; with one it deploys onto that cluster and returns.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+from search.configfile import Rule, check_fields, integer, load_yaml, number, parse_overrides
+from trainables.errors import ConfigError, UserError
+
+ACTIONS = ("status", "stop")
+DEFAULTS = {
+    "name": "softprompt",          # the Serve application
+    "route_prefix": "/",
+    "host": "127.0.0.1",           # where Serve's HTTP proxy listens (0.0.0.0 only behind a firewall)
+    "port": 8000,
+    "replicas": 1,                 # fixed replicas; or autoscaling
+    "autoscaling": None,           # {min_replicas, max_replicas, target_ongoing_requests}
+    "num_cpus": 1,                 # per replica
+    "num_gpus": 0,                 # per replica: a fraction shares a GPU between replicas
+    "max_batch_size": 32,          # requests Serve collects into one batch
+    "batch_wait_timeout_s": 0.01,  # how long a batch waits to fill
+    "max_pass_tokens": 8192,       # a batch's rows run in passes of at most this many tokens
+    "max_ongoing_requests": 64,    # per replica, before Serve queues at the proxy
+    "max_request_bytes": 1_000_000,  # a larger body gets a 413
+    "refresh_s": 2.0,              # how often a replica asks the registry where its alias points
+}
+AUTOSCALING_KEYS = {"min_replicas", "max_replicas", "target_ongoing_requests"}
+
+
+def _autoscaling(v) -> bool:
+    if v is None:
+        return True
+    if not isinstance(v, dict) or not set(v) <= AUTOSCALING_KEYS:
+        return False
+    low, high = v.get("min_replicas", 1), v.get("max_replicas", 1)
+    return all(isinstance(n, int) and not isinstance(n, bool) for n in (low, high)) and 0 <= low <= high and high >= 1
+
+
+RULES: dict[str, Rule] = {
+    "name": Rule(lambda v: isinstance(v, str) and v.replace("-", "").replace("_", "").isalnum(),
+                 "letters, digits, '-' and '_'"),
+    "route_prefix": Rule(lambda v: isinstance(v, str) and v.startswith("/"), "a path starting with /"),
+    "host": Rule(lambda v: isinstance(v, str) and v != "", "a host name or address"),
+    "port": integer(1, 65535),
+    "replicas": integer(1),
+    "autoscaling": Rule(_autoscaling, "null or a mapping of min_replicas <= max_replicas (integers, max >= 1) and "
+                                      "target_ongoing_requests"),
+    "num_cpus": number(0),
+    "num_gpus": number(0),
+    "max_batch_size": integer(1),
+    "batch_wait_timeout_s": number(0),
+    "max_pass_tokens": integer(16),
+    "max_ongoing_requests": integer(1),
+    "max_request_bytes": integer(1024),
+    "refresh_s": number(0.1),
+}
+
+
+def serve_settings(path: str | None, overrides: list[str] = ()) -> dict:
+    """DEFAULTS, then the config file's fields, then `--set` pairs; each checked (ConfigError)."""
+    values = load_yaml(path) if path else {}
+    values.update(parse_overrides(list(overrides)))
+    check_fields(values, RULES, path)
+    return {**DEFAULTS, **values}
+
+
+def serve_source(target: str, tracking_uri: str, storage_path: str) -> tuple[dict, str]:
+    """What to serve, and how to name it in one line: a bundle folder, a registered model (NAME, its
+    `production` alias, or models:/NAME@ALIAS) or a search (its winner, exported as a bundle)."""
+    folder = Path(target)
+    if (folder / "bundle.json").is_file():
+        return {"bundle": str(folder.resolve())}, f"bundle {folder}"
+    name, alias = target, "production"
+    if target.startswith("models:/"):
+        name, sep, alias = target.removeprefix("models:/").partition("@")
+        if not sep or not name or not alias:
+            raise ConfigError("model", target, "models:/NAME@ALIAS (a registered model and one of its aliases)")
+    if not tracking_uri.startswith("sqlite:///") or Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        import logging
+
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # its start-up notes
+        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        try:
+            version = client.get_model_version_by_alias(name, alias).version
+            return {"model": name, "alias": alias, "tracking_uri": tracking_uri}, \
+                f"models:/{name}@{alias} (version {version})"
+        except MlflowException:
+            pass
+    from search.record import SearchRecord
+    from search.storage import SearchStorage
+
+    if target.startswith("models:/") or not SearchStorage(storage_path, target).exists():
+        raise ConfigError("model", target, f"a registered model with alias {alias!r} in {tracking_uri}, a bundle "
+                                           f"folder, or a search under {storage_path}")
+    from search.export import search_prompts, tasks_by_name, write_bundle
+
+    prompts = search_prompts(SearchRecord.load(storage_path, target))
+    bundle = write_bundle(tasks_by_name({target: prompts}), Path("runs") / "serve" / target)
+    return {"bundle": str(bundle.resolve())}, f"search {target}'s winner"
+
+
+def _connect(address: str | None) -> bool:
+    """Join the cluster at `address` (or RAY_ADDRESS); else start a local Ray. True if it is local."""
+    import ray
+
+    from search.tuner import give_local_workers_env
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, include_dashboard=False, configure_logging=False, logging_level="WARNING")
+        return False
+    give_local_workers_env()
+    ray.init(include_dashboard=False, configure_logging=False, logging_level="WARNING")
+    return True
+
+
+def cmd_serve(args) -> int:
+    if args.target in ACTIONS:
+        return _status(args) if args.target == "status" else _stop(args)
+    from search.configfile import check_tracking_uri
+    from search.tracking import default_tracking_uri
+
+    settings = serve_settings(args.config, args.set)
+    tracking_uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
+    if tracking_uri is None:
+        raise ConfigError("--tracking-uri", "none", "a registry to read models from (a bundle folder needs none)")
+    source, what = serve_source(args.target, tracking_uri, args.storage_path)
+    local = _connect(args.address)
+    from ray import serve
+
+    from serving.ray_serve import deployment
+    serve.start(http_options={"host": settings["host"], "port": settings["port"]})
+    app = deployment(settings).bind(source, settings)
+    serve.run(app, name=settings["name"], route_prefix=settings["route_prefix"])
+    url = f"http://{_http_address(settings)}{settings['route_prefix']}"
+    print(f"softprompt: serving {what} as application {settings['name']!r} at {url} "
+          f"(POST JSON {{\"dataframe_records\": [...]}})", flush=True)
+    if not local:
+        print(f"softprompt: `softprompt serve status --address {args.address or os.environ.get('RAY_ADDRESS')}` "
+              f"shows it; `softprompt serve stop --name {settings['name']}` ends it", flush=True)
+        return 0
+    print("softprompt: Ctrl-C stops it", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    serve.shutdown()
+    print("softprompt: stopped", flush=True)
+    return 0
+
+
+def _http_address(settings: dict) -> str:
+    """Where Serve's proxy listens: the config's host and port, unless Serve already ran on the cluster
+    with others (they are set when Serve starts, and a later start keeps them)."""
+    try:
+        from ray.serve.context import _get_global_client
+        http = _get_global_client().http_config
+        return f"{http.host}:{http.port}"
+    except Exception:  # a private API: the config's values are right unless Serve ran before
+        return f"{settings['host']}:{settings['port']}"
+
+
+def _joined(args):
+    import ray
+    from ray import serve
+    address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=address, include_dashboard=False, configure_logging=False, logging_level="WARNING")
+    except ConnectionError as error:
+        raise UserError(f"no Ray cluster at {address} ({str(error).splitlines()[0]}): is `softprompt serve` "
+                        f"running, and is --address right?") from None
+    return serve
+
+
+def _status(args) -> int:
+    serve = _joined(args)
+    applications = serve.status().applications
+    if not applications:
+        print("softprompt: no Serve application is running")
+        return 0
+    for name, app in applications.items():
+        print(f"{name}: {getattr(app.status, 'value', app.status)}" + (f" ({app.message})" if app.message else ""))
+        for deployment_name, dep in app.deployments.items():
+            replicas = ", ".join(f"{n} {getattr(state, 'value', state)}" for state, n in dep.replica_states.items())
+            print(f"  {deployment_name}: {getattr(dep.status, 'value', dep.status)}, replicas: {replicas or 'none'}")
+    return 0
+
+
+def _stop(args) -> int:
+    serve = _joined(args)
+    applications = serve.status().applications
+    if args.name not in applications:
+        raise ConfigError("--name", args.name, f"a running Serve application: {', '.join(applications) or 'none'}")
+    serve.delete(args.name)
+    print(f"softprompt: stopped application {args.name!r}")
+    return 0

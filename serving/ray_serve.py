@@ -1,0 +1,234 @@
+"""A Ray Serve replica of exported prompts: one frozen backbone per replica answers every task of a
+bundle, with the rows of concurrent requests scored together (Ray Serve's batching, cut into passes
+under a token budget), and a registry alias followed without a restart.
+
+The HTTP schema is the MLflow model's (`mlflow models serve`): a JSON body with `dataframe_records`
+(a list of rows), `dataframe_split` (`columns` and `data`) or `inputs` (rows); each row holds the
+task's raw columns and optionally `task`. The answer is `{"predictions": [...]}`, a row per input
+row as serving/rows.py answers it, plus `model_version` (the registry version that answered, when
+serving an alias), `batched_requests` (how many requests shared its batch) and `refused` (a newer
+version this replica will not serve, in one line).
+A malformed request gets a 4xx whose body is `{"error": ONE LINE}`. A GET says what the replica
+serves: its version, tasks, backbone and when the backbone was loaded.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from serving.ensemble import load_bundle
+from serving.rows import RowError, answers, model_inputs
+from trainables.checkpoint import CheckpointError
+
+log = logging.getLogger("ray.serve")
+
+
+class BadRequest(ValueError):
+    """A request this server answers with a 4xx: one line."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def request_rows(body: bytes, max_bytes: int) -> list[dict]:
+    """The rows of a request body in MLflow's JSON schema, or BadRequest naming what is wrong."""
+    if len(body) > max_bytes:
+        raise BadRequest(f"request body of {len(body):,} bytes is over this server's max_request_bytes "
+                         f"({max_bytes:,})", 413)
+    if not body.strip():
+        raise BadRequest('empty body: send JSON {"dataframe_records": [{"text": "..."}]}')
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadRequest(f"the body is not JSON ({error.msg if hasattr(error, 'msg') else error})") from None
+    if not isinstance(payload, dict):
+        raise BadRequest(f"the body is a JSON {type(payload).__name__}; expected an object with dataframe_records, "
+                         "dataframe_split or inputs")
+    if "dataframe_records" in payload or "inputs" in payload:
+        key = "dataframe_records" if "dataframe_records" in payload else "inputs"
+        rows = payload[key]
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise BadRequest(f"{key} must be a list of rows, each an object of column: value")
+    elif "dataframe_split" in payload:
+        split = payload["dataframe_split"]
+        if not isinstance(split, dict) or not isinstance(split.get("columns"), list) or \
+                not isinstance(split.get("data"), list) or \
+                not all(isinstance(r, list) and len(r) == len(split["columns"]) for r in split["data"]):
+            raise BadRequest("dataframe_split must hold columns (a list) and data (rows, each as long as columns)")
+        rows = [dict(zip(split["columns"], r)) for r in split["data"]]
+    else:
+        raise BadRequest(f"no rows: the body's keys are {sorted(payload)}; expected dataframe_records, "
+                         "dataframe_split or inputs")
+    if not rows:
+        raise BadRequest("no rows: the request holds an empty list")
+    return rows
+
+
+def pass_chunks(lengths: list[int], budget: int) -> list[list[int]]:
+    """Row indices, in order, in chunks of at most `budget` tokens each (a longer row alone)."""
+    chunks, chunk, tokens = [], [], 0
+    for i, n in enumerate(lengths):
+        if chunk and tokens + n > budget:
+            chunks.append(chunk)
+            chunk, tokens = [], 0
+        chunk.append(i)
+        tokens += n
+    return chunks + [chunk] if chunk else chunks
+
+
+class Served:
+    """What a replica answers with: a bundle's ensemble and record, and the registry version it is."""
+
+    def __init__(self, folder: Path, backbone=None, version: int | None = None):
+        self.ensemble, self.record = load_bundle(folder, backbone)
+        self.version = version
+
+
+class PromptServer:
+    """The deployment's class (wrapped by `deployment()`): `source` is {"bundle": FOLDER} or
+    {"model": NAME, "alias": ALIAS, "tracking_uri": URI}."""
+
+    def __init__(self, source: dict, settings: dict):
+        self.source, self.settings = source, settings
+        self.lock = threading.Lock()
+        self.refused: str | None = None
+        self.refused_version: int | None = None
+        self.checked = time.monotonic()
+        self.downloads = tempfile.mkdtemp(prefix="softprompt-serve-")
+        if "bundle" in source:
+            self.served = Served(Path(source["bundle"]))
+        else:
+            version = self._alias_version()
+            self.served = Served(self._download(version), version=version)
+        self.backbone_loaded_at = time.time()  # once per replica: a new version reuses it
+        self.score.set_max_batch_size(settings["max_batch_size"])
+        self.score.set_batch_wait_timeout_s(settings["batch_wait_timeout_s"])
+
+    # ---- the registry alias ----
+
+    def _client(self):
+        from mlflow import MlflowClient
+        return MlflowClient(self.source["tracking_uri"], registry_uri=self.source["tracking_uri"])
+
+    def _alias_version(self) -> int:
+        return int(self._client().get_model_version_by_alias(self.source["model"], self.source["alias"]).version)
+
+    def _download(self, version: int) -> Path:
+        import mlflow
+        mlflow.set_registry_uri(self.source["tracking_uri"])
+        mlflow.set_tracking_uri(self.source["tracking_uri"])
+        into = Path(self.downloads) / str(version)
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{self.source['model']}/{version}",
+                                                         dst_path=str(into)))
+        model = yaml.safe_load((local / "MLmodel").read_text())  # the bundle's folder, as export logged it
+        return local / model["flavors"]["python_function"]["artifacts"]["bundle"]["path"]
+
+    def follow_alias(self) -> None:
+        """At most every `refresh_s`: if the alias names another version, serve it from the next pass
+        on, on this replica's backbone; a version trained on another backbone is refused (kept in
+        `refused` and logged once) and the one being served goes on."""
+        if "model" not in self.source or time.monotonic() - self.checked < self.settings["refresh_s"]:
+            return
+        self.checked = time.monotonic()
+        try:
+            version = self._alias_version()
+        except Exception as error:  # the registry is down: keep serving what is loaded
+            log.warning("softprompt: could not read %s@%s (%s); serving version %s", self.source["model"],
+                        self.source["alias"], str(error).splitlines()[0], self.served.version)
+            return
+        if version in (self.served.version, self.refused_version):
+            return
+        try:
+            previous, self.served = self.served, Served(self._download(version), self.served.ensemble.backbone, version)
+            self.refused = None
+            shutil.rmtree(Path(self.downloads) / str(previous.version), ignore_errors=True)
+            log.info("softprompt: now serving %s version %s", self.source["model"], version)
+        except CheckpointError as error:
+            self.refused_version = version
+            self.refused = (f"models:/{self.source['model']}@{self.source['alias']} is version {version}, which "
+                            f"this replica will not serve ({str(error).splitlines()[0]}); version "
+                            f"{self.served.version} answers")
+            log.warning("softprompt: %s", self.refused)
+
+    # ---- requests ----
+
+    def _score_rows(self, requests: list[list[dict]]) -> list[dict]:
+        """Every request's rows in passes of at most max_pass_tokens; per request, its answer or its
+        RowError's one line."""
+        with self.lock:
+            self.follow_alias()
+            served = self.served
+            backbone, record = served.ensemble.backbone, served.record
+            default = next(iter(record["tasks"]))
+            prepared, results = [], [None] * len(requests)
+            for i, rows in enumerate(requests):
+                names = [row.get("task", default) for row in rows]
+                try:
+                    inputs = model_inputs(record, backbone.tokenizer, backbone.is_encoder_decoder, names, rows)
+                    prepared.append((i, names, inputs))
+                except RowError as error:
+                    results[i] = {"error": str(error)}
+            names = [n for _, ns, _ in prepared for n in ns]
+            inputs = [x for _, _, xs in prepared for x in xs]
+            predictions = []
+            for chunk in pass_chunks([len(x) for x in inputs], self.settings["max_pass_tokens"]):
+                predictions += served.ensemble.predict([names[j] for j in chunk], [inputs[j] for j in chunk])
+            start = 0
+            for i, ns, _ in prepared:
+                results[i] = {"predictions": answers(record, ns, predictions[start:start + len(ns)]),
+                              "batched_requests": len(requests),
+                              **({"model_version": served.version} if served.version is not None else {}),
+                              **({"refused": self.refused} if self.refused else {})}
+                start += len(ns)
+            return results
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def score(self, requests: list[list[dict]]) -> list[dict]:
+        return await asyncio.to_thread(self._score_rows, requests)
+
+    def info(self) -> dict:
+        record = self.served.record
+        return {"model_version": self.served.version, "tasks": list(record["tasks"]), "backbone": record["backbone"],
+                "fingerprint": record["fingerprint"], "backbone_loaded_at": self.backbone_loaded_at,
+                "refused": self.refused}
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        if request.method == "GET":  # what this replica serves
+            return JSONResponse(self.info())
+        try:
+            rows = request_rows(await request.body(), self.settings["max_request_bytes"])
+        except BadRequest as error:
+            return JSONResponse({"error": str(error)}, status_code=error.status)
+        result = await self.score(rows)
+        return JSONResponse(result, status_code=400 if "error" in result else 200)
+
+    def __del__(self):  # Serve calls it when the replica shuts down
+        shutil.rmtree(self.downloads, ignore_errors=True)
+
+    def check_health(self) -> None:
+        """Serve's health probe: the replica holds a model."""
+        if self.served is None:
+            raise RuntimeError("no model loaded")
+
+
+def deployment(settings: dict):
+    """The PromptServer deployment with the config's sizing (serving/deploy.py validates it)."""
+    options = {"ray_actor_options": {"num_cpus": settings["num_cpus"], "num_gpus": settings["num_gpus"]},
+               "max_ongoing_requests": settings["max_ongoing_requests"]}
+    if settings.get("autoscaling"):
+        options["autoscaling_config"] = settings["autoscaling"]
+    else:
+        options["num_replicas"] = settings["replicas"]
+    return serve.deployment(PromptServer, name="PromptServer", **options)
