@@ -52,6 +52,8 @@ SLOW_TESTS = {
     "test_bfloat16_and_float32_rank_classification_agree_on_at_least_95_percent_of_dev_examples": 50,
     "test_mlflow_ui_prints_a_link_that_opens_on_the_search_s_trials_in_a_browser": 50,
     "test_a_search_that_a_diverged_trial_ended_resumes_to_its_end": 45,
+    "test_serve_status_and_stop_manage_an_application_on_a_cluster": 30,  # with its module's Serve tests: ~60
+    "test_serve_in_the_foreground_answers_and_stops_on_ctrl_c": 30,
 }
 
 
