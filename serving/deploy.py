@@ -152,11 +152,11 @@ def cmd_serve(args) -> int:
         return 0
     print("softprompt: Ctrl-C stops it", flush=True)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
+    # both set here: a process started with SIGINT ignored (a background job, a test runner's worker) would
+    # otherwise never see Ctrl-C, and Python raises KeyboardInterrupt only where SIGINT was left at its default
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
     serve.shutdown()
     print("softprompt: stopped", flush=True)
     return 0

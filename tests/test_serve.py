@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -50,6 +51,38 @@ def make_prompt(folder: Path, backbone, task: str, seed: int) -> Path:
 def post(url: str, body, timeout: float = GUARD_S) -> requests.Response:
     data = body if isinstance(body, (bytes, str)) else json.dumps({"dataframe_records": body})
     return requests.post(url, data=data, headers={"Content-Type": "application/json"}, timeout=timeout)
+
+
+@contextmanager
+def under_load(url: str, clients: int):
+    """`clients` threads posting 2-row requests back to back while the block runs; yields the outcomes
+    as they come: (status, parsed JSON or text), or ("hung", "") for a request unanswered in GUARD_S."""
+    outcomes, stop = [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                response = post(url, rows(2))
+                outcomes.append((response.status_code,
+                                 response.json() if response.status_code == 200 else response.text))
+            except requests.Timeout:
+                outcomes.append(("hung", ""))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield outcomes
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(GUARD_S)
+
+
+def wait_until(condition, deadline: float) -> None:
+    """Poll `condition` until it holds or the monotonic `deadline` passes (a guard, not a measurement)."""
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def mlflow_answers(uri: str, version: int, request: list[dict]) -> pd.DataFrame:
@@ -193,32 +226,16 @@ def test_a_moved_alias_is_served_without_a_restart_no_request_fails_and_another_
     url = served.run("follow", alias_source(registry), refresh_s=0.2)
     before = requests.get(url, timeout=GUARD_S).json()
     assert before["model_version"] == 1 and before["tasks"] == list(TASKS)
-    results, stop = [], threading.Event()
-
-    def client():
-        while not stop.is_set():
-            response = post(url, rows(2))
-            results.append((response.status_code, response.json().get("model_version")))
-
-    clients = [threading.Thread(target=client) for _ in range(2)]
-    for c in clients:
-        c.start()
-    try:
-        while len(results) < 4:
-            time.sleep(0.05)
-        assert export_mlflow_model(registry.bundle("v2", (3, 4)), "served", registry.uri) == 2  # alias -> 2
+    with under_load(url, 2) as results:
         deadline = time.monotonic() + GUARD_S
-        while not any(version == 2 for _, version in results[-4:]) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        served_after = len(results)
-        while len(results) < served_after + 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        for c in clients:
-            c.join(GUARD_S)
+        wait_until(lambda: len(results) >= 4, deadline)
+        assert export_mlflow_model(registry.bundle("v2", (3, 4)), "served", registry.uri) == 2  # alias -> 2
+        wait_until(lambda: any(isinstance(body, dict) and body["model_version"] == 2 for _, body in results[-4:]),
+                   deadline)
+        switched = len(results)
+        wait_until(lambda: len(results) >= switched + 4, deadline)
     assert all(status == 200 for status, _ in results), results
-    versions = [v for _, v in results]
+    versions = [body["model_version"] for _, body in results]
     assert versions[0] == 1 and versions[-1] == 2 and set(versions) == {1, 2}, versions
     after = requests.get(url, timeout=GUARD_S).json()
     assert after["model_version"] == 2 and after["backbone_loaded_at"] == before["backbone_loaded_at"]
@@ -237,38 +254,19 @@ def test_a_moved_alias_is_served_without_a_restart_no_request_fails_and_another_
 def test_a_replica_killed_under_load_leaves_no_request_hanging_or_unexplained(served, registry):
     import ray
     url = served.run("pair", {"bundle": str(registry.first)}, replicas=2)
-    outcomes, stop = [], threading.Event()
-
-    def client():
-        while not stop.is_set():
-            try:
-                response = post(url, rows(2), timeout=GUARD_S)
-                outcomes.append((response.status_code, response.text))
-            except requests.Timeout:
-                outcomes.append(("hung", ""))
-
-    clients = [threading.Thread(target=client) for _ in range(4)]
-    for c in clients:
-        c.start()
-    try:
-        while len(outcomes) < 8:
-            time.sleep(0.05)
+    with under_load(url, 4) as outcomes:
+        deadline = time.monotonic() + GUARD_S
+        wait_until(lambda: len(outcomes) >= 8, deadline)
         replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
                     if "pair" in a["name"] and "PromptServer" in a["name"]]
         assert len(replicas) == 2, replicas
         ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
         killed_at = len(outcomes)
-        deadline = time.monotonic() + GUARD_S
-        while len(outcomes) < killed_at + 16 and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        for c in clients:
-            c.join(GUARD_S)
+        wait_until(lambda: len(outcomes) >= killed_at + 16, deadline)
     assert len(outcomes) >= killed_at + 16, "requests stopped being answered after the kill"
     assert not [o for o in outcomes if o[0] == "hung"]
     failed = [o for o in outcomes if o[0] != 200]
-    assert all(status >= 500 and text.strip() for status, text in failed), failed  # a clear error, if any
+    assert all(status >= 500 and str(text).strip() for status, text in failed), failed  # a clear error, if any
     assert all(status == 200 for status, _ in outcomes[-8:])  # and the application answers on
 
 
@@ -297,7 +295,10 @@ def test_serve_in_the_foreground_answers_and_stops_on_ctrl_c(registry, tmp_path)
     port = free_port()
     process = subprocess.Popen([*SOFTPROMPT, "serve", str(registry.first), "--set", f"port={port}",
                                 "--set", "num_cpus=0"], cwd=tmp_path, env={**env, "PYTHONUNBUFFERED": "1"},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               # started with SIGINT ignored, as a background job or a test runner's worker is:
+                               # Ctrl-C must stop it all the same
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         lines = []
         for line in process.stdout:  # ends if the process does
