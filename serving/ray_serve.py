@@ -161,6 +161,9 @@ class PromptServer:
                             f"this replica will not serve ({str(error).splitlines()[0]}); version "
                             f"{self.served.version} answers")
             log.warning("softprompt: %s", self.refused)
+        except Exception as error:  # its files could not be read (yet): tried again at the next refresh
+            log.warning("softprompt: could not load %s version %s (%s); serving version %s", self.source["model"],
+                        version, (str(error).splitlines() or [type(error).__name__])[0], self.served.version)
 
     # ---- requests ----
 
