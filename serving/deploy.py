@@ -74,7 +74,7 @@ def serve_settings(path: str | None, overrides: list[str] = ()) -> dict:
     return {**DEFAULTS, **values}
 
 
-def serve_source(target: str, tracking_uri: str, storage_path: str) -> tuple[dict, str]:
+def serve_source(target: str, tracking_uri: str | None, storage_path: str) -> tuple[dict, str]:
     """What to serve, and how to name it in one line: a bundle folder, a registered model (NAME, its
     `production` alias, or models:/NAME@ALIAS) or a search (its winner, exported as a bundle)."""
     folder = Path(target)
@@ -85,7 +85,8 @@ def serve_source(target: str, tracking_uri: str, storage_path: str) -> tuple[dic
         name, sep, alias = target.removeprefix("models:/").partition("@")
         if not sep or not name or not alias:
             raise ConfigError("model", target, "models:/NAME@ALIAS (a registered model and one of its aliases)")
-    if not tracking_uri.startswith("sqlite:///") or Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+    if tracking_uri and (not tracking_uri.startswith("sqlite:///") or
+                         Path(tracking_uri.removeprefix("sqlite:///")).is_file()):
         import logging
 
         from mlflow import MlflowClient
@@ -102,7 +103,7 @@ def serve_source(target: str, tracking_uri: str, storage_path: str) -> tuple[dic
     from search.storage import SearchStorage
 
     if target.startswith("models:/") or not SearchStorage(storage_path, target).exists():
-        raise ConfigError("model", target, f"a registered model with alias {alias!r} in {tracking_uri}, a bundle "
+        raise ConfigError("model", target, f"a registered model with alias {alias!r} in {tracking_uri or 'no registry'}, a bundle "
                                            f"folder, or a search under {storage_path}")
     from search.export import search_prompts, tasks_by_name, write_bundle
 
@@ -132,9 +133,7 @@ def cmd_serve(args) -> int:
     from search.tracking import default_tracking_uri
 
     settings = serve_settings(args.config, args.set)
-    tracking_uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
-    if tracking_uri is None:
-        raise ConfigError("--tracking-uri", "none", "a registry to read models from (a bundle folder needs none)")
+    tracking_uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())  # None: `none`, no registry
     source, what = serve_source(args.target, tracking_uri, args.storage_path)
     local = _connect(args.address)
     from ray import serve
