@@ -103,7 +103,8 @@ def serve_source(target: str, tracking_uri: str | None, storage_path: str) -> tu
     from search.storage import SearchStorage
 
     if target.startswith("models:/") or not SearchStorage(storage_path, target).exists():
-        raise ConfigError("model", target, f"a registered model with alias {alias!r} in {tracking_uri or 'no registry'}, a bundle "
+        registry = tracking_uri or "no registry"
+        raise ConfigError("model", target, f"a registered model with alias {alias!r} in {registry}, a bundle "
                                            f"folder, or a search under {storage_path}")
     from search.export import search_prompts, tasks_by_name, write_bundle
 
