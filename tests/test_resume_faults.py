@@ -25,10 +25,13 @@ import pytest
 import ray
 from ray import tune
 from ray.train.constants import _get_ray_train_session_dir
+from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+from ray.tune.trainable.metadata import _TrainingRunMetadata
 from test_s3 import environment, forget_this_machine, s3, s3_keys  # noqa: F401 (s3 is a fixture)
 
 from search.config import search_config
 from search.record import SearchRecord
+from search.resume import experiment_folder, point_trials_at_complete_checkpoints
 from search.storage import SearchStorage
 from search.tuner import SearchInterrupted, resume_search, run_search
 from trainables.checkpoint import META, TENSORS
@@ -258,7 +261,61 @@ FAULTS = [(named_gone, STARTS_OVER), (named_gone_newer_half_uploaded, STARTS_OVE
           (named_damaged_older_complete, 0), (newer_half_uploaded, 1)]
 
 
+def said(tid: str, resumes_from: int | None) -> list[str]:
+    """softprompt's lines for a trial that resumes from checkpoint number `resumes_from` (1: the named one)."""
+    if resumes_from is STARTS_OVER:
+        return [f"softprompt: trial {tid} has no complete checkpoint left on storage; it starts over"]
+    return [] if resumes_from == 1 else [
+        f"softprompt: trial {tid}: checkpoint_000001 on storage is incomplete; it resumes from "
+        f"checkpoint_{resumes_from:06d}"]
+
+
+def named_in_state(storage, tid: str) -> str | None:
+    """The checkpoint folder (relative to the search's folder) that Tune's newest state names for trial `tid`."""
+    with environment(storage.env()):
+        filesystem, folder = experiment_folder(storage.search)
+        with filesystem.open_input_stream(_find_newest_experiment_checkpoint(folder, fs=filesystem)) as stream:
+            state = json.loads(stream.readall())
+    for trial, metadata in state["trial_data"]:
+        if json.loads(trial)["trial_id"] == tid:
+            named = _TrainingRunMetadata.from_json_state(metadata).checkpoint_manager.latest_checkpoint_result
+            return named and "/".join(Path(named.checkpoint.path).parts[-2:])
+    raise AssertionError(f"trial {tid} is not in Tune's state")
+
+
 @pytest.mark.parametrize("fault,resumes_from", FAULTS, ids=[f.__name__ for f, _ in FAULTS])
+def test_each_persistence_fault_is_repaired_to_the_trial_s_newest_complete_checkpoint_or_a_start_over(
+        interrupted, fault, resumes_from, capsys):
+    """What a resume does first (search/resume.py), fault by fault and on both storages: Tune's state then
+    names a whole copy of the trial's step-8 checkpoint, or nothing (the trial starts over), and a line says
+    which. The resumes below run Tune on each kind of repair."""
+    storage, tid = interrupted["storage"], interrupted["running"]
+    storage.restore_pristine()
+    fault(storage, tid)
+    capsys.readouterr()
+    with environment(storage.env()):
+        point_trials_at_complete_checkpoints(storage.search)
+    assert capsys.readouterr().err.splitlines() == said(tid, resumes_from)
+    named = named_in_state(storage, tid)
+    if resumes_from is STARTS_OVER:
+        assert named is None
+    else:  # the name Tune restores from, holding the step-8 checkpoint whole
+        assert named == checkpoint(tid, 1)
+        step_8 = {name: data for name, data in storage.pristine.items() if name.startswith(named + "/")
+                  and not name.endswith("/")}  # not S3's folder markers
+        assert {name: storage.read(name) for name in storage.names(named) if not name.endswith("/")} == step_8
+
+
+# A real resume for each kind of repair (see the test above), on each storage: the state cleared (the trial
+# starts over), a complete checkpoint copied to the named one (from a newer one, or an older one), and none
+# needed (a half-uploaded newer checkpoint left where the trial's next one goes).
+RESUMED = [("local", named_gone, STARTS_OVER), ("local", named_damaged_older_complete, 0),
+           ("local", newer_half_uploaded, 1), ("s3", named_gone_newer_half_uploaded, STARTS_OVER),
+           ("s3", named_half_pruned_newer_complete, 2)]
+
+
+@pytest.mark.parametrize("interrupted,fault,resumes_from", RESUMED, indirect=["interrupted"],
+                         ids=[f"{kind}-{f.__name__}" for kind, f, _ in RESUMED])
 def test_a_trial_resumes_from_its_newest_complete_checkpoint_or_starts_over_and_nothing_is_lost(
         interrupted, fault, resumes_from, capsys, caplog):
     storage, tid = interrupted["storage"], interrupted["running"]
@@ -267,17 +324,12 @@ def test_a_trial_resumes_from_its_newest_complete_checkpoint_or_starts_over_and_
     lines = resume(interrupted, capsys)
     reports = assert_nothing_lost(interrupted)
     assert not [r for r in caplog.records if "Error handling checkpoint" in r.getMessage()]  # none pruned wrongly
-    if resumes_from is STARTS_OVER:
-        assert reports == STARTED_OVER
-        assert lines == [f"softprompt: trial {tid} has no complete checkpoint left on storage; it starts over"]
-    else:  # each checkpoint here holds step 8 (the copies a test makes are of it)
-        assert reports == RESUMED_AT_8
-        assert lines == ([] if resumes_from == 1 else [
-            f"softprompt: trial {tid}: checkpoint_000001 on storage is incomplete; it resumes from "
-            f"checkpoint_{resumes_from:06d}"])
+    # each checkpoint here holds step 8 (the copies a test makes are of it)
+    assert reports == (STARTED_OVER if resumes_from is STARTS_OVER else RESUMED_AT_8)
+    assert lines == said(tid, resumes_from)
 
 
-@pytest.mark.parametrize("how", ["emptied", "cut short"])
+@pytest.mark.parametrize("interrupted,how", [("local", "emptied"), ("s3", "cut short")], indirect=["interrupted"])
 def test_a_searcher_state_a_kill_left_unreadable_is_rebuilt_from_the_study_and_the_search_completes(
         interrupted, how):
     storage = interrupted["storage"]

@@ -113,7 +113,7 @@ def until_its_trial_actors_are_gone(started_ms: int) -> None:
 
 
 def search_values(model_dir, storage_path: str, name: str, folder: Path, **overrides) -> dict:
-    return {"name": name, "trials": 2, "max_steps": 8, "concurrency": 2, "scheduler": "none",
+    return {"name": name, "trials": 2, "max_steps": 8, "concurrency": 1, "scheduler": "none",
             "metric": "best_dev_accuracy", "storage_path": storage_path, "seed": 0,
             "train": {"model": str(model_dir), "task": "rotten_tomatoes", "batch_size": 4, "eval_every": 4,
                       "max_eval_examples": 16, "max_train_examples": 64, "confirm_examples": 8,
