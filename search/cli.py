@@ -226,8 +226,10 @@ def cmd_mlflow_ui(args) -> int:
         print(f"search {args.name} is tracked on a server: open {ui_link(target)}")
         return 0
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", target.uri,
-                               "--host", args.host, "--port", str(args.port)],
-                              stdout=sys.stderr)  # this command's own output is the link
+                               "--host", args.host, "--port", str(args.port), "--workers", "1"],
+                              stdout=sys.stderr,  # this command's own output is the link
+                              # one person's UI: one worker, no MLflow job runner (consumers nothing here uses)
+                              env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ})
     try:
         for _ in range(240):
             if server.poll() is not None:
