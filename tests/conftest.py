@@ -33,7 +33,8 @@ SLOW_TESTS = {
     "test_a_shared_search_whose_driver_was_killed_resumes_to_its_end_on_the_server_it_left": 110,
     "test_killing_the_server_fails_only_its_trials_which_resume_from_their_checkpoints": 100,
     "test_a_short_run_lowers_the_training_loss_and_beats_the_untrained_prompt_on_dev": 100,
-    "test_ctrl_c_stops_a_search_without_scoring_a_winner_and_its_resume_reruns_nothing_finished": 90,
+    "test_ctrl_c_stops_a_seeded_search_without_scoring_a_winner_and_its_resume_reruns_nothing_and_runs_each_seed_once":
+        100,
     "test_a_winner_that_does_not_beat_zero_shot_is_called_out_in_the_summary_best_and_mlflow": 85,
     "test_small_search_runs_the_default_point_first_and_asha_prunes_weak_trials": 85,
     "test_a_trial_fused_with_three_others_ends_with_the_prompt_it_reaches_alone_on_the_server": 75,
@@ -44,7 +45,6 @@ SLOW_TESTS = {
     "test_a_trial_resumes_from_its_newest_complete_checkpoint_or_starts_over_and_nothing_is_lost": 40,
     "test_a_searcher_state_a_kill_left_unreadable_is_rebuilt_from_the_study_and_the_search_completes": 30,
     "test_fault2_a_killed_driver_resumes_without_rerunning_trials_or_losing_history": 70,
-    "test_a_seeded_search_interrupted_and_resumed_runs_every_seed_once": 70,
     "test_a_tracking_server_stopped_during_a_search_loses_nothing": 60,
     "test_a_search_on_s3_keeps_tune_state_checkpoints_and_its_own_files_there": 55,
     "test_the_driver_scores_the_winner_on_its_whole_test_split_and_says_how_many": 55,

@@ -1,19 +1,21 @@
 """What the search driver does when the user or the cluster gets in the way: resources no node can
 give are refused before the search exists, Ctrl-C stops a search (exit 130) with the way to resume
-it, and a winner that does not beat the zero-shot baseline is called out wherever it is shown."""
+it (a seeded one: its resume runs each seed once), and a winner that does not beat the zero-shot
+baseline is called out wherever it is shown."""
 from __future__ import annotations
 
 import csv
 import json
 import os
 import re
+import statistics
 import subprocess
 from pathlib import Path
 
 import pytest
 import ray
 import torch
-from conftest import SOFTPROMPT, on_session_ray, run_stopped, softprompt, tiny_search_file
+from conftest import SOFTPROMPT, on_session_ray, run_stopped, softprompt, study_trials, tiny_search_file
 from mlflow.tracking import MlflowClient
 
 from search.cli import main
@@ -99,12 +101,15 @@ def test_an_autoscaling_cluster_waits_for_a_node_type_that_fits_and_refuses_one_
 
 # ---- Ctrl-C ----
 
-def test_ctrl_c_stops_a_search_without_scoring_a_winner_and_its_resume_reruns_nothing_finished(
+def test_ctrl_c_stops_a_seeded_search_without_scoring_a_winner_and_its_resume_reruns_nothing_and_runs_each_seed_once(
         ray_cluster, tiny_llama_dir, tmp_path):
-    """Ctrl-C while the second of three trials runs, right after its step-8 checkpoint: exit 130 with the way
-    to resume it. The resume finishes the search: the finished trial is not run again, the stopped one goes
-    on from step 8, and any step a trial reports twice (a replay after its checkpoint) is the same run."""
-    config = tiny_search_file(tiny_llama_dir, tmp_path, name="ctrl-c", trials=3, max_steps=16, concurrency=1,
+    """A grid of two points, each run with two seeds (4 trials, one at a time). Ctrl-C while the second trial
+    (the first point's second seed) runs, right after its step-8 checkpoint: exit 130 with the way to resume
+    it. The resume finishes the search: the finished trial is not run again, the stopped one goes on from
+    step 8, any step a trial reports twice (a replay after its checkpoint) is the same run, each point ran
+    once per seed, and the study holds each point once, valued at its seeds' mean."""
+    config = tiny_search_file(tiny_llama_dir, tmp_path, name="ctrl-c", metric="train_loss", seeds=2, concurrency=1,
+                              max_steps=16, sampler="grid", space={"prompt_length": {"choices": [2, 4]}},
                               train={"eval_every": 4})
     runs, env = tmp_path / "runs", on_session_ray()
     stopped = run_stopped(config, "SIGINT", 2, 8, "--tracking-uri", "none", env=env)
@@ -125,8 +130,9 @@ def test_ctrl_c_stops_a_search_without_scoring_a_winner_and_its_resume_reruns_no
     resumed = softprompt("search", "resume", "ctrl-c", "--storage-path", str(runs), cwd=tmp_path, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "best trial" in resumed.stdout
-    after = {r["trial_id"]: r for r in SearchRecord.load(str(runs), "ctrl-c").trials}
-    assert len(after) == 3 and all(r["status"] == "completed" for r in after.values())
+    record = SearchRecord.load(str(runs), "ctrl-c")
+    after = {r["trial_id"]: r for r in record.trials}
+    assert len(after) == 4 and all(r["status"] == "completed" for r in after.values())
     assert results(finished) == reported  # not one more report from the trial that had finished
     rows = {tid: [json.loads(line) for line in results(tid).splitlines()] for tid in after}
     assert [(r["step"], r.get("resumed_from_step")) for r in rows[interrupted]] == [(4, None), (8, None), (12, 8),
@@ -137,6 +143,15 @@ def test_ctrl_c_stops_a_search_without_scoring_a_winner_and_its_resume_reruns_no
         for r in reports:
             by_step.setdefault(r["step"], set()).add((r["train_loss"], r["dev_accuracy"], r["best_dev_accuracy"]))
         assert all(len(values) == 1 for values in by_step.values()), (tid, by_step)
+    points = {}
+    for r in record.trials:
+        points.setdefault(r["params"]["prompt_length"], []).append(r)
+    assert len(points) == 2 and all(sorted(r["params"]["seed"] for r in p) == [0, 1] for p in points.values())
+    trials = study_trials(record.config)
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert {t.params["prompt_length"]: t.value for t in trials} == pytest.approx(
+        {length: statistics.fmean(r["metric"] for r in p) for length, p in points.items()})
+    assert record.best()["point"]["n"] == 2
 
 
 # ---- a winner below zero-shot ----

@@ -9,7 +9,7 @@ import statistics
 
 import optuna
 import pytest
-from conftest import on_session_ray, run_stopped, softprompt, study_trials, tiny_search_file, tiny_search_values
+from conftest import study_trials, tiny_search_values
 from mlflow.tracking import MlflowClient
 from ray.tune.search import Searcher
 
@@ -248,37 +248,8 @@ def test_search_report_writes_each_parameters_mean_and_sd_by_value_as_a_table_an
         ["report/report.md", "report/report.png"]
 
 
-def test_a_seeded_search_interrupted_and_resumed_runs_every_seed_once(ray_cluster, tiny_llama_dir, tmp_path):
-    """Ctrl-C right after the second trial's first checkpoint (the first point's second seed); then resumed."""
-    config = tiny_search_file(tiny_llama_dir, tmp_path, name="seeded-resume", metric="train_loss", seeds=2,
-                              concurrency=1, max_steps=24, sampler="grid", space={"prompt_length": {"choices": [2, 4]}},
-                              train={"eval_every": 4})
-    runs, env = tmp_path / "runs", on_session_ray()
-    stopped = run_stopped(config, "SIGINT", 2, 4, "--tracking-uri", "none", env=env)
-    assert stopped.returncode == 130, stopped.stderr[-3000:]
-    before = {r["trial_id"]: r for r in SearchRecord.load(str(runs), "seeded-resume").trials}
-    finished = {tid for tid, r in before.items() if r["status"] == "completed"}
-    assert len(finished) == 1
-
-    def lines(tid: str) -> str:
-        return (runs / "seeded-resume" / f"trial_{tid}" / "result.json").read_text()
-
-    reported = {tid: lines(tid) for tid in finished}
-
-    resumed = softprompt("search", "resume", "seeded-resume", "--storage-path", str(runs), cwd=tmp_path, env=env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    after = SearchRecord.load(str(runs), "seeded-resume")
-    assert len(after.trials) == 4 and all(r["status"] == "completed" for r in after.trials)
-    assert all(lines(tid) == reported[tid] for tid in finished)  # a finished seed did not run again
-    points = {}
-    for r in after.trials:
-        points.setdefault(r["params"]["prompt_length"], []).append(r)
-    assert len(points) == 2 and all(sorted(r["params"]["seed"] for r in p) == [0, 1] for p in points.values())
-    trials = study_trials(after.config)
-    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
-    assert {t.params["prompt_length"]: t.value for t in trials} == pytest.approx(
-        {length: statistics.fmean(r["metric"] for r in p) for length, p in points.items()})
-    assert after.best()["point"]["n"] == 2
+# A seeded search stopped by Ctrl-C and resumed runs each seed once: tests/test_driver_faults.py's Ctrl-C test
+# is such a search.
 
 
 def test_the_grid_lets_tune_tell_its_last_cell_pruned_without_stopping_the_study():
