@@ -32,6 +32,7 @@ DEFAULTS = {
     "max_pass_tokens": 8192,       # a batch's rows run in passes of at most this many tokens
     "max_ongoing_requests": 64,    # per replica, before Serve queues at the proxy
     "max_request_bytes": 1_000_000,  # a larger body gets a 413
+    "body_timeout_s": 10.0,        # a body not read by then gets a 503 (a request Serve retried after a replica died)
     "refresh_s": 2.0,              # how often a replica asks the registry where its alias points
 }
 AUTOSCALING_KEYS = {"min_replicas", "max_replicas", "target_ongoing_requests"}
@@ -62,6 +63,7 @@ RULES: dict[str, Rule] = {
     "max_pass_tokens": integer(16),
     "max_ongoing_requests": integer(1),
     "max_request_bytes": integer(1024),
+    "body_timeout_s": number(0.1),
     "refresh_s": number(0.1),
 }
 

@@ -42,6 +42,17 @@ class BadRequest(ValueError):
         self.status = status
 
 
+async def read_body(request: Request, timeout_s: float) -> bytes:
+    """The request's body, or a 503 once `timeout_s` passes. Serve's proxy retries a request whose replica died
+    on another replica, but the body the dead one read is not sent again: without a limit that request waits
+    for it until the client gives up."""
+    try:
+        return await asyncio.wait_for(request.body(), timeout_s)
+    except TimeoutError:
+        raise BadRequest(f"the request's body did not arrive in {timeout_s:g} s (a retry after a replica failed "
+                         f"loses it); send the request again", status=503) from None
+
+
 def request_rows(body: bytes, max_bytes: int) -> list[dict]:
     """The rows of a request body in MLflow's JSON schema, or BadRequest naming what is wrong."""
     if len(body) > max_bytes:
@@ -211,7 +222,8 @@ class PromptServer:
         if request.method == "GET":  # what this replica serves
             return JSONResponse(self.info())
         try:
-            rows = request_rows(await request.body(), self.settings["max_request_bytes"])
+            rows = request_rows(await read_body(request, self.settings["body_timeout_s"]),
+                                self.settings["max_request_bytes"])
         except BadRequest as error:
             return JSONResponse({"error": str(error)}, status_code=error.status)
         result = await self.score(rows)
