@@ -79,9 +79,10 @@ def _zero_shot_verdict(summary: dict) -> str | None:
             f"prompt; a longer or wider search may find one that helps")
 
 
-def _finish_search(storage_path: str, name: str, started: float | None = None) -> int:
-    """After a search (new or resumed): the trial table, then the winner against zero-shot; for a search
-    run in this process (`started`), where its time went."""
+def _finish_search(storage_path: str, name: str, started: float | None = None, since: float | None = None) -> int:
+    """After a search (new or resumed): the trial table, then the winner against zero-shot; then where the
+    time of this process's run (from `started`) went; for a resume (`since`: its start, in epoch seconds),
+    of the trials that ran in it."""
     from search.record import ERRORED, UNFINISHED, SearchRecord
     from search.verdict import judge_winner
 
@@ -111,7 +112,8 @@ def _finish_search(storage_path: str, name: str, started: float | None = None) -
     _print_ui_hint(record)
     if started is not None:
         wall = time.perf_counter() - started
-        print("\n" + _time_line(record.time_spent(wall, time.perf_counter() - judged), wall, record.config.concurrency))
+        print("\n" + _time_line(record.time_spent(wall, time.perf_counter() - judged, since), wall,
+                                record.config.concurrency))
     return 0
 
 
@@ -178,8 +180,9 @@ def cmd_search_run(args) -> int:
 def cmd_search_resume(args) -> int:
     from search.tuner import resume_search
 
+    started, since = time.perf_counter(), time.time()
     resume_search(args.storage_path, args.name, tracking_uri=check_tracking_uri(args.tracking_uri or "none"))
-    return _finish_search(args.storage_path, args.name)
+    return _finish_search(args.storage_path, args.name, started, since)
 
 
 def cmd_search_status(args) -> int:

@@ -115,6 +115,7 @@ class SearchRecord:
                          "test_accuracy": last.get("test_accuracy"),
                          "prompt": search.remote_location(f"{checkpoint}/best") if checkpoint else None,
                          "lr_absolute": last.get("lr_absolute"),
+                         "reported_at": last.get("timestamp"),  # Tune's, in whole seconds since the epoch
                          "seconds": {key: last.get(key, 0.0) for key in TRIAL_SECONDS}})
         path = search.folder / SUMMARY_FILE
         summary = json.loads(path.read_text()) if path.is_file() else {}
@@ -170,11 +171,13 @@ class SearchRecord:
                            "trials": [r["trial_id"] for r in point["trials"]]}} if self.config.seeds > 1 else {}
         return {**best, "prompt": str(self.storage.local_copy(best["prompt"])), **seeds}
 
-    def time_spent(self, wall_s: float, driver_s: float) -> dict[str, float]:
+    def time_spent(self, wall_s: float, driver_s: float, since: float | None = None) -> dict[str, float]:
         """Seconds of the search's slots (`concurrency` x `wall_s`) by what filled them: the trials' own
         counts, the driver's final scoring (`driver_s`, the whole machine's), and the rest (Ray's start,
-        scheduling, slots left idle)."""
-        spent = {label: sum(r["seconds"][key] for r in self.trials) for key, label in TRIAL_SECONDS.items()}
+        scheduling, slots left idle). `since` (a resume's start, seconds since the epoch): only the trials
+        that reported after it, whose counts are of this run (a trial counts from its process's start)."""
+        ran = [r for r in self.trials if since is None or (r.get("reported_at") or 0) >= int(since)]
+        spent = {label: sum(r["seconds"][key] for r in ran) for key, label in TRIAL_SECONDS.items()}
         spent["final test scoring"] = driver_s * self.config.concurrency
         spent["Ray, scheduling and idle slots"] = max(0.0, wall_s * self.config.concurrency - sum(spent.values()))
         return spent

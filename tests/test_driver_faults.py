@@ -130,6 +130,8 @@ def test_ctrl_c_stops_a_seeded_search_without_scoring_a_winner_and_its_resume_re
     resumed = softprompt("search", "resume", "ctrl-c", "--storage-path", str(runs), cwd=tmp_path, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "best trial" in resumed.stdout
+    (time_line,) = [line for line in resumed.stdout.splitlines() if line.startswith("time: ")]  # where it went
+    assert " x 1 slots = " in time_line and "training" in time_line, time_line
     record = SearchRecord.load(str(runs), "ctrl-c")
     after = {r["trial_id"]: r for r in record.trials}
     assert len(after) == 4 and all(r["status"] == "completed" for r in after.values())

@@ -180,6 +180,11 @@ def test_where_a_search_s_time_went_adds_up_to_its_slots():
     assert _time_line(spent, 300, 2) == ("time: 5.0 min x 2 slots = 600 slot-s: training 67%, Ray, scheduling and "
                                          "idle slots 13%, dev scoring at rungs 8%, confirmation 7%, final test scoring "
                                          "3%, start-up 2%")
+    # a resume's line counts the trials that reported since it started, not one that had finished before
+    record.trials[0]["reported_at"], record.trials[1]["reported_at"] = 1000, 2000
+    assert record.time_spent(wall_s=300, driver_s=10, since=1500.7) == {
+        "start-up": 5, "training": 300, "dev scoring at rungs": 30, "confirmation": 40, "final test scoring": 20,
+        "Ray, scheduling and idle slots": 205}
 
 
 def test_tpe_samples_at_random_for_a_quarter_of_the_trials_2_to_10():
