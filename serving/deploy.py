@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from search.configfile import Rule, check_fields, integer, load_yaml, number, parse_overrides
-from trainables.errors import ConfigError, UserError
+from trainables.errors import ConfigError, UserError, one_line
 
 ACTIONS = ("status", "stop")
 DEFAULTS = {
@@ -182,7 +182,7 @@ def _joined(args):
     try:
         ray.init(address=address, include_dashboard=False, configure_logging=False, logging_level="WARNING")
     except ConnectionError as error:
-        raise UserError(f"no Ray cluster at {address} ({str(error).splitlines()[0]}): is `softprompt serve` "
+        raise UserError(f"no Ray cluster at {address} ({one_line(error)}): is `softprompt serve` "
                         f"running, and is --address right?") from None
     return serve
 

@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse
 from serving.ensemble import load_bundle
 from serving.rows import RowError, answers, model_inputs
 from trainables.checkpoint import CheckpointError
+from trainables.errors import one_line
 
 log = logging.getLogger("ray.serve")
 
@@ -157,7 +158,7 @@ class PromptServer:
             version = self._alias_version()
         except Exception as error:  # the registry is down: keep serving what is loaded
             log.warning("softprompt: could not read %s@%s (%s); serving version %s", self.source["model"],
-                        self.source["alias"], str(error).splitlines()[0], self.served.version)
+                        self.source["alias"], one_line(error), self.served.version)
             return
         if version in (self.served.version, self.refused_version):
             return
@@ -169,12 +170,12 @@ class PromptServer:
         except CheckpointError as error:
             self.refused_version = version
             self.refused = (f"models:/{self.source['model']}@{self.source['alias']} is version {version}, which "
-                            f"this replica will not serve ({str(error).splitlines()[0]}); version "
+                            f"this replica will not serve ({one_line(error)}); version "
                             f"{self.served.version} answers")
             log.warning("softprompt: %s", self.refused)
         except Exception as error:  # its files could not be read (yet): tried again at the next refresh
             log.warning("softprompt: could not load %s version %s (%s); serving version %s", self.source["model"],
-                        version, (str(error).splitlines() or [type(error).__name__])[0], self.served.version)
+                        version, one_line(error) or type(error).__name__, self.served.version)
 
     # ---- requests ----
 
