@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from adaptation.manifest import read_manifest, write_manifest
-from adaptation.resume import MODEL_FILE, OPTIMIZER_FILE, STEP_FILE, resume_from_newest_complete_checkpoint
-from search.configfile import ConfigError, check_tracking_uri
-from trainables.files import atomic_folder
-from trainables.tracking import RUN_FILE
+from softprompt.adaptation.manifest import read_manifest, write_manifest
+from softprompt.adaptation.resume import MODEL_FILE, OPTIMIZER_FILE, STEP_FILE, resume_from_newest_complete_checkpoint
+from softprompt.search.configfile import ConfigError, check_tracking_uri
+from softprompt.trainables.files import atomic_folder
+from softprompt.trainables.tracking import RUN_FILE
 
 STATE_DIR, RUN_NAME = ".ray", "lm-adapt"   # Ray Train's run under OUT: the same name resumes it
 JOB_FILE = "job.json"                      # what the job trains on and how, kept under STATE_DIR: a resume must match
@@ -100,7 +100,7 @@ def check_out_shared(out: str, other_nodes: bool, filesystem: str | None) -> Non
 
 def model_source(name: str) -> str:
     """The loadable source of an encoder-decoder checkpoint; a decoder-only model is refused."""
-    from trainables.backbone import resolve_model
+    from softprompt.trainables.backbone import resolve_model
 
     source, config, _ = resolve_model(name)
     if not config.is_encoder_decoder:
@@ -114,7 +114,7 @@ def model_source(name: str) -> str:
 def read_corpus(source: str, text_column: str = "text", config: str | None = None) -> list[str]:
     """The corpus's texts: `text_column` (a .txt file's lines: `text`) of the train split, else the first, of
     what `source` names, read as a task mapping's dataset is (trainables.tasks.read_dataset)."""
-    from trainables.tasks import FILE_SUFFIXES, TaskError, Where, read_dataset
+    from softprompt.trainables.tasks import FILE_SUFFIXES, TaskError, Where, read_dataset
 
     try:
         data = read_dataset({"dataset": os.path.expanduser(source), "config": config}, Where(source, mapping=False))
@@ -143,7 +143,7 @@ def tokenize_corpus(texts: list[str], tokenizer, seq_len: int, source: str) -> n
 def prefix_lm_batch(stream: np.ndarray, cfg: AdaptConfig, step: int, rank: int, eos: int, pad: int) -> dict:
     """Worker `rank`'s batch at `step`: `batch_size` windows of `seq_len` tokens, each split at a
     random point into input (prefix) and target (continuation), each ended by EOS."""
-    from trainables.data import IGNORE, pad_rows
+    from softprompt.trainables.data import IGNORE, pad_rows
 
     rng = np.random.default_rng([cfg.seed, step, rank])
     starts = rng.integers(0, len(stream) - cfg.seq_len + 1, cfg.batch_size)
@@ -167,8 +167,8 @@ def train_worker(config: dict) -> None:
     from transformers import AutoModelForSeq2SeqLM
     from transformers.utils import logging as hf_logging
 
-    from trainables.adafactor import Adafactor
-    from trainables.backbone import load_tokenizer
+    from softprompt.trainables.adafactor import Adafactor
+    from softprompt.trainables.backbone import load_tokenizer
 
     hf_logging.disable_progress_bar()
     logging.getLogger().setLevel(logging.WARNING)  # Ray Train logs a line per report at INFO, on a logger of its own
@@ -274,7 +274,7 @@ def _cluster_workers(cfg: AdaptConfig, started_here: bool) -> tuple[int, bool, i
     autoscaler can add GPU nodes (then the job waits for them), else CPU workers."""
     import ray
 
-    from search.resources import addable_node_types
+    from softprompt.search.resources import addable_node_types
 
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
@@ -322,7 +322,7 @@ def _start_run(cfg: AdaptConfig, state: Path) -> str | None:
         return json.loads(record.read_text())["run_id"] if cfg.tracking_uri else None
     from mlflow.tracking import MlflowClient
 
-    from search.tracking import softprompt_experiment
+    from softprompt.search.tracking import softprompt_experiment
 
     try:
         client = MlflowClient(cfg.tracking_uri)
@@ -347,7 +347,7 @@ def run_adaptation(cfg: AdaptConfig, worker=train_worker) -> Path:
     from ray.train.torch import TorchTrainer
     from transformers import AutoTokenizer
 
-    from search.resources import addable_node_types
+    from softprompt.search.resources import addable_node_types
 
     check_config(cfg)
     resolved = Path(cfg.out).resolve()  # a resume with other settings is refused before Ray starts, in seconds
@@ -405,7 +405,7 @@ def cmd_lm_adapt(args) -> int:
     check_config(cfg)
     if args.submit:
         return submit(cfg, args.address, args.tracking_uri, args.no_wait)
-    from search.tracking import default_tracking_uri
+    from softprompt.search.tracking import default_tracking_uri
 
     cfg = dataclasses.replace(cfg, tracking_uri=check_tracking_uri(args.tracking_uri or default_tracking_uri()))
     manifest = run_adaptation(cfg)
@@ -419,7 +419,7 @@ def cmd_lm_adapt(args) -> int:
 
 def submit(cfg: AdaptConfig, address: str, tracking_uri: str | None, no_wait: bool) -> int:
     """The same job on a cluster: its --out (and a local corpus) must be paths every node sees."""
-    from search.jobs import submit_command, submitted
+    from softprompt.search.jobs import submit_command, submitted
 
     for flag, path in (("--out", cfg.out), ("--corpus", cfg.corpus)):
         if (flag == "--out" or Path(path).expanduser().exists()) and not Path(path).expanduser().is_absolute():

@@ -66,12 +66,12 @@ def main() -> None:
         config = tmp / "ablation.yaml"
         config.write_text(yaml.safe_dump({**search_config(args.steps, args.seeds, args.dev, args.test),
                                           "storage_path": str(tmp / "runs")}))
-        softprompt = [sys.executable, "-m", "search.cli"]
+        softprompt = [sys.executable, "-m", "softprompt"]
         started = time.perf_counter()
         subprocess.run([*softprompt, "search", "run", str(config), "--tracking-uri", "none"], check=True)
         minutes = (time.perf_counter() - started) / 60
         subprocess.run([*softprompt, "search", "report", "ablation", "--storage-path", str(tmp / "runs")], check=True)
-        from search.record import SearchRecord
+        from softprompt.search.record import SearchRecord
 
         record = SearchRecord.load(str(tmp / "runs"), "ablation")
         trials = [{"params": t["params"], "dev": t["metric"], "test": t["test_accuracy"], "status": t["status"]}

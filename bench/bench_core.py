@@ -28,7 +28,7 @@ import torch
 from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from trainables.backbone import (
+from softprompt.trainables.backbone import (
     Backbone,
     compiled_graphs,
     fingerprint,
@@ -38,11 +38,11 @@ from trainables.backbone import (
     resolve_dtype,
     resolve_model,
 )
-from trainables.config import TrainConfig
-from trainables.data import IGNORE, TrainOrder, make_batch, pad_rows, train_batch
-from trainables.evaluate import evaluate
-from trainables.loop import initial_prompt, prepare_data, train, zero_shot
-from trainables.prompt import PromptedModel, SoftPrompt
+from softprompt.trainables.config import TrainConfig
+from softprompt.trainables.data import IGNORE, TrainOrder, make_batch, pad_rows, train_batch
+from softprompt.trainables.evaluate import evaluate
+from softprompt.trainables.loop import initial_prompt, prepare_data, train, zero_shot
+from softprompt.trainables.prompt import PromptedModel, SoftPrompt
 
 RESULTS = Path(__file__).parent / "results"
 

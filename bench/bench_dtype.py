@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from trainables.backbone import cpu_runs_bf16, load_backbone
-from trainables.checkpoint import load_checkpoint
-from trainables.config import TrainConfig
-from trainables.evaluate import evaluate
-from trainables.loop import prepare_data, train
-from trainables.prompt import PromptedModel, SoftPrompt
+from softprompt.trainables.backbone import cpu_runs_bf16, load_backbone
+from softprompt.trainables.checkpoint import load_checkpoint
+from softprompt.trainables.config import TrainConfig
+from softprompt.trainables.evaluate import evaluate
+from softprompt.trainables.loop import prepare_data, train
+from softprompt.trainables.prompt import PromptedModel, SoftPrompt
 
 RESULTS = Path(__file__).parent / "results"
 POINT = dict(prompt_length=20, init="class_label", optimizer="adamw", lr=0.03, batch_size=8)

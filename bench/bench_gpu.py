@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 from bench_core import speed
-from trainables.backbone import cap_gpu_memory, load_backbone
-from trainables.config import TrainConfig
-from trainables.loop import prepare_data, train
+from softprompt.trainables.backbone import cap_gpu_memory, load_backbone
+from softprompt.trainables.config import TrainConfig
+from softprompt.trainables.loop import prepare_data, train
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-from adaptation.lm_adapt import AdaptConfig, run_adaptation
-from trainables.backbone import OFFLINE_MODELS
-from trainables.tasks import OFFLINE_TASKS
+from softprompt.adaptation.lm_adapt import AdaptConfig, run_adaptation
+from softprompt.trainables.backbone import OFFLINE_MODELS
+from softprompt.trainables.tasks import OFFLINE_TASKS
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -38,17 +38,17 @@ import psutil
 import ray
 import torch
 
-from search.config import search_config
-from search.record import SearchRecord
-from search.tuner import give_local_workers_env, run_search
-from spaces import DEFAULT_POINTS
-from trainables.backbone import cached_backbone, load_backbone
-from trainables.checkpoint import load_checkpoint
-from trainables.config import TrainConfig
-from trainables.evaluate import evaluate
-from trainables.loop import prepare_data, train, zero_shot
-from trainables.prompt import PromptedModel, SoftPrompt
-from trainables.shared import connect, stop_servers
+from softprompt.search.config import search_config
+from softprompt.search.record import SearchRecord
+from softprompt.search.tuner import give_local_workers_env, run_search
+from softprompt.spaces import DEFAULT_POINTS
+from softprompt.trainables.backbone import cached_backbone, load_backbone
+from softprompt.trainables.checkpoint import load_checkpoint
+from softprompt.trainables.config import TrainConfig
+from softprompt.trainables.evaluate import evaluate
+from softprompt.trainables.loop import prepare_data, train, zero_shot
+from softprompt.trainables.prompt import PromptedModel, SoftPrompt
+from softprompt.trainables.shared import connect, stop_servers
 
 RESULTS = Path(__file__).parent / "results"
 MODEL, TASK = "smollm2-135m", "rotten_tomatoes"
@@ -129,7 +129,7 @@ def run_arm(trials: int, shared: bool, threads: int, idle: int) -> dict:
         results = ray.get([task.remote(TRAIN.replace(seed=i), barrier, key) for i in range(trials)])
         server_rss = None
         if shared:
-            from trainables.shared import NAMESPACE, servers
+            from softprompt.trainables.shared import NAMESPACE, servers
             (name,) = servers(key)
             server_pid = ray.get(ray.get_actor(name, namespace=NAMESPACE).describe.remote())["pid"]
             server_rss = psutil.Process(server_pid).memory_info().rss
@@ -150,8 +150,8 @@ def pass_sizes(rows_per_pass=(8, 16, 32), examples: int = 64, repeats: int = 3) 
     """Training examples/s of one process using every core, as a server runs a pass, at several
     pass sizes over the same examples (length-bucketed batches, as trials draw them); the sizes
     take turns, `repeats` times, and each keeps its median."""
-    from trainables.data import TrainOrder, make_batch
-    from trainables.prompt import loss
+    from softprompt.trainables.data import TrainOrder, make_batch
+    from softprompt.trainables.prompt import loss
 
     backbone = load_backbone(MODEL)  # freed on return: the bench process holds no model during the arms
     data = prepare_data(TRAIN, backbone)

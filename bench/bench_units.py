@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainables.backbone import load_backbone
-from trainables.config import TrainConfig
-from trainables.inits import embedding_rms
-from trainables.loop import prepare_data, train, zero_shot
+from softprompt.trainables.backbone import load_backbone
+from softprompt.trainables.config import TrainConfig
+from softprompt.trainables.inits import embedding_rms
+from softprompt.trainables.loop import prepare_data, train, zero_shot
 
 RESULTS = Path(__file__).parent / "results"
 # optimizer label -> (optimizer, parameter_scaling, absolute lr grid)

@@ -34,7 +34,7 @@ DEMO = Path(__file__).parents[1] / "examples" / "demo.yaml"
 
 def points(seed: int, n: int) -> list[dict]:
     """The points a search with this seed samples first (TPE draws at random for its first 10)."""
-    from spaces import DEFAULT_POINTS, quick
+    from softprompt.spaces import DEFAULT_POINTS, quick
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     study.enqueue_trial(DEFAULT_POINTS["quick"])
@@ -48,7 +48,7 @@ def points(seed: int, n: int) -> list[dict]:
 
 def signals(scores: np.ndarray, labels: np.ndarray) -> dict:
     """Rank-classification signals from [N, 2] class log-likelihoods."""
-    from trainables.evaluate import auc, log_loss
+    from softprompt.trainables.evaluate import auc, log_loss
     s = scores.astype(np.float32)  # as recorded: margins of float32 scores
     margin = s[:, 1] - s[:, 0]
     centred = margin - np.median(margin)
@@ -60,11 +60,11 @@ def signals(scores: np.ndarray, labels: np.ndarray) -> dict:
 def run_trial(job: tuple) -> dict:
     seed, params = job
     torch.set_num_threads(1)
-    import trainables.loop as loop
-    from search.config import load_search_config
-    from trainables.backbone import cached_backbone, default_device
-    from trainables.config import fields_from_params
-    from trainables.evaluate import evaluate, split_class_scores
+    import softprompt.trainables.loop as loop
+    from softprompt.search.config import load_search_config
+    from softprompt.trainables.backbone import cached_backbone, default_device
+    from softprompt.trainables.config import fields_from_params
+    from softprompt.trainables.evaluate import evaluate, split_class_scores
 
     search = load_search_config(str(DEMO), ["train.confirm_examples=500"])
     cfg = search.train.replace(**fields_from_params(params, search.train.max_steps))

@@ -9,17 +9,26 @@ import tempfile
 import time
 from pathlib import Path
 
-from adaptation.lm_adapt import AdaptConfig  # numpy and yaml: no torch, no ray
-from search.configfile import SEARCH_RULES, STORAGE_PATH, ConfigError, check_fields, check_tracking_uri, search_values
-from search.jobs import DEFAULT_ADDRESS  # yaml and the config file helpers: no torch, no ray, for a fast --help
-from trainables.errors import UserError, one_line
+from softprompt.adaptation.lm_adapt import AdaptConfig  # numpy and yaml: no torch, no ray
+from softprompt.search.configfile import (
+    SEARCH_RULES,
+    STORAGE_PATH,
+    ConfigError,
+    check_fields,
+    check_tracking_uri,
+    search_values,
+)
+from softprompt.search.jobs import (
+    DEFAULT_ADDRESS,  # yaml and the config file helpers: no torch, no ray, for a fast --help
+)
+from softprompt.trainables.errors import UserError, one_line
 
 
 def cmd_train(args) -> int:
     """One prompt-tuning run: progress, then held-out metrics next to the zero-shot baseline."""
-    from search.config import load_train_config
-    from trainables.backbone import dtype_note, load_backbone
-    from trainables.loop import prepare_data, train_and_save
+    from softprompt.search.config import load_train_config
+    from softprompt.trainables.backbone import dtype_note, load_backbone
+    from softprompt.trainables.loop import prepare_data, train_and_save
 
     cfg = load_train_config(args.config, args.set)
     backbone = load_backbone(cfg.model, cfg.dtype)
@@ -41,7 +50,7 @@ def cmd_train(args) -> int:
 def _print_trials(rows: list[dict], metric: str) -> None:
     """`confirmed`: the metric on further dev examples, for trials that ran to the end (the winner
     is the best of those)."""
-    from search.console import shown_params
+    from softprompt.search.console import shown_params
 
     def show(value):
         return f"{value:.4f}" if value is not None else "-"
@@ -59,8 +68,8 @@ def _mean_sd(mean: float, sd: float | None) -> str:
 
 def _print_points(points: list[dict], metric: str) -> None:
     """With seeds: each point's mean ± sd (sample) over its seeds, best first."""
-    from search.console import shown_params
-    from search.record import SEED
+    from softprompt.search.console import shown_params
+    from softprompt.search.record import SEED
 
     print(f"\n{'point':<7}{'seeds':>6}{'mean ± sd ' + metric:>30}{'confirmed mean ± sd':>22}  parameters (trials)")
     for number, point in enumerate(points, 1):
@@ -83,8 +92,8 @@ def _finish_search(storage_path: str, name: str, started: float | None = None, s
     """After a search (new or resumed): the trial table, then the winner against zero-shot; then where the
     time of this process's run (from `started`) went; for a resume (`since`: its start, in epoch seconds),
     of the trials that ran in it."""
-    from search.record import ERRORED, UNFINISHED, SearchRecord
-    from search.verdict import judge_winner
+    from softprompt.search.record import ERRORED, UNFINISHED, SearchRecord
+    from softprompt.search.verdict import judge_winner
 
     record = SearchRecord.load(storage_path, name)
     print()
@@ -119,7 +128,7 @@ def _finish_search(storage_path: str, name: str, started: float | None = None, s
 
 def _print_ui_hint(record) -> None:
     """Where to look at the trials side by side: the MLflow UI's comparison of this search's trials."""
-    from search.tracking import is_server, load_target, ui_link
+    from softprompt.search.tracking import is_server, load_target, ui_link
 
     target = load_target(record.storage)
     if target is None or target.parent_run_id is None:
@@ -153,10 +162,10 @@ def cmd_search_run(args) -> int:
 
     import torch
 
-    from search.config import search_config
-    from search.tracking import default_tracking_uri
-    from search.tuner import run_search
-    from trainables.backbone import dtype_note
+    from softprompt.search.config import search_config
+    from softprompt.search.tracking import default_tracking_uri
+    from softprompt.search.tuner import run_search
+    from softprompt.trainables.backbone import dtype_note
 
     cfg = search_config(values, source=args.config, default_name=Path(args.config).stem)
     tracking_uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
@@ -178,7 +187,7 @@ def cmd_search_run(args) -> int:
 
 
 def cmd_search_resume(args) -> int:
-    from search.tuner import resume_search
+    from softprompt.search.tuner import resume_search
 
     started, since = time.perf_counter(), time.time()
     resume_search(args.storage_path, args.name, tracking_uri=check_tracking_uri(args.tracking_uri or "none"))
@@ -186,7 +195,7 @@ def cmd_search_resume(args) -> int:
 
 
 def cmd_search_status(args) -> int:
-    from search.record import SearchRecord
+    from softprompt.search.record import SearchRecord
 
     record = SearchRecord.load(args.storage_path, args.name)
     cfg = record.config
@@ -202,8 +211,8 @@ def cmd_search_status(args) -> int:
 
 def cmd_search_report(args) -> int:
     """Each searched parameter's effect on the metric (mean ± sd by value): table and plot."""
-    from search.record import SearchRecord
-    from search.report import write_report
+    from softprompt.search.record import SearchRecord
+    from softprompt.search.report import write_report
 
     report = write_report(SearchRecord.load(args.storage_path, args.name))
     print(report.text)
@@ -218,8 +227,8 @@ def cmd_mlflow_ui(args) -> int:
 
     import requests
 
-    from search.storage import SearchStorage
-    from search.tracking import is_server, load_target, ui_link
+    from softprompt.search.storage import SearchStorage
+    from softprompt.search.tracking import is_server, load_target, ui_link
 
     target = load_target(SearchStorage(args.storage_path, args.name))
     if target is None or target.parent_run_id is None:
@@ -257,8 +266,8 @@ def cmd_mlflow_ui(args) -> int:
 
 def cmd_mlflow_sync(args) -> int:
     """Log what an unreachable tracking server missed, and the search's final results."""
-    from search.record import SearchRecord
-    from search.tracking import finish_search_run
+    from softprompt.search.record import SearchRecord
+    from softprompt.search.tracking import finish_search_run
 
     uri = check_tracking_uri(args.tracking_uri) if args.tracking_uri else None
     target = finish_search_run(SearchRecord.load(args.storage_path, args.name), uri)
@@ -272,7 +281,7 @@ def cmd_export(args) -> int:
     """Write a search's best prompt (or a trial's, a run's, the top k) as a PEFT adapter, an .npy
     array, or a registered MLflow model; several searches (each its task's top k) as one MLflow model
     that serves every task."""
-    from search.export import (
+    from softprompt.search.export import (
         ALIAS,
         export_mlflow_model,
         export_npy,
@@ -282,8 +291,8 @@ def cmd_export(args) -> int:
         tasks_by_name,
         write_bundle,
     )
-    from search.record import SearchRecord
-    from search.tracking import default_tracking_uri
+    from softprompt.search.record import SearchRecord
+    from softprompt.search.tracking import default_tracking_uri
 
     if bool(args.search) == (args.run is not None):
         raise ConfigError("export source", args.search or args.run,
@@ -323,8 +332,8 @@ def cmd_export(args) -> int:
 
 def cmd_verify(args) -> int:
     """Check a prompt checkpoint or export against its SHA-256 and, with --model, that backbone."""
-    from search.export import load_export
-    from trainables.backbone import load_backbone
+    from softprompt.search.export import load_export
+    from softprompt.trainables.backbone import load_backbone
 
     backbone = load_backbone(args.model) if args.model else None
     prompts = load_export(args.path, backbone and backbone.fingerprint, backbone and backbone.width)
@@ -336,7 +345,7 @@ def cmd_verify(args) -> int:
 
 def cmd_search_best(args) -> int:
     """The best trial; with the summary `search run|resume` wrote for it, its test accuracy against zero-shot."""
-    from search.record import SearchRecord
+    from softprompt.search.record import SearchRecord
 
     record = SearchRecord.load(args.storage_path, args.name)
     cfg, best = record.config, record.best()
@@ -510,7 +519,7 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("--tracking-uri", metavar="URI",
                        help="the MLflow registry (default: sqlite:///mlflow.db here)")
     serve.add_argument("--storage-path", default=STORAGE_PATH, help=f"where searches live (default: {STORAGE_PATH})")
-    serve.set_defaults(handler=_handler("serving.deploy", "cmd_serve"))
+    serve.set_defaults(handler=_handler("softprompt.serving.deploy", "cmd_serve"))
 
 
 def _add_lm_adapt_command(commands) -> None:
@@ -551,7 +560,7 @@ def _add_lm_adapt_command(commands) -> None:
     adapt.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", DEFAULT_ADDRESS),
                        help="with --submit: the head's job API")
     adapt.add_argument("--no-wait", action="store_true", help="with --submit: print the job id and return")
-    adapt.set_defaults(handler=_handler("adaptation.lm_adapt", "cmd_lm_adapt"))
+    adapt.set_defaults(handler=_handler("softprompt.adaptation.lm_adapt", "cmd_lm_adapt"))
 
 
 def _add_cluster_commands(commands) -> None:
@@ -565,7 +574,7 @@ def _add_cluster_commands(commands) -> None:
         description="Ray's schema, then: GPUs declared on GPU node types, no dashboard/GCS/client/MLflow port open "
                     "to the internet, token auth, no usage stats, an MLflow server on the head. One line per problem.")
     check.add_argument("file", help="cluster-launcher YAML file")
-    check.set_defaults(handler=_handler("search.cluster", "cmd_cluster_check"))
+    check.set_defaults(handler=_handler("softprompt.search.cluster", "cmd_cluster_check"))
 
     submit = commands.add_parser(
         "submit", help="run a search on a Ray cluster as a job",
@@ -577,7 +586,7 @@ def _add_cluster_commands(commands) -> None:
                         help="MLflow server the trials log to "
                              "(default: the cluster's, SOFTPROMPT_TRACKING_URI on the head)")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    submit.set_defaults(handler=_handler("search.jobs", "cmd_submit"))
+    submit.set_defaults(handler=_handler("softprompt.search.jobs", "cmd_submit"))
 
     job_actions = _command_group(commands, "jobs", "status, logs or stop of a submitted search",
                                  "Searches submitted with `softprompt submit`, by job id.")
@@ -588,7 +597,7 @@ def _add_cluster_commands(commands) -> None:
         sub.add_argument("--address", default=address, help=address_help)
         if action == "logs":
             sub.add_argument("--follow", action="store_true", help="keep printing until the job ends")
-        sub.set_defaults(handler=_handler("search.jobs", f"cmd_jobs_{action}"))
+        sub.set_defaults(handler=_handler("softprompt.search.jobs", f"cmd_jobs_{action}"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,8 @@ import shutil
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
-from adaptation.manifest import expand_manifests
-from search.configfile import (
+from softprompt.adaptation.manifest import expand_manifests
+from softprompt.search.configfile import (
     MAX_TRIALS,
     SEARCH_RULES,
     STORAGE_PATH,
@@ -27,14 +27,21 @@ from search.configfile import (
     search_values,
     text,
 )
-from spaces import CustomSpace
-from trainables.backbone import MODELS_ALLOWED, model_problem
-from trainables.config import ASHA_METRICS, FIELDS, RANK_ONLY_METRICS, SEARCH_METRICS, SELECT_METRICS, TrainConfig
-from trainables.data import check_sentinel
-from trainables.evaluate import EVAL_MODES
-from trainables.inits import INITS
-from trainables.optimizers import LR_UNITS, OPTIMIZERS, PARAMETER_SCALING
-from trainables.tasks import (
+from softprompt.spaces import CustomSpace
+from softprompt.trainables.backbone import MODELS_ALLOWED, model_problem
+from softprompt.trainables.config import (
+    ASHA_METRICS,
+    FIELDS,
+    RANK_ONLY_METRICS,
+    SEARCH_METRICS,
+    SELECT_METRICS,
+    TrainConfig,
+)
+from softprompt.trainables.data import check_sentinel
+from softprompt.trainables.evaluate import EVAL_MODES
+from softprompt.trainables.inits import INITS
+from softprompt.trainables.optimizers import LR_UNITS, OPTIMIZERS, PARAMETER_SCALING
+from softprompt.trainables.tasks import (
     FILE_SUFFIXES,
     OFFLINE_TASKS,
     ROLES,

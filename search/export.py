@@ -9,6 +9,7 @@ checks both (trainables/checkpoint.py:verify_prompt); none holds a pickle.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +17,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from search.config import ConfigError
-from search.record import SearchRecord
-from search.tracking import softprompt_experiment
-from serving.ensemble import COMBINE
-from trainables.backbone import OFFLINE_MODELS
-from trainables.checkpoint import (
+from softprompt.package import copy_package
+from softprompt.search.config import ConfigError
+from softprompt.search.record import SearchRecord
+from softprompt.search.tracking import softprompt_experiment
+from softprompt.serving.ensemble import COMBINE
+from softprompt.trainables.backbone import OFFLINE_MODELS
+from softprompt.trainables.checkpoint import (
     BUNDLE_FILE,
     CheckpointError,
     load_bundle_prompts,
@@ -31,10 +33,8 @@ from trainables.checkpoint import (
     save_checkpoint,
     verify_prompt,
 )
-from trainables.errors import one_line
+from softprompt.trainables.errors import one_line
 
-ROOT = Path(__file__).resolve().parent.parent
-SERVED_MODEL_CODE = ROOT / "serving" / "served_model.py"
 ALIAS = "production"
 
 
@@ -217,12 +217,15 @@ def export_mlflow_model(bundle: Path, registered_name: str, tracking_uri: str) -
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     experiment_id = softprompt_experiment(mlflow.MlflowClient(tracking_uri), tracking_uri)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"export {registered_name}"):
+    # the model carries the code it runs: softprompt with the rooms a served model imports
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"export {registered_name}"), \
+            tempfile.TemporaryDirectory() as staged:
+        package = copy_package(staged, rooms=("serving", "trainables"))
         mlflow.set_tags({"softprompt.fingerprint": record["fingerprint"], "softprompt.backbone": record["backbone"]})
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(SERVED_MODEL_CODE), artifacts={"bundle": str(bundle)},
-            code_paths=[str(ROOT / "serving"), str(ROOT / "trainables")], signature=signature,
-            pip_requirements=_requirements(), registered_model_name=registered_name)
+            name="model", python_model=str(package / "serving" / "served_model.py"), artifacts={"bundle": str(bundle)},
+            code_paths=[str(package)], signature=signature, pip_requirements=_requirements(),
+            registered_model_name=registered_name)
     version = int(info.registered_model_version)
     registry = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
     registry.set_registered_model_alias(registered_name, ALIAS, version)
@@ -232,8 +235,8 @@ def export_mlflow_model(bundle: Path, registered_name: str, tracking_uri: str) -
 def _input_columns(record: dict) -> dict[str, bool]:
     """The raw columns the served model reads, each required if every task's template names it
     (a bundle made before templates travelled: `text`, the formatted input)."""
-    from serving.rows import UNFORMATTED
-    from trainables.templates import template_columns
+    from softprompt.serving.rows import UNFORMATTED
+    from softprompt.trainables.templates import template_columns
 
     per_task = [template_columns(t.get("template") or UNFORMATTED) for t in record["tasks"].values()]
     return {c: all(c in columns for columns in per_task) for columns in per_task for c in columns}

@@ -1,7 +1,7 @@
 """`softprompt submit` and `softprompt jobs status|logs|stop`: a search sent to a Ray cluster as a
 job, through the head's job API (http://127.0.0.1:8265 once `ray dashboard cluster.yaml` forwards it).
 
-The job carries this project's code (`search`, `spaces`, `trainables` as py_modules) and the config
+The job carries this project's code (the `softprompt` package as a py_module) and the config
 (the working dir), so the driver and every trial run the code that was submitted; the cluster's
 venv only supplies the pinned dependencies. The search logs to the cluster's MLflow server, whose
 address the head's start command exports as SOFTPROMPT_TRACKING_URI.
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from search.configfile import STORAGE_PATH, ConfigError, check_tracking_uri, load_yaml, parse_overrides
-from trainables.errors import one_line
+from softprompt.package import copy_package
+from softprompt.search.configfile import STORAGE_PATH, ConfigError, check_tracking_uri, load_yaml, parse_overrides
+from softprompt.trainables.errors import one_line
 
-PACKAGES = ("adaptation", "search", "serving", "spaces", "trainables")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Expanded by the job's shell on the head; a head started without it fails the job with this message.
 CLUSTER_TRACKING_URI = '"${SOFTPROMPT_TRACKING_URI:?is not set on the head: start Ray with the cluster file}"'
@@ -47,10 +47,6 @@ def job_client(address: str):
                           f"through `ray dashboard cluster.yaml` ({one_line(error)})") from None
 
 
-def _project_root() -> Path:
-    return Path(__file__).resolve().parents[1]
-
-
 def _staged_config(config: str, overrides: list[str], folder: Path) -> str:
     """Copy the config into the job's working dir; its storage_path must be S3 (search.storage keeps
     the driver's files there too) or an absolute path that every node mounts (NFS, EFS): a relative
@@ -68,7 +64,7 @@ def _staged_config(config: str, overrides: list[str], folder: Path) -> str:
 
 def entrypoint(words: list[str], tracking_uri: str | None) -> str:
     """The shell command the head runs: a softprompt command, logging to the given or the cluster's MLflow server."""
-    command = " ".join(shlex.quote(w) for w in ["python", "-m", "search.cli", *words])
+    command = " ".join(shlex.quote(w) for w in ["python", "-m", "softprompt", *words])
     return f"{command} --tracking-uri " + (shlex.quote(tracking_uri) if tracking_uri else CLUSTER_TRACKING_URI)
 
 
@@ -77,10 +73,10 @@ def submit_command(address: str, words: list[str], tracking_uri: str | None, wor
     if tracking_uri:  # Ray keeps the entrypoint and shows it: no credentials in it
         check_tracking_uri(tracking_uri)
     client = job_client(address)
-    root = _project_root()
-    runtime_env = {"py_modules": [str(root / p) for p in PACKAGES], "excludes": ["__pycache__"], "env_vars": JOB_ENV,
-                   **({"working_dir": str(working_dir)} if working_dir else {})}
-    return client.submit_job(entrypoint=entrypoint(words, tracking_uri), runtime_env=runtime_env)
+    with tempfile.TemporaryDirectory() as staged:  # uploaded by submit_job
+        runtime_env = {"py_modules": [str(copy_package(staged))], "env_vars": JOB_ENV,
+                       **({"working_dir": str(working_dir)} if working_dir else {})}
+        return client.submit_job(entrypoint=entrypoint(words, tracking_uri), runtime_env=runtime_env)
 
 
 def submit_search(address: str, config: str, overrides: list[str], tracking_uri: str | None, scratch: Path) -> str:

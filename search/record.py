@@ -13,9 +13,9 @@ import yaml
 from ray.tune import ExperimentAnalysis
 from ray.tune.experiment import Trial
 
-from search.config import ConfigError, SearchConfig
-from search.storage import CONFIG_FILE, SUMMARY_FILE, SearchStorage
-from trainables.config import TrainConfig
+from softprompt.search.config import ConfigError, SearchConfig
+from softprompt.search.storage import CONFIG_FILE, SUMMARY_FILE, SearchStorage
+from softprompt.trainables.config import TrainConfig
 
 # A trial's status: Ray's state, or for a trial Ray ended, the status it reported last.
 ERRORED, UNFINISHED, STOPPED_EARLY, COMPLETED = "errored", "unfinished", "stopped early", "completed"

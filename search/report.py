@@ -12,10 +12,10 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from search.configfile import ConfigError
-from search.record import SEED, SearchRecord, sample_sd
-from search.storage import STUDY_FILE
-from search.tracking import log_report
+from softprompt.search.configfile import ConfigError
+from softprompt.search.record import SEED, SearchRecord, sample_sd
+from softprompt.search.storage import STUDY_FILE
+from softprompt.search.tracking import log_report
 
 TABLE_FILE, PLOT_FILE = "report.md", "report.png"
 ABSOLUTE_LR = "lr (absolute)"  # a parameter of its own where the trials' lr was in another unit (TrainConfig.lr_unit)

@@ -8,7 +8,7 @@ import statistics
 
 from ray.tune.search import Searcher
 
-from search.record import RUNNING, SEED
+from softprompt.search.record import RUNNING, SEED
 
 
 class SeedRepeater(Searcher):

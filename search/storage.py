@@ -24,10 +24,10 @@ from urllib.parse import urlsplit
 import optuna
 import pyarrow.fs
 
-from search.configfile import ConfigError
-from trainables.errors import one_line
-from trainables.files import atomic_folder
-from trainables.tracking import RUN_FILE
+from softprompt.search.configfile import ConfigError
+from softprompt.trainables.errors import one_line
+from softprompt.trainables.files import atomic_folder
+from softprompt.trainables.tracking import RUN_FILE
 
 CONFIG_FILE, SUMMARY_FILE, STUDY_FILE = "softprompt-search.yaml", "softprompt-summary.json", "optuna.db"
 DRIVER_FILES = (CONFIG_FILE, SUMMARY_FILE, RUN_FILE, STUDY_FILE)
@@ -83,7 +83,7 @@ class SearchStorage:
         (under SOFTPROMPT_CACHE, default ~/.cache/softprompt: searches/SCHEME/BUCKET/PREFIX/NAME)."""
         if not self.remote:
             return Path(self.storage_path).expanduser().resolve() / self.name
-        from trainables.backbone import cache_dir
+        from softprompt.trainables.backbone import cache_dir
 
         parts = urlsplit(self.storage_path)
         return cache_dir() / "searches" / parts.scheme / parts.netloc / parts.path.strip("/") / self.name

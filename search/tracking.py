@@ -17,11 +17,11 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from search.config import ConfigError, SearchConfig
-from search.record import CONFIRMED, SearchRecord
-from search.storage import CONFIG_FILE, STUDY_FILE, SearchStorage
-from trainables.errors import one_line
-from trainables.tracking import (
+from softprompt.search.config import ConfigError, SearchConfig
+from softprompt.search.record import CONFIRMED, SearchRecord
+from softprompt.search.storage import CONFIG_FILE, STUDY_FILE, SearchStorage
+from softprompt.trainables.errors import one_line
+from softprompt.trainables.tracking import (
     PARENT_TAG,
     RUN_FILE,
     TRIAL_TAG,
@@ -187,7 +187,7 @@ def _log_results(mlflow_client, run_id: str, record: SearchRecord) -> None:
     mlflow_client.log_artifacts(run_id, best["prompt"], "winning_prompt")
     _log_verdict(mlflow_client, run_id, record.summary_of(best["trial_id"]))
     _log_optuna_plots(mlflow_client, run_id, cfg, record.storage.folder)
-    from trainables.checkpoint import load_checkpoint
+    from softprompt.trainables.checkpoint import load_checkpoint
     checkpoint = load_checkpoint(best["prompt"])
     mlflow_client.log_table(run_id, nearest_tokens_table(checkpoint.prompt, checkpoint.meta["backbone"]),
                             "nearest_tokens.json")
@@ -292,7 +292,7 @@ def nearest_tokens_table(prompt, model: str, k: int = NEAREST_TOKENS) -> dict[st
     sqrt(width)) scales every row alike, and cosine ignores a global scale."""
     import torch
 
-    from trainables.backbone import input_embeddings
+    from softprompt.trainables.backbone import input_embeddings
 
     embeddings, tokenizer = input_embeddings(model)
     vocab = torch.nn.functional.normalize(embeddings.float(), dim=-1)

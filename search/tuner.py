@@ -22,22 +22,22 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from adaptation.manifest import adaptation_steps
-from search.config import SearchConfig
-from search.configfile import STORAGE_PATH, ConfigError
-from search.console import TrialLines
-from search.jobs import WORKER_ENV
-from search.record import RUNNING, SearchRecord, read_config, save_config
-from search.resources import check_cluster
-from search.resume import experiment_folder, point_trials_at_complete_checkpoints
-from search.seeds import SeedRepeater
-from search.storage import STUDY_FILE, SearchStorage, WorkingCopyStorage, copy_study
-from search.tracking import finish_search_run, load_target, start_search_run
-from spaces import DEFAULT_POINTS, SPACES, CustomSpace
-from trainables.config import ADAPTATION_STEPS
-from trainables.shared import IDLE_EXIT_S, server_key, stop_servers
-from trainables.tasks import is_task_file
-from trainables.trainable import tune_trial
+from softprompt.adaptation.manifest import adaptation_steps
+from softprompt.search.config import SearchConfig
+from softprompt.search.configfile import STORAGE_PATH, ConfigError
+from softprompt.search.console import TrialLines
+from softprompt.search.jobs import WORKER_ENV
+from softprompt.search.record import RUNNING, SearchRecord, read_config, save_config
+from softprompt.search.resources import check_cluster
+from softprompt.search.resume import experiment_folder, point_trials_at_complete_checkpoints
+from softprompt.search.seeds import SeedRepeater
+from softprompt.search.storage import STUDY_FILE, SearchStorage, WorkingCopyStorage, copy_study
+from softprompt.search.tracking import finish_search_run, load_target, start_search_run
+from softprompt.spaces import DEFAULT_POINTS, SPACES, CustomSpace
+from softprompt.trainables.config import ADAPTATION_STEPS
+from softprompt.trainables.shared import IDLE_EXIT_S, server_key, stop_servers
+from softprompt.trainables.tasks import is_task_file
+from softprompt.trainables.trainable import tune_trial
 
 TUNE_TRIAL_ID = "tune_trial_id"  # the Optuna trial's user attribute naming its Tune trial
 SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}

@@ -14,8 +14,8 @@ import signal
 import threading
 from pathlib import Path
 
-from search.configfile import Rule, check_fields, integer, load_yaml, number, parse_overrides
-from trainables.errors import ConfigError, UserError, one_line
+from softprompt.search.configfile import Rule, check_fields, integer, load_yaml, number, parse_overrides
+from softprompt.trainables.errors import ConfigError, UserError, one_line
 
 ACTIONS = ("status", "stop")
 DEFAULTS = {
@@ -101,14 +101,14 @@ def serve_source(target: str, tracking_uri: str | None, storage_path: str) -> tu
                 f"models:/{name}@{alias} (version {version})"
         except MlflowException:
             pass
-    from search.record import SearchRecord
-    from search.storage import SearchStorage
+    from softprompt.search.record import SearchRecord
+    from softprompt.search.storage import SearchStorage
 
     if target.startswith("models:/") or not SearchStorage(storage_path, target).exists():
         registry = tracking_uri or "no registry"
         raise ConfigError("model", target, f"a registered model with alias {alias!r} in {registry}, a bundle "
                                            f"folder, or a search under {storage_path}")
-    from search.export import search_prompts, tasks_by_name, write_bundle
+    from softprompt.search.export import search_prompts, tasks_by_name, write_bundle
 
     prompts = search_prompts(SearchRecord.load(storage_path, target))
     bundle = write_bundle(tasks_by_name({target: prompts}), Path("runs") / "serve" / target)
@@ -119,7 +119,7 @@ def _connect(address: str | None) -> bool:
     """Join the cluster at `address` (or RAY_ADDRESS); else start a local Ray. True if it is local."""
     import ray
 
-    from search.tuner import give_local_workers_env
+    from softprompt.search.tuner import give_local_workers_env
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, include_dashboard=False, configure_logging=False, logging_level="WARNING")
@@ -132,8 +132,8 @@ def _connect(address: str | None) -> bool:
 def cmd_serve(args) -> int:
     if args.target in ACTIONS:
         return _status(args) if args.target == "status" else _stop(args)
-    from search.configfile import check_tracking_uri
-    from search.tracking import default_tracking_uri
+    from softprompt.search.configfile import check_tracking_uri
+    from softprompt.search.tracking import default_tracking_uri
 
     settings = serve_settings(args.config, args.set)
     tracking_uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())  # None: `none`, no registry
@@ -141,7 +141,7 @@ def cmd_serve(args) -> int:
     local = _connect(args.address)
     from ray import serve
 
-    from serving.ray_serve import deployment
+    from softprompt.serving.ray_serve import deployment
     serve.start(http_options={"host": settings["host"], "port": settings["port"]})
     app = deployment(settings).bind(source, settings)
     serve.run(app, name=settings["name"], route_prefix=settings["route_prefix"])

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from trainables.backbone import Backbone, load_backbone
-from trainables.checkpoint import load_bundle_prompts, load_bundle_record
-from trainables.data import verbalizer_ids
-from trainables.prompt import Prefix, class_scores
+from softprompt.trainables.backbone import Backbone, load_backbone
+from softprompt.trainables.checkpoint import load_bundle_prompts, load_bundle_record
+from softprompt.trainables.data import verbalizer_ids
+from softprompt.trainables.prompt import Prefix, class_scores
 
 COMBINE = ("vote", "mean_logprob")
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from serving.ensemble import load_bundle
-from serving.rows import UNFORMATTED, answers, model_inputs, request_input
+from softprompt.serving.ensemble import load_bundle
+from softprompt.serving.rows import UNFORMATTED, answers, model_inputs, request_input
 
 __all__ = ["UNFORMATTED", "PromptBundleModel", "request_input"]
 

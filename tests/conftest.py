@@ -20,7 +20,7 @@ import torch
 import yaml
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-from trainables.backbone import _smollm2_folder, load_backbone
+from softprompt.trainables.backbone import _smollm2_folder, load_backbone
 
 torch.set_num_threads(1)  # the tiny models' ops are too small to gain from threads; test_learning asks for 2
 
@@ -151,7 +151,7 @@ def ray_cluster():
 
     import ray
 
-    from search.tuner import give_local_workers_env
+    from softprompt.search.tuner import give_local_workers_env
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     give_local_workers_env()  # as `softprompt search run` starts its local Ray
@@ -196,7 +196,7 @@ def tiny_search_values(model_dir, folder: Path, **overrides) -> dict:
 
 def tiny_search(model_dir, folder: Path, **overrides):
     """tiny_search_values, validated: a SearchConfig."""
-    from search.config import search_config
+    from softprompt.search.config import search_config
 
     return search_config(tiny_search_values(model_dir, folder, **overrides))
 
@@ -213,7 +213,7 @@ def study_trials(cfg) -> list:
     """The search's Optuna trials, from its study on local storage."""
     import optuna
 
-    from search.storage import SearchStorage
+    from softprompt.search.storage import SearchStorage
 
     folder = SearchStorage(cfg.storage_path, cfg.name).folder
     return optuna.load_study(study_name=cfg.name, storage=f"sqlite:///{folder / 'optuna.db'}").trials
@@ -225,7 +225,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-SOFTPROMPT = [sys.executable, "-m", "search.cli"]
+SOFTPROMPT = [sys.executable, "-m", "softprompt"]
 
 
 def on_session_ray() -> dict:
@@ -290,8 +290,8 @@ def stops_the_driver(config, base, metric, mode, gpu_fraction=0.0, tracking=None
 
     from ray import tune
 
-    from search.record import COMPLETED, SearchRecord
-    from trainables.trainable import tune_trial
+    from softprompt.search.record import COMPLETED, SearchRecord
+    from softprompt.trainables.trainable import tune_trial
 
     folder = Path(base["output_dir"])
     stop = json.loads((folder / STOP_FILE).read_text())
@@ -345,12 +345,12 @@ from pathlib import Path
 
 sys.path.insert(0, sys.argv[1])
 import conftest, ray
-import search.tuner
-from search.cli import main
+import softprompt.search.tuner as tuner
+from softprompt.search.cli import main
 
 ray.cloudpickle.register_pickle_by_value(conftest)  # trial workers cannot import it by name
 Path(sys.argv[2], "driver.pid").write_text(str(os.getpid()))
-search.tuner.run_search = functools.partial(search.tuner.run_search, trainable=conftest.stops_the_driver)
+tuner.run_search = functools.partial(tuner.run_search, trainable=conftest.stops_the_driver)
 sys.exit(main(sys.argv[3:]))
 """
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from trainables.backbone import BackboneError, avoid_cudnn_attention, load_backbone
-from trainables.config import TrainConfig
-from trainables.data import encode_task, make_batch
-from trainables.evaluate import ILLEGAL, auc, exact_match, f1_score, log_loss, rank_classify
-from trainables.loop import initial_prompt, train
-from trainables.prompt import PromptedModel, SoftPrompt, loss
-from trainables.tasks import Task, split_three
+from softprompt.trainables.backbone import BackboneError, avoid_cudnn_attention, load_backbone
+from softprompt.trainables.config import TrainConfig
+from softprompt.trainables.data import encode_task, make_batch
+from softprompt.trainables.evaluate import ILLEGAL, auc, exact_match, f1_score, log_loss, rank_classify
+from softprompt.trainables.loop import initial_prompt, train
+from softprompt.trainables.prompt import PromptedModel, SoftPrompt, loss
+from softprompt.trainables.tasks import Task, split_three
 
 BACKBONES = ["tiny_llama", "tiny_t5"]
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-from search.cli import main
-from search.config import _has_cxx
-from search.export import export_npy
-from trainables.checkpoint import save_checkpoint
+from softprompt.search.cli import main
+from softprompt.search.config import _has_cxx
+from softprompt.search.export import export_npy
+from softprompt.trainables.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_ROWS = "".join(f"{'good' if i % 2 else 'bad'} film number {i},{'pos' if i % 2 else 'neg'}\n" for i in range(30))
@@ -300,7 +300,7 @@ def test_malformed_input_gets_one_line_naming_what_is_wrong_and_what_is_allowed(
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`softprompt ARGS` in a process of its own, running this checkout's code wherever `cwd` is."""
-    return subprocess.run([sys.executable, "-m", "search.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "softprompt", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
 
 
@@ -341,7 +341,7 @@ def test_a_config_refused_for_its_own_fields_is_refused_before_torch_and_ray_are
     """They take seconds to import: a typo must not."""
     config = tmp_path / "search.yaml"
     config.write_text("trials: 0\n")
-    check = (f"import sys; from search.cli import main; code = main(['search', 'run', {str(config)!r}]); "
+    check = (f"import sys; from softprompt.search.cli import main; code = main(['search', 'run', {str(config)!r}]); "
              f"print(sorted({{'torch', 'ray', 'transformers', 'datasets'}} & set(sys.modules))); sys.exit(code)")
     done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stdout == "[]\n", (done.stdout, done.stderr)

@@ -36,11 +36,11 @@ import pytest
 import yaml
 from conftest import free_port
 
-from adaptation.manifest import read_manifest
-from search.cluster import check_cluster_file
+from softprompt.adaptation.manifest import read_manifest
+from softprompt.search.cluster import check_cluster_file
 
 ROOT = Path(__file__).parents[1]
-SOFTPROMPT = [sys.executable, "-m", "search.cli"]
+SOFTPROMPT = [sys.executable, "-m", "softprompt"]
 SSHD = Path("/usr/sbin/sshd")
 RAY_PROCESS_MARKS = ("raylet", "gcs_server", "ray::", "ray/_private", "ray/dashboard", "ray/autoscaler",
                      "default_worker", "log_monitor", "runtime_env")
@@ -443,7 +443,7 @@ def _assert_tracked_on_the_head(tracking_uri: str, name: str, trials: int) -> st
     prompt. Returns the parent run's id."""
     from mlflow import MlflowClient
 
-    from trainables.tracking import PARENT_TAG, TRIAL_TAG
+    from softprompt.trainables.tracking import PARENT_TAG, TRIAL_TAG
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     experiment = client.get_experiment_by_name("softprompt")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from search.console import TrialLines, shown_params
+from softprompt.search.console import TrialLines, shown_params
 
 
 @dataclass

@@ -19,15 +19,15 @@ import requests
 import torch
 from conftest import free_port
 
-import serving.ensemble
-from search.export import export_mlflow_model, export_npy, export_peft_adapter, write_bundle
-from serving.ensemble import PromptEnsemble, TaskPrompts, length_groups, load_bundle
-from trainables.backbone import _smollm2_folder, load_backbone
-from trainables.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from trainables.data import encode_task, verbalizer_ids
-from trainables.evaluate import rank_classify
-from trainables.prompt import PromptedModel, SoftPrompt, cache_kwarg, prompted_inputs, returned_cache
-from trainables.tasks import format_input, load_task
+import softprompt.serving.ensemble
+from softprompt.search.export import export_mlflow_model, export_npy, export_peft_adapter, write_bundle
+from softprompt.serving.ensemble import PromptEnsemble, TaskPrompts, length_groups, load_bundle
+from softprompt.trainables.backbone import _smollm2_folder, load_backbone
+from softprompt.trainables.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from softprompt.trainables.data import encode_task, verbalizer_ids
+from softprompt.trainables.evaluate import rank_classify
+from softprompt.trainables.prompt import PromptedModel, SoftPrompt, cache_kwarg, prompted_inputs, returned_cache
+from softprompt.trainables.tasks import format_input, load_task
 
 TASKS = {"rotten_tomatoes": ["negative", "positive"], "sms_spam": ["ham", "spam"]}
 TEMPLATES = {"rotten_tomatoes": "review: {text}\nsentiment:", "sms_spam": "message: {text}\nspam:"}
@@ -156,7 +156,7 @@ def test_requests_grouped_by_length_score_as_one_pass_does_in_request_order(min_
     ensemble = PromptEnsemble(backbone, {"rt": TaskPrompts(TASKS["rotten_tomatoes"], data.target_ids, prompts)})
     inputs = data.splits["test"].input_ids
     assert len({len(x) for x in inputs}) > 2  # lengths differ, so min_tokens=0 splits the batch
-    monkeypatch.setitem(serving.ensemble.MIN_PASS_TOKENS, "cpu", min_tokens)
+    monkeypatch.setitem(softprompt.serving.ensemble.MIN_PASS_TOKENS, "cpu", min_tokens)
     scores = ensemble.member_scores(["rt"] * len(inputs), inputs)
     for i, prompt in enumerate(prompts):
         single = PromptedModel(backbone, SoftPrompt(prompt)).class_scores(data, inputs)
@@ -329,7 +329,7 @@ def test_the_cache_goes_to_forward_under_the_name_the_model_takes():
 @pytest.mark.parametrize("template", ["sst2 sentence: {sentence}", "{sentence}\nlabel:",
                                       "review: {sentence}\nsentiment:"])
 def test_served_input_is_formatted_once_whether_the_request_sends_raw_or_formatted_text(template):
-    from serving.served_model import request_input
+    from softprompt.serving.served_model import request_input
 
     formatted = template.format(sentence="a fine film")
     assert request_input(template, {"sentence": "a fine film"}, "t", 1) == formatted
@@ -347,8 +347,8 @@ def test_served_model_and_peft_record_answer_in_the_tasks_labels_not_its_verbali
     import mlflow
     import pandas as pd
 
-    from search.config import train_config
-    from trainables.loop import checkpoint_meta, prepare_data
+    from softprompt.search.config import train_config
+    from softprompt.trainables.loop import checkpoint_meta, prepare_data
 
     folder = tmp_path / "topics"
     folder.mkdir()

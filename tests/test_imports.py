@@ -17,9 +17,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-MODULES = sorted(".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-                 for package in PACKAGES for path in (ROOT / package).rglob("*.py"))
+SETUPTOOLS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+# Each installed package and the repository folder it comes from (the rooms are mapped under `softprompt`).
+FOLDERS = {package: ROOT / SETUPTOOLS["package-dir"].get(package, package.replace(".", "/"))
+           for package in SETUPTOOLS["packages"]}
+MODULES = sorted(f"{package}.{path.stem}".removesuffix(".__init__")
+                 for package, folder in FOLDERS.items() for path in folder.glob("*.py") if path.stem != "__main__")
 # What the project's modules import that takes seconds; anything else each child imports itself.
 THIRD_PARTY = ["torch", "transformers", "ray", "ray.tune", "ray.train", "mlflow", "mlflow.pyfunc", "optuna", "datasets",
                "pyarrow.fs", "safetensors.torch", "sklearn.metrics", "pandas", "yaml"]
@@ -58,7 +61,7 @@ FORKED_IMPORTS = textwrap.dedent("""
 def forked_imports(tmp_path_factory) -> dict[str, str]:
     """Each module's import failure ("" where it imported), from its own forked child."""
     answer = tmp_path_factory.mktemp("imports") / "results.json"
-    arguments = json.dumps([THIRD_PARTY, PACKAGES, MODULES, str(answer)])
+    arguments = json.dumps([THIRD_PARTY, ["softprompt"], MODULES, str(answer)])
     done = subprocess.run([sys.executable, "-c", FORKED_IMPORTS, arguments], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -66,7 +69,7 @@ def forked_imports(tmp_path_factory) -> dict[str, str]:
 
 
 def test_the_packages_have_modules_to_import():
-    assert {"search.cli", "search.record", "spaces", "trainables.loop"} <= set(MODULES)
+    assert {"softprompt", "softprompt.search.cli", "softprompt.spaces", "softprompt.trainables.loop"} <= set(MODULES)
 
 
 def test_the_forking_interpreter_has_no_project_module_loaded(forked_imports):
@@ -105,7 +108,7 @@ def python(code: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("argv", [["--help"], ["search", "--help"], ["cluster", "check", "cluster.yaml"],
                                   ["jobs", "status", "raysubmit_1", "--address", "http://127.0.0.1:9"]])
 def test_commands_that_never_train_do_not_import_torch(argv):
-    result = python("import sys\nfrom search.cli import main\n"
+    result = python("import sys\nfrom softprompt.search.cli import main\n"
                     f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
                     "print('torch' in sys.modules)")
     assert result.stdout.strip().splitlines()[-1] == "False", result.stdout[-2000:] + result.stderr[-2000:]

@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from trainables.config import TrainConfig
-from trainables.data import EncodedSplit, make_batch
-from trainables.evaluate import evaluate
-from trainables.loop import initial_prompt, prepare_data, train
-from trainables.prompt import PromptedModel, SoftPrompt
+from softprompt.trainables.config import TrainConfig
+from softprompt.trainables.data import EncodedSplit, make_batch
+from softprompt.trainables.evaluate import evaluate
+from softprompt.trainables.loop import initial_prompt, prepare_data, train
+from softprompt.trainables.prompt import PromptedModel, SoftPrompt
 
 
 @pytest.fixture

@@ -20,13 +20,13 @@ import yaml
 from conftest import on_session_ray, softprompt
 from safetensors.torch import load_file
 
-from adaptation.lm_adapt import JOB_FILE, RUN_NAME, STATE_DIR
-from adaptation.manifest import MANIFEST_FILE, read_manifest
-from adaptation.resume import SNAPSHOT, checkpoint_step, resume_from_newest_complete_checkpoint
-from search.cli import main
-from search.configfile import ConfigError
-from trainables.backbone import load_backbone
-from trainables.tasks import OFFLINE_TASKS
+from softprompt.adaptation.lm_adapt import JOB_FILE, RUN_NAME, STATE_DIR
+from softprompt.adaptation.manifest import MANIFEST_FILE, read_manifest
+from softprompt.adaptation.resume import SNAPSHOT, checkpoint_step, resume_from_newest_complete_checkpoint
+from softprompt.search.cli import main
+from softprompt.search.configfile import ConfigError
+from softprompt.trainables.backbone import load_backbone
+from softprompt.trainables.tasks import OFFLINE_TASKS
 
 STEPS = "4,8"
 JOB = ["--steps", STEPS, "--workers", "2", "--batch-size", "4", "--seq-len", "32", "--checkpoint-every", "2",
@@ -42,7 +42,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def lm_adapt(model, corpus, out, *extra: str, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "search.cli", "lm-adapt", str(model), "--corpus", str(corpus), *JOB,
+    return subprocess.run([sys.executable, "-m", "softprompt", "lm-adapt", str(model), "--corpus", str(corpus), *JOB,
                            "--out", str(out), *extra], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})}, **popen)
 
@@ -87,9 +87,9 @@ def test_the_job_is_one_mlflow_run_with_its_loss_curve(adapted):
 # 0 in the next step's all-reduce). The job is otherwise the command's own, run to its end.
 TOLD = textwrap.dedent("""
     import functools, shutil, sys
-    import adaptation.lm_adapt
-    from adaptation.lm_adapt import run_adaptation, train_worker
-    from search.cli import main
+    import softprompt.adaptation.lm_adapt
+    from softprompt.adaptation.lm_adapt import run_adaptation, train_worker
+    from softprompt.search.cli import main
 
     copies, out = sys.argv[1:3]  # captured by value: a worker's own sys.argv is Ray's
 
@@ -99,10 +99,10 @@ TOLD = textwrap.dedent("""
             step = line.split()[2].split("/")[0]
             if step in ("2", "4"):
                 shutil.copytree(out, f"{copies}/told-{step}", symlinks=True)
-        adaptation.lm_adapt.print = print_then_copy
+        softprompt.adaptation.lm_adapt.print = print_then_copy
         train_worker(config)
 
-    adaptation.lm_adapt.run_adaptation = functools.partial(run_adaptation, worker=copied_when_told)
+    softprompt.adaptation.lm_adapt.run_adaptation = functools.partial(run_adaptation, worker=copied_when_told)
     sys.exit(main(sys.argv[3:]))
 """)
 
@@ -229,7 +229,7 @@ def test_a_job_killed_while_its_snapshot_was_rewritten_resumes_from_the_newest_c
 
 def test_a_search_explores_the_adapted_checkpoints_with_their_adaptation_steps(ray_cluster, adapted, tiny_t5_dir,
                                                                                tmp_path):
-    from search.record import SearchRecord
+    from softprompt.search.record import SearchRecord
 
     config = tmp_path / "search.yaml"
     config.write_text(yaml.safe_dump({
@@ -274,7 +274,7 @@ def test_a_job_resumed_with_other_settings_is_refused_in_one_line_before_ray_sta
 def test_a_resume_that_leaves_workers_to_the_cluster_is_compared_once_they_are_known(tmp_path):
     """Before Ray starts, --workers left out (None) is not known yet: every other setting is checked then,
     the workers once the cluster has said how many."""
-    from adaptation.lm_adapt import AdaptConfig, check_resumed_job
+    from softprompt.adaptation.lm_adapt import AdaptConfig, check_resumed_job
 
     state = tmp_path / "out" / STATE_DIR
     first = AdaptConfig(model="t5", corpus="corpus.txt", steps=(4, 8), out=str(tmp_path / "out"), workers=2)
@@ -328,7 +328,7 @@ def test_out_on_a_disk_of_this_machine_only_is_refused_when_other_nodes_may_run_
                                                                                         refused):
     """Without --submit on a cluster of several nodes (or one an autoscaler grows), rank 0 writes OUT/step-N
     on whichever node it runs: OUT must be a filesystem every node mounts."""
-    from adaptation.lm_adapt import check_out_shared
+    from softprompt.adaptation.lm_adapt import check_out_shared
 
     if not refused:
         check_out_shared("/data/adapted", other_nodes, filesystem)
@@ -340,6 +340,6 @@ def test_out_on_a_disk_of_this_machine_only_is_refused_when_other_nodes_may_run_
 
 
 def test_the_filesystem_of_a_folder_not_made_yet_is_that_of_its_nearest_existing_parent(tmp_path):
-    from adaptation.lm_adapt import filesystem_type
+    from softprompt.adaptation.lm_adapt import filesystem_type
 
     assert filesystem_type(tmp_path / "not" / "made" / "yet") == filesystem_type(tmp_path) is not None

@@ -16,14 +16,14 @@ import pytest
 import ray
 import torch
 
-from search.cli import main
-from search.config import search_config
-from search.record import SearchRecord
-from search.tuner import run_search
-from trainables.checkpoint import load_checkpoint
-from trainables.evaluate import split_class_scores
-from trainables.loop import prepare_data
-from trainables.prompt import PromptedModel, SoftPrompt
+from softprompt.search.cli import main
+from softprompt.search.config import search_config
+from softprompt.search.record import SearchRecord
+from softprompt.search.tuner import run_search
+from softprompt.trainables.checkpoint import load_checkpoint
+from softprompt.trainables.evaluate import split_class_scores
+from softprompt.trainables.loop import prepare_data
+from softprompt.trainables.prompt import PromptedModel, SoftPrompt
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -74,7 +74,7 @@ def two_searches(ray_cluster, tiny_llama_dir, tmp_path_factory):
 
 def test_the_driver_scores_the_winner_on_its_whole_test_split_and_says_how_many(two_searches):
     """Trials leave test to the driver: scoring a whole split in every finished trial was waste."""
-    from search.verdict import judge_winner
+    from softprompt.search.verdict import judge_winner
 
     configs, _, _ = two_searches
     for name, test_size in (("reviews", 11), ("boolq", 7)):
@@ -123,8 +123,8 @@ def test_export_of_two_searches_registers_one_model_that_serves_both_tasks_on_ra
 
 
 def test_export_refuses_two_searches_of_one_task_and_several_searches_as_a_peft_adapter(two_searches, capsys):
-    from search.configfile import ConfigError
-    from search.export import search_prompts, tasks_by_name
+    from softprompt.search.configfile import ConfigError
+    from softprompt.search.export import search_prompts, tasks_by_name
 
     configs, _, tmp = two_searches
     reviews = search_prompts(SearchRecord.load(configs["reviews"].storage_path, "reviews"))
@@ -144,8 +144,8 @@ def test_export_refuses_two_searches_of_one_task_and_several_searches_as_a_peft_
 
 def test_serve_takes_a_search_name_as_its_winner_in_a_bundle(two_searches, tiny_llama, tmp_path, monkeypatch):
     """`softprompt serve SEARCH`: the search's best prompt, as `export` would bundle it (no registry needed)."""
-    from serving.deploy import serve_source
-    from serving.ensemble import load_bundle
+    from softprompt.serving.deploy import serve_source
+    from softprompt.serving.ensemble import load_bundle
 
     configs, _, tmp = two_searches
     monkeypatch.chdir(tmp_path)

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 
-from search.config import search_config
-from search.record import save_config
-from search.tracking import start_search_run, ui_link
-from trainables.tracking import TrialTracker
+from softprompt.search.config import search_config
+from softprompt.search.record import save_config
+from softprompt.search.tracking import start_search_run, ui_link
+from softprompt.trainables.tracking import TrialTracker
 
 TRIALS = {"aaaa_00000": 0.8125, "aaaa_00001": 0.6875}
 
@@ -51,7 +51,7 @@ def test_mlflow_ui_prints_a_link_that_opens_on_the_search_s_trials_in_a_browser(
     browser = chromium()
     cfg, target = tracked_search
     port = free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "search.cli", "mlflow", "ui", "ui", "--storage-path",
+    ui = subprocess.Popen([sys.executable, "-m", "softprompt", "mlflow", "ui", "ui", "--storage-path",
                            cfg.storage_path, "--port", str(port)], stdout=subprocess.PIPE, text=True,
                           cwd=tmp_path, start_new_session=True)
     try:

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from trainables import backbone as backbones
-from trainables import loop, trainable
-from trainables.config import TrainConfig
-from trainables.loop import DataSpec
+from softprompt.trainables import backbone as backbones
+from softprompt.trainables import loop, trainable
+from softprompt.trainables.config import TrainConfig
+from softprompt.trainables.loop import DataSpec
 
 # another value for every field of DataSpec: a field added there and not here fails the first test
 CHANGED = {"task": {"dataset": "reviews.csv", "template": "{text}"}, "text_column": "review", "label_column": "stars",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainables.files import atomic_folder
+from softprompt.trainables.files import atomic_folder
 
 
 def test_a_folder_written_again_is_replaced_whole_and_nothing_is_left_beside_it(tmp_path):

@@ -7,16 +7,16 @@ import optuna
 import pytest
 import torch
 
-from search.config import TRAIN_RULES, ConfigError, check_fields, search_config, train_config
-from spaces import DEFAULT_POINTS, paper
-from trainables.adafactor import Adafactor
-from trainables.config import TrainConfig, fields_from_params
-from trainables.data import SENTINEL, encode_task, make_batch
-from trainables.evaluate import evaluate
-from trainables.loop import train
-from trainables.optimizers import OPTIMIZERS, build_optimizer
-from trainables.prompt import InputDropout, PromptedModel, SoftPrompt
-from trainables.tasks import Task, split_three
+from softprompt.search.config import TRAIN_RULES, ConfigError, check_fields, search_config, train_config
+from softprompt.spaces import DEFAULT_POINTS, paper
+from softprompt.trainables.adafactor import Adafactor
+from softprompt.trainables.config import TrainConfig, fields_from_params
+from softprompt.trainables.data import SENTINEL, encode_task, make_batch
+from softprompt.trainables.evaluate import evaluate
+from softprompt.trainables.loop import train
+from softprompt.trainables.optimizers import OPTIMIZERS, build_optimizer
+from softprompt.trainables.prompt import InputDropout, PromptedModel, SoftPrompt
+from softprompt.trainables.tasks import Task, split_three
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -321,7 +321,7 @@ def sentinel_t5(smollm2_tokenizer, tmp_path_factory):
     """A tiny random T5 whose tokenizer has T5's first sentinel (SmolLM2's vocabulary plus <extra_id_0>)."""
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-    from trainables.backbone import load_backbone
+    from softprompt.trainables.backbone import load_backbone
 
     folder = tmp_path_factory.mktemp("sentinel-t5")
     smollm2_tokenizer.save_pretrained(folder)
@@ -344,7 +344,7 @@ def sentinel_data(backbone, sentinel: bool):
 
 
 def test_with_sentinel_every_target_starts_with_t5s_first_sentinel_and_class_label_init_leaves_it_out(sentinel_t5):
-    from trainables.loop import initial_prompt
+    from softprompt.trainables.loop import initial_prompt
 
     plain, marked = sentinel_data(sentinel_t5, False), sentinel_data(sentinel_t5, True)
     sentinel_id = sentinel_t5.tokenizer.convert_tokens_to_ids(SENTINEL)
@@ -355,10 +355,10 @@ def test_with_sentinel_every_target_starts_with_t5s_first_sentinel_and_class_lab
 
 
 def test_a_sentinel_run_trains_on_sentinel_targets_and_its_export_serves_them(sentinel_t5, tmp_path):
-    from search.export import write_bundle
-    from serving.ensemble import load_bundle
-    from trainables.checkpoint import save_checkpoint
-    from trainables.loop import checkpoint_meta
+    from softprompt.search.export import write_bundle
+    from softprompt.serving.ensemble import load_bundle
+    from softprompt.trainables.checkpoint import save_checkpoint
+    from softprompt.trainables.loop import checkpoint_meta
 
     marked = sentinel_data(sentinel_t5, True)
     cfg = TrainConfig(model=sentinel_t5.name, sentinel=True, max_steps=3, eval_every=3, batch_size=4, prompt_length=4)
@@ -381,7 +381,7 @@ def test_a_sentinel_run_trains_on_sentinel_targets_and_its_export_serves_them(se
 def test_sentinel_on_a_model_that_cannot_take_it_is_one_line_and_exit_2(model, request, tmp_path, capsys):
     import yaml
 
-    from search.cli import main
+    from softprompt.search.cli import main
 
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({"model": str(request.getfixturevalue(model)), "task": "rotten_tomatoes",
@@ -394,7 +394,7 @@ def test_sentinel_on_a_model_that_cannot_take_it_is_one_line_and_exit_2(model, r
 
 
 def test_a_search_with_sentinel_on_a_causal_lm_is_refused_before_any_trial(tiny_llama_dir):
-    from trainables.errors import UserError
+    from softprompt.trainables.errors import UserError
 
     for values in ({"train": {"model": str(tiny_llama_dir), "sentinel": True}},
                    {"train": {"model": str(tiny_llama_dir)}, "space": {"sentinel": {"choices": [False, True]}}}):
@@ -408,8 +408,8 @@ def test_the_paper_space_s_default_point_steps_at_the_papers_lr_0_3_on_a_t5_1_1_
     std about 11.6, N(0, 1)-initialised and not scaled at the input) the paper's lr 0.3."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from trainables.backbone import load_backbone
-    from trainables.config import trial_config
+    from softprompt.trainables.backbone import load_backbone
+    from softprompt.trainables.config import trial_config
 
     tok = smollm2_tokenizer
     config = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,

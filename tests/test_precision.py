@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from search.config import _has_cxx
-from trainables.backbone import attention_for, compiled_graphs, cpu_runs_bf16, load_backbone, resolve_dtype
-from trainables.config import TrainConfig
-from trainables.data import TrainOrder, train_batch
-from trainables.evaluate import split_class_scores
-from trainables.loop import initial_prompt, prepare_data
-from trainables.prompt import PromptedModel, SoftPrompt, class_scores, loss
+from softprompt.search.config import _has_cxx
+from softprompt.trainables.backbone import attention_for, compiled_graphs, cpu_runs_bf16, load_backbone, resolve_dtype
+from softprompt.trainables.config import TrainConfig
+from softprompt.trainables.data import TrainOrder, train_batch
+from softprompt.trainables.evaluate import split_class_scores
+from softprompt.trainables.loop import initial_prompt, prepare_data
+from softprompt.trainables.prompt import PromptedModel, SoftPrompt, class_scores, loss
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 
@@ -119,7 +119,7 @@ def test_a_compiled_backbone_gives_the_eager_loss_gradient_and_scores_and_builds
 
 @needs_cxx
 def test_a_compiled_training_run_reports_its_graphs_and_compiles_nothing_after_its_first_evaluation(tiny_llama_dir):
-    from trainables.loop import train
+    from softprompt.trainables.loop import train
 
     backbone = load_backbone(str(tiny_llama_dir), "float32", CPU)
     cfg = TrainConfig(model=str(tiny_llama_dir), max_train_examples=48, max_eval_examples=12, max_test_examples=12,

@@ -35,15 +35,15 @@ from conftest import tiny_search as shared_tiny_search
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from search.cli import main
-from search.config import search_config
-from search.export import export_npy, export_peft_adapter, write_bundle
-from search.record import SearchRecord
-from search.storage import SearchStorage
-from search.tracking import SEARCH_TAG
-from search.tuner import run_search
-from trainables.checkpoint import META, TENSORS, CheckpointError, load_checkpoint, save_checkpoint
-from trainables.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG
+from softprompt.search.cli import main
+from softprompt.search.config import search_config
+from softprompt.search.export import export_npy, export_peft_adapter, write_bundle
+from softprompt.search.record import SearchRecord
+from softprompt.search.storage import SearchStorage
+from softprompt.search.tracking import SEARCH_TAG
+from softprompt.search.tuner import run_search
+from softprompt.trainables.checkpoint import META, TENSORS, CheckpointError, load_checkpoint, save_checkpoint
+from softprompt.trainables.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this module by name
@@ -76,7 +76,7 @@ def parked_after_first_checkpoint(config, base, metric, mode, gpu_fraction=0.0, 
     """The real trainable; but the first trial to start, on its first attempt, writes down its process
     and trial id after its first checkpoint is registered and parks there, so the test can SIGKILL the
     worker mid-training at a known point."""
-    from trainables.trainable import tune_trial
+    from softprompt.trainables.trainable import tune_trial
 
     victim = Path(base["output_dir"]) / "victim"
     if tune.get_checkpoint() is None:
@@ -232,7 +232,7 @@ def test_secrets_in_the_environment_never_reach_output_files_or_mlflow(killed_an
 def out_of_memory_at_prompt_length_3(config, base, metric, mode, gpu_fraction=0.0, tracking=None, **options):
     """The real trainable; but a trial with prompt_length 3 runs out of memory after its first report, as a
     too-large batch on a too-small GPU does (a CPU cannot be made to raise it on purpose)."""
-    import trainables.trainable as trainable
+    import softprompt.trainables.trainable as trainable
 
     real_train = trainable.train
 
@@ -368,7 +368,7 @@ def test_fault6_a_disk_full_during_a_checkpoint_write_leaves_the_previous_checkp
         if mounted:
             fill(folder, leave_bytes=16 * 1024)
         else:
-            monkeypatch.setattr("trainables.checkpoint.save_file", enospc_halfway)
+            monkeypatch.setattr("softprompt.trainables.checkpoint.save_file", enospc_halfway)
         with pytest.raises(CheckpointError, match=r"ckpt: could not be written \(.*No space left on device.*\); "
                                                   r"the previous checkpoint there, if any, is unchanged") as caught:
             save_checkpoint(folder / "ckpt", bigger, {"fingerprint": "f", "step": 4})

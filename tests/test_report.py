@@ -14,12 +14,12 @@ import optuna.visualization.matplotlib as optuna_plots
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-from search.config import search_config
-from search.record import SearchRecord
-from search.report import ABSOLUTE_LR, figure, parameter_effects, write_report
-from search.storage import STUDY_FILE, SearchStorage
-from search.tracking import optuna_figure
-from spaces import paper
+from softprompt.search.config import search_config
+from softprompt.search.record import SearchRecord
+from softprompt.search.report import ABSOLUTE_LR, figure, parameter_effects, write_report
+from softprompt.search.storage import STUDY_FILE, SearchStorage
+from softprompt.search.tracking import optuna_figure
+from softprompt.spaces import paper
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 LR = FloatDistribution(1e-3, 0.1, log=True)  # quick's lr@adamw

@@ -29,12 +29,12 @@ from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoi
 from ray.tune.trainable.metadata import _TrainingRunMetadata
 from test_s3 import environment, forget_this_machine, s3, s3_keys  # noqa: F401 (s3 is a fixture)
 
-from search.config import search_config
-from search.record import SearchRecord
-from search.resume import experiment_folder, point_trials_at_complete_checkpoints
-from search.storage import SearchStorage
-from search.tuner import SearchInterrupted, resume_search, run_search
-from trainables.checkpoint import META, TENSORS
+from softprompt.search.config import search_config
+from softprompt.search.record import SearchRecord
+from softprompt.search.resume import experiment_folder, point_trials_at_complete_checkpoints
+from softprompt.search.storage import SearchStorage
+from softprompt.search.tuner import SearchInterrupted, resume_search, run_search
+from softprompt.trainables.checkpoint import META, TENSORS
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this module by name
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def interrupted_after_step_8(config, base, metric, mode, gpu_fraction=0.0, tracking=None):
     """The real trainable; but the second trial to start, once its step-8 checkpoint is registered,
     sends the driver a Ctrl-C (once per test session) and waits there to be stopped."""
-    from trainables.trainable import tune_trial
+    from softprompt.trainables.trainable import tune_trial
 
     folder = Path(base["output_dir"])
     try:
@@ -339,7 +339,7 @@ def test_a_searcher_state_a_kill_left_unreadable_is_rebuilt_from_the_study_and_t
     env = {**os.environ, **storage.env(), "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
            "PYTHONPATH": str(ROOT)}  # this checkout's code, whatever the environment has installed
     with open(storage.tmp / "resume.log", "w") as log:
-        resumed = subprocess.run([sys.executable, "-m", "search.cli", "search", "resume", NAME, "--storage-path",
+        resumed = subprocess.run([sys.executable, "-m", "softprompt", "search", "resume", NAME, "--storage-path",
                                   storage.storage_path], env=env, cwd=storage.tmp, stdout=log, stderr=subprocess.STDOUT,
                                  timeout=300)  # a guard only: before the fix this resume hung
     logs = (storage.tmp / "resume.log").read_text()

@@ -18,11 +18,11 @@ from conftest import StubTune, study_trials
 from conftest import tiny_search as shared_tiny_search
 from ray import tune
 
-from search.config import ConfigError, asha_rungs, load_search_config, search_config
-from search.record import SearchRecord
-from search.storage import SearchStorage
-from search.tuner import run_search
-from spaces import DEFAULT_POINTS, CustomSpace, paper, quick
+from softprompt.search.config import ConfigError, asha_rungs, load_search_config, search_config
+from softprompt.search.record import SearchRecord
+from softprompt.search.storage import SearchStorage
+from softprompt.search.tuner import run_search
+from softprompt.spaces import DEFAULT_POINTS, CustomSpace, paper, quick
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Ray workers cannot import this test module by name: ship its functions by value.
@@ -114,8 +114,8 @@ def test_set_overrides_a_trial_field_with_a_train_prefix(tmp_path):
 
 
 def test_a_trial_evaluates_at_its_eval_steps_and_at_the_end(tiny_llama):
-    from trainables.config import TrainConfig
-    from trainables.loop import train
+    from softprompt.trainables.config import TrainConfig
+    from softprompt.trainables.loop import train
 
     steps = []
     cfg = TrainConfig(model=tiny_llama.name, batch_size=2, max_steps=7, eval_steps=(2, 3), eval_every=1,
@@ -127,8 +127,8 @@ def test_a_trial_evaluates_at_its_eval_steps_and_at_the_end(tiny_llama):
 def test_a_trial_under_a_training_loss_scheduler_scores_dev_only_once_it_is_kept_going(tiny_llama):
     """With score_after_report, a rung's report comes before its dev scoring (Tune returns from report only
     to a trial its scheduler keeps); the prompt kept and the final result are those of scoring first."""
-    from trainables.config import TrainConfig
-    from trainables.loop import train
+    from softprompt.trainables.config import TrainConfig
+    from softprompt.trainables.loop import train
 
     cfg = TrainConfig(model=tiny_llama.name, batch_size=2, max_steps=6, eval_steps=(2, 4), max_train_examples=32,
                       max_eval_examples=8, lr=0.3, optimizer="adamw")
@@ -150,8 +150,8 @@ def test_a_trial_under_a_training_loss_scheduler_scores_dev_only_once_it_is_kept
 
 
 def test_a_trial_counts_where_its_time_went_and_can_leave_test_to_the_driver(tiny_llama):
-    from trainables.config import TrainConfig
-    from trainables.loop import train
+    from softprompt.trainables.config import TrainConfig
+    from softprompt.trainables.loop import train
 
     cfg = TrainConfig(model=tiny_llama.name, batch_size=2, max_steps=4, eval_every=2, max_train_examples=32,
                       max_eval_examples=4, confirm_examples=8)
@@ -165,8 +165,8 @@ def test_a_trial_counts_where_its_time_went_and_can_leave_test_to_the_driver(tin
 
 
 def test_where_a_search_s_time_went_adds_up_to_its_slots():
-    from search.cli import _time_line
-    from search.record import SearchRecord
+    from softprompt.search.cli import _time_line
+    from softprompt.search.record import SearchRecord
 
     cfg = search_config({"train": {"task": "rotten_tomatoes"}, "concurrency": 2})
 
@@ -188,7 +188,7 @@ def test_where_a_search_s_time_went_adds_up_to_its_slots():
 
 
 def test_tpe_samples_at_random_for_a_quarter_of_the_trials_2_to_10():
-    from search.tuner import build_sampler, startup_trials
+    from softprompt.search.tuner import build_sampler, startup_trials
 
     assert [startup_trials(n) for n in (1, 8, 12, 40, 100, 1000)] == [2, 2, 3, 10, 10, 10]
     assert build_sampler(search_config({"train": {"task": "rotten_tomatoes"}, "trials": 20}))._n_startup_trials == 5
@@ -197,10 +197,10 @@ def test_tpe_samples_at_random_for_a_quarter_of_the_trials_2_to_10():
 
 
 def test_a_trial_confirms_its_best_prompt_on_further_dev_examples(tiny_llama):
-    from trainables.config import TrainConfig
-    from trainables.evaluate import evaluate
-    from trainables.loop import prepare_data, train
-    from trainables.prompt import PromptedModel, SoftPrompt
+    from softprompt.trainables.config import TrainConfig
+    from softprompt.trainables.evaluate import evaluate
+    from softprompt.trainables.loop import prepare_data, train
+    from softprompt.trainables.prompt import PromptedModel, SoftPrompt
 
     cfg = TrainConfig(model=tiny_llama.name, batch_size=2, max_steps=4, eval_every=2, max_train_examples=32,
                       max_eval_examples=4, confirm_examples=40)
@@ -215,7 +215,7 @@ def test_a_trial_confirms_its_best_prompt_on_further_dev_examples(tiny_llama):
 
 
 def test_confirmed_trials_rank_first_by_their_confirmed_score():
-    from search.record import rank_rows
+    from softprompt.search.record import rank_rows
 
     def row(trial, metric, confirmed=None, status="completed"):
         return {"trial_id": trial, "metric": metric, "confirmed": confirmed, "status": status}
@@ -329,7 +329,7 @@ def test_a_trial_on_a_model_whose_loss_overflows_ends_as_diverged_at_the_worst_m
     """The real trainable, without Ray (conftest's StubTune), on the overflowing model and on the healthy one.
     That a search goes on past a diverged trial, with every Optuna trial told, is tests/test_reliability.py's
     fault 3 and tests/test_trial_faults.py's diverging searches."""
-    import trainables.trainable as trainable
+    import softprompt.trainables.trainable as trainable
 
     base = tiny_search(tiny_llama_dir, tmp_path, scheduler="none", metric="best_dev_accuracy").train.to_dict()
     last = {}
@@ -409,7 +409,7 @@ def test_bad_search_config_names_the_field_and_what_is_allowed(change, field, al
 def test_cli_answers_a_bad_search_config_with_one_line_and_exit_code_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trials: 4\nscheduler: hyperband\n")
-    result = subprocess.run([sys.executable, "-m", "search.cli", "search", "run", str(bad)],
+    result = subprocess.run([sys.executable, "-m", "softprompt", "search", "run", str(bad)],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

@@ -13,14 +13,14 @@ from conftest import study_trials, tiny_search_values
 from mlflow.tracking import MlflowClient
 from ray.tune.search import Searcher
 
-from search.cli import main
-from search.config import ConfigError, search_config
-from search.record import RUNNING, SearchRecord
-from search.report import PLOT_FILE, TABLE_FILE
-from search.seeds import SeedRepeater
-from search.storage import SearchStorage
-from search.tuner import run_search
-from trainables.tracking import PARENT_TAG
+from softprompt.search.cli import main
+from softprompt.search.config import ConfigError, search_config
+from softprompt.search.record import RUNNING, SearchRecord
+from softprompt.search.report import PLOT_FILE, TABLE_FILE
+from softprompt.search.seeds import SeedRepeater
+from softprompt.search.storage import SearchStorage
+from softprompt.search.tuner import run_search
+from softprompt.trainables.tracking import PARENT_TAG
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -255,7 +255,7 @@ def test_search_report_writes_each_parameters_mean_and_sd_by_value_as_a_table_an
 def test_the_grid_lets_tune_tell_its_last_cell_pruned_without_stopping_the_study():
     """Optuna's own GridSampler stops the study at its last cell, which raises outside study.optimize:
     through Ray's searcher that ended the last cell's trial as errored when ASHA had stopped it."""
-    from search.tuner import TuneGridSampler
+    from softprompt.search.tuner import TuneGridSampler
 
     for sampler, raises in ((optuna.samplers.GridSampler({"x": [1, 2]}), True),
                             (TuneGridSampler({"x": [1, 2]}), False)):
@@ -294,7 +294,7 @@ def test_a_custom_space_chooses_among_several_checkpoints_and_a_grid_counts_them
     cfg = search_config(tiny(tiny_llama_dir, tmp_path, sampler="grid", space={"prompt_length": {"choices": [2, 4]}},
                              checkpoints=[str(tiny_llama_dir), str(other)]))
     assert cfg.trials == 4
-    from spaces import CustomSpace
+    from softprompt.spaces import CustomSpace
 
     assert CustomSpace(cfg.space, cfg.checkpoints).grid() == {"prompt_length": [2, 4],
                                                               "model": [str(tiny_llama_dir), str(other)]}

@@ -22,11 +22,11 @@ import requests
 import torch
 from conftest import SOFTPROMPT, free_port, on_session_ray
 
-from search.export import export_mlflow_model, write_bundle
-from serving.deploy import DEFAULTS, serve_settings
-from serving.ray_serve import BadRequest, pass_chunks, read_body, request_rows
-from trainables.checkpoint import save_checkpoint
-from trainables.errors import ConfigError
+from softprompt.search.export import export_mlflow_model, write_bundle
+from softprompt.serving.deploy import DEFAULTS, serve_settings
+from softprompt.serving.ray_serve import BadRequest, pass_chunks, read_body, request_rows
+from softprompt.trainables.checkpoint import save_checkpoint
+from softprompt.trainables.errors import ConfigError
 
 TASKS = {"reviews": ["negative", "positive"], "spam": ["ham", "spam"]}
 TEMPLATES = {"reviews": "review: {text}\nsentiment:", "spam": "message: {text}\nspam:"}
@@ -179,7 +179,7 @@ def served(ray_cluster, registry):
     """`run(name, source, **settings)`: an application at /name on the session's Serve; its URL."""
     from ray import serve
 
-    from serving.ray_serve import deployment
+    from softprompt.serving.ray_serve import deployment
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 

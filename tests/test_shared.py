@@ -20,15 +20,15 @@ import ray
 import torch
 import yaml
 
-from search.config import ConfigError, search_config
-from search.record import SearchRecord
-from search.storage import SearchStorage
-from search.tuner import run_search
-from trainables.config import TrainConfig
-from trainables.data import make_batch
-from trainables.loop import prepare_data, train
-from trainables.prompt import InputDropout, PromptedModel, SoftPrompt
-from trainables.shared import NAMESPACE, BackboneServer, TrainRequest, connect, server_key, servers
+from softprompt.search.config import ConfigError, search_config
+from softprompt.search.record import SearchRecord
+from softprompt.search.storage import SearchStorage
+from softprompt.search.tuner import run_search
+from softprompt.trainables.config import TrainConfig
+from softprompt.trainables.data import make_batch
+from softprompt.trainables.loop import prepare_data, train
+from softprompt.trainables.prompt import InputDropout, PromptedModel, SoftPrompt
+from softprompt.trainables.shared import NAMESPACE, BackboneServer, TrainRequest, connect, server_key, servers
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this module by name
@@ -258,7 +258,7 @@ def test_a_shared_search_whose_driver_was_killed_resumes_to_its_end_on_the_serve
                   | {"eval_steps": [4, 8, 12, 16, 20]})
     config.write_text(yaml.safe_dump(values))
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    softprompt = [sys.executable, "-m", "search.cli"]
+    softprompt = [sys.executable, "-m", "softprompt"]
     driver = subprocess.Popen([*softprompt, "search", "run", str(config), "--tracking-uri", "none"], env=env,
                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -295,7 +295,7 @@ def test_shared_backbone_is_refused_with_more_than_one_gpu_per_trial(tiny_llama_
 def test_the_shared_example_config_is_valid_and_shares():
     from pathlib import Path
 
-    from search.config import load_search_config
+    from softprompt.search.config import load_search_config
 
     cfg = load_search_config(Path(__file__).parents[1] / "examples" / "shared.yaml")
     assert (cfg.shared_backbone, cfg.concurrency, cfg.cpus_per_trial, cfg.startup_trials) == (True, 4, 0.5, 5)

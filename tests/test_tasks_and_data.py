@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainables.data import (
+from softprompt.trainables.data import (
     BUCKET_BATCHES,
     IGNORE,
     EncodedSplit,
@@ -16,7 +16,7 @@ from trainables.data import (
     make_batch,
     train_batch,
 )
-from trainables.tasks import (
+from softprompt.trainables.tasks import (
     HUB_TASKS,
     OFFLINE_TASKS,
     TASK_KEYS,

@@ -16,12 +16,18 @@ from conftest import free_port
 from conftest import tiny_search as shared_tiny_search
 from mlflow.tracking import MlflowClient
 
-from search.cli import main
-from search.record import SearchRecord, save_config
-from search.storage import SearchStorage
-from search.tracking import SEARCH_TAG, finish_search_run, nearest_tokens_table, softprompt_experiment, start_search_run
-from search.tuner import build_tuner, ensure_ray, run_search
-from trainables.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG
+from softprompt.search.cli import main
+from softprompt.search.record import SearchRecord, save_config
+from softprompt.search.storage import SearchStorage
+from softprompt.search.tracking import (
+    SEARCH_TAG,
+    finish_search_run,
+    nearest_tokens_table,
+    softprompt_experiment,
+    start_search_run,
+)
+from softprompt.search.tuner import build_tuner, ensure_ray, run_search
+from softprompt.trainables.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -231,7 +237,7 @@ def test_the_nearest_token_table_reads_only_the_embedding_matrix_and_finds_each_
         request, backbone_fixture, layout, tmp_path):
     import torch
 
-    from trainables.backbone import input_embeddings
+    from softprompt.trainables.backbone import input_embeddings
 
     backbone = request.getfixturevalue(backbone_fixture)
     folder = {"as saved": lambda: backbone.name, "sharded": lambda: str(sharded_copy(Path(backbone.name), tmp_path)),

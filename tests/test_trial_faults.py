@@ -15,13 +15,13 @@ from conftest import StubTune, study_trials
 from conftest import tiny_search as shared_tiny_search
 from ray import tune
 
-from search.config import ConfigError
-from search.record import SearchRecord
-from search.storage import SearchStorage
-from search.tuner import resume_search, run_search
-from trainables.checkpoint import load_checkpoint, save_checkpoint
-from trainables.config import ASHA_METRICS, SEARCH_METRICS
-from trainables.loop import keeps, prepare_data, train
+from softprompt.search.config import ConfigError
+from softprompt.search.record import SearchRecord
+from softprompt.search.storage import SearchStorage
+from softprompt.search.tuner import resume_search, run_search
+from softprompt.trainables.checkpoint import load_checkpoint, save_checkpoint
+from softprompt.trainables.config import ASHA_METRICS, SEARCH_METRICS
+from softprompt.trainables.loop import keeps, prepare_data, train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this module by name
@@ -70,7 +70,7 @@ def test_a_diverged_trials_last_report_holds_every_metric_asha_and_optuna_read_a
         tiny_llama_dir, tmp_path, monkeypatch, metric):
     """The real trainable, without Ray (StubTune), for every search metric: its last report is what ASHA
     (by any asha_metric) and Optuna (by the search metric) read."""
-    import trainables.trainable as trainable
+    import softprompt.trainables.trainable as trainable
 
     base = tiny_search(tiny_llama_dir, tmp_path, metric=metric, train={"init": "random_uniform"}).train.to_dict()
     stub = StubTune(tmp_path / "reports")
@@ -98,7 +98,7 @@ def test_a_diverged_trial_reports_every_metric_asha_and_optuna_read_and_the_sear
 def reports_only_the_search_metric_on_failure(config, base, metric, mode, gpu_fraction=0.0, tracking=None, **options):
     """The real trainable, but a failed trial's last report carries only the search metric, as softprompt's
     did before issue 15: it leaves a search that Ray ended mid-way, as an older version left it."""
-    from trainables.trainable import tune_trial
+    from softprompt.trainables.trainable import tune_trial
 
     report = tune.report
 
@@ -170,7 +170,7 @@ def test_the_kept_prompt_is_the_first_with_the_highest_select_metric():
 
 def test_a_run_keeps_the_prompt_of_the_step_its_select_metric_picks(tiny_llama, tmp_path):
     """A real run whose dev accuracy and dev f1 peak at different steps (16 dev examples, seed 2)."""
-    from trainables.config import TrainConfig
+    from softprompt.trainables.config import TrainConfig
 
     cfg = TrainConfig(model="tiny", task="rotten_tomatoes", batch_size=4, max_steps=8, eval_every=1,
                       max_eval_examples=16, max_train_examples=64, prompt_length=2, init="random_uniform",
@@ -192,7 +192,7 @@ def test_a_run_keeps_the_prompt_of_the_step_its_select_metric_picks(tiny_llama, 
 
 def test_a_run_checkpointed_before_select_metric_existed_resumes_to_the_same_result(tiny_llama, tmp_path):
     """Such a checkpoint's best prompt records its dev accuracy only; here that prompt (step 2) stays the best."""
-    from trainables.config import TrainConfig
+    from softprompt.trainables.config import TrainConfig
 
     cfg = TrainConfig(model="tiny", task="rotten_tomatoes", batch_size=4, max_steps=4, eval_every=2,
                       max_eval_examples=16, max_train_examples=64, prompt_length=2, optimizer="adamw", seed=1)
@@ -212,7 +212,7 @@ def test_a_run_checkpointed_before_select_metric_existed_resumes_to_the_same_res
 def test_a_trial_checkpointed_when_adafactor_was_transformers_resumes_with_that_optimizer(tiny_llama, tmp_path):
     """A search started before `adafactor` meant T5X's: its trials' saved config says adafactor, their
     optimizer state is transformers' Adafactor's, and resuming must continue that run, not fail."""
-    from trainables.config import TrainConfig
+    from softprompt.trainables.config import TrainConfig
 
     old = TrainConfig(model="tiny", task="rotten_tomatoes", batch_size=4, max_steps=4, eval_every=2,
                       max_eval_examples=16, max_train_examples=64, prompt_length=2, optimizer="adafactor_hf", seed=1)
@@ -251,7 +251,7 @@ def tune_trial(config, base, metric, mode, gpu_fraction=0.0, tracking=None, **op
     """The real trainable; but its first attempt, once its first checkpoint is stored, deletes that
     checkpoint's current/prompt.json and fails, as a driver killed while Ray prunes or uploads
     checkpoints leaves one (Ray then retries the trial from it)."""
-    import trainables.trainable as trainable
+    import softprompt.trainables.trainable as trainable
 
     report = tune.report
 
@@ -286,7 +286,7 @@ def test_a_retried_trial_whose_checkpoint_is_incomplete_starts_over_and_complete
 # ---- a trial resumed in another dtype says so ----
 
 def test_a_trial_resumed_in_another_dtype_records_both_and_says_so(tiny_llama_dir, tmp_path, monkeypatch, capsys):
-    import trainables.trainable as trainable
+    import softprompt.trainables.trainable as trainable
 
     base = tiny_search(tiny_llama_dir, tmp_path, max_steps=4, scheduler="none", train={"eval_every": 2}).train.to_dict()
     first = StubTune(tmp_path / "first")

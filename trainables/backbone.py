@@ -20,8 +20,8 @@ from filelock import FileLock
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from trainables.errors import UserError, one_line
-from trainables.files import atomic_folder
+from softprompt.trainables.errors import UserError, one_line
+from softprompt.trainables.files import atomic_folder
 
 SENTENCEPIECE_MODEL_TYPES = {"t5", "mt5", "umt5"}
 

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from trainables.backbone import load_tokenizer, resolve_model
-from trainables.errors import ConfigError
-from trainables.inits import common_token_ids
+from softprompt.trainables.backbone import load_tokenizer, resolve_model
+from softprompt.trainables.errors import ConfigError
+from softprompt.trainables.inits import common_token_ids
 
 if TYPE_CHECKING:  # a served model formats and tokenises without `datasets`, which tasks import
-    from trainables.tasks import Task
+    from softprompt.trainables.tasks import Task
 
 IGNORE = -100
 SENTINEL = "<extra_id_0>"  # T5's first sentinel: span corruption's targets start with it

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainables.data import EncodedSplit, EncodedTask, eval_chunks
-from trainables.prompt import PromptedModel
+from softprompt.trainables.data import EncodedSplit, EncodedTask, eval_chunks
+from softprompt.trainables.prompt import PromptedModel
 
 ILLEGAL = -1  # a generation that matches no verbalizer
 

@@ -18,16 +18,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from trainables.backbone import Backbone, compiled_graphs, dtype_name
-from trainables.checkpoint import load_checkpoint, save_checkpoint
-from trainables.config import SELECT_METRICS, TrainConfig
-from trainables.data import EncodedTask, TrainOrder, encode_task, train_batch
-from trainables.evaluate import evaluate
-from trainables.inits import INITS, InitContext, embedding_rms
-from trainables.optimizers import absolute_lr, build_optimizer
-from trainables.prompt import InputDropout, PromptedModel, SoftPrompt
-from trainables.shared import RemotePromptedModel, SharedBackbone
-from trainables.tasks import load_task
+from softprompt.trainables.backbone import Backbone, compiled_graphs, dtype_name
+from softprompt.trainables.checkpoint import load_checkpoint, save_checkpoint
+from softprompt.trainables.config import SELECT_METRICS, TrainConfig
+from softprompt.trainables.data import EncodedTask, TrainOrder, encode_task, train_batch
+from softprompt.trainables.evaluate import evaluate
+from softprompt.trainables.inits import INITS, InitContext, embedding_rms
+from softprompt.trainables.optimizers import absolute_lr, build_optimizer
+from softprompt.trainables.prompt import InputDropout, PromptedModel, SoftPrompt
+from softprompt.trainables.shared import RemotePromptedModel, SharedBackbone
+from softprompt.trainables.tasks import load_task
 
 # report(metrics, save): called after every evaluation; save(folder) writes a resumable checkpoint.
 Reporter = Callable[[dict, Callable[[Path], None]], None]

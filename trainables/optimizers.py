@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from trainables.adafactor import Adafactor
+from softprompt.trainables.adafactor import Adafactor
 
 
 def adafactor(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:

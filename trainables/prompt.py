@@ -20,8 +20,8 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from trainables.backbone import Backbone
-from trainables.data import IGNORE, Batch, EncodedTask, input_batch, pad_rows, target_batch
+from softprompt.trainables.backbone import Backbone
+from softprompt.trainables.data import IGNORE, Batch, EncodedTask, input_batch, pad_rows, target_batch
 
 
 class SoftPrompt(nn.Module):

@@ -29,9 +29,9 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from trainables.backbone import default_device, load_backbone, load_tokenizer, resolve_model
-from trainables.data import Batch, EncodedTask, target_batch, unpad
-from trainables.prompt import GroupDropout, InputDropout, SoftPrompt, class_scores, generate, loss
+from softprompt.trainables.backbone import default_device, load_backbone, load_tokenizer, resolve_model
+from softprompt.trainables.data import Batch, EncodedTask, target_batch, unpad
+from softprompt.trainables.prompt import GroupDropout, InputDropout, SoftPrompt, class_scores, generate, loss
 
 NAMESPACE = "softprompt"   # servers live outside any one driver's namespace: a resumed search finds them
 MAX_FUSED_TOKENS = 32768   # rows x padded width of the requests one round takes; one request is never split

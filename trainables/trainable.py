@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from ray import tune
 
-from trainables.backbone import cached_backbone, cap_gpu_memory, default_device, dtype_name
-from trainables.checkpoint import CheckpointError, load_checkpoint
-from trainables.config import ASHA_METRICS, TrainConfig, trial_config
-from trainables.data import EncodedTask
-from trainables.loop import DataSpec, Diverged, prepare_data, train
-from trainables.shared import connect
-from trainables.tracking import TrackingTarget, TrialTracker
+from softprompt.trainables.backbone import cached_backbone, cap_gpu_memory, default_device, dtype_name
+from softprompt.trainables.checkpoint import CheckpointError, load_checkpoint
+from softprompt.trainables.config import ASHA_METRICS, TrainConfig, trial_config
+from softprompt.trainables.data import EncodedTask
+from softprompt.trainables.loop import DataSpec, Diverged, prepare_data, train
+from softprompt.trainables.shared import connect
+from softprompt.trainables.tracking import TrackingTarget, TrialTracker
 
 _WORKER_DATA: dict[tuple[DataSpec, str], EncodedTask] = {}
 
