@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from softprompt.adaptation.manifest import read_manifest, write_manifest
 from softprompt.adaptation.resume import MODEL_FILE, OPTIMIZER_FILE, STEP_FILE, resume_from_newest_complete_checkpoint
-from softprompt.search.configfile import ConfigError, check_tracking_uri
-from softprompt.trainables.files import atomic_folder
+from softprompt.configfile import ConfigError, check_tracking_uri
+from softprompt.files import atomic_folder
+from softprompt.models.manifest import read_manifest, write_manifest
 from softprompt.trainables.tracking import RUN_FILE
 
 STATE_DIR, RUN_NAME = ".ray", "lm-adapt"   # Ray Train's run under OUT: the same name resumes it
@@ -100,7 +100,7 @@ def check_out_shared(out: str, other_nodes: bool, filesystem: str | None) -> Non
 
 def model_source(name: str) -> str:
     """The loadable source of an encoder-decoder checkpoint; a decoder-only model is refused."""
-    from softprompt.trainables.backbone import resolve_model
+    from softprompt.models.hub import resolve_model
 
     source, config, _ = resolve_model(name)
     if not config.is_encoder_decoder:
@@ -113,8 +113,8 @@ def model_source(name: str) -> str:
 
 def read_corpus(source: str, text_column: str = "text", config: str | None = None) -> list[str]:
     """The corpus's texts: `text_column` (a .txt file's lines: `text`) of the train split, else the first, of
-    what `source` names, read as a task mapping's dataset is (trainables.tasks.read_dataset)."""
-    from softprompt.trainables.tasks import FILE_SUFFIXES, TaskError, Where, read_dataset
+    what `source` names, read as a task mapping's dataset is (models.tasks.read_dataset)."""
+    from softprompt.models.tasks import FILE_SUFFIXES, TaskError, Where, read_dataset
 
     try:
         data = read_dataset({"dataset": os.path.expanduser(source), "config": config}, Where(source, mapping=False))
@@ -143,7 +143,7 @@ def tokenize_corpus(texts: list[str], tokenizer, seq_len: int, source: str) -> n
 def prefix_lm_batch(stream: np.ndarray, cfg: AdaptConfig, step: int, rank: int, eos: int, pad: int) -> dict:
     """Worker `rank`'s batch at `step`: `batch_size` windows of `seq_len` tokens, each split at a
     random point into input (prefix) and target (continuation), each ended by EOS."""
-    from softprompt.trainables.data import IGNORE, pad_rows
+    from softprompt.models.data import IGNORE, pad_rows
 
     rng = np.random.default_rng([cfg.seed, step, rank])
     starts = rng.integers(0, len(stream) - cfg.seq_len + 1, cfg.batch_size)
@@ -167,8 +167,8 @@ def train_worker(config: dict) -> None:
     from transformers import AutoModelForSeq2SeqLM
     from transformers.utils import logging as hf_logging
 
+    from softprompt.models.hub import load_tokenizer
     from softprompt.trainables.adafactor import Adafactor
-    from softprompt.trainables.backbone import load_tokenizer
 
     hf_logging.disable_progress_bar()
     logging.getLogger().setLevel(logging.WARNING)  # Ray Train logs a line per report at INFO, on a logger of its own

@@ -28,21 +28,14 @@ import torch
 from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from softprompt.trainables.backbone import (
-    Backbone,
-    compiled_graphs,
-    fingerprint,
-    freeze,
-    load_backbone,
-    load_tokenizer,
-    resolve_dtype,
-    resolve_model,
-)
+from softprompt.models.backbone import Backbone, compiled_graphs, fingerprint, freeze, load_backbone
+from softprompt.models.data import IGNORE, TrainOrder, make_batch, pad_rows, train_batch
+from softprompt.models.evaluate import evaluate
+from softprompt.models.hub import load_tokenizer, resolve_model
+from softprompt.models.precision import resolve_dtype
+from softprompt.models.prompt import PromptedModel, SoftPrompt
 from softprompt.trainables.config import TrainConfig
-from softprompt.trainables.data import IGNORE, TrainOrder, make_batch, pad_rows, train_batch
-from softprompt.trainables.evaluate import evaluate
 from softprompt.trainables.loop import initial_prompt, prepare_data, train, zero_shot
-from softprompt.trainables.prompt import PromptedModel, SoftPrompt
 
 RESULTS = Path(__file__).parent / "results"
 

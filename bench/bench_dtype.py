@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from softprompt.trainables.backbone import cpu_runs_bf16, load_backbone
-from softprompt.trainables.checkpoint import load_checkpoint
+from softprompt.models.backbone import load_backbone
+from softprompt.models.checkpoint import load_checkpoint
+from softprompt.models.evaluate import evaluate
+from softprompt.models.precision import cpu_runs_bf16
+from softprompt.models.prompt import PromptedModel, SoftPrompt
 from softprompt.trainables.config import TrainConfig
-from softprompt.trainables.evaluate import evaluate
 from softprompt.trainables.loop import prepare_data, train
-from softprompt.trainables.prompt import PromptedModel, SoftPrompt
 
 RESULTS = Path(__file__).parent / "results"
 POINT = dict(prompt_length=20, init="class_label", optimizer="adamw", lr=0.03, batch_size=8)

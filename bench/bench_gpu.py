@@ -3,7 +3,7 @@
 1. the training loop, ours against PEFT's, in float32 and bfloat16 (bench_core's interleaved timing);
 2. trials sharing one GPU, as Ray's fractional GPUs pack them (`resources: {gpu: 0.25}`): n
    processes at once, each capped to 1/n of the GPU's memory as a trial caps itself
-   (trainables/backbone.py cap_gpu_memory); their summed examples/s, each one's peak memory,
+   (models/precision.py cap_gpu_memory); their summed examples/s, each one's peak memory,
    and whether the cap holds;
 3. how many tokens one forward pass needs before the GPU is busy (serving/ensemble.py
    MIN_PASS_TOKENS["cuda"], the served ensemble's smallest pass).
@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from bench_core import speed
-from softprompt.trainables.backbone import cap_gpu_memory, load_backbone
+from softprompt.models.backbone import load_backbone
+from softprompt.models.precision import cap_gpu_memory
 from softprompt.trainables.config import TrainConfig
 from softprompt.trainables.loop import prepare_data, train
 

@@ -7,7 +7,7 @@ tokenizer (random weights are built from it):
 
     python bench/bench_gpu_attention.py FOLDER
 
-Output of the run on an H200 that led to trainables/backbone.py avoid_cudnn_attention:
+Output of the run on an H200 that led to models/precision.py avoid_cudnn_attention:
 bench/results/gpu-attention.txt.
 """
 import json
@@ -21,11 +21,11 @@ from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
 from bench_core import peft_batch
 from bench_gpu import random_weights
-from softprompt.trainables.backbone import load_backbone
+from softprompt.models.backbone import load_backbone
+from softprompt.models.data import IGNORE, make_batch
+from softprompt.models.prompt import SoftPrompt, _gather_targets, prompted_inputs
 from softprompt.trainables.config import TrainConfig
-from softprompt.trainables.data import IGNORE, make_batch
 from softprompt.trainables.loop import initial_prompt, prepare_data
-from softprompt.trainables.prompt import SoftPrompt, _gather_targets, prompted_inputs
 
 model = random_weights(sys.argv[1])
 cfg = TrainConfig(model=model, prompt_length=100, batch_size=32, init="random_uniform", max_train_examples=32 * 200)

@@ -21,8 +21,8 @@ import torch
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
 from softprompt.adaptation.lm_adapt import AdaptConfig, run_adaptation
-from softprompt.trainables.backbone import OFFLINE_MODELS
-from softprompt.trainables.tasks import OFFLINE_TASKS
+from softprompt.models.hub import OFFLINE_MODELS
+from softprompt.models.tasks import OFFLINE_TASKS
 
 RESULTS = Path(__file__).parent / "results"
 

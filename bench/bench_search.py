@@ -27,14 +27,14 @@ import pandas as pd
 import ray
 import torch
 
+from softprompt.models.backbone import load_backbone
+from softprompt.models.checkpoint import load_checkpoint
+from softprompt.models.evaluate import evaluate
+from softprompt.models.prompt import PromptedModel, SoftPrompt
 from softprompt.search.config import asha_rungs, load_search_config
 from softprompt.search.record import SearchRecord
 from softprompt.search.tuner import run_search
-from softprompt.trainables.backbone import load_backbone
-from softprompt.trainables.checkpoint import load_checkpoint
-from softprompt.trainables.evaluate import evaluate
 from softprompt.trainables.loop import prepare_data
-from softprompt.trainables.prompt import PromptedModel, SoftPrompt
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import requests
 import torch
 
+from softprompt.models.backbone import load_backbone
+from softprompt.models.checkpoint import save_checkpoint
 from softprompt.search.export import export_mlflow_model, write_bundle
-from softprompt.trainables.backbone import load_backbone
-from softprompt.trainables.checkpoint import save_checkpoint
 
 RESULTS = Path(__file__).parent / "results"
 TASKS = {"reviews": (["negative", "positive"], "review: {text}\nsentiment:"),

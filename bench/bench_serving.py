@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from bench_gpu import random_weights
+from softprompt.models.backbone import load_backbone
+from softprompt.models.data import encode_task
+from softprompt.models.prompt import PromptedModel, SoftPrompt
+from softprompt.models.tasks import load_task
 from softprompt.serving.ensemble import MIN_PASS_TOKENS, PromptEnsemble, TaskPrompts, length_groups
-from softprompt.trainables.backbone import load_backbone
-from softprompt.trainables.data import encode_task
-from softprompt.trainables.prompt import PromptedModel, SoftPrompt
-from softprompt.trainables.tasks import load_task
 
 
 def timed(calls: dict, repeats: int, min_seconds: float = 10.0) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Shared-backbone benchmark (issue 17): trials training through one frozen copy (trainables/shared.py)
+"""Shared-backbone benchmark (issue 17): trials training through one frozen copy (backbone_server/server.py)
 against today's trials that each hold their own, on this machine's CPU cores, in one run.
 
 Part 1, throughput and memory. SmolLM2-135M, rotten_tomatoes, batch 8, a 20-token class-label
@@ -38,17 +38,18 @@ import psutil
 import ray
 import torch
 
+from softprompt.backbone_server.client import connect
+from softprompt.models.backbone import cached_backbone, load_backbone
+from softprompt.models.checkpoint import load_checkpoint
+from softprompt.models.evaluate import evaluate
+from softprompt.models.prompt import PromptedModel, SoftPrompt
 from softprompt.search.config import search_config
 from softprompt.search.record import SearchRecord
+from softprompt.search.servers import stop_servers
 from softprompt.search.tuner import give_local_workers_env, run_search
 from softprompt.spaces import DEFAULT_POINTS
-from softprompt.trainables.backbone import cached_backbone, load_backbone
-from softprompt.trainables.checkpoint import load_checkpoint
 from softprompt.trainables.config import TrainConfig
-from softprompt.trainables.evaluate import evaluate
 from softprompt.trainables.loop import prepare_data, train, zero_shot
-from softprompt.trainables.prompt import PromptedModel, SoftPrompt
-from softprompt.trainables.shared import connect, stop_servers
 
 RESULTS = Path(__file__).parent / "results"
 MODEL, TASK = "smollm2-135m", "rotten_tomatoes"
@@ -129,7 +130,8 @@ def run_arm(trials: int, shared: bool, threads: int, idle: int) -> dict:
         results = ray.get([task.remote(TRAIN.replace(seed=i), barrier, key) for i in range(trials)])
         server_rss = None
         if shared:
-            from softprompt.trainables.shared import NAMESPACE, servers
+            from softprompt.backbone_server.server import NAMESPACE
+            from softprompt.search.servers import servers
             (name,) = servers(key)
             server_pid = ray.get(ray.get_actor(name, namespace=NAMESPACE).describe.remote())["pid"]
             server_rss = psutil.Process(server_pid).memory_info().rss
@@ -150,8 +152,8 @@ def pass_sizes(rows_per_pass=(8, 16, 32), examples: int = 64, repeats: int = 3) 
     """Training examples/s of one process using every core, as a server runs a pass, at several
     pass sizes over the same examples (length-bucketed batches, as trials draw them); the sizes
     take turns, `repeats` times, and each keeps its median."""
-    from softprompt.trainables.data import TrainOrder, make_batch
-    from softprompt.trainables.prompt import loss
+    from softprompt.models.data import TrainOrder, make_batch
+    from softprompt.models.prompt import loss
 
     backbone = load_backbone(MODEL)  # freed on return: the bench process holds no model during the arms
     data = prepare_data(TRAIN, backbone)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softprompt.trainables.backbone import load_backbone
+from softprompt.models.backbone import load_backbone
 from softprompt.trainables.config import TrainConfig
 from softprompt.trainables.inits import embedding_rms
 from softprompt.trainables.loop import prepare_data, train, zero_shot

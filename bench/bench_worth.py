@@ -34,16 +34,16 @@ import ray
 import torch
 from ray.tune import ExperimentAnalysis
 
+from softprompt.models.backbone import load_backbone
+from softprompt.models.checkpoint import load_checkpoint
+from softprompt.models.evaluate import evaluate
+from softprompt.models.prompt import PromptedModel, SoftPrompt
 from softprompt.search.config import load_search_config
 from softprompt.search.record import SearchRecord, rank_rows
 from softprompt.search.storage import SearchStorage
 from softprompt.search.tuner import _points, give_local_workers_env, run_search
-from softprompt.trainables.backbone import load_backbone
-from softprompt.trainables.checkpoint import load_checkpoint
 from softprompt.trainables.config import trial_config
-from softprompt.trainables.evaluate import evaluate
 from softprompt.trainables.loop import prepare_data, train, zero_shot
-from softprompt.trainables.prompt import PromptedModel, SoftPrompt
 
 RESULTS = Path(__file__).parent / "results"
 ARMS = {"a": "default point, its own run", "a'": "default point, whole budget", "b": "random search, no early stopping",

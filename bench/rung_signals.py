@@ -48,7 +48,7 @@ def points(seed: int, n: int) -> list[dict]:
 
 def signals(scores: np.ndarray, labels: np.ndarray) -> dict:
     """Rank-classification signals from [N, 2] class log-likelihoods."""
-    from softprompt.trainables.evaluate import auc, log_loss
+    from softprompt.models.evaluate import auc, log_loss
     s = scores.astype(np.float32)  # as recorded: margins of float32 scores
     margin = s[:, 1] - s[:, 0]
     centred = margin - np.median(margin)
@@ -61,10 +61,11 @@ def run_trial(job: tuple) -> dict:
     seed, params = job
     torch.set_num_threads(1)
     import softprompt.trainables.loop as loop
+    from softprompt.models.backbone import cached_backbone
+    from softprompt.models.evaluate import evaluate, split_class_scores
+    from softprompt.models.precision import default_device
     from softprompt.search.config import load_search_config
-    from softprompt.trainables.backbone import cached_backbone, default_device
     from softprompt.trainables.config import fields_from_params
-    from softprompt.trainables.evaluate import evaluate, split_class_scores
 
     search = load_search_config(str(DEMO), ["train.confirm_examples=500"])
     cfg = search.train.replace(**fields_from_params(params, search.train.max_steps))

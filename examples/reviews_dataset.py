@@ -12,7 +12,7 @@ import sys
 
 import datasets
 
-from softprompt.trainables.tasks import package_file
+from softprompt.models.tasks import package_file
 
 SIZES = {"train": 4000, "validation": 500, "test": 500}
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from softprompt.adaptation.lm_adapt import AdaptConfig  # numpy and yaml: no torch, no ray
-from softprompt.search.configfile import (
+from softprompt.configfile import (
     SEARCH_RULES,
     STORAGE_PATH,
     ConfigError,
@@ -18,16 +18,17 @@ from softprompt.search.configfile import (
     check_tracking_uri,
     search_values,
 )
+from softprompt.errors import UserError, one_line
 from softprompt.search.jobs import (
     DEFAULT_ADDRESS,  # yaml and the config file helpers: no torch, no ray, for a fast --help
 )
-from softprompt.trainables.errors import UserError, one_line
 
 
 def cmd_train(args) -> int:
     """One prompt-tuning run: progress, then held-out metrics next to the zero-shot baseline."""
+    from softprompt.models.backbone import load_backbone
+    from softprompt.models.precision import dtype_note
     from softprompt.search.config import load_train_config
-    from softprompt.trainables.backbone import dtype_note, load_backbone
     from softprompt.trainables.loop import prepare_data, train_and_save
 
     cfg = load_train_config(args.config, args.set)
@@ -162,10 +163,10 @@ def cmd_search_run(args) -> int:
 
     import torch
 
+    from softprompt.models.precision import dtype_note
     from softprompt.search.config import search_config
     from softprompt.search.tracking import default_tracking_uri
     from softprompt.search.tuner import run_search
-    from softprompt.trainables.backbone import dtype_note
 
     cfg = search_config(values, source=args.config, default_name=Path(args.config).stem)
     tracking_uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
@@ -332,8 +333,8 @@ def cmd_export(args) -> int:
 
 def cmd_verify(args) -> int:
     """Check a prompt checkpoint or export against its SHA-256 and, with --model, that backbone."""
+    from softprompt.models.backbone import load_backbone
     from softprompt.search.export import load_export
-    from softprompt.trainables.backbone import load_backbone
 
     backbone = load_backbone(args.model) if args.model else None
     prompts = load_export(args.path, backbone and backbone.fingerprint, backbone and backbone.width)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from softprompt.search.configfile import ConfigError
-from softprompt.trainables.errors import one_line
+from softprompt.configfile import ConfigError
+from softprompt.errors import one_line
 
 # Ports a search's cluster serves that must never face the internet: each runs code or shows data.
 SERVICE_PORTS = {8265: "Ray dashboard and job API", 6379: "Ray GCS", 10001: "Ray client", 5000: "MLflow"}

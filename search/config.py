@@ -9,8 +9,7 @@ import shutil
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
-from softprompt.adaptation.manifest import expand_manifests
-from softprompt.search.configfile import (
+from softprompt.configfile import (
     MAX_TRIALS,
     SEARCH_RULES,
     STORAGE_PATH,
@@ -27,21 +26,11 @@ from softprompt.search.configfile import (
     search_values,
     text,
 )
-from softprompt.spaces import CustomSpace
-from softprompt.trainables.backbone import MODELS_ALLOWED, model_problem
-from softprompt.trainables.config import (
-    ASHA_METRICS,
-    FIELDS,
-    RANK_ONLY_METRICS,
-    SEARCH_METRICS,
-    SELECT_METRICS,
-    TrainConfig,
-)
-from softprompt.trainables.data import check_sentinel
-from softprompt.trainables.evaluate import EVAL_MODES
-from softprompt.trainables.inits import INITS
-from softprompt.trainables.optimizers import LR_UNITS, OPTIMIZERS, PARAMETER_SCALING
-from softprompt.trainables.tasks import (
+from softprompt.models.data import check_sentinel
+from softprompt.models.evaluate import EVAL_MODES
+from softprompt.models.hub import MODELS_ALLOWED, model_problem
+from softprompt.models.manifest import expand_manifests
+from softprompt.models.tasks import (
     FILE_SUFFIXES,
     OFFLINE_TASKS,
     ROLES,
@@ -52,6 +41,17 @@ from softprompt.trainables.tasks import (
     load_task,
     task_names,
 )
+from softprompt.spaces import CustomSpace
+from softprompt.trainables.config import (
+    ASHA_METRICS,
+    FIELDS,
+    RANK_ONLY_METRICS,
+    SEARCH_METRICS,
+    SELECT_METRICS,
+    TrainConfig,
+)
+from softprompt.trainables.inits import INITS
+from softprompt.trainables.optimizers import LR_UNITS, OPTIMIZERS, PARAMETER_SCALING
 
 
 def _has_cxx() -> bool:
@@ -71,7 +71,7 @@ def _valid_task_name(v) -> bool:  # it names the task's folder in an exported bu
     return isinstance(v, str) and re.fullmatch(r"[\w.-]+(/[\w.-]+)*", v) is not None and ".." not in v.split("/")
 
 
-# A task mapping (trainables.tasks.dataset_task); what its data holds is checked when it is read.
+# A task mapping (models.tasks.dataset_task); what its data holds is checked when it is read.
 TASK_RULES: dict[str, Rule] = {
     "name": Rule(_valid_task_name, "letters, digits, '-', '_' and '.', in '/'-separated parts"),
     "dataset": text(),
@@ -225,7 +225,7 @@ class SearchConfig:
     concurrency: int = 2          # at most trials
     cpus_per_trial: float = 1
     gpus_per_trial: float = 0
-    shared_backbone: bool = False  # trials train through one frozen copy per node (per GPU) (trainables/shared.py)
+    shared_backbone: bool = False  # trials train through one frozen copy per node (per GPU) (backbone_server/server.py)
     storage_path: str = STORAGE_PATH
     seed: int = 0
     max_failures: int = 1

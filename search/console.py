@@ -9,8 +9,8 @@ import time
 
 from ray import tune
 
+from softprompt.errors import one_line
 from softprompt.search.record import RUNNING
-from softprompt.trainables.errors import one_line
 
 STATUS_EVERY_S = 30.0
 

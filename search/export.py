@@ -4,7 +4,7 @@ under alias `production`. Several prompts (the top-k trials, or several tasks) e
 bundle that scores them all in one batched pass (serving/ensemble.py).
 
 Every artifact records the backbone fingerprint and the prompt tensor's SHA-256, and `load_export`
-checks both (trainables/checkpoint.py:verify_prompt); none holds a pickle.
+checks both (models/checkpoint.py:verify_prompt); none holds a pickle.
 """
 from __future__ import annotations
 
@@ -17,13 +17,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from softprompt.package import copy_package
-from softprompt.search.config import ConfigError
-from softprompt.search.record import SearchRecord
-from softprompt.search.tracking import softprompt_experiment
-from softprompt.serving.ensemble import COMBINE
-from softprompt.trainables.backbone import OFFLINE_MODELS
-from softprompt.trainables.checkpoint import (
+from softprompt.errors import one_line
+from softprompt.models.checkpoint import (
     BUNDLE_FILE,
     CheckpointError,
     load_bundle_prompts,
@@ -33,7 +28,12 @@ from softprompt.trainables.checkpoint import (
     save_checkpoint,
     verify_prompt,
 )
-from softprompt.trainables.errors import one_line
+from softprompt.models.hub import OFFLINE_MODELS
+from softprompt.package import copy_package
+from softprompt.search.config import ConfigError
+from softprompt.search.record import SearchRecord
+from softprompt.search.tracking import softprompt_experiment
+from softprompt.serving.ensemble import COMBINE
 
 ALIAS = "production"
 
@@ -220,7 +220,7 @@ def export_mlflow_model(bundle: Path, registered_name: str, tracking_uri: str) -
     # the model carries the code it runs: softprompt with the rooms a served model imports
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"export {registered_name}"), \
             tempfile.TemporaryDirectory() as staged:
-        package = copy_package(staged, rooms=("serving", "trainables"))
+        package = copy_package(staged, rooms=("models", "serving"))
         mlflow.set_tags({"softprompt.fingerprint": record["fingerprint"], "softprompt.backbone": record["backbone"]})
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(package / "serving" / "served_model.py"), artifacts={"bundle": str(bundle)},
@@ -235,8 +235,8 @@ def export_mlflow_model(bundle: Path, registered_name: str, tracking_uri: str) -
 def _input_columns(record: dict) -> dict[str, bool]:
     """The raw columns the served model reads, each required if every task's template names it
     (a bundle made before templates travelled: `text`, the formatted input)."""
+    from softprompt.models.templates import template_columns
     from softprompt.serving.rows import UNFORMATTED
-    from softprompt.trainables.templates import template_columns
 
     per_task = [template_columns(t.get("template") or UNFORMATTED) for t in record["tasks"].values()]
     return {c: all(c in columns for columns in per_task) for columns in per_task for c in columns}

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from softprompt.configfile import STORAGE_PATH, ConfigError, check_tracking_uri, load_yaml, parse_overrides
+from softprompt.errors import one_line
 from softprompt.package import copy_package
-from softprompt.search.configfile import STORAGE_PATH, ConfigError, check_tracking_uri, load_yaml, parse_overrides
-from softprompt.trainables.errors import one_line
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Expanded by the job's shell on the head; a head started without it fails the job with this message.

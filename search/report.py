@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from softprompt.search.configfile import ConfigError
+from softprompt.configfile import ConfigError
 from softprompt.search.record import SEED, SearchRecord, sample_sd
 from softprompt.search.storage import STUDY_FILE
 from softprompt.search.tracking import log_report

@@ -18,7 +18,7 @@ from ray._private import ray_constants
 from ray.autoscaler._private.util import format_readonly_node_type
 from ray.experimental.internal_kv import _internal_kv_get
 
-from softprompt.search.configfile import ConfigError
+from softprompt.configfile import ConfigError
 
 FIELDS = {"GPU": "gpus_per_trial", "CPU": "cpus_per_trial"}  # GPUs first: the likelier mistake
 LAUNCHER_CONFIG = Path("~/ray_bootstrap_config.yaml")  # on the head of a `ray up` cluster

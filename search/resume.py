@@ -14,8 +14,8 @@ import pyarrow.fs
 from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
 from ray.tune.trainable.metadata import _TrainingRunMetadata
 
+from softprompt.models.checkpoint import CheckpointError, load_checkpoint
 from softprompt.search.storage import SearchStorage
-from softprompt.trainables.checkpoint import CheckpointError, load_checkpoint
 
 CHECKPOINT_PARTS = ("current", "best")  # what trainables/trainable.py writes into every checkpoint
 

@@ -24,9 +24,9 @@ from urllib.parse import urlsplit
 import optuna
 import pyarrow.fs
 
-from softprompt.search.configfile import ConfigError
-from softprompt.trainables.errors import one_line
-from softprompt.trainables.files import atomic_folder
+from softprompt.configfile import ConfigError
+from softprompt.errors import one_line
+from softprompt.files import atomic_folder
 from softprompt.trainables.tracking import RUN_FILE
 
 CONFIG_FILE, SUMMARY_FILE, STUDY_FILE = "softprompt-search.yaml", "softprompt-summary.json", "optuna.db"
@@ -83,7 +83,7 @@ class SearchStorage:
         (under SOFTPROMPT_CACHE, default ~/.cache/softprompt: searches/SCHEME/BUCKET/PREFIX/NAME)."""
         if not self.remote:
             return Path(self.storage_path).expanduser().resolve() / self.name
-        from softprompt.trainables.backbone import cache_dir
+        from softprompt.models.hub import cache_dir
 
         parts = urlsplit(self.storage_path)
         return cache_dir() / "searches" / parts.scheme / parts.netloc / parts.path.strip("/") / self.name

@@ -17,10 +17,10 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from softprompt.errors import one_line
 from softprompt.search.config import ConfigError, SearchConfig
 from softprompt.search.record import CONFIRMED, SearchRecord
 from softprompt.search.storage import CONFIG_FILE, STUDY_FILE, SearchStorage
-from softprompt.trainables.errors import one_line
 from softprompt.trainables.tracking import (
     PARENT_TAG,
     RUN_FILE,
@@ -187,7 +187,7 @@ def _log_results(mlflow_client, run_id: str, record: SearchRecord) -> None:
     mlflow_client.log_artifacts(run_id, best["prompt"], "winning_prompt")
     _log_verdict(mlflow_client, run_id, record.summary_of(best["trial_id"]))
     _log_optuna_plots(mlflow_client, run_id, cfg, record.storage.folder)
-    from softprompt.trainables.checkpoint import load_checkpoint
+    from softprompt.models.checkpoint import load_checkpoint
     checkpoint = load_checkpoint(best["prompt"])
     mlflow_client.log_table(run_id, nearest_tokens_table(checkpoint.prompt, checkpoint.meta["backbone"]),
                             "nearest_tokens.json")
@@ -292,7 +292,7 @@ def nearest_tokens_table(prompt, model: str, k: int = NEAREST_TOKENS) -> dict[st
     sqrt(width)) scales every row alike, and cosine ignores a global scale."""
     import torch
 
-    from softprompt.trainables.backbone import input_embeddings
+    from softprompt.models.tensors import input_embeddings
 
     embeddings, tokenizer = input_embeddings(model)
     vocab = torch.nn.functional.normalize(embeddings.float(), dim=-1)

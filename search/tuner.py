@@ -22,21 +22,22 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from softprompt.adaptation.manifest import adaptation_steps
+from softprompt.backbone_server.server import IDLE_EXIT_S
+from softprompt.configfile import STORAGE_PATH, ConfigError
+from softprompt.models.manifest import adaptation_steps
+from softprompt.models.tasks import is_task_file
 from softprompt.search.config import SearchConfig
-from softprompt.search.configfile import STORAGE_PATH, ConfigError
 from softprompt.search.console import TrialLines
 from softprompt.search.jobs import WORKER_ENV
 from softprompt.search.record import RUNNING, SearchRecord, read_config, save_config
 from softprompt.search.resources import check_cluster
 from softprompt.search.resume import experiment_folder, point_trials_at_complete_checkpoints
 from softprompt.search.seeds import SeedRepeater
+from softprompt.search.servers import server_key, stop_servers
 from softprompt.search.storage import STUDY_FILE, SearchStorage, WorkingCopyStorage, copy_study
 from softprompt.search.tracking import finish_search_run, load_target, start_search_run
 from softprompt.spaces import DEFAULT_POINTS, SPACES, CustomSpace
 from softprompt.trainables.config import ADAPTATION_STEPS
-from softprompt.trainables.shared import IDLE_EXIT_S, server_key, stop_servers
-from softprompt.trainables.tasks import is_task_file
 from softprompt.trainables.trainable import tune_trial
 
 TUNE_TRIAL_ID = "tune_trial_id"  # the Optuna trial's user attribute naming its Tune trial

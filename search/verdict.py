@@ -2,15 +2,15 @@
 prompt (zero-shot), saved as the search's summary and logged on its parent run if it is tracked."""
 from __future__ import annotations
 
+from softprompt.models.backbone import load_backbone
+from softprompt.models.checkpoint import load_checkpoint
+from softprompt.models.data import EncodedTask
+from softprompt.models.evaluate import evaluate
+from softprompt.models.prompt import PromptedModel, SoftPrompt
 from softprompt.search.record import SearchRecord
 from softprompt.search.tracking import log_verdict
-from softprompt.trainables.backbone import load_backbone
-from softprompt.trainables.checkpoint import load_checkpoint
 from softprompt.trainables.config import trial_config
-from softprompt.trainables.data import EncodedTask
-from softprompt.trainables.evaluate import evaluate
 from softprompt.trainables.loop import prepare_data, zero_shot
-from softprompt.trainables.prompt import PromptedModel, SoftPrompt
 
 
 def judge_winner(record: SearchRecord) -> tuple[dict, EncodedTask]:

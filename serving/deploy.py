@@ -14,8 +14,8 @@ import signal
 import threading
 from pathlib import Path
 
-from softprompt.search.configfile import Rule, check_fields, integer, load_yaml, number, parse_overrides
-from softprompt.trainables.errors import ConfigError, UserError, one_line
+from softprompt.configfile import Rule, check_fields, integer, load_yaml, number, parse_overrides
+from softprompt.errors import ConfigError, UserError, one_line
 
 ACTIONS = ("status", "stop")
 DEFAULTS = {
@@ -132,7 +132,7 @@ def _connect(address: str | None) -> bool:
 def cmd_serve(args) -> int:
     if args.target in ACTIONS:
         return _status(args) if args.target == "status" else _stop(args)
-    from softprompt.search.configfile import check_tracking_uri
+    from softprompt.configfile import check_tracking_uri
     from softprompt.search.tracking import default_tracking_uri
 
     settings = serve_settings(args.config, args.set)

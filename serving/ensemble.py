@@ -3,7 +3,7 @@ carries its own prompt. That gives prompt ensembling (paper section 6: k prompts
 combined by majority vote or mean log-probability) and mixed-task batches (each example scored
 with its own task's prompts and verbalizers), which PEFT's one-active-prompt forward cannot do.
 
-Rows are scored by trainables/prompt.py:class_scores, the path PromptedModel scores by, so each
+Rows are scored by models/prompt.py:class_scores, the path PromptedModel scores by, so each
 member scores as it does alone.
 """
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from softprompt.trainables.backbone import Backbone, load_backbone
-from softprompt.trainables.checkpoint import load_bundle_prompts, load_bundle_record
-from softprompt.trainables.data import verbalizer_ids
-from softprompt.trainables.prompt import Prefix, class_scores
+from softprompt.models.backbone import Backbone, load_backbone
+from softprompt.models.checkpoint import load_bundle_prompts, load_bundle_record
+from softprompt.models.data import verbalizer_ids
+from softprompt.models.prompt import Prefix, class_scores
 
 COMBINE = ("vote", "mean_logprob")
 log = logging.getLogger(__name__)

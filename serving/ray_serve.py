@@ -27,10 +27,10 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from softprompt.errors import one_line
+from softprompt.models.checkpoint import CheckpointError
 from softprompt.serving.ensemble import load_bundle
 from softprompt.serving.rows import RowError, answers, model_inputs
-from softprompt.trainables.checkpoint import CheckpointError
-from softprompt.trainables.errors import one_line
 
 log = logging.getLogger("ray.serve")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from string import Formatter
 
-from softprompt.trainables.templates import format_input, template_columns
+from softprompt.models.templates import format_input, template_columns
 
 UNFORMATTED = "{text}"  # bundles exported before templates travelled with prompts took formatted text
 

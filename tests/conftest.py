@@ -20,7 +20,8 @@ import torch
 import yaml
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-from softprompt.trainables.backbone import _smollm2_folder, load_backbone
+from softprompt.models.backbone import load_backbone
+from softprompt.models.hub import _smollm2_folder
 
 torch.set_num_threads(1)  # the tiny models' ops are too small to gain from threads; test_learning asks for 2
 

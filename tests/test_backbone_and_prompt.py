@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from softprompt.trainables.backbone import BackboneError, avoid_cudnn_attention, load_backbone
+from softprompt.models.backbone import load_backbone
+from softprompt.models.data import encode_task, make_batch
+from softprompt.models.evaluate import ILLEGAL, auc, exact_match, f1_score, log_loss, rank_classify
+from softprompt.models.hub import BackboneError
+from softprompt.models.precision import avoid_cudnn_attention
+from softprompt.models.prompt import PromptedModel, SoftPrompt, loss
+from softprompt.models.tasks import Task, split_three
 from softprompt.trainables.config import TrainConfig
-from softprompt.trainables.data import encode_task, make_batch
-from softprompt.trainables.evaluate import ILLEGAL, auc, exact_match, f1_score, log_loss, rank_classify
 from softprompt.trainables.loop import initial_prompt, train
-from softprompt.trainables.prompt import PromptedModel, SoftPrompt, loss
-from softprompt.trainables.tasks import Task, split_three
 
 BACKBONES = ["tiny_llama", "tiny_t5"]
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
+from softprompt.models.checkpoint import save_checkpoint
 from softprompt.search.cli import main
 from softprompt.search.config import _has_cxx
 from softprompt.search.export import export_npy
-from softprompt.trainables.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_ROWS = "".join(f"{'good' if i % 2 else 'bad'} film number {i},{'pos' if i % 2 else 'neg'}\n" for i in range(30))

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from softprompt.trainables.checkpoint import META, TENSORS, CheckpointError, load_checkpoint, save_checkpoint
+from softprompt.models.checkpoint import META, TENSORS, CheckpointError, load_checkpoint, save_checkpoint
+from softprompt.models.data import encode_task
+from softprompt.models.tasks import load_task
 from softprompt.trainables.config import TrainConfig
-from softprompt.trainables.data import encode_task
 from softprompt.trainables.loop import train
 from softprompt.trainables.optimizers import DEFAULT_LR, OPTIMIZERS
-from softprompt.trainables.tasks import load_task
 
 
 def trained_optimizer(name: str, steps: int = 3):
@@ -212,7 +212,7 @@ def test_edited_optimizer_state_fails_the_file_sha256_check(tmp_path):
 
 
 def test_a_bundle_record_without_a_fingerprint_is_a_one_line_checkpoint_error(tmp_path):
-    from softprompt.trainables.checkpoint import BUNDLE_FILE, BUNDLE_FORMAT, load_bundle_record
+    from softprompt.models.checkpoint import BUNDLE_FILE, BUNDLE_FORMAT, load_bundle_record
 
     (tmp_path / BUNDLE_FILE).write_text(json.dumps({"format": BUNDLE_FORMAT, "combine": "vote",
                                                     "tasks": {"t": {"members": ["t/0"]}}}))

@@ -36,7 +36,7 @@ import pytest
 import yaml
 from conftest import free_port
 
-from softprompt.adaptation.manifest import read_manifest
+from softprompt.models.manifest import read_manifest
 from softprompt.search.cluster import check_cluster_file
 
 ROOT = Path(__file__).parents[1]

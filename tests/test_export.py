@@ -20,14 +20,15 @@ import torch
 from conftest import free_port
 
 import softprompt.serving.ensemble
+from softprompt.models.backbone import load_backbone
+from softprompt.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from softprompt.models.data import encode_task, verbalizer_ids
+from softprompt.models.evaluate import rank_classify
+from softprompt.models.hub import _smollm2_folder
+from softprompt.models.prompt import PromptedModel, SoftPrompt, cache_kwarg, prompted_inputs, returned_cache
+from softprompt.models.tasks import format_input, load_task
 from softprompt.search.export import export_mlflow_model, export_npy, export_peft_adapter, write_bundle
 from softprompt.serving.ensemble import PromptEnsemble, TaskPrompts, length_groups, load_bundle
-from softprompt.trainables.backbone import _smollm2_folder, load_backbone
-from softprompt.trainables.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from softprompt.trainables.data import encode_task, verbalizer_ids
-from softprompt.trainables.evaluate import rank_classify
-from softprompt.trainables.prompt import PromptedModel, SoftPrompt, cache_kwarg, prompted_inputs, returned_cache
-from softprompt.trainables.tasks import format_input, load_task
 
 TASKS = {"rotten_tomatoes": ["negative", "positive"], "sms_spam": ["ham", "spam"]}
 TEMPLATES = {"rotten_tomatoes": "review: {text}\nsentiment:", "sms_spam": "message: {text}\nspam:"}

@@ -5,16 +5,15 @@ import pytest
 import torch
 from transformers.optimization import Adafactor as TransformersAdafactor
 
+from softprompt.models.data import VOCAB_SAMPLE_SIZE, common_token_ids, encode_task
+from softprompt.models.tasks import Task, split_three
 from softprompt.search.config import search_config
 from softprompt.trainables.adafactor import Adafactor
 from softprompt.trainables.config import TrainConfig, trial_config
-from softprompt.trainables.data import encode_task
 from softprompt.trainables.inits import (
     INITS,
-    VOCAB_SAMPLE_SIZE,
     InitContext,
     class_label,
-    common_token_ids,
     random_uniform,
     random_uniform_relative,
     sampled_vocab,
@@ -30,7 +29,6 @@ from softprompt.trainables.optimizers import (
     build_optimizer,
     lr_multiplier,
 )
-from softprompt.trainables.tasks import Task, split_three
 
 VOCAB, WIDTH = 8000, 8
 TABLE = torch.randn(VOCAB, WIDTH, generator=torch.Generator().manual_seed(0))  # what the model receives per token
@@ -160,7 +158,7 @@ def tiny_gemma3(smollm2_tokenizer, tmp_path_factory):
     """A randomly initialised 2-layer Gemma 3 on SmolLM2's vocabulary, saved and loaded through load_backbone."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from softprompt.trainables.backbone import load_backbone
+    from softprompt.models.backbone import load_backbone
 
     tok = smollm2_tokenizer
     config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -195,7 +193,7 @@ def test_class_label_init_copies_what_a_scaling_model_receives_for_the_verbalize
 def test_a_text_init_prompt_acts_on_a_scaling_model_exactly_as_its_tokens_do(tiny_gemma3):
     """The prompt sits beside the module's (scaled) token embeddings and is not scaled again: a prompt
     initialised from some text scores every class as that text written before the input does."""
-    from softprompt.trainables.prompt import PromptedModel, SoftPrompt
+    from softprompt.models.prompt import PromptedModel, SoftPrompt
 
     data = tiny_task(tiny_gemma3)
     words = tiny_gemma3.tokenizer("a review of a film:", add_special_tokens=False)["input_ids"]

@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 
+from softprompt.models.data import EncodedSplit, make_batch
+from softprompt.models.evaluate import evaluate
+from softprompt.models.prompt import PromptedModel, SoftPrompt
 from softprompt.trainables.config import TrainConfig
-from softprompt.trainables.data import EncodedSplit, make_batch
-from softprompt.trainables.evaluate import evaluate
 from softprompt.trainables.loop import initial_prompt, prepare_data, train
-from softprompt.trainables.prompt import PromptedModel, SoftPrompt
 
 
 @pytest.fixture

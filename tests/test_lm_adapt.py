@@ -21,12 +21,12 @@ from conftest import on_session_ray, softprompt
 from safetensors.torch import load_file
 
 from softprompt.adaptation.lm_adapt import JOB_FILE, RUN_NAME, STATE_DIR
-from softprompt.adaptation.manifest import MANIFEST_FILE, read_manifest
 from softprompt.adaptation.resume import SNAPSHOT, checkpoint_step, resume_from_newest_complete_checkpoint
+from softprompt.configfile import ConfigError
+from softprompt.models.backbone import load_backbone
+from softprompt.models.manifest import MANIFEST_FILE, read_manifest
+from softprompt.models.tasks import OFFLINE_TASKS
 from softprompt.search.cli import main
-from softprompt.search.configfile import ConfigError
-from softprompt.trainables.backbone import load_backbone
-from softprompt.trainables.tasks import OFFLINE_TASKS
 
 STEPS = "4,8"
 JOB = ["--steps", STEPS, "--workers", "2", "--batch-size", "4", "--seq-len", "32", "--checkpoint-every", "2",

@@ -16,14 +16,14 @@ import pytest
 import ray
 import torch
 
+from softprompt.models.checkpoint import load_checkpoint
+from softprompt.models.evaluate import split_class_scores
+from softprompt.models.prompt import PromptedModel, SoftPrompt
 from softprompt.search.cli import main
 from softprompt.search.config import search_config
 from softprompt.search.record import SearchRecord
 from softprompt.search.tuner import run_search
-from softprompt.trainables.checkpoint import load_checkpoint
-from softprompt.trainables.evaluate import split_class_scores
 from softprompt.trainables.loop import prepare_data
-from softprompt.trainables.prompt import PromptedModel, SoftPrompt
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -123,7 +123,7 @@ def test_export_of_two_searches_registers_one_model_that_serves_both_tasks_on_ra
 
 
 def test_export_refuses_two_searches_of_one_task_and_several_searches_as_a_peft_adapter(two_searches, capsys):
-    from softprompt.search.configfile import ConfigError
+    from softprompt.configfile import ConfigError
     from softprompt.search.export import search_prompts, tasks_by_name
 
     configs, _, tmp = two_searches

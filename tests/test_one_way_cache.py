@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from softprompt.trainables import backbone as backbones
+from softprompt.models import backbone as backbones
 from softprompt.trainables import loop, trainable
 from softprompt.trainables.config import TrainConfig
 from softprompt.trainables.loop import DataSpec

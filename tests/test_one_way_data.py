@@ -9,8 +9,8 @@ import datasets
 import pytest
 
 from softprompt.adaptation.lm_adapt import read_corpus
-from softprompt.trainables.errors import ConfigError
-from softprompt.trainables.tasks import FILE_SUFFIXES, TaskError, Where, dataset_task, read_dataset
+from softprompt.errors import ConfigError
+from softprompt.models.tasks import FILE_SUFFIXES, TaskError, Where, dataset_task, read_dataset
 
 TEXTS = [f"a {'moving' if i % 2 else 'tedious'} film, number {i}" for i in range(30)]
 ROWS = [{"text": text, "label": i % 2} for i, text in enumerate(TEXTS)]

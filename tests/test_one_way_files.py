@@ -1,10 +1,10 @@
-"""One atomic folder write (trainables.files.atomic_folder) for every folder written whole: prompt
+"""One atomic folder write (softprompt.files.atomic_folder) for every folder written whole: prompt
 checkpoints, the offline model's conversion, lm-adapt's step folders, a search's downloaded prompts."""
 from __future__ import annotations
 
 import pytest
 
-from softprompt.trainables.files import atomic_folder
+from softprompt.files import atomic_folder
 
 
 def test_a_folder_written_again_is_replaced_whole_and_nothing_is_left_beside_it(tmp_path):

@@ -42,7 +42,7 @@ def test_a_clean_install_adds_softprompt_alone_and_its_command_runs_from_it(tmp_
     assert {a for a in added if not a.endswith(".dist-info")} == {"softprompt"}
     assert [a for a in added if a.endswith(".dist-info")] == [f"softprompt-{wheel.name.split('-')[1]}.dist-info"]
     assert sorted(p.name for p in (site / "softprompt").iterdir() if p.is_dir() and p.name != "__pycache__") == \
-        ["adaptation", "search", "serving", "spaces", "trainables"]
+        ["adaptation", "backbone_server", "models", "search", "serving", "spaces", "trainables"]
 
     # the installed package runs: the libraries it needs from this environment (PYTHONPATH, with no .pth
     # read: this project's editable install stays out), softprompt from the new one, away from the repository

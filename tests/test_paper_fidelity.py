@@ -7,16 +7,16 @@ import optuna
 import pytest
 import torch
 
+from softprompt.models.data import SENTINEL, encode_task, make_batch
+from softprompt.models.evaluate import evaluate
+from softprompt.models.prompt import InputDropout, PromptedModel, SoftPrompt
+from softprompt.models.tasks import Task, split_three
 from softprompt.search.config import TRAIN_RULES, ConfigError, check_fields, search_config, train_config
 from softprompt.spaces import DEFAULT_POINTS, paper
 from softprompt.trainables.adafactor import Adafactor
 from softprompt.trainables.config import TrainConfig, fields_from_params
-from softprompt.trainables.data import SENTINEL, encode_task, make_batch
-from softprompt.trainables.evaluate import evaluate
 from softprompt.trainables.loop import train
 from softprompt.trainables.optimizers import OPTIMIZERS, build_optimizer
-from softprompt.trainables.prompt import InputDropout, PromptedModel, SoftPrompt
-from softprompt.trainables.tasks import Task, split_three
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -321,7 +321,7 @@ def sentinel_t5(smollm2_tokenizer, tmp_path_factory):
     """A tiny random T5 whose tokenizer has T5's first sentinel (SmolLM2's vocabulary plus <extra_id_0>)."""
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-    from softprompt.trainables.backbone import load_backbone
+    from softprompt.models.backbone import load_backbone
 
     folder = tmp_path_factory.mktemp("sentinel-t5")
     smollm2_tokenizer.save_pretrained(folder)
@@ -355,9 +355,9 @@ def test_with_sentinel_every_target_starts_with_t5s_first_sentinel_and_class_lab
 
 
 def test_a_sentinel_run_trains_on_sentinel_targets_and_its_export_serves_them(sentinel_t5, tmp_path):
+    from softprompt.models.checkpoint import save_checkpoint
     from softprompt.search.export import write_bundle
     from softprompt.serving.ensemble import load_bundle
-    from softprompt.trainables.checkpoint import save_checkpoint
     from softprompt.trainables.loop import checkpoint_meta
 
     marked = sentinel_data(sentinel_t5, True)
@@ -394,7 +394,7 @@ def test_sentinel_on_a_model_that_cannot_take_it_is_one_line_and_exit_2(model, r
 
 
 def test_a_search_with_sentinel_on_a_causal_lm_is_refused_before_any_trial(tiny_llama_dir):
-    from softprompt.trainables.errors import UserError
+    from softprompt.errors import UserError
 
     for values in ({"train": {"model": str(tiny_llama_dir), "sentinel": True}},
                    {"train": {"model": str(tiny_llama_dir)}, "space": {"sentinel": {"choices": [False, True]}}}):
@@ -408,7 +408,7 @@ def test_the_paper_space_s_default_point_steps_at_the_papers_lr_0_3_on_a_t5_1_1_
     std about 11.6, N(0, 1)-initialised and not scaled at the input) the paper's lr 0.3."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from softprompt.trainables.backbone import load_backbone
+    from softprompt.models.backbone import load_backbone
     from softprompt.trainables.config import trial_config
 
     tok = smollm2_tokenizer

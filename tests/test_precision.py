@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from softprompt.models.backbone import compiled_graphs, load_backbone
+from softprompt.models.data import TrainOrder, train_batch
+from softprompt.models.evaluate import split_class_scores
+from softprompt.models.precision import attention_for, cpu_runs_bf16, resolve_dtype
+from softprompt.models.prompt import PromptedModel, SoftPrompt, class_scores, loss
 from softprompt.search.config import _has_cxx
-from softprompt.trainables.backbone import attention_for, compiled_graphs, cpu_runs_bf16, load_backbone, resolve_dtype
 from softprompt.trainables.config import TrainConfig
-from softprompt.trainables.data import TrainOrder, train_batch
-from softprompt.trainables.evaluate import split_class_scores
 from softprompt.trainables.loop import initial_prompt, prepare_data
-from softprompt.trainables.prompt import PromptedModel, SoftPrompt, class_scores, loss
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 

@@ -35,6 +35,7 @@ from conftest import tiny_search as shared_tiny_search
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from softprompt.models.checkpoint import META, TENSORS, CheckpointError, load_checkpoint, save_checkpoint
 from softprompt.search.cli import main
 from softprompt.search.config import search_config
 from softprompt.search.export import export_npy, export_peft_adapter, write_bundle
@@ -42,7 +43,6 @@ from softprompt.search.record import SearchRecord
 from softprompt.search.storage import SearchStorage
 from softprompt.search.tracking import SEARCH_TAG
 from softprompt.search.tuner import run_search
-from softprompt.trainables.checkpoint import META, TENSORS, CheckpointError, load_checkpoint, save_checkpoint
 from softprompt.trainables.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -368,7 +368,7 @@ def test_fault6_a_disk_full_during_a_checkpoint_write_leaves_the_previous_checkp
         if mounted:
             fill(folder, leave_bytes=16 * 1024)
         else:
-            monkeypatch.setattr("softprompt.trainables.checkpoint.save_file", enospc_halfway)
+            monkeypatch.setattr("softprompt.models.checkpoint.save_file", enospc_halfway)
         with pytest.raises(CheckpointError, match=r"ckpt: could not be written \(.*No space left on device.*\); "
                                                   r"the previous checkpoint there, if any, is unchanged") as caught:
             save_checkpoint(folder / "ckpt", bigger, {"fingerprint": "f", "step": 4})

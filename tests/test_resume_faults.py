@@ -29,12 +29,12 @@ from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoi
 from ray.tune.trainable.metadata import _TrainingRunMetadata
 from test_s3 import environment, forget_this_machine, s3, s3_keys  # noqa: F401 (s3 is a fixture)
 
+from softprompt.models.checkpoint import META, TENSORS
 from softprompt.search.config import search_config
 from softprompt.search.record import SearchRecord
 from softprompt.search.resume import experiment_folder, point_trials_at_complete_checkpoints
 from softprompt.search.storage import SearchStorage
 from softprompt.search.tuner import SearchInterrupted, resume_search, run_search
-from softprompt.trainables.checkpoint import META, TENSORS
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this module by name

@@ -28,14 +28,14 @@ from conftest import SOFTPROMPT, free_port, on_session_ray, run_stopped
 from mlflow.tracking import MlflowClient
 from moto.server import ThreadedMotoServer
 
+from softprompt.models.checkpoint import META, TENSORS, load_checkpoint
+from softprompt.models.hub import cache_dir
 from softprompt.search.cli import main
 from softprompt.search.config import search_config
 from softprompt.search.record import SearchRecord, rank_rows
 from softprompt.search.storage import CONFIG_FILE, RUN_FILE, STUDY_FILE, SUMMARY_FILE, SearchStorage
 from softprompt.search.tracking import SEARCH_TAG
 from softprompt.search.tuner import run_search
-from softprompt.trainables.backbone import cache_dir
-from softprompt.trainables.checkpoint import META, TENSORS, load_checkpoint
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SECRET = "sk-softprompt-s3-secret-7d2e01"  # the secret access key the drivers run with

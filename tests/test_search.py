@@ -197,10 +197,10 @@ def test_tpe_samples_at_random_for_a_quarter_of_the_trials_2_to_10():
 
 
 def test_a_trial_confirms_its_best_prompt_on_further_dev_examples(tiny_llama):
+    from softprompt.models.evaluate import evaluate
+    from softprompt.models.prompt import PromptedModel, SoftPrompt
     from softprompt.trainables.config import TrainConfig
-    from softprompt.trainables.evaluate import evaluate
     from softprompt.trainables.loop import prepare_data, train
-    from softprompt.trainables.prompt import PromptedModel, SoftPrompt
 
     cfg = TrainConfig(model=tiny_llama.name, batch_size=2, max_steps=4, eval_every=2, max_train_examples=32,
                       max_eval_examples=4, confirm_examples=40)

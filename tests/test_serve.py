@@ -22,11 +22,11 @@ import requests
 import torch
 from conftest import SOFTPROMPT, free_port, on_session_ray
 
+from softprompt.errors import ConfigError
+from softprompt.models.checkpoint import save_checkpoint
 from softprompt.search.export import export_mlflow_model, write_bundle
 from softprompt.serving.deploy import DEFAULTS, serve_settings
 from softprompt.serving.ray_serve import BadRequest, pass_chunks, read_body, request_rows
-from softprompt.trainables.checkpoint import save_checkpoint
-from softprompt.trainables.errors import ConfigError
 
 TASKS = {"reviews": ["negative", "positive"], "spam": ["ham", "spam"]}
 TEMPLATES = {"reviews": "review: {text}\nsentiment:", "spam": "message: {text}\nspam:"}

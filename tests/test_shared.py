@@ -20,15 +20,17 @@ import ray
 import torch
 import yaml
 
+from softprompt.backbone_server.client import connect
+from softprompt.backbone_server.server import NAMESPACE, BackboneServer, TrainRequest
+from softprompt.models.data import make_batch
+from softprompt.models.prompt import InputDropout, PromptedModel, SoftPrompt
 from softprompt.search.config import ConfigError, search_config
 from softprompt.search.record import SearchRecord
+from softprompt.search.servers import server_key, servers
 from softprompt.search.storage import SearchStorage
 from softprompt.search.tuner import run_search
 from softprompt.trainables.config import TrainConfig
-from softprompt.trainables.data import make_batch
 from softprompt.trainables.loop import prepare_data, train
-from softprompt.trainables.prompt import InputDropout, PromptedModel, SoftPrompt
-from softprompt.trainables.shared import NAMESPACE, BackboneServer, TrainRequest, connect, server_key, servers
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this module by name

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from softprompt.trainables.data import (
+from softprompt.models.data import (
     BUCKET_BATCHES,
     IGNORE,
     EncodedSplit,
@@ -16,7 +16,7 @@ from softprompt.trainables.data import (
     make_batch,
     train_batch,
 )
-from softprompt.trainables.tasks import (
+from softprompt.models.tasks import (
     HUB_TASKS,
     OFFLINE_TASKS,
     TASK_KEYS,

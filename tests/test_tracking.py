@@ -237,7 +237,7 @@ def test_the_nearest_token_table_reads_only_the_embedding_matrix_and_finds_each_
         request, backbone_fixture, layout, tmp_path):
     import torch
 
-    from softprompt.trainables.backbone import input_embeddings
+    from softprompt.models.tensors import input_embeddings
 
     backbone = request.getfixturevalue(backbone_fixture)
     folder = {"as saved": lambda: backbone.name, "sharded": lambda: str(sharded_copy(Path(backbone.name), tmp_path)),

@@ -15,11 +15,11 @@ from conftest import StubTune, study_trials
 from conftest import tiny_search as shared_tiny_search
 from ray import tune
 
+from softprompt.models.checkpoint import load_checkpoint, save_checkpoint
 from softprompt.search.config import ConfigError
 from softprompt.search.record import SearchRecord
 from softprompt.search.storage import SearchStorage
 from softprompt.search.tuner import resume_search, run_search
-from softprompt.trainables.checkpoint import load_checkpoint, save_checkpoint
 from softprompt.trainables.config import ASHA_METRICS, SEARCH_METRICS
 from softprompt.trainables.loop import keeps, prepare_data, train
 

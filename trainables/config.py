@@ -25,7 +25,7 @@ class TrainConfig:
     dtype: str = "auto"               # auto: bfloat16 where the device runs it natively (backbone.resolve_dtype)
     compile: bool = False             # torch.compile the model's passes once per worker: pays off only in long trials
     # task
-    task: str | dict = "rotten_tomatoes"  # registered name, a data file, or a mapping (trainables.tasks.TASK_KEYS)
+    task: str | dict = "rotten_tomatoes"  # registered name, a data file, or a mapping (models.tasks.TASK_KEYS)
     text_column: str = "text"         # file tasks only
     label_column: str = "label"       # file tasks only
     verbalizers: dict | None = None   # file tasks: label value -> verbalizer string

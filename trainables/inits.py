@@ -8,13 +8,12 @@ paper's range for T5, whose token embeddings are of that order; random_uniform_r
 range in units of the model's own embeddings' RMS, for models whose embeddings are not."""
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-VOCAB_SAMPLE_SIZE = 5000  # the paper samples from the 5,000 most common tokens
+from softprompt.models.data import VOCAB_SAMPLE_SIZE
 
 
 @dataclass
@@ -69,20 +68,3 @@ def text(length: int, ctx: InitContext) -> torch.Tensor:
 
 
 INITS = {f.__name__: f for f in (random_uniform, random_uniform_relative, sampled_vocab, class_label, text)}
-
-
-def common_token_ids(tokenized_texts: Iterable[list[int]], vocab_size: int, special_ids: set[int],
-                     frequency_ordered: bool) -> list[int]:
-    """Most common tokens first. SentencePiece vocabularies (T5) are already frequency-ordered,
-    so their ids are taken in order; BPE vocabularies are not, so token frequency is measured
-    on the task's training text, topped up with the lowest ids if that text is small."""
-    if frequency_ordered:
-        counted: list[int] = []
-    else:
-        counts = Counter(token for ids in tokenized_texts for token in ids)
-        counted = [token for token, _ in counts.most_common() if token not in special_ids]
-    seen = set(counted)
-    top_up = (i for i in range(vocab_size) if i not in special_ids and i not in seen)
-    while len(counted) < VOCAB_SAMPLE_SIZE and len(counted) < vocab_size - len(special_ids):
-        counted.append(next(top_up))
-    return counted[:VOCAB_SAMPLE_SIZE]

@@ -18,16 +18,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from softprompt.trainables.backbone import Backbone, compiled_graphs, dtype_name
-from softprompt.trainables.checkpoint import load_checkpoint, save_checkpoint
+from softprompt.models.backbone import Backbone, compiled_graphs
+from softprompt.models.checkpoint import load_checkpoint, save_checkpoint
+from softprompt.models.data import EncodedTask, TrainOrder, encode_task, train_batch
+from softprompt.models.evaluate import evaluate
+from softprompt.models.precision import dtype_name
+from softprompt.models.prompt import InputDropout, PromptedModel, SoftPrompt
+from softprompt.models.tasks import load_task
 from softprompt.trainables.config import SELECT_METRICS, TrainConfig
-from softprompt.trainables.data import EncodedTask, TrainOrder, encode_task, train_batch
-from softprompt.trainables.evaluate import evaluate
 from softprompt.trainables.inits import INITS, InitContext, embedding_rms
 from softprompt.trainables.optimizers import absolute_lr, build_optimizer
-from softprompt.trainables.prompt import InputDropout, PromptedModel, SoftPrompt
-from softprompt.trainables.shared import RemotePromptedModel, SharedBackbone
-from softprompt.trainables.tasks import load_task
 
 # report(metrics, save): called after every evaluation; save(folder) writes a resumable checkpoint.
 Reporter = Callable[[dict, Callable[[Path], None]], None]
@@ -84,13 +84,6 @@ def initial_prompt(cfg: TrainConfig, backbone: Backbone, data: EncodedTask) -> t
     return INITS[cfg.init](cfg.prompt_length, ctx)
 
 
-def prompted_model(backbone: Backbone | SharedBackbone, prompt: SoftPrompt) -> PromptedModel | RemotePromptedModel:
-    """The prompt on the backbone: in this process, or through a shared backbone's server."""
-    if isinstance(backbone, SharedBackbone):
-        return RemotePromptedModel(backbone, prompt)
-    return PromptedModel(backbone, prompt)
-
-
 def checkpoint_meta(cfg: TrainConfig, backbone: Backbone, data: EncodedTask, step: int, metrics: dict) -> dict:
     """What a prompt belongs to; the template, verbalizers and label values travel with it to every
     export, so a served prompt formats raw input as it was trained and answers in the task's labels.
@@ -135,7 +128,7 @@ def train(cfg: TrainConfig, backbone: Backbone, data: EncodedTask | None = None,
         # the kept prompt's dev metrics (dev_accuracy only, in checkpoints made before select_metric)
         best = {"dev": {k.removeprefix("dev_"): v for k, v in best_saved.meta["metrics"].items()} or None,
                 "step": best_saved.meta["step"], "prompt": best_saved.prompt.to(device)}
-    pm = prompted_model(backbone, prompt)
+    pm = backbone.prompted_model(prompt)  # here, or through a shared backbone's server
     order = TrainOrder([len(x) for x in data.splits["train"].input_ids], cfg.batch_size, cfg.seed)
 
     losses, examples, train_seconds = [], 0, 0.0

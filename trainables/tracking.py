@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from softprompt.trainables.errors import one_line
+from softprompt.errors import one_line
 
 RUN_FILE = "mlflow-run.json"  # in a search's folder, or an LM-adaptation job's state: the MLflow run it logs to
 TRIAL_TAG, STATUS_TAG, PARENT_TAG = "softprompt.trial_id", "softprompt.status", "mlflow.parentRunId"

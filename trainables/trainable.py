@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from ray import tune
 
-from softprompt.trainables.backbone import cached_backbone, cap_gpu_memory, default_device, dtype_name
-from softprompt.trainables.checkpoint import CheckpointError, load_checkpoint
+from softprompt.backbone_server.client import connect
+from softprompt.models.backbone import cached_backbone
+from softprompt.models.checkpoint import CheckpointError, load_checkpoint
+from softprompt.models.data import EncodedTask
+from softprompt.models.precision import cap_gpu_memory, default_device, dtype_name
 from softprompt.trainables.config import ASHA_METRICS, TrainConfig, trial_config
-from softprompt.trainables.data import EncodedTask
 from softprompt.trainables.loop import DataSpec, Diverged, prepare_data, train
-from softprompt.trainables.shared import connect
 from softprompt.trainables.tracking import TrackingTarget, TrialTracker
 
 _WORKER_DATA: dict[tuple[DataSpec, str], EncodedTask] = {}
@@ -60,7 +61,7 @@ def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: f
                score_after_report: bool = False) -> None:
     """`config` holds this trial's sampled parameters, `base` the search's fixed TrainConfig fields;
     `tracking`, if given, is where the trial's MLflow child run goes; `shared`, if given, names the
-    search's backbone servers (trainables/shared.py), which then hold the model and do the passes;
+    search's backbone servers (backbone_server/server.py), which then hold the model and do the passes;
     `score_after_report`: the scheduler reads no dev score (trainables.loop.train)."""
     cfg = trial_config(config, base)
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a line per checkpoint is noise

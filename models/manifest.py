@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from softprompt.search.configfile import ConfigError
+from softprompt.configfile import ConfigError
 
 MANIFEST_FILE, MANIFEST_FORMAT = "lm-adapt.yaml", "softprompt-lm-adapt/1"
 

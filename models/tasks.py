@@ -25,8 +25,8 @@ from string import Formatter
 import datasets
 import numpy as np
 
-from softprompt.trainables.errors import UserError, one_line
-from softprompt.trainables.templates import format_input, template_columns
+from softprompt.errors import UserError, one_line
+from softprompt.models.templates import format_input, template_columns
 
 SPLIT_SEED = 2021  # fixed, so every trial of every search sees the same splits
 # Data files read by suffix, a task's and lm-adapt's corpus alike (a .txt file: a row per line, column `text`).

@@ -20,8 +20,8 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from softprompt.trainables.backbone import Backbone
-from softprompt.trainables.data import IGNORE, Batch, EncodedTask, input_batch, pad_rows, target_batch
+from softprompt.models.backbone import Backbone
+from softprompt.models.data import IGNORE, Batch, EncodedTask, input_batch, pad_rows, target_batch
 
 
 class SoftPrompt(nn.Module):
@@ -38,7 +38,7 @@ class SoftPrompt(nn.Module):
 class InputDropout:
     """Dropout on the embedded input, prompt included, while training (the paper's fine-tuning
     config: 0.1). Its masks are fixed by (seed, step) as the batch is (TrainOrder), so a resumed run
-    drops what it would have dropped. Plain numbers: it travels to a shared backbone (trainables/shared.py)."""
+    drops what it would have dropped. Plain numbers: it travels to a shared backbone (backbone_server/server.py)."""
     rate: float
     seed: int
     step: int

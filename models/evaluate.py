@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from softprompt.trainables.data import EncodedSplit, EncodedTask, eval_chunks
-from softprompt.trainables.prompt import PromptedModel
+from softprompt.models.data import EncodedSplit, EncodedTask, eval_chunks
+from softprompt.models.prompt import PromptedModel
 
 ILLEGAL = -1  # a generation that matches no verbalizer
 

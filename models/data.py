@@ -6,22 +6,42 @@ encoder and the verbalizer (plus EOS) as decoder labels.
 """
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from softprompt.trainables.backbone import load_tokenizer, resolve_model
-from softprompt.trainables.errors import ConfigError
-from softprompt.trainables.inits import common_token_ids
+from softprompt.errors import ConfigError
+from softprompt.models.hub import load_tokenizer, resolve_model
 
 if TYPE_CHECKING:  # a served model formats and tokenises without `datasets`, which tasks import
-    from softprompt.trainables.tasks import Task
+    from softprompt.models.tasks import Task
 
 IGNORE = -100
 SENTINEL = "<extra_id_0>"  # T5's first sentinel: span corruption's targets start with it
+VOCAB_SAMPLE_SIZE = 5000  # the paper samples prompt inits from the 5,000 most common tokens
 BUCKET_BATCHES = 50  # batches per length-sorted chunk: small padding, still a shuffled order
+
+
+
+def common_token_ids(tokenized_texts: Iterable[list[int]], vocab_size: int, special_ids: set[int],
+                     frequency_ordered: bool) -> list[int]:
+    """Most common tokens first. SentencePiece vocabularies (T5) are already frequency-ordered,
+    so their ids are taken in order; BPE vocabularies are not, so token frequency is measured
+    on the task's training text, topped up with the lowest ids if that text is small."""
+    if frequency_ordered:
+        counted: list[int] = []
+    else:
+        counts = Counter(token for ids in tokenized_texts for token in ids)
+        counted = [token for token, _ in counts.most_common() if token not in special_ids]
+    seen = set(counted)
+    top_up = (i for i in range(vocab_size) if i not in special_ids and i not in seen)
+    while len(counted) < VOCAB_SAMPLE_SIZE and len(counted) < vocab_size - len(special_ids):
+        counted.append(next(top_up))
+    return counted[:VOCAB_SAMPLE_SIZE]
 
 
 @dataclass
@@ -42,7 +62,7 @@ class EncodedTask:
     common_token_ids: list[int]         # for sampled-vocab inits, most common first
     is_encoder_decoder: bool
     pad_id: int
-    template: str = "{text}"            # the task's raw columns -> its input (trainables.templates.format_input)
+    template: str = "{text}"            # the task's raw columns -> its input (models.templates.format_input)
     sentinel: bool = False              # every target starts with SENTINEL (TrainConfig.sentinel)
     labels: list[str] | None = None     # per class: the task's own label value (None: the verbalizers)
 

@@ -17,32 +17,35 @@ first retried trial starts a new server.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
-import ray
 import torch
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from softprompt.trainables.backbone import default_device, load_backbone, load_tokenizer, resolve_model
-from softprompt.trainables.data import Batch, EncodedTask, target_batch, unpad
-from softprompt.trainables.prompt import GroupDropout, InputDropout, SoftPrompt, class_scores, generate, loss
+from softprompt.models.backbone import load_backbone
+from softprompt.models.data import Batch, target_batch, unpad
+from softprompt.models.precision import default_device
+from softprompt.models.prompt import GroupDropout, InputDropout, class_scores, generate, loss
 
 NAMESPACE = "softprompt"   # servers live outside any one driver's namespace: a resumed search finds them
+
 MAX_FUSED_TOKENS = 32768   # rows x padded width of the requests one round takes; one request is never split
+
 # ... and of one forward/backward within a round. On a GPU one pass takes the whole round: a small
 # pass is launch-bound (bench/results/gpu.md). On a CPU a bigger pass is no faster per example
 # (bench/results/shared.md) and holds about 1 MB of activations per token: there each trial's batch is its own pass.
 PASS_TOKENS = {"cpu": 0}
+
 GATHER_FRACTION = 0.1      # a pass waits up to this share of the previous pass's time for the other trials,
+
 GATHER_S = (0.005, 0.5)    # and at least and at most this long (a trial's round trip between passes: ~1-3 ms)
+
 IDLE_CLIENT_S = 2.0        # a trial not heard from for this long (or 3 passes) is not waited for
+
 IDLE_EXIT_S = 1800         # a server without requests for this long exits
+
 
 
 @dataclass
@@ -56,6 +59,7 @@ class TrainRequest:
         return int(self.batch.input_ids.numel()) + len(self.batch.input_ids) * len(self.prompt)
 
 
+
 @dataclass
 class ScoreRequest:
     prompt: torch.Tensor
@@ -66,6 +70,7 @@ class ScoreRequest:
     def tokens(self) -> int:
         width = len(self.prompt) + max(len(x) for x in self.inputs) + max(len(t) for ts in self.targets for t in ts)
         return width * sum(len(ts) for ts in self.targets)
+
 
 
 class BackboneServer:
@@ -268,100 +273,3 @@ class BackboneServer:
             out.append(torch.stack(scores[start:start + len(request.inputs)]).float().cpu())
             start += len(request.inputs)
         return out
-
-
-class SharedBackbone:
-    """What a trial sees of a backbone a server holds: enough to tokenise, initialise prompts and
-    sign checkpoints (no weights in the trial's process)."""
-
-    def __init__(self, name: str, handle, info: dict, tokenizer):
-        self.name, self.handle, self.tokenizer = name, handle, tokenizer
-        self.fingerprint, self.width = info["fingerprint"], info["width"]
-        self.is_encoder_decoder = info["is_encoder_decoder"]
-        self.vocab_is_frequency_ordered = info["vocab_is_frequency_ordered"]
-        self.dtype = getattr(torch, info["dtype"].removeprefix("torch."))  # what the server computes in
-        self.load_seconds = info["load_s"]
-        self.server = info
-        self.device = torch.device("cpu")  # the trial's prompt and optimizer live here
-        self.client = uuid.uuid4().hex
-
-    def embed(self, ids: list[int]) -> torch.Tensor:
-        return ray.get(self.handle.embed.remote(list(ids)))
-
-    def leave(self) -> None:
-        self.handle.leave.remote(self.client)
-
-
-class RemotePromptedModel:
-    """PromptedModel's training and scoring calls, computed by the server."""
-
-    def __init__(self, backbone: SharedBackbone, prompt: SoftPrompt):
-        self.backbone, self.prompt = backbone, prompt
-
-    def loss_backward(self, batch: Batch, dropout: InputDropout | None = None) -> float:
-        b = self.backbone
-        value, grad = ray.get(b.handle.train.remote(b.client, self.prompt.weight.detach(), batch, dropout))
-        weight = self.prompt.weight
-        weight.grad = grad if weight.grad is None else weight.grad + grad
-        return value
-
-    def class_scores(self, data: EncodedTask, inputs: list[list[int]]) -> torch.Tensor:
-        return self.class_scores_batches(data, [inputs])[0]
-
-    def class_scores_batches(self, data: EncodedTask, batches: list[list[list[int]]]) -> list[torch.Tensor]:
-        """All at once, so the server can fuse them with each other and with other trials'."""
-        b = self.backbone
-        prompt = ray.put(self.prompt.weight.detach().clone())
-        return ray.get([b.handle.scores.remote(b.client, prompt, inputs, [data.target_ids] * len(inputs))
-                        for inputs in batches])
-
-    def generate(self, data: EncodedTask, inputs: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        return ray.get(self.backbone.handle.generate.remote(self.prompt.weight.detach(), inputs, max_new_tokens))
-
-
-def server_key(search: str, storage_path: str) -> str:
-    """Names a search's servers: its name, and where it is stored (two searches in different folders
-    may share a name; a local path is made absolute, as two drivers may start from different folders)."""
-    where = storage_path if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
-    return f"{search}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
-
-
-_CLIENTS: dict[str, SharedBackbone] = {}  # by server name
-
-
-def connect(key: str, model: str, dtype: str, **options) -> tuple[SharedBackbone, bool]:
-    """The server of this trial's node (and GPU) for `model`, started if there is none (`options`:
-    BackboneServer's pass_tokens and min_gather_s); returns the trial's view of it and whether the
-    model was loaded before (for another trial)."""
-    gpus = ray.get_gpu_ids()
-    gpu = str(gpus[0]) if gpus else None
-    node = ray.get_runtime_context().get_node_id()
-    name = f"{key}:{model}:{dtype}:{node}:{gpu or 'cpu'}"
-    cached = _CLIENTS.get(name)
-    if cached is not None:
-        try:
-            ray.get(cached.handle.join.remote())
-            return cached, True
-        except ray.exceptions.RayActorError:  # the server died since: start another
-            _CLIENTS.pop(name)
-    handle = ray.remote(BackboneServer).options(
-        name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached", num_cpus=0, max_concurrency=1000,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(model, dtype, gpu, **options)
-    info = ray.get(handle.join.remote())
-    _CLIENTS[name] = SharedBackbone(model, handle, info, load_tokenizer(resolve_model(model)[0]))
-    return _CLIENTS[name], info["loaded_before"]
-
-
-def servers(key: str) -> list[str]:
-    """The names of the live servers of the search `key` (server_key)."""
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == NAMESPACE and a["name"].startswith(f"{key}:")]
-
-
-def stop_servers(key: str) -> None:
-    """Stop the search's servers (the driver, when the search ends)."""
-    for name in servers(key):
-        try:
-            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
-        except ValueError:  # gone meanwhile
-            pass

@@ -13,8 +13,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from softprompt.errors import ConfigError, one_line
 from softprompt.trainables.config import ASHA_METRICS, SEARCH_METRICS
-from softprompt.trainables.errors import ConfigError, one_line
 
 STORAGE_PATH = "runs/search"  # where searches live unless a config or --storage-path names another place
 

@@ -14,8 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from softprompt.trainables.errors import UserError, one_line
-from softprompt.trainables.files import atomic_folder
+from softprompt.errors import UserError, one_line
+from softprompt.files import atomic_folder
 
 FORMAT = "softprompt-prompt/1"
 TENSORS, META = "prompt.safetensors", "prompt.json"
