@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from softprompt.adaptation.resume import MODEL_FILE, OPTIMIZER_FILE, STEP_FILE, resume_from_newest_complete_checkpoint
-from softprompt.configfile import ConfigError, check_tracking_uri
+from softprompt.configfile import ConfigError
 from softprompt.files import atomic_folder
-from softprompt.models.manifest import read_manifest, write_manifest
+from softprompt.models.manifest import write_manifest
 from softprompt.trainables.tracking import RUN_FILE
 
 STATE_DIR, RUN_NAME = ".ray", "lm-adapt"   # Ray Train's run under OUT: the same name resumes it
@@ -386,48 +386,3 @@ def run_adaptation(cfg: AdaptConfig, worker=train_worker) -> Path:
     if run_id:
         _RunLogger(cfg.tracking_uri, run_id).finish(manifest)
     return manifest
-
-
-def parse_steps(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.split(","))
-    except ValueError:
-        raise ConfigError("--steps", text, "whole step counts separated by commas (e.g. 10000,50000,100000)") from None
-
-
-def cmd_lm_adapt(args) -> int:
-    """`softprompt lm-adapt`: run or resume the job here (or submit it to a cluster), then say where the
-    checkpoints are."""
-    cfg = AdaptConfig(model=args.model, corpus=args.corpus, steps=parse_steps(args.steps), out=args.out,
-                      text_column=args.text_column, corpus_config=args.corpus_config, workers=args.workers,
-                      batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
-                      checkpoint_every=args.checkpoint_every, log_every=args.log_every)
-    check_config(cfg)
-    if args.submit:
-        return submit(cfg, args.address, args.tracking_uri, args.no_wait)
-    from softprompt.search.tracking import default_tracking_uri
-
-    cfg = dataclasses.replace(cfg, tracking_uri=check_tracking_uri(args.tracking_uri or default_tracking_uri()))
-    manifest = run_adaptation(cfg)
-    saved, _ = read_manifest(manifest)
-    print(f"\nadapted checkpoints ({len(saved)}):")
-    for folder, steps in saved.items():
-        print(f"  {steps:>8} steps  {folder}")
-    print(f"manifest: {manifest}\nsearch over them: `checkpoints: [{manifest}]` in a search config")
-    return 0
-
-
-def submit(cfg: AdaptConfig, address: str, tracking_uri: str | None, no_wait: bool) -> int:
-    """The same job on a cluster: its --out (and a local corpus) must be paths every node sees."""
-    from softprompt.search.jobs import submit_command, submitted
-
-    for flag, path in (("--out", cfg.out), ("--corpus", cfg.corpus)):
-        if (flag == "--out" or Path(path).expanduser().exists()) and not Path(path).expanduser().is_absolute():
-            raise ConfigError(flag, path, "an absolute path on storage every node mounts (NFS, EFS), e.g. "
-                                          "/mnt/softprompt/t5-adapted: the job runs in a folder of its own on the head")
-    words = ["lm-adapt", cfg.model, "--corpus", cfg.corpus, "--steps", ",".join(map(str, cfg.steps)), "--out", cfg.out]
-    for field in dataclasses.fields(AdaptConfig):
-        value = getattr(cfg, field.name)
-        if field.name not in ("model", "corpus", "steps", "out", "tracking_uri") and value != field.default:
-            words += [f"--{field.name.replace('_', '-')}", str(value)]
-    return submitted(address, submit_command(address, words, tracking_uri), no_wait)

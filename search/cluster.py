@@ -13,7 +13,6 @@ import json
 import logging
 import re
 import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,14 +250,3 @@ def check_cluster_file(path: str | Path) -> CheckResult:
     problems = (_check_gpus(config, source) + _check_firewall(config, ports, source)
                 + _check_head_commands(config, source))
     return CheckResult(problems, [] if problems else _summary(config, source))
-
-
-def cmd_cluster_check(args) -> int:
-    """Print every problem of a cluster file (one line each, exit 2), or its summary (exit 0)."""
-    result = check_cluster_file(args.file)
-    for problem in result.problems:
-        print(f"softprompt: error: {problem}", file=sys.stderr)
-    if result.problems:
-        return 2
-    print("\n".join(result.summary))
-    return 0

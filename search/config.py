@@ -10,9 +10,6 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from softprompt.configfile import (
-    MAX_TRIALS,
-    SEARCH_RULES,
-    STORAGE_PATH,
     ConfigError,
     Rule,
     check_fields,
@@ -23,7 +20,6 @@ from softprompt.configfile import (
     number,
     one_of,
     parse_overrides,
-    search_values,
     text,
 )
 from softprompt.models.data import check_sentinel
@@ -41,6 +37,7 @@ from softprompt.models.tasks import (
     load_task,
     task_names,
 )
+from softprompt.search.rules import MAX_TRIALS, SEARCH_RULES, STORAGE_PATH, search_values
 from softprompt.spaces import CustomSpace
 from softprompt.trainables.config import (
     ASHA_METRICS,

@@ -23,7 +23,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from softprompt.backbone_server.server import IDLE_EXIT_S
-from softprompt.configfile import STORAGE_PATH, ConfigError
+from softprompt.configfile import ConfigError
 from softprompt.models.manifest import adaptation_steps
 from softprompt.models.tasks import is_task_file
 from softprompt.search.config import SearchConfig
@@ -32,6 +32,7 @@ from softprompt.search.jobs import WORKER_ENV
 from softprompt.search.record import RUNNING, SearchRecord, read_config, save_config
 from softprompt.search.resources import check_cluster
 from softprompt.search.resume import experiment_folder, point_trials_at_complete_checkpoints
+from softprompt.search.rules import STORAGE_PATH
 from softprompt.search.seeds import SeedRepeater
 from softprompt.search.servers import server_key, stop_servers
 from softprompt.search.storage import STUDY_FILE, SearchStorage, WorkingCopyStorage, copy_study

@@ -240,7 +240,7 @@ class PromptServer:
 
 
 def deployment(settings: dict):
-    """The PromptServer deployment with the config's sizing (serving/deploy.py validates it)."""
+    """The PromptServer deployment with the config's sizing (serving/settings.py validates it)."""
     options = {"ray_actor_options": {"num_cpus": settings["num_cpus"], "num_gpus": settings["num_gpus"]},
                "max_ongoing_requests": settings["max_ongoing_requests"]}
     if settings.get("autoscaling"):

@@ -7,7 +7,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-ROOMS = ("adaptation", "backbone_server", "models", "search", "serving", "spaces", "trainables")
+ROOMS = ("adaptation", "backbone_server", "cli", "models", "search", "serving", "spaces", "trainables")
 _SKIP = shutil.ignore_patterns("__pycache__", "*.pyc")
 
 

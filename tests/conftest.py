@@ -347,7 +347,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import conftest, ray
 import softprompt.search.tuner as tuner
-from softprompt.search.cli import main
+from softprompt.cli.main import main
 
 ray.cloudpickle.register_pickle_by_value(conftest)  # trial workers cannot import it by name
 Path(sys.argv[2], "driver.pid").write_text(str(os.getpid()))

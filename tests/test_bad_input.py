@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
+from softprompt.cli.main import main
 from softprompt.models.checkpoint import save_checkpoint
-from softprompt.search.cli import main
 from softprompt.search.config import _has_cxx
 from softprompt.search.export import export_npy
 
@@ -341,7 +341,7 @@ def test_a_config_refused_for_its_own_fields_is_refused_before_torch_and_ray_are
     """They take seconds to import: a typo must not."""
     config = tmp_path / "search.yaml"
     config.write_text("trials: 0\n")
-    check = (f"import sys; from softprompt.search.cli import main; code = main(['search', 'run', {str(config)!r}]); "
+    check = (f"import sys; from softprompt.cli.main import main; code = main(['search', 'run', {str(config)!r}]); "
              f"print(sorted({{'torch', 'ray', 'transformers', 'datasets'}} & set(sys.modules))); sys.exit(code)")
     done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stdout == "[]\n", (done.stdout, done.stderr)

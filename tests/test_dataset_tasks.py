@@ -10,8 +10,8 @@ import datasets
 import pytest
 import yaml
 
+from softprompt.cli.main import main
 from softprompt.models.tasks import TaskError, dataset_task, file_task, load_task, task_key
-from softprompt.search.cli import main
 from softprompt.search.config import train_config
 from softprompt.trainables.config import TrainConfig
 from softprompt.trainables.loop import checkpoint_meta, prepare_data, train

@@ -18,12 +18,12 @@ import torch
 from conftest import SOFTPROMPT, on_session_ray, run_stopped, softprompt, study_trials, tiny_search_file
 from mlflow.tracking import MlflowClient
 
+from softprompt.cli.main import main
 from softprompt.configfile import ConfigError
 from softprompt.models.data import encode_task
 from softprompt.models.evaluate import rank_classify
 from softprompt.models.prompt import PromptedModel, SoftPrompt
 from softprompt.models.tasks import file_task
-from softprompt.search.cli import main
 from softprompt.search.record import SearchRecord
 from softprompt.search.resources import check_trial_resources
 from softprompt.search.storage import SUMMARY_FILE, SearchStorage

@@ -69,7 +69,8 @@ def forked_imports(tmp_path_factory) -> dict[str, str]:
 
 
 def test_the_packages_have_modules_to_import():
-    assert {"softprompt", "softprompt.search.cli", "softprompt.spaces", "softprompt.trainables.loop"} <= set(MODULES)
+    assert {"softprompt", "softprompt.cli.main", "softprompt.search.tuner", "softprompt.spaces",
+            "softprompt.trainables.loop"} <= set(MODULES)
 
 
 def test_the_forking_interpreter_has_no_project_module_loaded(forked_imports):
@@ -108,7 +109,15 @@ def python(code: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("argv", [["--help"], ["search", "--help"], ["cluster", "check", "cluster.yaml"],
                                   ["jobs", "status", "raysubmit_1", "--address", "http://127.0.0.1:9"]])
 def test_commands_that_never_train_do_not_import_torch(argv):
-    result = python("import sys\nfrom softprompt.search.cli import main\n"
+    result = python("import sys\nfrom softprompt.cli.main import main\n"
                     f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
                     "print('torch' in sys.modules)")
     assert result.stdout.strip().splitlines()[-1] == "False", result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_the_training_loop_and_its_model_code_run_without_ray():
+    """`softprompt train` is one process: its loop reaches a shared backbone's server only through the
+    backbone object it is given, so it never loads Ray."""
+    result = python("import sys\nimport softprompt.trainables.loop, softprompt.models.evaluate\n"
+                    "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout[-2000:] + result.stderr[-2000:]

@@ -22,11 +22,11 @@ from safetensors.torch import load_file
 
 from softprompt.adaptation.lm_adapt import JOB_FILE, RUN_NAME, STATE_DIR
 from softprompt.adaptation.resume import SNAPSHOT, checkpoint_step, resume_from_newest_complete_checkpoint
+from softprompt.cli.main import main
 from softprompt.configfile import ConfigError
 from softprompt.models.backbone import load_backbone
 from softprompt.models.manifest import MANIFEST_FILE, read_manifest
 from softprompt.models.tasks import OFFLINE_TASKS
-from softprompt.search.cli import main
 
 STEPS = "4,8"
 JOB = ["--steps", STEPS, "--workers", "2", "--batch-size", "4", "--seq-len", "32", "--checkpoint-every", "2",
@@ -89,7 +89,7 @@ TOLD = textwrap.dedent("""
     import functools, shutil, sys
     import softprompt.adaptation.lm_adapt
     from softprompt.adaptation.lm_adapt import run_adaptation, train_worker
-    from softprompt.search.cli import main
+    from softprompt.cli.main import main
 
     copies, out = sys.argv[1:3]  # captured by value: a worker's own sys.argv is Ray's
 

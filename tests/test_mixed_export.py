@@ -16,10 +16,10 @@ import pytest
 import ray
 import torch
 
+from softprompt.cli.main import main
 from softprompt.models.checkpoint import load_checkpoint
 from softprompt.models.evaluate import split_class_scores
 from softprompt.models.prompt import PromptedModel, SoftPrompt
-from softprompt.search.cli import main
 from softprompt.search.config import search_config
 from softprompt.search.record import SearchRecord
 from softprompt.search.tuner import run_search
@@ -144,7 +144,7 @@ def test_export_refuses_two_searches_of_one_task_and_several_searches_as_a_peft_
 
 def test_serve_takes_a_search_name_as_its_winner_in_a_bundle(two_searches, tiny_llama, tmp_path, monkeypatch):
     """`softprompt serve SEARCH`: the search's best prompt, as `export` would bundle it (no registry needed)."""
-    from softprompt.serving.deploy import serve_source
+    from softprompt.cli.serve import serve_source
     from softprompt.serving.ensemble import load_bundle
 
     configs, _, tmp = two_searches

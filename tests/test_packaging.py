@@ -42,14 +42,14 @@ def test_a_clean_install_adds_softprompt_alone_and_its_command_runs_from_it(tmp_
     assert {a for a in added if not a.endswith(".dist-info")} == {"softprompt"}
     assert [a for a in added if a.endswith(".dist-info")] == [f"softprompt-{wheel.name.split('-')[1]}.dist-info"]
     assert sorted(p.name for p in (site / "softprompt").iterdir() if p.is_dir() and p.name != "__pycache__") == \
-        ["adaptation", "backbone_server", "models", "search", "serving", "spaces", "trainables"]
+        ["adaptation", "backbone_server", "cli", "models", "search", "serving", "spaces", "trainables"]
 
     # the installed package runs: the libraries it needs from this environment (PYTHONPATH, with no .pth
     # read: this project's editable install stays out), softprompt from the new one, away from the repository
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p.endswith("site-packages"))}
-    where = run(venv / "bin" / "python", "-c", "import softprompt.search.cli as cli, softprompt.spaces as spaces; "
+    where = run(venv / "bin" / "python", "-c", "import softprompt.cli.main as cli, softprompt.spaces as spaces; "
                                                "print(cli.__file__); print(spaces.__file__)", cwd=tmp_path, env=env)
     assert [Path(line).relative_to(site).parts[:2] for line in where.stdout.split()] == \
-        [("softprompt", "search"), ("softprompt", "spaces")]
+        [("softprompt", "cli"), ("softprompt", "spaces")]
     usage = run(venv / "bin" / "softprompt", "--help", cwd=tmp_path, env=env)
     assert usage.stdout.startswith("usage: softprompt") and "lm-adapt" in usage.stdout

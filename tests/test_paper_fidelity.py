@@ -381,7 +381,7 @@ def test_a_sentinel_run_trains_on_sentinel_targets_and_its_export_serves_them(se
 def test_sentinel_on_a_model_that_cannot_take_it_is_one_line_and_exit_2(model, request, tmp_path, capsys):
     import yaml
 
-    from softprompt.search.cli import main
+    from softprompt.cli.main import main
 
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({"model": str(request.getfixturevalue(model)), "task": "rotten_tomatoes",

@@ -35,8 +35,8 @@ from conftest import tiny_search as shared_tiny_search
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from softprompt.cli.main import main
 from softprompt.models.checkpoint import META, TENSORS, CheckpointError, load_checkpoint, save_checkpoint
-from softprompt.search.cli import main
 from softprompt.search.config import search_config
 from softprompt.search.export import export_npy, export_peft_adapter, write_bundle
 from softprompt.search.record import SearchRecord

@@ -28,9 +28,9 @@ from conftest import SOFTPROMPT, free_port, on_session_ray, run_stopped
 from mlflow.tracking import MlflowClient
 from moto.server import ThreadedMotoServer
 
+from softprompt.cli.main import main
 from softprompt.models.checkpoint import META, TENSORS, load_checkpoint
 from softprompt.models.hub import cache_dir
-from softprompt.search.cli import main
 from softprompt.search.config import search_config
 from softprompt.search.record import SearchRecord, rank_rows
 from softprompt.search.storage import CONFIG_FILE, RUN_FILE, STUDY_FILE, SUMMARY_FILE, SearchStorage

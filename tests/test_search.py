@@ -165,7 +165,7 @@ def test_a_trial_counts_where_its_time_went_and_can_leave_test_to_the_driver(tin
 
 
 def test_where_a_search_s_time_went_adds_up_to_its_slots():
-    from softprompt.search.cli import _time_line
+    from softprompt.cli.search import _time_line
     from softprompt.search.record import SearchRecord
 
     cfg = search_config({"train": {"task": "rotten_tomatoes"}, "concurrency": 2})

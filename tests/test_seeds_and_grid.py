@@ -13,7 +13,7 @@ from conftest import study_trials, tiny_search_values
 from mlflow.tracking import MlflowClient
 from ray.tune.search import Searcher
 
-from softprompt.search.cli import main
+from softprompt.cli.main import main
 from softprompt.search.config import ConfigError, search_config
 from softprompt.search.record import RUNNING, SearchRecord
 from softprompt.search.report import PLOT_FILE, TABLE_FILE

@@ -16,7 +16,7 @@ from conftest import free_port
 from conftest import tiny_search as shared_tiny_search
 from mlflow.tracking import MlflowClient
 
-from softprompt.search.cli import main
+from softprompt.cli.main import main
 from softprompt.search.record import SearchRecord, save_config
 from softprompt.search.storage import SearchStorage
 from softprompt.search.tracking import (

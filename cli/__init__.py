@@ -1,0 +1,1 @@
+"""The `softprompt` command (main.py) and its handlers, one module per group of commands."""
