@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_serve_command(commands) -> None:
-    """`serve` (serving/deploy.py): exported prompts on Ray Serve."""
+    """`serve` (cli/serve.py): exported prompts on Ray Serve."""
     serve = commands.add_parser(
         "serve", help="serve exported prompts on Ray Serve (HTTP JSON, the MLflow model's schema)",
         description="Serve a registered model (NAME: its production alias, or models:/NAME@ALIAS), a bundle folder "
@@ -157,18 +157,18 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("target", metavar="NAME|models:/NAME@ALIAS|BUNDLE|SEARCH|status|stop",
                        help="what to serve, or `status` / `stop`")
     serve.add_argument("--config", help="YAML serve config: replicas or autoscaling, num_cpus and num_gpus per "
-                                        "replica, port, batching (serving/deploy.py lists the fields)")
+                                        "replica, port, batching (serving/settings.py lists the fields)")
     serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     serve.add_argument("--address", help="a Ray cluster to deploy onto (default: RAY_ADDRESS, else a local Ray)")
     serve.add_argument("--name", default="softprompt", help="with stop: the application (default: softprompt)")
     serve.add_argument("--tracking-uri", metavar="URI",
                        help="the MLflow registry (default: sqlite:///mlflow.db here)")
-    serve.add_argument("--storage-path", default=STORAGE_PATH, help=f"where searches live (default: {STORAGE_PATH})")
+    _storage_path_argument(serve)
     serve.set_defaults(handler=cmd_serve)
 
 
 def _add_lm_adapt_command(commands) -> None:
-    """`lm-adapt` (adaptation/lm_adapt.py): the checkpoints a search's `checkpoints:` axis explores."""
+    """`lm-adapt` (cli/lm_adapt.py): the checkpoints a search's `checkpoints:` axis explores."""
     adapt = commands.add_parser(
         "lm-adapt", help="continue a span-corruption T5 as a language model (a Ray Train job)",
         description="LM adaptation (paper section 3.2, Figure 3d): continue training a span-corruption T5 with "
@@ -209,7 +209,7 @@ def _add_lm_adapt_command(commands) -> None:
 
 
 def _add_cluster_commands(commands) -> None:
-    """`cluster check`, `submit` and `jobs status|logs|stop` (search/cluster.py, search/jobs.py)."""
+    """`cluster check`, `submit` and `jobs status|logs|stop` (cli/cluster.py)."""
     address = os.environ.get("RAY_API_SERVER_ADDRESS", DEFAULT_ADDRESS)
     address_help = f"the head's job API (default: {address}, where `ray dashboard cluster.yaml` forwards it)"
     cluster_actions = _command_group(commands, "cluster", "check a Ray cluster-launcher file before `ray up`",
