@@ -45,7 +45,6 @@ SLOW_TESTS = {
     "test_a_search_explores_the_adapted_checkpoints_with_their_adaptation_steps": 50,
     "test_a_trial_resumes_from_its_newest_complete_checkpoint_or_starts_over_and_nothing_is_lost": 40,
     "test_a_searcher_state_a_kill_left_unreadable_is_rebuilt_from_the_study_and_the_search_completes": 30,
-    "test_fault2_a_killed_driver_resumes_without_rerunning_trials_or_losing_history": 70,
     "test_a_tracking_server_stopped_during_a_search_loses_nothing": 60,
     "test_a_search_on_s3_keeps_tune_state_checkpoints_and_its_own_files_there": 55,
     "test_the_driver_scores_the_winner_on_its_whole_test_split_and_says_how_many": 55,

@@ -87,7 +87,7 @@ def test_the_job_is_one_mlflow_run_with_its_loss_curve(adapted):
 # 0 in the next step's all-reduce). The job is otherwise the command's own, run to its end.
 TOLD = textwrap.dedent("""
     import functools, shutil, sys
-    import softprompt.adaptation.lm_adapt
+    import softprompt.adaptation.lm_adapt, softprompt.cli.lm_adapt
     from softprompt.adaptation.lm_adapt import run_adaptation, train_worker
     from softprompt.cli.main import main
 
@@ -102,7 +102,7 @@ TOLD = textwrap.dedent("""
         softprompt.adaptation.lm_adapt.print = print_then_copy
         train_worker(config)
 
-    softprompt.adaptation.lm_adapt.run_adaptation = functools.partial(run_adaptation, worker=copied_when_told)
+    softprompt.cli.lm_adapt.run_adaptation = functools.partial(run_adaptation, worker=copied_when_told)
     sys.exit(main(sys.argv[3:]))
 """)
 

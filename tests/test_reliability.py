@@ -2,14 +2,16 @@
 where a CPU test machine can do that, and the test states what must survive it:
 
 1. a trial's worker process is SIGKILLed mid-training     test_fault1_...
-2. the search driver is SIGKILLed mid-search              test_fault2_...
+2. the search driver is SIGKILLed mid-search              tests/test_s3.py::
+                                                           test_a_driver_killed_mid_search_on_s3_...
 3. a trial diverges (NaN loss) or runs out of memory       test_fault3_...
 4. the MLflow tracking server goes away and comes back     tests/test_tracking.py::
                                                            test_a_tracking_server_stopped_during_a_search_loses_nothing
 5. a checkpoint or exported prompt is truncated or edited  test_fault5_... (and tests/test_checkpoint.py)
 6. the disk fills while a checkpoint is written            test_fault6_...
 
-Plus the security rules: no pickle on paths that read received files, no secret in logs or MLflow.
+Plus the security rules: no pickle on paths that read received files (here), no secret in logs, files
+or MLflow (tests/test_s3.py, on the killed and resumed search).
 Each fault test prints what it measured as a `FIGURE` line: `pytest -rP` shows them (docs/reliability.md).
 """
 from __future__ import annotations
@@ -30,21 +32,15 @@ import optuna
 import pytest
 import ray
 import torch
-import yaml
-from conftest import SOFTPROMPT, on_session_ray, run_stopped, tiny_search_file
 from conftest import tiny_search as shared_tiny_search
-from mlflow.tracking import MlflowClient
 from ray import tune
 
 from softprompt.cli.main import main
 from softprompt.models.checkpoint import META, TENSORS, CheckpointError, load_checkpoint, save_checkpoint
-from softprompt.search.config import search_config
 from softprompt.search.export import export_npy, export_peft_adapter, write_bundle
 from softprompt.search.record import SearchRecord
 from softprompt.search.storage import SearchStorage
-from softprompt.search.tracking import SEARCH_TAG
 from softprompt.search.tuner import run_search
-from softprompt.trainables.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this module by name
@@ -137,95 +133,7 @@ def test_fault1_a_killed_trial_worker_restarts_from_its_last_checkpoint_and_no_t
            f"{sum(failures.values())} retry")
 
 
-# ---- 2. the driver is killed mid-search ----
-
-SECRET = "sk-softprompt-test-secret-4f1c9a"  # what a cloud key or tracking token would be
-SECRET_ENV = {"MLFLOW_TRACKING_PASSWORD": SECRET, "MLFLOW_TRACKING_TOKEN": SECRET,
-              "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": SECRET}
-
-
-@pytest.fixture(scope="module")
-def killed_and_resumed(ray_cluster, tiny_llama_dir, tmp_path_factory):
-    """A tracked search of 4 trials, one at a time, whose driver (with secrets in its environment) is SIGKILLed
-    by its third trial once that trial's step-4 checkpoint is saved and the two before it have finished; then
-    resumed with `softprompt search resume`. Returns what was seen before and after."""
-    tmp = tmp_path_factory.mktemp("killed-driver")
-    runs, uri = tmp / "runs", f"sqlite:///{tmp / 'mlflow.db'}"
-    config = tiny_search_file(tiny_llama_dir, tmp, name="killed", trials=4, max_steps=16, concurrency=1,
-                              train={"eval_every": 4})
-    env = {**on_session_ray(), **SECRET_ENV}
-    killed = run_stopped(config, "SIGKILL", 3, 4, "--tracking-uri", uri, env=env, log=tmp / "run.log")
-    assert killed.returncode == -signal.SIGKILL, (tmp / "run.log").read_text()[-3000:]
-
-    def snapshot():
-        cfg_ = search_config(yaml.safe_load(config.read_text()))
-        rows = {r["trial_id"]: r for r in SearchRecord.load(str(runs), "killed").trials}
-        results = {tid: (runs / "killed" / f"trial_{tid}" / "result.json").read_text() for tid in rows
-                   if (runs / "killed" / f"trial_{tid}" / "result.json").exists()}
-        optuna_trials = [(t.number, t.state.name, t.params, t.value) for t in study(cfg_).trials]
-        client = MlflowClient(uri)
-        parents = client.search_runs([client.get_experiment_by_name("softprompt").experiment_id],
-                                     f"tags.`{SEARCH_TAG}` = 'killed'")
-        children = client.search_runs([parents[0].info.experiment_id],
-                                      f"tags.`{PARENT_TAG}` = '{parents[0].info.run_id}'")
-        return {"rows": rows, "results": results, "optuna": optuna_trials, "parents": parents,
-                "children": [(c.data.tags[TRIAL_TAG], c.info.run_id, c) for c in children]}
-
-    before = snapshot()
-    with open(tmp / "resume.log", "w") as log:
-        resumed = subprocess.run([*SOFTPROMPT, "search", "resume", "killed", "--storage-path", str(runs)],
-                                 env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, timeout=600)
-    return {"tmp": tmp, "uri": uri, "before": before, "after": snapshot(), "resume_code": resumed.returncode,
-            "logs": (tmp / "run.log").read_text() + (tmp / "resume.log").read_text()}
-
-
-def test_fault2_a_killed_driver_resumes_without_rerunning_trials_or_losing_history(killed_and_resumed):
-    before, after = killed_and_resumed["before"], killed_and_resumed["after"]
-    assert killed_and_resumed["resume_code"] == 0, killed_and_resumed["logs"][-3000:]
-    finished = {tid for tid, r in before["rows"].items() if r["status"] == "completed"}
-    assert len(finished) == 2
-    (killed,) = [tid for tid, r in before["rows"].items() if r["status"] == "unfinished" and r["step"] == 4]
-    # every trial accounted for, and a finished trial was not run again: not one more line in its results
-    assert len(after["rows"]) == 4 and all(r["status"] == "completed" for r in after["rows"].values())
-    for tid in finished:
-        assert after["results"][tid] == before["results"][tid]
-    # the trial the driver died under goes on from its step-4 checkpoint
-    steps = [json.loads(line) for line in after["results"][killed].splitlines()]
-    assert [(r["step"], r.get("resumed_from_step")) for r in steps] == [(4, None), (8, 4), (12, 4), (16, 4)]
-    # the Optuna study keeps its history: the trials told before the kill are unchanged, and every
-    # trial ends COMPLETE: none is left RUNNING by the killed driver
-    finished_before = [t for t in before["optuna"] if t[1] == "COMPLETE"]
-    assert len(finished_before) >= 2 and all(t in after["optuna"] for t in finished_before)
-    assert [t[1] for t in after["optuna"]] == ["COMPLETE"] * 4
-    # MLflow: the same parent run, continued; one child per trial, the earlier ones kept, no duplicates
-    assert len(before["parents"]) == 1 and len(after["parents"]) == 1
-    assert after["parents"][0].info.run_id == before["parents"][0].info.run_id
-    assert after["parents"][0].info.status == "FINISHED"
-    trial_ids = [tid for tid, _, _ in after["children"]]
-    assert sorted(trial_ids) == sorted(after["rows"])
-    runs_before = {tid: run_id for tid, run_id, _ in before["children"]}
-    runs_after = {tid: run_id for tid, run_id, _ in after["children"]}
-    assert all(runs_after[tid] == run_id for tid, run_id in runs_before.items())
-    assert all(child.data.tags[STATUS_TAG] == "completed" for _, _, child in after["children"])
-    figure(f"fault 2 (driver SIGKILLed with {len(finished)} of 4 trials finished): after resume "
-           f"{len(after['rows'])} trials, {sum(r['status'] == 'completed' for r in after['rows'].values())} completed, "
-           f"{4 - len(after['rows'])} lost, 0 re-run; Optuna {len(after['optuna'])} trials COMPLETE; "
-           f"MLflow {len(after['parents'])} parent run, {len(after['children'])} child runs")
-
-
-def test_secrets_in_the_environment_never_reach_output_files_or_mlflow(killed_and_resumed):
-    """The tracked, killed and resumed search ran with cloud keys and tracking tokens in its environment."""
-    assert SECRET not in killed_and_resumed["logs"]
-    for _, _, child in killed_and_resumed["after"]["children"]:
-        assert SECRET not in json.dumps([child.data.params, child.data.tags])
-    parent = killed_and_resumed["after"]["parents"][0]
-    assert SECRET not in json.dumps([parent.data.params, parent.data.tags])
-    leaked = [path for path in killed_and_resumed["tmp"].rglob("*")
-              if path.is_file() and SECRET.encode() in path.read_bytes()]  # the MLflow database and artifacts too
-    assert leaked == []
-    files = sum(1 for path in killed_and_resumed["tmp"].rglob("*") if path.is_file())
-    figure(f"secrets: 4 secret variables in the environment, found in 0 of {files} files written "
-           f"(logs, MLflow database and artifacts, Ray and Optuna state) and 0 MLflow params or tags")
+# ---- 2. the driver is killed mid-search: tests/test_s3.py (on S3, resumed from another machine) ----
 
 
 # ---- 3. a trial diverges or runs out of memory ----

@@ -24,7 +24,7 @@ import optuna
 import pytest
 import ray
 import yaml
-from conftest import SOFTPROMPT, free_port, on_session_ray, run_stopped
+from conftest import SOFTPROMPT, STOP_FILE, free_port, on_session_ray, run_stopped
 from mlflow.tracking import MlflowClient
 from moto.server import ThreadedMotoServer
 
@@ -36,6 +36,7 @@ from softprompt.search.record import SearchRecord, rank_rows
 from softprompt.search.storage import CONFIG_FILE, RUN_FILE, STUDY_FILE, SUMMARY_FILE, SearchStorage
 from softprompt.search.tracking import SEARCH_TAG
 from softprompt.search.tuner import run_search
+from softprompt.trainables.tracking import PARENT_TAG, STATUS_TAG, TRIAL_TAG
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SECRET = "sk-softprompt-s3-secret-7d2e01"  # the secret access key the drivers run with
@@ -220,7 +221,8 @@ def test_a_missing_search_or_bucket_and_an_unreachable_server_are_one_line_error
 @pytest.fixture(scope="module")
 def killed_on_s3_and_resumed(s3, ray_cluster, tiny_llama_dir, tmp_path_factory):
     """A search on S3 of 3 trials, one at a time, whose driver process is SIGKILLed by its second trial once
-    that trial's step-4 checkpoint is registered and named in Tune's state on S3, the first trial finished.
+    that trial's step-4 checkpoint is registered and named in Tune's state on S3, the first trial finished; it
+    is tracked in MLflow and runs with the cloud key and tracking tokens in its environment.
     The local mirror is deleted, and the gap a kill may land in is made (Tune deletes a trial's previous
     checkpoint when it registers the next one, and uploads the state that names the next one only
     afterwards): the running trial's named checkpoint is half deleted, a newer one beside it. Then
@@ -230,9 +232,10 @@ def killed_on_s3_and_resumed(s3, ray_cluster, tiny_llama_dir, tmp_path_factory):
     config = tmp / "search.yaml"
     config.write_text(yaml.safe_dump(search_values(tiny_llama_dir, storage_path, name, tmp, trials=3, concurrency=1,
                                                    max_steps=24)))
-    env = {**on_session_ray(), **s3["env"]}
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    env = {**on_session_ray(), **s3["env"], "MLFLOW_TRACKING_PASSWORD": SECRET, "MLFLOW_TRACKING_TOKEN": SECRET}
     started_ms = int(time.time() * 1000)
-    killed = run_stopped(config, "SIGKILL", 2, 4, "--tracking-uri", "none", env=env, log=tmp / "run.log",
+    killed = run_stopped(config, "SIGKILL", 2, 4, "--tracking-uri", uri, env=env, log=tmp / "run.log",
                          storage_env=s3["env"])
     assert killed.returncode == -signal.SIGKILL, (tmp / "run.log").read_text()[-3000:]
     until_its_trial_actors_are_gone(started_ms)
@@ -243,7 +246,13 @@ def killed_on_s3_and_resumed(s3, ray_cluster, tiny_llama_dir, tmp_path_factory):
         keys = s3_keys(s3, prefix)
         results = {tid: s3_bytes(s3, f"{prefix}trial_{tid}/result.json") for tid in rows
                    if f"{prefix}trial_{tid}/result.json" in keys}
-        return {"rows": rows, "results": results, "keys": keys,
+        client = MlflowClient(uri)
+        parents = client.search_runs([client.get_experiment_by_name("softprompt").experiment_id],
+                                     f"tags.`{SEARCH_TAG}` = '{name}'")
+        children = client.search_runs([parents[0].info.experiment_id],
+                                      f"tags.`{PARENT_TAG}` = '{parents[0].info.run_id}'")
+        return {"rows": rows, "results": results, "keys": keys, "parents": parents,
+                "children": {c.data.tags[TRIAL_TAG]: c for c in children},
                 "optuna": study_on_s3(s3, f"{prefix}{STUDY_FILE}", name, folder)}
 
     before = snapshot(tmp)
@@ -261,7 +270,8 @@ def killed_on_s3_and_resumed(s3, ray_cluster, tiny_llama_dir, tmp_path_factory):
         resumed = subprocess.run([*SOFTPROMPT, "search", "resume", name, "--storage-path", storage_path],
                                  env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, timeout=500)
     return {"before": before, "after": snapshot(tmp), "resume_code": resumed.returncode, "prefix": prefix,
-            "running": running, "logs": (tmp / "run.log").read_text() + (tmp / "resume.log").read_text()}
+            "running": running, "logs": (tmp / "run.log").read_text() + (tmp / "resume.log").read_text(),
+            "folders": [tmp, SearchStorage(storage_path, name).folder]}
 
 
 def test_a_driver_killed_mid_search_on_s3_resumes_elsewhere_with_nothing_lost(s3, killed_on_s3_and_resumed):
@@ -293,16 +303,37 @@ def test_a_driver_killed_mid_search_on_s3_resumes_elsewhere_with_nothing_lost(s3
           f"{len(after['rows'])} trials, {sum(r['status'] == 'completed' for r in after['rows'].values())} completed, "
           f"0 re-run, the running one resumed from step {running['newest_step']}; Optuna on S3 "
           f"{len(after['optuna'])} trials COMPLETE")
+    # MLflow: the same parent run, continued and finished; one child per trial, the earlier ones kept
+    assert len(before["parents"]) == 1 and [p.info.run_id for p in after["parents"]] == [
+        before["parents"][0].info.run_id] and after["parents"][0].info.status == "FINISHED", seen
+    assert sorted(after["children"]) == sorted(after["rows"]), seen
+    assert all(after["children"][tid].info.run_id == child.info.run_id for tid, child in before["children"].items())
+    assert {child.data.tags[STATUS_TAG] for child in after["children"].values()} == {"completed"}, seen
     # the resumed driver's summary went to S3 too, naming the winner it printed
     summary = json.loads(s3_bytes(s3, f"{killed_on_s3_and_resumed['prefix']}{SUMMARY_FILE}"))
     assert summary["best_trial"] in after["rows"] and f"best trial {summary['best_trial']}" in logs, seen
 
 
-def test_no_object_a_search_writes_to_s3_holds_the_secret_key(s3, killed_on_s3_and_resumed):
-    """Tune pickles the storage filesystem into its state; credentials from the environment stay out."""
+def test_secrets_in_the_environment_reach_no_object_file_log_or_mlflow_record(s3, killed_on_s3_and_resumed):
+    """The killed and resumed search ran with the cloud key and MLflow tokens in its environment. Tune
+    pickles the storage filesystem into its state; credentials from the environment stay out of it, and
+    out of the logs, the MLflow database and artifacts, and every local file."""
     keys = s3_keys(s3, "")  # the whole bucket: every search this module ran
     assert "killed/killed/tuner.pkl" in keys
     assert [k for k in keys if SECRET.encode() in s3_bytes(s3, k)] == []
+    state = killed_on_s3_and_resumed
+    assert SECRET not in state["logs"]
+    runs = [*state["after"]["parents"], *state["after"]["children"].values()]
+    assert len(runs) == 4 and [r for r in runs if SECRET in json.dumps([r.data.params, r.data.tags])] == []
+    # what the search wrote here; not the test's own note to the trainable that stops the driver (STOP_FILE), which
+    # hands it the credentials it reads the search's state on S3 with
+    files = [path for folder in state["folders"] for path in folder.rglob("*") if path.is_file()
+             and path.name != STOP_FILE]
+    assert any(path.name == "mlflow.db" for path in files)
+    assert [path for path in files if SECRET.encode() in path.read_bytes()] == []
+    print(f"FIGURE secrets: the cloud key and 2 MLflow tokens in the environment, found in 0 of {len(keys)} S3 "
+          f"objects, 0 of {len(files)} local files (logs, MLflow database and artifacts, the study) and 0 of "
+          f"{len(runs)} MLflow runs' params and tags")
 
 
 def test_search_report_on_a_search_on_s3_lands_in_the_bucket_beside_the_search(s3, finished_on_s3, capsys):

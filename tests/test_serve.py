@@ -25,8 +25,8 @@ from conftest import SOFTPROMPT, free_port, on_session_ray
 from softprompt.errors import ConfigError
 from softprompt.models.checkpoint import save_checkpoint
 from softprompt.search.export import export_mlflow_model, write_bundle
-from softprompt.serving.deploy import DEFAULTS, serve_settings
 from softprompt.serving.ray_serve import BadRequest, pass_chunks, read_body, request_rows
+from softprompt.serving.settings import DEFAULTS, serve_settings
 
 TASKS = {"reviews": ["negative", "positive"], "spam": ["ham", "spam"]}
 TEMPLATES = {"reviews": "review: {text}\nsentiment:", "spam": "message: {text}\nspam:"}
