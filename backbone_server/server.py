@@ -47,7 +47,6 @@ IDLE_CLIENT_S = 2.0        # a trial not heard from for this long (or 3 passes) 
 IDLE_EXIT_S = 1800         # a server without requests for this long exits
 
 
-
 @dataclass
 class TrainRequest:
     prompt: torch.Tensor
@@ -57,7 +56,6 @@ class TrainRequest:
     @property
     def tokens(self) -> int:
         return int(self.batch.input_ids.numel()) + len(self.batch.input_ids) * len(self.prompt)
-
 
 
 @dataclass
@@ -70,7 +68,6 @@ class ScoreRequest:
     def tokens(self) -> int:
         width = len(self.prompt) + max(len(x) for x in self.inputs) + max(len(t) for ts in self.targets for t in ts)
         return width * sum(len(ts) for ts in self.targets)
-
 
 
 class BackboneServer:
