@@ -1,18 +1,8 @@
 """A shared backbone: one frozen copy of the model per GPU (per node on CPU) trains many trials' prompts.
 
-A BackboneServer is a Ray actor that holds the frozen model. Each trial stays a normal Tune trial
-and keeps what is its own: prompt, optimizer, data order, checkpoints, ASHA rungs, Optuna feedback,
-MLflow run. It sends the server each training batch with its current prompt. The server fuses the
-requests pending from several trials into one forward/backward, one prompt per row
-(trainables/prompt.py:loss with groups), and returns each trial its own loss and prompt gradient:
-no gradient crosses trials, since no weight of the model takes one. Dev and test scoring go the
-same way, fused too.
-
-A server is named by its search, model, dtype, node and GPU, so every trial of a search on that
-node and GPU finds the same one (Ray's get-if-exists). It is detached: it outlives the trial that
-started it. The search's driver stops its servers when the search ends (`stop_servers`). If a
-server dies, its trials' calls fail, Tune retries those trials from their checkpoints, and the
-first retried trial starts a new server.
+A BackboneServer is a Ray actor holding the frozen model. It fuses the batches pending from several trials
+into one forward/backward, one prompt per row, and returns each trial its own loss and prompt gradient (no
+weight of the model learns, so no gradient crosses trials). Naming, lifetime and failures: docs/shared-backbone.md.
 """
 from __future__ import annotations
 

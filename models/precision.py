@@ -45,10 +45,8 @@ def dtype_note(dtype: str, device: torch.device | None = None) -> str:
 
 
 def attention_for(dtype: torch.dtype, device: torch.device) -> str | None:
-    """The attention kernel: on a CPU in bfloat16, transformers' eager one (matmuls and a float32
-    softmax). Measured here on SmolLM2-135M, a batch-8 training step at 84 to 340 tokens took 0.62 to
-    2.63 s eager against 0.85 to 3.17 s with torch's fused CPU kernel (sdpa), whose backward is slow
-    in bfloat16; in float32 the two tie. Elsewhere (GPUs, float32) the model's default."""
+    """The attention kernel: on a CPU in bfloat16, transformers' eager one, as torch's fused CPU kernel
+    (sdpa) has a slow bfloat16 backward (bench/results/core.md); elsewhere the model's default."""
     return "eager" if device.type == "cpu" and dtype == torch.bfloat16 else None
 
 
@@ -113,12 +111,9 @@ def float_head(model: torch.nn.Module) -> bool:
 
 
 def contiguous_head(model: torch.nn.Module) -> None:
-    """The output projection gets a contiguous input. Causal LMs project only the last positions
-    (`logits_to_keep`), a strided slice of the hidden states, and torch's matmul then broadcasts the
-    [vocab, width] weight over the batch and copies it, once per row: measured on SmolLM2-135M here,
-    a 32-row slice took 1.43 s in bfloat16 (0.115 s in float32) against 6 ms (23 ms) contiguous,
-    most of a bfloat16 step and of dev evaluation. The hook keeps each model's own head (soft-capping,
-    logit scales) and is a no-op on an input that is already contiguous."""
+    """The output projection gets a contiguous input: on the strided slice `logits_to_keep` leaves, torch's
+    matmul copies the [vocab, width] weight once per row, most of a bfloat16 step (bench/results/core.md).
+    The hook keeps each model's own head (soft-capping, logit scales)."""
     head = model.get_output_embeddings()
     if head is not None:
         head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))

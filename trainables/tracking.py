@@ -1,11 +1,7 @@
 """A trial's MLflow child run: parameters once, every report's metrics with its step, the best
-prompt so far as an artifact, and the final status. Trials log directly (from any node) to the
-tracking URI the driver hands them, under the search's parent run.
-
-When the tracking server cannot be reached, the trial says so once and appends what it could not
-log to a JSONL spool in the search's folder; `softprompt mlflow sync` replays spools later, so
-nothing is lost. A trial's records go to the spool from the first failure on, which keeps them in
-order.
+prompt so far as an artifact, and the final status, logged directly (from any node) under the
+search's parent run. An unreachable server: records go to a JSONL spool in the search's folder from
+the first failure on, in order, for `softprompt mlflow sync` (docs/architecture.md).
 """
 from __future__ import annotations
 
