@@ -20,20 +20,14 @@ from softprompt.models.precision import default_device
 from softprompt.models.prompt import GroupDropout, InputDropout, class_scores, generate, loss
 
 NAMESPACE = "softprompt"   # servers live outside any one driver's namespace: a resumed search finds them
-
 MAX_FUSED_TOKENS = 32768   # rows x padded width of the requests one round takes; one request is never split
-
 # ... and of one forward/backward within a round. On a GPU one pass takes the whole round: a small
 # pass is launch-bound (bench/results/gpu.md). On a CPU a bigger pass is no faster per example
 # (bench/results/shared.md) and holds about 1 MB of activations per token: there each trial's batch is its own pass.
 PASS_TOKENS = {"cpu": 0}
-
 GATHER_FRACTION = 0.1      # a pass waits up to this share of the previous pass's time for the other trials,
-
 GATHER_S = (0.005, 0.5)    # and at least and at most this long (a trial's round trip between passes: ~1-3 ms)
-
 IDLE_CLIENT_S = 2.0        # a trial not heard from for this long (or 3 passes) is not waited for
-
 IDLE_EXIT_S = 1800         # a server without requests for this long exits
 
 
