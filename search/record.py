@@ -133,11 +133,8 @@ class SearchRecord:
         return [r for r in self.trials if r["metric"] is not None and r["prompt"]]
 
     def points(self) -> list[dict]:
-        """The evaluated trials grouped into points (`point_row`: the same parameters but the seed; with
-        one seed a point is a trial), best first. Points confirmed on further dev examples come first,
-        by that score: a search metric like best_dev_accuracy is the largest of several small-sample
-        scores, and a lucky one would win otherwise. The rest follow by the metric. A search with none
-        is an error."""
+        """The evaluated trials grouped into points (`point_row`: the same parameters but the seed), best
+        first: confirmed ones by that score (docs/configuration.md says why), then by the metric. None: an error."""
         rows = self.evaluated()
         if not rows:
             raise ConfigError("search", self.storage.name, "a search with at least one evaluated trial")
