@@ -40,7 +40,6 @@ class SharedBackbone:
         self.handle.leave.remote(self.client)
 
 
-
 class RemotePromptedModel:
     """PromptedModel's training and scoring calls, computed by the server."""
 
@@ -68,7 +67,6 @@ class RemotePromptedModel:
         return ray.get(self.backbone.handle.generate.remote(self.prompt.weight.detach(), inputs, max_new_tokens))
 
 _CLIENTS: dict[str, SharedBackbone] = {}  # by server name
-
 
 
 def connect(key: str, model: str, dtype: str, **options) -> tuple[SharedBackbone, bool]:

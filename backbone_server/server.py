@@ -1,18 +1,8 @@
 """A shared backbone: one frozen copy of the model per GPU (per node on CPU) trains many trials' prompts.
 
-A BackboneServer is a Ray actor that holds the frozen model. Each trial stays a normal Tune trial
-and keeps what is its own: prompt, optimizer, data order, checkpoints, ASHA rungs, Optuna feedback,
-MLflow run. It sends the server each training batch with its current prompt. The server fuses the
-requests pending from several trials into one forward/backward, one prompt per row
-(trainables/prompt.py:loss with groups), and returns each trial its own loss and prompt gradient:
-no gradient crosses trials, since no weight of the model takes one. Dev and test scoring go the
-same way, fused too.
-
-A server is named by its search, model, dtype, node and GPU, so every trial of a search on that
-node and GPU finds the same one (Ray's get-if-exists). It is detached: it outlives the trial that
-started it. The search's driver stops its servers when the search ends (`stop_servers`). If a
-server dies, its trials' calls fail, Tune retries those trials from their checkpoints, and the
-first retried trial starts a new server.
+A BackboneServer is a Ray actor holding the frozen model. It fuses the batches pending from several trials
+into one forward/backward, one prompt per row, and returns each trial its own loss and prompt gradient (no
+weight of the model learns, so no gradient crosses trials). Naming, lifetime and failures: docs/shared-backbone.md.
 """
 from __future__ import annotations
 
@@ -30,22 +20,15 @@ from softprompt.models.precision import default_device
 from softprompt.models.prompt import GroupDropout, InputDropout, class_scores, generate, loss
 
 NAMESPACE = "softprompt"   # servers live outside any one driver's namespace: a resumed search finds them
-
 MAX_FUSED_TOKENS = 32768   # rows x padded width of the requests one round takes; one request is never split
-
 # ... and of one forward/backward within a round. On a GPU one pass takes the whole round: a small
 # pass is launch-bound (bench/results/gpu.md). On a CPU a bigger pass is no faster per example
 # (bench/results/shared.md) and holds about 1 MB of activations per token: there each trial's batch is its own pass.
 PASS_TOKENS = {"cpu": 0}
-
 GATHER_FRACTION = 0.1      # a pass waits up to this share of the previous pass's time for the other trials,
-
 GATHER_S = (0.005, 0.5)    # and at least and at most this long (a trial's round trip between passes: ~1-3 ms)
-
 IDLE_CLIENT_S = 2.0        # a trial not heard from for this long (or 3 passes) is not waited for
-
 IDLE_EXIT_S = 1800         # a server without requests for this long exits
-
 
 
 @dataclass
@@ -59,7 +42,6 @@ class TrainRequest:
         return int(self.batch.input_ids.numel()) + len(self.batch.input_ids) * len(self.prompt)
 
 
-
 @dataclass
 class ScoreRequest:
     prompt: torch.Tensor
@@ -70,7 +52,6 @@ class ScoreRequest:
     def tokens(self) -> int:
         width = len(self.prompt) + max(len(x) for x in self.inputs) + max(len(t) for ts in self.targets for t in ts)
         return width * sum(len(ts) for ts in self.targets)
-
 
 
 class BackboneServer:

@@ -57,12 +57,10 @@ def _connect(address: str | None) -> bool:
 
     from softprompt.search.tuner import give_local_workers_env
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, include_dashboard=False, configure_logging=False, logging_level="WARNING")
-        return False
-    give_local_workers_env()
-    ray.init(include_dashboard=False, configure_logging=False, logging_level="WARNING")
-    return True
+    if not address:
+        give_local_workers_env()
+    ray.init(address=address, include_dashboard=False, configure_logging=False, logging_level="WARNING")
+    return not address
 
 
 def cmd_serve(args) -> int:

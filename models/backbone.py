@@ -23,7 +23,6 @@ from softprompt.models.precision import (
 SENTENCEPIECE_MODEL_TYPES = {"t5", "mt5", "umt5"}
 
 
-
 @dataclass
 class Backbone:
     name: str
@@ -79,12 +78,10 @@ class Backbone:
         return self.model.config.model_type in SENTENCEPIECE_MODEL_TYPES
 
 
-
 def compiled_graphs() -> int:
     """Graphs torch.compile has built in this process so far (each first pass of a kind, each recompile)."""
     from torch._dynamo.utils import counters
     return int(counters["stats"]["unique_graphs"])
-
 
 
 def load_backbone(name: str, dtype: str = "auto", device: torch.device | None = None) -> Backbone:
@@ -105,12 +102,10 @@ def load_backbone(name: str, dtype: str = "auto", device: torch.device | None = 
     return Backbone(name, model, load_tokenizer(source), identity, time.perf_counter() - started)
 
 
-
 def freeze(model: torch.nn.Module) -> None:
     """No weight gets gradients, and eval mode turns dropout off for training too."""
     model.requires_grad_(False)
     model.eval()
-
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -126,11 +121,9 @@ def fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-
 @functools.lru_cache(maxsize=2)  # a worker alternating checkpoints keeps at most two
 def _worker_backbone(name: str, dtype: str, device: str) -> Backbone:
     return load_backbone(name, dtype, torch.device(device))
-
 
 
 def cached_backbone(name: str, dtype: str = "auto", device: torch.device | None = None) -> tuple[Backbone, bool]:

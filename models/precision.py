@@ -15,7 +15,6 @@ def cpu_runs_bf16() -> bool:
         return False
 
 
-
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """`auto`: bfloat16 on a GPU and on a CPU that multiplies it natively, float32 elsewhere. A search
     spends wall time, not steps, and bfloat16's faster steps bought better prompts in the same time than
@@ -25,11 +24,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-
 def dtype_name(dtype: torch.dtype) -> str:
     """`bfloat16` for torch.bfloat16: as a config names it."""
     return str(dtype).removeprefix("torch.")
-
 
 
 def dtype_note(dtype: str, device: torch.device | None = None) -> str:
@@ -47,19 +44,14 @@ def dtype_note(dtype: str, device: torch.device | None = None) -> str:
     return name + (" (auto: this CPU has no native bfloat16)" if dtype == "auto" and not cpu_runs_bf16() else "")
 
 
-
 def attention_for(dtype: torch.dtype, device: torch.device) -> str | None:
-    """The attention kernel: on a CPU in bfloat16, transformers' eager one (matmuls and a float32
-    softmax). Measured here on SmolLM2-135M, a batch-8 training step at 84 to 340 tokens took 0.62 to
-    2.63 s eager against 0.85 to 3.17 s with torch's fused CPU kernel (sdpa), whose backward is slow
-    in bfloat16; in float32 the two tie. Elsewhere (GPUs, float32) the model's default."""
+    """The attention kernel: on a CPU in bfloat16, transformers' eager one, as torch's fused CPU kernel
+    (sdpa) has a slow bfloat16 backward (bench/results/core.md); elsewhere the model's default."""
     return "eager" if device.type == "cpu" and dtype == torch.bfloat16 else None
-
 
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
 
 
 def cap_gpu_memory(fraction: float, device: torch.device) -> None:
@@ -70,7 +62,6 @@ def cap_gpu_memory(fraction: float, device: torch.device) -> None:
         torch.cuda.set_per_process_memory_fraction(fraction, device.index)  # None: the current device
 
 
-
 def avoid_cudnn_attention(device: torch.device) -> None:
     """cuDNN's attention kernel builds a plan for every new sequence width it meets: on an H200 a
     prompt-tuning step in bfloat16 ran at 142 examples/s on widths it had not seen and 523 on
@@ -79,7 +70,6 @@ def avoid_cudnn_attention(device: torch.device) -> None:
     (bench/results/gpu-attention.txt)."""
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
-
 
 
 class FloatHead(torch.nn.Module):
@@ -108,7 +98,6 @@ class FloatHead(torch.nn.Module):
         return torch.nn.functional.linear(hidden.float().contiguous(), self.weight32, self.bias32)
 
 
-
 def float_head(model: torch.nn.Module) -> bool:
     """Put a FloatHead in place of a reduced-precision model's linear output head; whether it did."""
     head = model.get_output_embeddings()
@@ -121,14 +110,10 @@ def float_head(model: torch.nn.Module) -> bool:
     return model.get_output_embeddings().__class__ is FloatHead
 
 
-
 def contiguous_head(model: torch.nn.Module) -> None:
-    """The output projection gets a contiguous input. Causal LMs project only the last positions
-    (`logits_to_keep`), a strided slice of the hidden states, and torch's matmul then broadcasts the
-    [vocab, width] weight over the batch and copies it, once per row: measured on SmolLM2-135M here,
-    a 32-row slice took 1.43 s in bfloat16 (0.115 s in float32) against 6 ms (23 ms) contiguous,
-    most of a bfloat16 step and of dev evaluation. The hook keeps each model's own head (soft-capping,
-    logit scales) and is a no-op on an input that is already contiguous."""
+    """The output projection gets a contiguous input: on the strided slice `logits_to_keep` leaves, torch's
+    matmul copies the [vocab, width] weight once per row, most of a bfloat16 step (bench/results/core.md).
+    The hook keeps each model's own head (soft-capping, logit scales)."""
     head = model.get_output_embeddings()
     if head is not None:
         head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))

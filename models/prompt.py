@@ -1,11 +1,6 @@
-"""The soft prompt: a plain [length, width] float32 parameter in front of the input embeddings,
-and the one scoring path that places prompts, for training and serving alike.
-
-Each row of a batch may carry its own prompt (ensembles, mixed tasks, several trials in one pass).
-For causal LMs the prompt precedes the text and position ids are counted over real tokens only,
-so an example scores the same alone or inside a padded batch. For encoder-decoders (T5) the
-prompt goes on the encoder input only; the decoder is untouched (as in the paper; PEFT's seq2seq
-default prefixes the decoder too).
+"""The soft prompt: a plain [length, width] float32 parameter in front of the input embeddings, and the one
+scoring path that places prompts (a prompt per row, if need be), for training and serving alike. Causal LMs
+count position ids over real tokens only; T5 gets the prompt on the encoder only (docs/architecture.md).
 """
 from __future__ import annotations
 

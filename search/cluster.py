@@ -1,10 +1,6 @@
-"""`softprompt cluster check FILE`: a cluster-launcher file checked offline, before `ray up`.
-
-Ray's own schema catches typos and wrong types, but a file that passes it can still launch a
-cluster that is useless or unsafe for a search: GPU workers the autoscaler never starts (their
-GPUs are not declared), a dashboard that runs anyone's jobs open to the internet, trials with no
-tracking server to log to. Those are checked here; every problem is one ConfigError naming the
-key path, the value and what is allowed.
+"""`softprompt cluster check FILE`: a cluster-launcher file checked offline, before `ray up`, for what
+Ray's schema lets through but makes a search useless or unsafe (docs/cluster.md lists the checks); every
+problem is one ConfigError naming the key path, the value and what is allowed.
 """
 from __future__ import annotations
 

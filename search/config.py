@@ -236,7 +236,6 @@ class SearchConfig:
         return ASHA_METRICS[self.asha_metric]
 
 
-
 # What a search config file leaves out: None where the field's default comes from other fields;
 # max_steps, every trial's budget, becomes train.max_steps.
 SEARCH_DEFAULTS = {**{f.name: None if f.default is MISSING else f.default for f in fields(SearchConfig)},

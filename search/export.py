@@ -1,10 +1,6 @@
-"""Export winning prompts for production: a PEFT adapter folder, a bare `.npy` array (as
-google-research/prompt-tuning releases prompts), or an MLflow pyfunc model in the Model Registry
-under alias `production`. Several prompts (the top-k trials, or several tasks) export as one
-bundle that scores them all in one batched pass (serving/ensemble.py).
-
-Every artifact records the backbone fingerprint and the prompt tensor's SHA-256, and `load_export`
-checks both (models/checkpoint.py:verify_prompt); none holds a pickle.
+"""Export winning prompts for production (docs/export-and-serving.md): a PEFT adapter folder, a bare `.npy`
+array, or an MLflow pyfunc model under alias `production`, one bundle for several prompts or tasks. Every
+artifact records the backbone fingerprint and the prompt's SHA-256, which `load_export` checks; no pickle.
 """
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
-"""`softprompt submit` and `softprompt jobs status|logs|stop`: a search sent to a Ray cluster as a
-job, through the head's job API (http://127.0.0.1:8265 once `ray dashboard cluster.yaml` forwards it).
-
-The job carries this project's code (the `softprompt` package as a py_module) and the config
-(the working dir), so the driver and every trial run the code that was submitted; the cluster's
-venv only supplies the pinned dependencies. The search logs to the cluster's MLflow server, whose
-address the head's start command exports as SOFTPROMPT_TRACKING_URI.
+"""`softprompt submit` and `softprompt jobs status|logs|stop`: a search sent to a Ray cluster as a job through
+the head's job API. The job carries the `softprompt` package and the config, so the driver and every trial run
+the code submitted; the cluster's venv supplies only the pinned dependencies. The search logs to the cluster's
+MLflow server, whose address the head's start command exports as SOFTPROMPT_TRACKING_URI.
 """
 from __future__ import annotations
 

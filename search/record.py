@@ -13,7 +13,7 @@ import yaml
 from ray.tune import ExperimentAnalysis
 from ray.tune.experiment import Trial
 
-from softprompt.search.config import ConfigError, SearchConfig
+from softprompt.search.config import SELECT_BY_METRIC, ConfigError, SearchConfig
 from softprompt.search.storage import CONFIG_FILE, SUMMARY_FILE, SearchStorage
 from softprompt.trainables.config import TrainConfig
 
@@ -21,8 +21,7 @@ from softprompt.trainables.config import TrainConfig
 ERRORED, UNFINISHED, STOPPED_EARLY, COMPLETED = "errored", "unfinished", "stopped early", "completed"
 RUNNING = "running"  # what a trial reports before its final result: one that ended on it was stopped early
 # The search metric's counterpart on the confirm split (trainables.loop.final_metrics); none for train_loss.
-CONFIRMED = {"best_dev_accuracy": "confirmed_dev_accuracy", "dev_accuracy": "confirmed_dev_accuracy",
-             "best_dev_f1": "confirmed_dev_f1", "dev_f1": "confirmed_dev_f1"}
+CONFIRMED = {metric: f"confirmed_dev_{dev}" for metric, dev in SELECT_BY_METRIC.items()}
 SEED = "seed"  # the parameter a search with `seeds` > 1 adds to each trial (search/seeds.py)
 # Where a trial's time went, as its reports count it (trainables.loop.train, trainables.trainable.tune_trial).
 TRIAL_SECONDS = {"setup_s": "start-up", "train_s": "training", "rung_eval_s": "dev scoring at rungs",
@@ -134,11 +133,8 @@ class SearchRecord:
         return [r for r in self.trials if r["metric"] is not None and r["prompt"]]
 
     def points(self) -> list[dict]:
-        """The evaluated trials grouped into points (`point_row`: the same parameters but the seed; with
-        one seed a point is a trial), best first. Points confirmed on further dev examples come first,
-        by that score: a search metric like best_dev_accuracy is the largest of several small-sample
-        scores, and a lucky one would win otherwise. The rest follow by the metric. A search with none
-        is an error."""
+        """The evaluated trials grouped into points (`point_row`: the same parameters but the seed), best
+        first: confirmed ones by that score (docs/configuration.md says why), then by the metric. None: an error."""
         rows = self.evaluated()
         if not rows:
             raise ConfigError("search", self.storage.name, "a search with at least one evaluated trial")

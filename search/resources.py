@@ -1,9 +1,7 @@
-"""Can a search's trials ever start on this Ray cluster? Checked once Ray is up, before the first trial.
-
-Ray waits for resources it lacks and never gives up: a local Ray asked for a GPU it does not have
-has its autoscaler warn every 35 s, forever. A trial's resources are one placement-group bundle,
-so they must fit on one node. Where no node fits and none can be added, the search is refused; where
-an autoscaler may add one, the search waits and says once what for.
+"""Can a search's trials ever start on this Ray cluster? Checked once Ray is up, before the first trial:
+Ray waits for resources it lacks and never gives up. A trial's resources are one placement-group bundle, so
+they must fit on one node. Where none fits and none can be added, the search is refused; where an autoscaler
+may add one, the search waits and says once what for.
 """
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
 """Before Tune reads a killed search's saved state: each unfinished trial resumes from the newest
-complete checkpoint it has on storage, or starts over. A kill can land while a checkpoint uploads, while Tune prunes
-the one before it (num_to_keep=1), or before Tune records the newer one in its state, so the state may
-name a checkpoint that is gone or half written. Tune's own restore then fails before a trainable can
-fall back, and the trial ends errored."""
+complete checkpoint it has on storage, or starts over. A kill can leave the state naming a checkpoint
+that is gone or half written, and Tune's own restore then fails (docs/reliability.md, fault 16)."""
 from __future__ import annotations
 
 import json

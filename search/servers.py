@@ -17,12 +17,10 @@ def server_key(search: str, storage_path: str) -> str:
     return f"{search}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
-
 def servers(key: str) -> list[str]:
     """The names of the live servers of the search `key` (server_key)."""
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["namespace"] == NAMESPACE and a["name"].startswith(f"{key}:")]
-
 
 
 def stop_servers(key: str) -> None:

@@ -1,14 +1,7 @@
-"""Where a search lives. `storage_path` is a folder (a local disk, or NFS/EFS that every node
-mounts) or a URI that pyarrow.fs reads: s3://BUCKET/PREFIX (gs:// and others work the same way).
-For an S3-compatible store, AWS_ENDPOINT_URL or `?endpoint_override=http://HOST:PORT` in the URI
-names the server; credentials come from the usual AWS variables, ~/.aws or the node's role.
-
-On a URI, Ray Tune keeps its own state there (trial records, results, checkpoints), and so does
-the driver: its own files (DRIVER_FILES) are uploaded as they are written and downloaded, when
-newer, into a local mirror folder when a command opens the search. The mirror is only ever a copy
-of the URI: the driver's live Optuna study is a working copy beside it, and its copy on the URI
-travels with Tune's own state snapshots (tuner.AshaAwareOptunaSearch), so that a resumed search
-finds the two in step.
+"""Where a search lives: a folder (a local disk, or NFS/EFS that every node mounts) or a URI that
+pyarrow.fs reads (s3://BUCKET/PREFIX, gs://...). On a URI the driver works on a local mirror, and its
+live Optuna study is a working copy beside it that travels with Tune's state snapshots
+(tuner.AshaAwareOptunaSearch): docs/cluster.md says how, and how S3-compatible stores are named.
 """
 from __future__ import annotations
 

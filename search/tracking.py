@@ -1,10 +1,7 @@
-"""MLflow tracking on the driver: one parent run per search, one nested child run per trial
-(the trials log their own, see trainables/tracking.py), and after the search the trials' final
-statuses, the best trial, the winning prompt, Optuna's plots and the winner's nearest vocabulary
-tokens on the parent.
-
-`finish_search_run` is idempotent and replays the trials' spools first, so
-`softprompt mlflow sync NAME` (which calls it again) repairs whatever an unreachable server missed.
+"""MLflow tracking on the driver: one parent run per search, one nested child run per trial (the trials
+log their own, trainables/tracking.py), and after the search the trials' final statuses, the winner, its
+prompt and nearest tokens, and Optuna's plots on the parent. `finish_search_run` is idempotent and replays
+the trials' spools first, so `softprompt mlflow sync` (which calls it again) repairs what a server missed.
 """
 from __future__ import annotations
 

@@ -42,7 +42,6 @@ from softprompt.trainables.config import ADAPTATION_STEPS
 from softprompt.trainables.trainable import tune_trial
 
 TUNE_TRIAL_ID = "tune_trial_id"  # the Optuna trial's user attribute naming its Tune trial
-SAMPLERS = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
 
 
 class TuneGridSampler(optuna.samplers.GridSampler):
@@ -68,7 +67,7 @@ def build_sampler(cfg: SearchConfig, seed: int | None = None) -> optuna.samplers
         return TuneGridSampler(CustomSpace(cfg.space, cfg.checkpoints).grid(), seed=seed)
     if cfg.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.startup_trials or startup_trials(cfg.trials))
-    return SAMPLERS[cfg.sampler](seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 class AshaAwareOptunaSearch(OptunaSearch):

@@ -1,10 +1,6 @@
-"""Many soft prompts on one frozen backbone, in one batched forward pass: each row of the batch
-carries its own prompt. That gives prompt ensembling (paper section 6: k prompts for one task,
-combined by majority vote or mean log-probability) and mixed-task batches (each example scored
-with its own task's prompts and verbalizers), which PEFT's one-active-prompt forward cannot do.
-
-Rows are scored by models/prompt.py:class_scores, the path PromptedModel scores by, so each
-member scores as it does alone.
+"""Many soft prompts on one frozen backbone, in one batched forward pass: each row carries its own prompt,
+which gives prompt ensembling (paper section 6) and mixed-task batches, as PEFT's one-active-prompt forward
+cannot. Rows are scored by models/prompt.py:class_scores, so each member scores as it does alone.
 """
 from __future__ import annotations
 

@@ -1,15 +1,6 @@
 """A Ray Serve replica of exported prompts: one frozen backbone per replica answers every task of a
-bundle, with the rows of concurrent requests scored together (Ray Serve's batching, cut into passes
-under a token budget), and a registry alias followed without a restart.
-
-The HTTP schema is the MLflow model's (`mlflow models serve`): a JSON body with `dataframe_records`
-(a list of rows), `dataframe_split` (`columns` and `data`) or `inputs` (rows); each row holds the
-task's raw columns and optionally `task`. The answer is `{"predictions": [...]}`, a row per input
-row as serving/rows.py answers it, plus `model_version` (the registry version that answered, when
-serving an alias), `batched_requests` (how many requests shared its batch) and `refused` (a newer
-version this replica will not serve, in one line).
-A malformed request gets a 4xx whose body is `{"error": ONE LINE}`. A GET says what the replica
-serves: its version, tasks, backbone and when the backbone was loaded.
+bundle, with the rows of concurrent requests scored together, and a registry alias followed without a
+restart. The HTTP schema is the MLflow model's; answers, errors and the GET: docs/export-and-serving.md.
 """
 from __future__ import annotations
 

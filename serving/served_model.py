@@ -1,13 +1,6 @@
 """The MLflow pyfunc model of an exported prompt bundle, logged as code ("models from code"), so
-the registered model holds this file, the prompts' safetensors and JSON, and no pickle.
-
-`predict` takes a DataFrame with each task's raw columns (those its template names: `text`, or
-`question` and `passage`...) and optionally `task` (which of the bundle's tasks; default: the
-first). It applies the task's template itself, as training did, and returns `task`, `label` (the
-task's own label value), `label_id`, `verbalizer` (the word the model scored for it) and a
-`score_<label>` column per class (mean log-likelihood over the task's prompts). Each example runs
-with all its task's prompts in one forward pass, shared with the batch's other examples of similar
-length, whatever their tasks. Ray Serve answers through the same rows (serving/rows.py).
+the registered model holds this file, the prompts' safetensors and JSON, and no pickle. Its input
+and output columns: docs/export-and-serving.md; Ray Serve answers through the same rows (serving/rows.py).
 """
 from __future__ import annotations
 

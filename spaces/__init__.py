@@ -20,16 +20,9 @@ PAPER_STEPS = 30_000
 
 
 def paper(trial: optuna.Trial, checkpoints: list[str]) -> dict:
-    """The paper's ablations (section 7) and its Table 6 search: lr 0.001-0.5, parameter scaling,
-    warmup {off, 2k, 3k}, decay factor {off, 0.1, 0.5} every {4k, 6k, 8k} steps, with step counts as
-    fractions of 30k applied to max_steps, so the space scales with the budget. AdamW, not in the
-    paper, is the alternative to its Adafactor. Left out of Table 6:
-    - batch size {32..512}: fixed by train.batch_size, since a trial's resources (cpus/gpus_per_trial)
-      are sized once per search, activation memory grows with the batch, and there is no gradient
-      accumulation (on 2 CPU cores, batch 8 already takes about 1 s a step).
-    - steps {10k, 20k, 30k}: the budget is max_steps, and ASHA decides how far each trial runs; the
-      kept prompt is the best dev evaluation on the way.
-    Not in Table 6 and not searched here: dropout (the paper ran 0.1; set train.dropout)."""
+    """The paper's ablations (section 7) and its Table 6 search, its step counts as fractions of max_steps;
+    AdamW, not in the paper, is the alternative to its Adafactor. Why batch size and steps are left out:
+    docs/configuration.md#search-spaces."""
     trial.suggest_categorical("prompt_length", [1, 5, 20, 100, 150])
     trial.suggest_categorical("init", ["random_uniform", "sampled_vocab", "class_label"])
     optimizer = trial.suggest_categorical("optimizer", ["adafactor", "adamw"])

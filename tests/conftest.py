@@ -21,7 +21,7 @@ import yaml
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from softprompt.models.backbone import load_backbone
-from softprompt.models.hub import _smollm2_folder
+from softprompt.models.hub import OFFLINE_MODELS
 
 torch.set_num_threads(1)  # the tiny models' ops are too small to gain from threads; test_learning asks for 2
 
@@ -93,7 +93,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    return AutoTokenizer.from_pretrained(_smollm2_folder())
+    return AutoTokenizer.from_pretrained(OFFLINE_MODELS["smollm2-135m"]())
 
 
 def _save_tiny(model, tokenizer, folder):

@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from softprompt.cli.main import main
-from softprompt.models.tasks import TaskError, dataset_task, file_task, load_task, task_key
+from softprompt.models.tasks import TaskError, dataset_task, file_task, load_task
 from softprompt.search.config import train_config
 from softprompt.trainables.config import TrainConfig
-from softprompt.trainables.loop import checkpoint_meta, prepare_data, train
+from softprompt.trainables.loop import DataSpec, checkpoint_meta, prepare_data, train
 
 SENTIMENT = datasets.ClassLabel(names=["negative", "positive"])
 REVIEW = datasets.Features({"text": datasets.Value("string"), "label": SENTIMENT})
@@ -147,11 +147,12 @@ def test_hidden_test_labels_are_refused_naming_the_field_split_and_row(tmp_path)
     assert error.value.field == "label_column"
 
 
-def test_equal_task_mappings_have_one_key_whatever_their_key_order():
+def test_equal_task_mappings_have_one_cache_key_whatever_their_key_order():
     a = {"dataset": "d", "splits": {"train": "train", "test": "validation"}, "template": "{text}"}
     b = {"template": "{text}", "splits": {"test": "validation", "train": "train"}, "dataset": "d"}
-    assert task_key(a) == task_key(b) != task_key({**a, "template": "{text}!"})
-    assert task_key("rotten_tomatoes") == "rotten_tomatoes"
+    key = {DataSpec.of(TrainConfig(task=a)): "cached"}
+    assert key.get(DataSpec.of(TrainConfig(task=b))) == "cached"
+    assert DataSpec.of(TrainConfig(task={**a, "template": "{text}!"})) not in key
 
 
 def test_a_task_mapping_config_survives_yaml_and_its_local_dataset_becomes_absolute(review_folder, tmp_path,

@@ -24,7 +24,7 @@ from softprompt.models.backbone import load_backbone
 from softprompt.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from softprompt.models.data import encode_task, verbalizer_ids
 from softprompt.models.evaluate import rank_classify
-from softprompt.models.hub import _smollm2_folder
+from softprompt.models.hub import OFFLINE_MODELS
 from softprompt.models.prompt import PromptedModel, SoftPrompt, cache_kwarg, prompted_inputs, returned_cache
 from softprompt.models.tasks import format_input, load_task
 from softprompt.search.export import export_mlflow_model, export_npy, export_peft_adapter, write_bundle
@@ -38,7 +38,7 @@ def save_tiny(folder: Path, kind: str, seed: int = 0) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(_smollm2_folder())
+    tokenizer = AutoTokenizer.from_pretrained(OFFLINE_MODELS["smollm2-135m"]())
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -204,7 +204,7 @@ def test_a_sliding_window_model_serves_without_cached_prompts_and_scores_right(t
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(_smollm2_folder())
+    tokenizer = AutoTokenizer.from_pretrained(OFFLINE_MODELS["smollm2-135m"]())
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True, sliding_window=4,
                          max_window_layers=0, tie_word_embeddings=True)

@@ -1,11 +1,6 @@
 """Soft-prompt initialisers, after google-research/prompt-tuning: small named functions of the
-frozen input embeddings, chosen by name. Each returns a float32 [length, width] tensor.
-
-Token rows are what the model receives for those tokens (the embedding module's output): some
-architectures (Gemma) scale it by sqrt(width), and a prompt copied from the bare table would start
-that much smaller than the tokens beside it. random_uniform's [-init_scale, init_scale] is the
-paper's range for T5, whose token embeddings are of that order; random_uniform_relative takes the
-range in units of the model's own embeddings' RMS, for models whose embeddings are not."""
+frozen input embeddings, chosen by name. Each returns a float32 [length, width] tensor. Token rows are
+what the model receives for those tokens, its own scaling included (docs/configuration.md says why)."""
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -1,9 +1,8 @@
 """The prompt-tuning loop: one function, read top to bottom.
 
-build batch -> forward -> loss -> backward -> step -> (at each eval step: every eval_every steps,
-or exactly the config's eval_steps) evaluate on dev, keep the best prompt, report and offer a
-checkpoint. At the end the best prompt (early stopping
-on dev, as in the paper) is evaluated on the held-out test split.
+build batch -> forward -> loss -> backward -> step -> (at each eval step) evaluate on dev, keep the best
+prompt, report and offer a checkpoint. At the end the best prompt (early stopping on dev, as in the paper)
+is evaluated on the held-out test split.
 """
 from __future__ import annotations
 

@@ -1,11 +1,7 @@
 """A trial's MLflow child run: parameters once, every report's metrics with its step, the best
-prompt so far as an artifact, and the final status. Trials log directly (from any node) to the
-tracking URI the driver hands them, under the search's parent run.
-
-When the tracking server cannot be reached, the trial says so once and appends what it could not
-log to a JSONL spool in the search's folder; `softprompt mlflow sync` replays spools later, so
-nothing is lost. A trial's records go to the spool from the first failure on, which keeps them in
-order.
+prompt so far as an artifact, and the final status, logged directly (from any node) under the
+search's parent run. An unreachable server: records go to a JSONL spool in the search's folder from
+the first failure on, in order, for `softprompt mlflow sync` (docs/architecture.md).
 """
 from __future__ import annotations
 
@@ -14,6 +10,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,20 +117,21 @@ class TrialTracker:
         with open(self.spool, "a") as handle:
             handle.write(json.dumps({"trial_id": self.trial_id, **record}) + "\n")
 
-    def _attempt(self, online, record: dict) -> None:
+    def _attempt(self, online, record: Callable[[], dict]) -> None:
+        """`online()`, or where the server cannot be reached the spool record `record()` makes."""
         if not self.offline:
             try:
                 online()
                 return
             except Exception as error:
                 self._go_offline(error)
-        self._write(record)
+        self._write(record())
 
     def log(self, metrics: dict, prompt_folder: Path | None = None) -> None:
         """One report: its numeric metrics at its step, and the best prompt so far."""
         values, step, now = numeric_metrics(metrics), int(metrics.get("step", 0)), int(time.time() * 1000)
         self._attempt(lambda: log_metrics(self.client, self.run_id, values, step, now),
-                      {"kind": "metrics", "metrics": values, "step": step, "timestamp": now})
+                      lambda: {"kind": "metrics", "metrics": values, "step": step, "timestamp": now})
         if prompt_folder is not None and Path(prompt_folder).is_dir():
             self.log_prompt(Path(prompt_folder))
 
@@ -143,16 +141,11 @@ class TrialTracker:
             shutil.rmtree(copy, ignore_errors=True)
             shutil.copytree(folder, copy)
             return {"kind": "prompt", "folder": str(copy)}
-        if not self.offline:
-            try:
-                self.client.log_artifacts(self.run_id, str(folder), "prompt")
-                return
-            except Exception as error:
-                self._go_offline(error)
-        self._write(spooled())
+        self._attempt(lambda: self.client.log_artifacts(self.run_id, str(folder), "prompt"), spooled)
 
     def finish(self, status: str) -> None:
-        self._attempt(lambda: set_status(self.client, self.run_id, status), {"kind": "status", "status": status})
+        self._attempt(lambda: set_status(self.client, self.run_id, status),
+                      lambda: {"kind": "status", "status": status})
 
 
 def replay_spool(mlflow_client, target: TrackingTarget, spool: Path) -> int:

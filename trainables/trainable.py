@@ -1,10 +1,6 @@
-"""The Ray Tune function trainable: one search trial = one prompt-tuning run on a worker.
-
-The frozen backbone and the tokenised task are kept per worker process and reused by later
-trials on that worker. Reports at each eval step (every `eval_every` steps, or the config's
-`eval_steps`: under ASHA, its rungs) with a resumable checkpoint, so a trial resumes from its last
-eval step; resumes from `ray.tune.get_checkpoint()` bit-for-bit (prompt, optimizer state, data
-order).
+"""The Ray Tune function trainable: one search trial = one prompt-tuning run on a worker. The frozen
+backbone and the tokenised task are kept per worker process for its later trials. Reports at each eval
+step with a checkpoint it resumes from bit-for-bit (prompt, optimizer state, data order).
 """
 from __future__ import annotations
 
