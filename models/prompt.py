@@ -39,7 +39,7 @@ class InputDropout:
     step: int
 
     @classmethod
-    def for_step(cls, rate: float, seed: int, step: int, device: torch.device | None = None) -> InputDropout | None:
+    def for_step(cls, rate: float, seed: int, step: int) -> InputDropout | None:
         return None if rate == 0 else cls(rate, seed, step)
 
     def __call__(self, embeds: torch.Tensor) -> torch.Tensor:

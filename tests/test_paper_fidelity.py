@@ -222,8 +222,8 @@ def test_dropout_0_is_no_dropout(name, request):
     backbone = request.getfixturevalue(name)
     data, pm = reviews_data(backbone), prompted(backbone)
     batch = make_batch(data, data.splits["train"].input_ids[:4], data.splits["train"].labels[:4])
-    assert InputDropout.for_step(0.0, seed=0, step=3, device=torch.device("cpu")) is None
-    assert torch.equal(pm.loss(batch, InputDropout.for_step(0.0, 0, 3, torch.device("cpu"))), pm.loss(batch))
+    assert InputDropout.for_step(0.0, seed=0, step=3) is None
+    assert torch.equal(pm.loss(batch, InputDropout.for_step(0.0, 0, 3)), pm.loss(batch))
 
 
 @pytest.mark.parametrize("name", BACKBONES)
@@ -232,7 +232,7 @@ def test_dropout_zeroes_features_of_prompt_and_input_alike_and_scales_the_rest(n
     data, pm = reviews_data(backbone), prompted(backbone)
     batch = make_batch(data, data.splits["train"].input_ids[:4], data.splits["train"].labels[:4])
     plain = embeds_received(pm, batch, None)
-    dropped = embeds_received(pm, batch, InputDropout.for_step(0.3, 0, 3, torch.device("cpu")))
+    dropped = embeds_received(pm, batch, InputDropout.for_step(0.3, 0, 3))
     kept = dropped != 0
     present = plain != 0  # a padding token's embedding row may be zeros
     for part in (slice(0, 5), slice(5, None)):  # the prompt's 5 positions, then the embedded text
@@ -245,8 +245,7 @@ def test_dropout_masks_are_fixed_by_seed_and_step_and_scoring_never_drops(name, 
     backbone = request.getfixturevalue(name)
     data, pm = reviews_data(backbone), prompted(backbone)
     batch = make_batch(data, data.splits["train"].input_ids[:4], data.splits["train"].labels[:4])
-    cpu = torch.device("cpu")
-    losses = [pm.loss(batch, InputDropout.for_step(0.3, seed, step, cpu))
+    losses = [pm.loss(batch, InputDropout.for_step(0.3, seed, step))
               for seed, step in ((0, 3), (0, 3), (0, 4), (1, 3))]
     assert torch.equal(losses[0], losses[1])
     assert len({loss.item() for loss in losses[1:]} | {pm.loss(batch).item()}) == 4
