@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-from adaptation.lm_adapt import AdaptConfig, run_adaptation
+from adaptation.config import AdaptConfig
+from adaptation.lm_adapt import run_adaptation
 from trainables.backbone import OFFLINE_MODELS
 from trainables.tasks import OFFLINE_TASKS
 

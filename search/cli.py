@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from adaptation.lm_adapt import AdaptConfig  # numpy and yaml: no torch, no ray
+from adaptation.config import AdaptConfig  # numpy and yaml: no torch, no ray
 from search.configfile import SEARCH_RULES, STORAGE_PATH, ConfigError, check_fields, check_tracking_uri, search_values
 from search.jobs import DEFAULT_ADDRESS  # yaml and the config file helpers: no torch, no ray, for a fast --help
 from trainables.errors import UserError, one_line
