@@ -47,7 +47,9 @@ def train_worker(config: dict) -> None:
             load_model(model, os.path.join(folder, MODEL_FILE))
             optimizer_state = torch.load(os.path.join(folder, OPTIMIZER_FILE), weights_only=True)
             saved = json.loads(Path(folder, STEP_FILE).read_text())
-            start, cursor = saved["step"], Cursor(**saved["cursors"][rank])
+            # a state saved before the corpus was streamed has no cursors: its batches were random windows,
+            # which no stream continues, so the stream starts at the corpus's first row
+            start, cursor = saved["step"], Cursor(**saved["cursors"][rank]) if "cursors" in saved else Cursor()
     model = ray.train.torch.prepare_model(model)  # on the worker's device, wrapped for DDP
     device = ray.train.torch.get_device()
     optimizer = Adafactor(model.parameters(), lr=cfg.lr)  # after the move: its state lives where its parameters do
