@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-from softprompt.adaptation.lm_adapt import AdaptConfig, run_adaptation
+from softprompt.adaptation.config import AdaptConfig
+from softprompt.adaptation.lm_adapt import run_adaptation
 from softprompt.models.hub import OFFLINE_MODELS
 from softprompt.models.tasks import OFFLINE_TASKS
 
@@ -29,7 +30,8 @@ RESULTS = Path(__file__).parent / "results"
 
 def t5_small(folder: Path, size: str) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(OFFLINE_MODELS["smollm2-135m"]())
-    shapes = {"small": dict(d_model=512, d_ff=1024, d_kv=64, num_layers=8, num_heads=6),
+    shapes = {"tiny": dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4),  # bench_lm_stream's harsh case
+              "small": dict(d_model=512, d_ff=1024, d_kv=64, num_layers=8, num_heads=6),
               "base": dict(d_model=768, d_ff=2048, d_kv=64, num_layers=12, num_heads=12)}[size]
     config = T5Config(vocab_size=len(tokenizer), feed_forward_proj="gated-gelu", tie_word_embeddings=False,
                       decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,

@@ -5,17 +5,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from softprompt.adaptation.lm_adapt import AdaptConfig, check_config, run_adaptation
+from softprompt.adaptation.config import AdaptConfig, check_config, parse_steps
+from softprompt.adaptation.lm_adapt import run_adaptation
 from softprompt.configfile import check_tracking_uri
 from softprompt.errors import ConfigError
 from softprompt.models.manifest import read_manifest
-
-
-def parse_steps(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.split(","))
-    except ValueError:
-        raise ConfigError("--steps", text, "whole step counts separated by commas (e.g. 10000,50000,100000)") from None
 
 
 def cmd_lm_adapt(args) -> int:

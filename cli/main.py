@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from softprompt.adaptation.lm_adapt import AdaptConfig  # numpy and yaml: no torch, no ray
+from softprompt.adaptation.config import AdaptConfig
 from softprompt.cli.cluster import JOB_HANDLERS, cmd_cluster_check, cmd_submit
 from softprompt.cli.lm_adapt import cmd_lm_adapt
 from softprompt.cli.search import (

@@ -195,8 +195,9 @@ def is_local_source(source: str) -> bool:
     return Path(source).exists() or _is_glob(source) or Path(source).suffix.lower() in FILE_SUFFIXES
 
 
-def read_rows(source: str, where: Where) -> datasets.Dataset:
-    """The rows of one data file, or of every file a glob matches, as one split."""
+def read_rows(source: str, where: Where, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
+    """The rows of one data file, or of every file a glob matches, as one split (`streaming`: read as
+    they are iterated, so a corpus larger than memory is never read whole)."""
     suffix = Path(source).suffix.lower()
     kind = FILE_SUFFIXES.get(suffix)
     if kind is None:
@@ -206,7 +207,7 @@ def read_rows(source: str, where: Where) -> datasets.Dataset:
                          + (" (the glob matches no file)" if _is_glob(source) else ""))
     with _quiet_reads():
         try:
-            return datasets.load_dataset(kind, data_files=source, split="train")
+            return datasets.load_dataset(kind, data_files=source, split="train", streaming=streaming)
         except Exception as error:  # datasets raises many types for unreadable files, the reason as the cause
             cause = error.__cause__ or error
             raise where.fail("dataset", f"{where.source} could not be read as {kind} ({type(cause).__name__}: "
@@ -214,35 +215,39 @@ def read_rows(source: str, where: Where) -> datasets.Dataset:
                                         f"file") from None
 
 
-def read_dataset(spec: dict, where: Where, load_dataset: Callable = datasets.load_dataset) -> datasets.DatasetDict:
+def read_dataset(spec: dict, where: Where, load_dataset: Callable = datasets.load_dataset,
+                 streaming: bool = False) -> datasets.DatasetDict | datasets.IterableDatasetDict:
     """The dataset a mapping names, split by split, as `datasets` reads it: a save_to_disk folder, a
-    folder of FILE_SUFFIXES files, a file or glob of them, or a hub id. lm-adapt reads its corpus here too."""
+    folder of FILE_SUFFIXES files, a file or glob of them, or a hub id. lm-adapt reads its corpus here too,
+    `streaming`: rows read as they are iterated (a file's unreadable bytes then fail the iteration)."""
     source = spec["dataset"]
     path = Path(source)
     # a save_to_disk folder, as datasets tells one (load_dataset refuses a folder with a state.json)
     if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
         with _quiet_reads():
             try:
-                loaded = datasets.load_from_disk(source)
+                loaded = datasets.load_from_disk(source)  # memory-mapped: nothing is read yet
             except Exception as error:  # damaged or partly written folders raise many types
                 raise where.fail("dataset", f"{where.source} could not be read as a save_to_disk folder "
                                             f"({type(error).__name__}: {one_line(error)})") from None
     elif path.is_dir():  # a folder of files: datasets names the splits by the files' names (train, dev, test...)
         with _quiet_reads():
             try:
-                loaded = datasets.load_dataset(source)
+                loaded = datasets.load_dataset(source, streaming=streaming)
             except Exception as error:
                 raise where.fail("dataset", f"{where.source} could not be read as a folder of data files "
                                             f"({one_line(error)}); allowed: train/dev/test "
                                             f"{'/'.join(FILE_SUFFIXES)} files") from None
     elif is_local_source(source):
-        loaded = read_rows(source, where)
+        loaded = read_rows(source, where, streaming)
     else:
         # datasets' own cache (its default cache_dir): a node reads a hub dataset once, and its file lock
         # makes the node's other workers wait for that download instead of repeating it
-        revision = {"revision": spec["revision"]} if spec.get("revision") else {}
+        # (streamed: read from the hub as iterated, nothing cached)
+        options = {**({"revision": spec["revision"]} if spec.get("revision") else {}),
+                   **({"streaming": True} if streaming else {})}  # a loader tests pass in need not take the flag
         try:
-            loaded = load_dataset(source, spec.get("config"), **revision)
+            loaded = load_dataset(source, spec.get("config"), **options)
         except ConnectionError as error:
             raise where.fail("dataset", f"{where.source} is not a local path, and it is neither in datasets' "
                                         f"cache here nor reachable on the hub ({one_line(error)})") from None
@@ -251,7 +256,12 @@ def read_dataset(spec: dict, where: Where, load_dataset: Callable = datasets.loa
             raise where.fail(field, f"{where.source} could not be loaded from the hub ({type(error).__name__}: "
                                     f"{one_line(error)}); allowed: a hub dataset id, a save_to_disk folder, or a "
                                     f"data file / glob / folder of files") from None
-    return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+    if isinstance(loaded, (datasets.Dataset, datasets.IterableDataset)):
+        loaded = {"train": loaded}
+    if streaming:
+        return datasets.IterableDatasetDict({split: rows.to_iterable_dataset() if isinstance(rows, datasets.Dataset)
+                                             else rows for split, rows in loaded.items()})
+    return datasets.DatasetDict(loaded)
 
 
 def split_roles(given: dict, available: list[str], where: Where) -> dict[str, str | None]:

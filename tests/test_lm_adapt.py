@@ -1,10 +1,11 @@
 """`softprompt lm-adapt`: a span-corruption T5 continued with the prefix-LM objective as a Ray Train
 job (2 CPU workers here), with checkpoints at the requested steps that load as backbones, a manifest
 searches read, resume after a kill, and one-line refusals. A tiny random T5 on local text stands in
-for google/t5-v1_1-base on C4."""
+for google/t5-v1_1-base on C4, and the text is larger than the job's Ray object store: it is streamed."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -14,17 +15,21 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import on_session_ray, softprompt
 from safetensors.torch import load_file
 
-from softprompt.adaptation.lm_adapt import JOB_FILE, RUN_NAME, STATE_DIR
+from softprompt.adaptation.config import JOB_FILE
+from softprompt.adaptation.corpus import Cursor, TokenStream, open_corpus
+from softprompt.adaptation.lm_adapt import RUN_NAME, STATE_DIR
 from softprompt.adaptation.resume import SNAPSHOT, checkpoint_step, resume_from_newest_complete_checkpoint
 from softprompt.cli.main import main
 from softprompt.configfile import ConfigError
 from softprompt.models.backbone import load_backbone
+from softprompt.models.hub import load_tokenizer
 from softprompt.models.manifest import MANIFEST_FILE, read_manifest
 from softprompt.models.tasks import OFFLINE_TASKS
 
@@ -33,11 +38,17 @@ JOB = ["--steps", STEPS, "--workers", "2", "--batch-size", "4", "--seq-len", "32
        "--log-every", "2"]
 
 
+SNIPPETS = OFFLINE_TASKS["rotten_tomatoes"]().splits["train"]["input"]
+CORPUS_BYTES = 150 * 2**20  # larger than the object store of the job that reads it (OBJECT_STORE)
+OBJECT_STORE = 80 * 2**20   # about Ray's smallest
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """Local text: the Rotten Tomatoes training snippets, one a line."""
+    """Local text, one Rotten Tomatoes training snippet a line, over and over to CORPUS_BYTES."""
     path = tmp_path_factory.mktemp("corpus") / "snippets.txt"
-    path.write_text("\n".join(OFFLINE_TASKS["rotten_tomatoes"]().splits["train"]["input"][:1500]))
+    text = "\n".join(SNIPPETS) + "\n"
+    path.write_text(text * (CORPUS_BYTES // len(text.encode()) + 1))
     return path
 
 
@@ -67,6 +78,52 @@ def test_checkpoints_appear_at_the_requested_steps_and_each_loads_as_a_backbone(
     assert "lm-adapt step 8/8" in adapted["stdout"] and "tokens/s (2 workers)" in adapted["stdout"]
 
 
+def test_a_corpus_larger_than_the_object_store_is_streamed_and_only_what_the_steps_need_is_read(adapted, corpus,
+                                                                                                tiny_t5_dir):
+    """Each worker's saved cursor says where its token stream stands after step 8: 8 batches of 4 windows of
+    32 tokens, taken from its own rows (every second one) and nothing past them."""
+    store = int(re.search(r"object store bytes (\d+)", adapted["stdout"]).group(1))
+    assert store <= OBJECT_STORE < corpus.stat().st_size
+    cursors = json.loads((checkpoint_folder(adapted["out"]) / "step.json").read_text())["cursors"]
+    lines = [row["text"] for row in itertools.islice(open_corpus(str(corpus)), 1000)]  # of over a million
+    tokenizer = load_tokenizer(str(tiny_t5_dir))
+    lengths = [len(ids) + 1 for ids in tokenizer(lines, add_special_tokens=False)["input_ids"]]  # and EOS
+    for rank, cursor in enumerate(cursors):
+        assert cursor["epoch"] == 0 and cursor["row"] % 2 == rank and cursor["row"] < 1000, cursor
+        assert sum(lengths[rank:cursor["row"]:2]) + cursor["offset"] == 8 * 4 * 32, cursor
+
+
+def snippet_batches(rows: list[str], size: int = 7):
+    """`texts_from` over `rows`: its texts from a row on, in batches, as Ray Data hands a worker the corpus."""
+    return lambda start: (rows[i:i + size] for i in range(start, len(rows), size))
+
+
+def test_a_token_stream_resumed_from_its_cursor_goes_on_with_the_tokens_it_would_have_given(smollm2_tokenizer):
+    """Across the end of the corpus too (it is read again from its first row), and rows of other workers
+    are never its own."""
+    rows = [*SNIPPETS[:40], "", "  "]
+    own = TokenStream(snippet_batches(rows), smollm2_tokenizer, rank=1, world=3)
+    taken = np.concatenate([own.take(50) for _ in range(40)])
+    expected = np.concatenate([[*smollm2_tokenizer(text, add_special_tokens=False)["input_ids"],
+                                smollm2_tokenizer.eos_token_id] for text in rows[1:40:3]])
+    assert len(taken) > 3 * len(expected)  # read over more than three times
+    assert np.array_equal(taken[:3 * len(expected)], np.tile(expected, 3))
+    cursor = own.cursor
+    assert cursor.epoch >= 3 and cursor.row % 3 == 1
+    again = TokenStream(snippet_batches(rows), smollm2_tokenizer, rank=1, world=3, cursor=cursor)
+    assert np.array_equal(np.concatenate([again.take(37) for _ in range(20)]),
+                          np.concatenate([own.take(37) for _ in range(20)]))
+    assert again.cursor == own.cursor != cursor
+
+
+def test_a_worker_without_a_row_of_its_own_stops_with_one_line(smollm2_tokenizer):
+    stream = TokenStream(snippet_batches(["one text", "", "another"]), smollm2_tokenizer, rank=1, world=2,
+                         cursor=Cursor(epoch=0, row=1))
+    with pytest.raises(ConfigError, match=r"^--workers = 2 is not allowed: at most the corpus's non-empty rows: "
+                                          r"worker 1 \(rows 1, 3, ...\) has none$"):
+        stream.take(1)
+
+
 def test_the_job_is_one_mlflow_run_with_its_loss_curve(adapted):
     from mlflow.tracking import MlflowClient
 
@@ -82,24 +139,31 @@ def test_the_job_is_one_mlflow_run_with_its_loss_curve(adapted):
     assert run.info.status == "FINISHED"
 
 
-# `softprompt lm-adapt ARGS`, its rank 0 copying OUT at two moments: when its step-2 and step-4 lines say its
-# state is saved, OUT is copied as a kill right then would leave it (rank 0 waits in the copy, rank 1 for rank
-# 0 in the next step's all-reduce). The job is otherwise the command's own, run to its end.
-TOLD = textwrap.dedent("""
-    import functools, shutil, sys
-    import softprompt.adaptation.lm_adapt, softprompt.cli.lm_adapt
-    from softprompt.adaptation.lm_adapt import run_adaptation, train_worker
+# `softprompt lm-adapt ARGS` on a Ray whose object store is OBJECT_STORE, its rank 0 copying OUT at two moments:
+# when its step-2 and step-4 lines say its state is saved, OUT is copied as a kill right then would leave it
+# (rank 0 waits in the copy, rank 1 for rank 0 in the next step's all-reduce). The job is otherwise the
+# command's own, run to its end.
+TOLD = textwrap.dedent(f"""
+    import functools, os, shutil, sys
+    import ray
+    import softprompt.adaptation.worker, softprompt.cli.lm_adapt
+    from softprompt.adaptation.lm_adapt import run_adaptation
+    from softprompt.adaptation.worker import train_worker
     from softprompt.cli.main import main
 
     copies, out = sys.argv[1:3]  # captured by value: a worker's own sys.argv is Ray's
+    os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # as the command sets it before it starts Ray itself
+    ray.init(num_cpus=2, object_store_memory={OBJECT_STORE}, include_dashboard=True, configure_logging=False,
+             logging_level="WARNING")
+    print("object store bytes", int(ray.cluster_resources()["object_store_memory"]), flush=True)
 
     def copied_when_told(config):
         def print_then_copy(line, **kwargs):
             print(line, **kwargs)
             step = line.split()[2].split("/")[0]
             if step in ("2", "4"):
-                shutil.copytree(out, f"{copies}/told-{step}", symlinks=True)
-        softprompt.adaptation.lm_adapt.print = print_then_copy
+                shutil.copytree(out, f"{{copies}}/told-{{step}}", symlinks=True)
+        softprompt.adaptation.worker.print = print_then_copy
         train_worker(config)
 
     softprompt.cli.lm_adapt.run_adaptation = functools.partial(run_adaptation, worker=copied_when_told)
@@ -274,7 +338,7 @@ def test_a_job_resumed_with_other_settings_is_refused_in_one_line_before_ray_sta
 def test_a_resume_that_leaves_workers_to_the_cluster_is_compared_once_they_are_known(tmp_path):
     """Before Ray starts, --workers left out (None) is not known yet: every other setting is checked then,
     the workers once the cluster has said how many."""
-    from softprompt.adaptation.lm_adapt import AdaptConfig, check_resumed_job
+    from softprompt.adaptation.config import AdaptConfig, check_resumed_job
 
     state = tmp_path / "out" / STATE_DIR
     first = AdaptConfig(model="t5", corpus="corpus.txt", steps=(4, 8), out=str(tmp_path / "out"), workers=2)
@@ -328,7 +392,7 @@ def test_out_on_a_disk_of_this_machine_only_is_refused_when_other_nodes_may_run_
                                                                                         refused):
     """Without --submit on a cluster of several nodes (or one an autoscaler grows), rank 0 writes OUT/step-N
     on whichever node it runs: OUT must be a filesystem every node mounts."""
-    from softprompt.adaptation.lm_adapt import check_out_shared
+    from softprompt.adaptation.config import check_out_shared
 
     if not refused:
         check_out_shared("/data/adapted", other_nodes, filesystem)
@@ -340,6 +404,6 @@ def test_out_on_a_disk_of_this_machine_only_is_refused_when_other_nodes_may_run_
 
 
 def test_the_filesystem_of_a_folder_not_made_yet_is_that_of_its_nearest_existing_parent(tmp_path):
-    from softprompt.adaptation.lm_adapt import filesystem_type
+    from softprompt.adaptation.config import filesystem_type
 
     assert filesystem_type(tmp_path / "not" / "made" / "yet") == filesystem_type(tmp_path) is not None

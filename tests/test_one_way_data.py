@@ -8,7 +8,7 @@ import json
 import datasets
 import pytest
 
-from softprompt.adaptation.lm_adapt import read_corpus
+from softprompt.adaptation.corpus import open_corpus
 from softprompt.errors import ConfigError
 from softprompt.models.tasks import FILE_SUFFIXES, TaskError, Where, dataset_task, read_dataset
 
@@ -21,6 +21,11 @@ def no_bars():
     datasets.disable_progress_bars()
     yield
     datasets.enable_progress_bars()
+
+
+def read_corpus(source: str) -> list[str]:
+    """The texts lm-adapt streams from `source`, in the order its workers read them."""
+    return [row["text"] for row in open_corpus(source)]
 
 
 def task_texts(source: str) -> list[str]:
