@@ -40,7 +40,7 @@ def tree_before(tmp: Path) -> Path:
     folder = tmp / "before"
     folder.mkdir()
     archive = subprocess.run(["git", "archive", BEFORE, "adaptation", "search", "serving", "spaces", "trainables"],
-                             capture_output=True, check=True, cwd=Path(__file__).parent).stdout
+                             capture_output=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     return folder
 
