@@ -13,8 +13,11 @@ from softprompt.models.manifest import read_manifest
 
 
 def cmd_lm_adapt(args) -> int:
-    """`softprompt lm-adapt`: run or resume the job here (or submit it to a cluster), then say where the
-    checkpoints are."""
+    """LM adaptation (paper section 3.2, Figure 3d): continue training a span-corruption T5 with T5's prefix-LM
+    objective (a text prefix as input, its continuation as target), data parallel over the cluster's GPUs (CPU
+    workers where there is none), and save a loadable checkpoint at each of --steps, with a manifest
+    (OUT/lm-adapt.yaml) that a search config's checkpoints: takes. Run again with the same --out, it resumes
+    from its last state. Tracked in MLflow (loss and tokens/s). With --submit the job runs on a cluster."""
     cfg = AdaptConfig(model=args.model, corpus=args.corpus, steps=parse_steps(args.steps), out=args.out,
                       text_column=args.text_column, corpus_config=args.corpus_config, workers=args.workers,
                       batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed,

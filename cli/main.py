@@ -144,16 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_serve_command(commands) -> None:
-    """`serve` (cli/serve.py): exported prompts on Ray Serve."""
+    """`serve` (cli/serve.py): exported prompts on Ray Serve; its handler's docstring is its description."""
     serve = commands.add_parser(
         "serve", help="serve exported prompts on Ray Serve (HTTP JSON, the MLflow model's schema)",
-        description="Serve a registered model (NAME: its production alias, or models:/NAME@ALIAS), a bundle folder "
-                    "or a search's winner on Ray Serve: one frozen backbone per replica answers every task of the "
-                    "bundle, concurrent requests are scored together, and a registry alias that moves to a new "
-                    "version is served from the next batch on, without a restart. POST {\"dataframe_records\": "
-                    "[{\"text\": ...}]} as to `mlflow models serve`. Without --address it starts a local Ray and "
-                    "serves until Ctrl-C; with one it deploys onto that cluster and returns. `serve status` and "
-                    "`serve stop` manage it.")
+        description=cmd_serve.__doc__)
     serve.add_argument("target", metavar="NAME|models:/NAME@ALIAS|BUNDLE|SEARCH|status|stop",
                        help="what to serve, or `status` / `stop`")
     serve.add_argument("--config", help="YAML serve config: replicas or autoscaling, num_cpus and num_gpus per "
@@ -168,15 +162,11 @@ def _add_serve_command(commands) -> None:
 
 
 def _add_lm_adapt_command(commands) -> None:
-    """`lm-adapt` (cli/lm_adapt.py): the checkpoints a search's `checkpoints:` axis explores."""
+    """`lm-adapt` (cli/lm_adapt.py): the checkpoints a search's `checkpoints:` axis explores; its handler's
+    docstring is its description."""
     adapt = commands.add_parser(
         "lm-adapt", help="continue a span-corruption T5 as a language model (a Ray Train job)",
-        description="LM adaptation (paper section 3.2, Figure 3d): continue training a span-corruption T5 with "
-                    "T5's prefix-LM objective (a text prefix as input, its continuation as target), data parallel "
-                    "over the cluster's GPUs (CPU workers where there is none), and save a loadable checkpoint "
-                    "at each of --steps, with a manifest (OUT/lm-adapt.yaml) that a search config's checkpoints: "
-                    "takes. Run again with the same --out, it resumes from its last state. Tracked in MLflow "
-                    "(loss and tokens/s).")
+        description=cmd_lm_adapt.__doc__)
     adapt.add_argument("model", help="a span-corruption T5: hub id (google/t5-v1_1-base) or local folder")
     adapt.add_argument("--corpus", required=True,
                        help="a hub id, a save_to_disk folder, or data files as a task mapping's dataset takes "

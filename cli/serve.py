@@ -64,6 +64,12 @@ def _connect(address: str | None) -> bool:
 
 
 def cmd_serve(args) -> int:
+    """Serve a registered model (NAME: its production alias, or models:/NAME@ALIAS), a bundle folder or a
+    search's winner on Ray Serve: one frozen backbone per replica answers every task of the bundle, concurrent
+    requests are scored together, and a registry alias that moves to a new version is served from the next
+    batch on, without a restart. POST {"dataframe_records": [{"text": ...}]} as to `mlflow models serve`.
+    Without --address it starts a local Ray and serves until Ctrl-C; with one it deploys onto that cluster and
+    returns. `serve status` and `serve stop` manage it."""
     if args.target in ACTIONS:
         return _status(args) if args.target == "status" else _stop(args)
     from softprompt.configfile import check_tracking_uri
