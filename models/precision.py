@@ -63,23 +63,18 @@ def cap_gpu_memory(fraction: float, device: torch.device) -> None:
 
 
 def avoid_cudnn_attention(device: torch.device) -> None:
-    """cuDNN's attention kernel builds a plan for every new sequence width it meets: on an H200 a
-    prompt-tuning step in bfloat16 ran at 142 examples/s on widths it had not seen and 523 on
-    widths it had, and a trial meets dozens of widths (length-bucketed batches, evaluation).
-    Without it PyTorch's other fused kernels ran 355 to 524, seen widths or not
-    (bench/results/gpu-attention.txt)."""
+    """cuDNN's attention kernel builds a plan for every new sequence width it meets, and a trial meets dozens
+    (length-bucketed batches, evaluation): a step on an unseen width ran at a quarter of the speed. PyTorch's
+    other fused kernels do not (bench/results/gpu-attention.txt)."""
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 class FloatHead(torch.nn.Module):
-    """A reduced-precision model's output projection, done in float32 from a float32 copy of its
-    weight. Rank classification compares log-likelihoods that differ by tenths of a nat, and
-    bfloat16 logits of magnitude 16 to 32 are rounded to steps of 0.125. Measured on SmolLM2-135M
-    with the untrained class-label prompt (20% of 300 dev examples within 0.1 nat of a tie):
-    bfloat16 and float32 ranked 94.3% of them alike with the head in bfloat16, 97.0% with it in
-    float32. Only the kept positions reach the head (logits_to_keep), so it costs little time; the
-    copy costs vocabulary x width x 4 bytes (113 MB for SmolLM2)."""
+    """A reduced-precision model's output projection, done in float32 from a float32 copy of its weight:
+    rank classification compares log-likelihoods that differ by tenths of a nat, finer than bfloat16 logits
+    resolve (docs/architecture.md, Precision). Only the kept positions reach it (logits_to_keep); the copy
+    costs vocabulary x width x 4 bytes."""
 
     def __init__(self, head: torch.nn.Linear):
         """Install it last (float_head), once the model is on its device and in its dtype: its
