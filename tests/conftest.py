@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +26,15 @@ from softprompt.models.hub import OFFLINE_MODELS
 
 torch.set_num_threads(1)  # the tiny models' ops are too small to gain from threads; test_learning asks for 2
 
+
+
+def package_folders() -> dict[str, Path]:
+    """Each installed package and the repository folder it comes from (pyproject.toml maps the rooms, top-level
+    folders here, under `softprompt`)."""
+    root = Path(__file__).resolve().parents[1]
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    return {package: root / setuptools["package-dir"].get(package, package.replace(".", "/"))
+            for package in setuptools["packages"]}
 
 # ---- running the suite in several processes (`make test`: pytest -n 4 --dist loadgroup) ----
 # Seconds the slowest tests took under `make test` (rounded; from --durations). Only the order of the

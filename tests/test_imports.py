@@ -11,18 +11,15 @@ import json
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import package_folders
 
 ROOT = Path(__file__).resolve().parents[1]
-SETUPTOOLS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-# Each installed package and the repository folder it comes from (the rooms are mapped under `softprompt`).
-FOLDERS = {package: ROOT / SETUPTOOLS["package-dir"].get(package, package.replace(".", "/"))
-           for package in SETUPTOOLS["packages"]}
 MODULES = sorted(f"{package}.{path.stem}".removesuffix(".__init__")
-                 for package, folder in FOLDERS.items() for path in folder.glob("*.py") if path.stem != "__main__")
+                 for package, folder in package_folders().items() for path in folder.glob("*.py")
+                 if path.stem != "__main__")
 # What the project's modules import that takes seconds; anything else each child imports itself.
 THIRD_PARTY = ["torch", "transformers", "ray", "ray.tune", "ray.train", "mlflow", "mlflow.pyfunc", "optuna", "datasets",
                "pyarrow.fs", "safetensors.torch", "sklearn.metrics", "pandas", "yaml"]

@@ -5,11 +5,10 @@ Every import counts, at the top of a module or inside a function."""
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SETUPTOOLS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+from conftest import package_folders
+
 # Top to bottom. The package root (`softprompt/`: errors, atomic files, config files, the package copy) is the
 # bottom; `python -m softprompt` (softprompt/__main__.py) runs the command line, at the top.
 LAYERS = [
@@ -56,11 +55,8 @@ def violations(imports: dict[str, set[str]]) -> list[str]:
 
 
 def package_modules() -> dict[str, Path]:
-    modules = {}
-    for package in SETUPTOOLS["packages"]:
-        folder = ROOT / SETUPTOOLS["package-dir"].get(package, package.replace(".", "/"))
-        modules |= {f"{package}.{path.stem}": path for path in folder.glob("*.py")}
-    return modules
+    return {f"{package}.{path.stem}": path for package, folder in package_folders().items()
+            for path in folder.glob("*.py")}
 
 
 def test_every_room_of_the_package_has_a_layer():

@@ -8,11 +8,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
+from conftest import package_folders
+
 ROOT = Path(__file__).resolve().parents[1]
-SETUPTOOLS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
 
 
 def run(*command, **kwargs) -> subprocess.CompletedProcess:
@@ -26,10 +26,9 @@ def test_a_clean_install_adds_softprompt_alone_and_its_command_runs_from_it(tmp_
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source)
-    for package in SETUPTOOLS["packages"]:
-        folder = SETUPTOOLS["package-dir"].get(package, package.replace(".", "/"))
-        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-                        dirs_exist_ok=True)
+    for folder in package_folders().values():
+        shutil.copytree(folder, source / folder.relative_to(ROOT),
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
     run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path / "wheels", source)
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv)

@@ -25,13 +25,13 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from pathlib import Path
 
 import optuna
 import pytest
 import ray
 import torch
+from conftest import package_folders
 from conftest import tiny_search as shared_tiny_search
 from ray import tune
 
@@ -318,10 +318,9 @@ def _read_path_offences(tree: ast.AST) -> list[str]:
 
 def test_no_source_file_unpickles_what_a_user_might_receive():
     offences = {}
-    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    folders = [setuptools["package-dir"].get(package, package) for package in setuptools["packages"]]
-    assert {"models", "search", "serving", "trainables"} <= set(folders)  # every room of the package
-    for path in sorted(path for folder in folders for path in (ROOT / folder).glob("*.py")):
+    folders = package_folders().values()
+    assert {"models", "search", "serving", "trainables"} <= {f.name for f in folders}  # every room of the package
+    for path in sorted(path for folder in folders for path in folder.glob("*.py")):
         found = _read_path_offences(ast.parse(path.read_text()))
         if found:
             offences[str(path.relative_to(ROOT))] = found
