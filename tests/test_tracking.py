@@ -132,21 +132,28 @@ def test_export_takes_a_search_a_trial_or_a_run_and_the_top_k_as_one_registered_
 
 
 def start_tracking_server(folder: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server`; its output goes to folder/server.log, quoted if it exits or never answers."""
+    log = open(folder / "server.log", "ab")
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
          "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job-runner processes
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    log.close()
+    # a guard against a hang, never a measured time: beside 3 other test processes on 2 cores one start took
+    # over 60 s
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and server.poll() is None:
         try:
             if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
                 return server
         except requests.RequestException:  # not up yet
             pass
         time.sleep(0.3)
-    stop(server)
-    raise RuntimeError("mlflow server did not start in 60 s")
+    if server.poll() is None:
+        stop(server)
+    raise RuntimeError(f"mlflow server on port {port} did not answer (exit code {server.poll()}): "
+                       + (folder / "server.log").read_text()[-2000:])
 
 
 def stop(server: subprocess.Popen) -> None:
