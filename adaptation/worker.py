@@ -119,8 +119,7 @@ def _save_loadable(model, tokenizer, target: Path) -> None:
 
 
 class RunLogger:
-    """Rank 0's MLflow logging: the job's run, its loss and tokens/s; an unreachable server costs a
-    warning, never the job."""
+    """Rank 0's MLflow logging of the job's loss and tokens/s; an unreachable server costs a warning, never the job."""
 
     def __init__(self, uri: str | None, run_id: str | None):
         self.client = None

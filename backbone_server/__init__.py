@@ -1,2 +1,1 @@
-"""The shared backbone: a Ray actor holding one frozen model for many trials (server.py), and a
-trial's client of it (client.py)."""
+"""The shared backbone: a Ray actor holding one frozen model for many trials (server.py), and its client (client.py)."""

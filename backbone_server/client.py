@@ -25,7 +25,6 @@ class SharedBackbone:
         self.vocab_is_frequency_ordered = info["vocab_is_frequency_ordered"]
         self.dtype = getattr(torch, info["dtype"].removeprefix("torch."))  # what the server computes in
         self.load_seconds = info["load_s"]
-        self.server = info
         self.device = torch.device("cpu")  # the trial's prompt and optimizer live here
         self.client = uuid.uuid4().hex
 
@@ -52,9 +51,6 @@ class RemotePromptedModel:
         weight = self.prompt.weight
         weight.grad = grad if weight.grad is None else weight.grad + grad
         return value
-
-    def class_scores(self, data: EncodedTask, inputs: list[list[int]]) -> torch.Tensor:
-        return self.class_scores_batches(data, [inputs])[0]
 
     def class_scores_batches(self, data: EncodedTask, batches: list[list[list[int]]]) -> list[torch.Tensor]:
         """All at once, so the server can fuse them with each other and with other trials'."""

@@ -7,6 +7,7 @@ weight of the model learns, so no gradient crosses trials). Naming, lifetime and
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from softprompt.models.backbone import load_backbone
-from softprompt.models.data import Batch, target_batch, unpad
+from softprompt.models.data import Batch, pass_chunks, target_batch, unpad
 from softprompt.models.precision import default_device
 from softprompt.models.prompt import GroupDropout, InputDropout, class_scores, generate, loss
 
@@ -208,14 +209,8 @@ class BackboneServer:
 
     def _train_pass(self, requests: list[TrainRequest]) -> list[tuple[float, torch.Tensor]]:
         """The requests' losses and gradients, in passes of at most `pass_tokens` (a request whole)."""
-        budget, out, chunk, tokens = self.pass_tokens, [], [], 0
-        for request in requests:
-            if chunk and tokens + request.tokens > budget:
-                out += self._fused_train_pass(chunk)
-                chunk, tokens = [], 0
-            chunk.append(request)
-            tokens += request.tokens
-        return out + self._fused_train_pass(chunk)
+        return [result for chunk in pass_chunks([r.tokens for r in requests], self.pass_tokens)
+                for result in self._fused_train_pass([requests[i] for i in chunk])]
 
     def _fused_train_pass(self, requests: list[TrainRequest]) -> list[tuple[float, torch.Tensor]]:
         backbone, seq2seq = self.backbone, self.backbone.is_encoder_decoder
@@ -249,8 +244,5 @@ class BackboneServer:
         scores = class_scores(self.backbone, rows, inputs, targets)
         self.counts["rows"] += len(rows)
         self.counts["passes"] += 1
-        out, start = [], 0
-        for request in requests:
-            out.append(torch.stack(scores[start:start + len(request.inputs)]).float().cpu())
-            start += len(request.inputs)
-        return out
+        bounds = list(itertools.accumulate((len(r.inputs) for r in requests), initial=0))
+        return [torch.stack(scores[start:end]).float().cpu() for start, end in zip(bounds, bounds[1:])]

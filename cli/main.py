@@ -155,8 +155,7 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     serve.add_argument("--address", help="a Ray cluster to deploy onto (default: RAY_ADDRESS, else a local Ray)")
     serve.add_argument("--name", default="softprompt", help="with stop: the application (default: softprompt)")
-    serve.add_argument("--tracking-uri", metavar="URI",
-                       help="the MLflow registry (default: sqlite:///mlflow.db here)")
+    serve.add_argument("--tracking-uri", metavar="URI", help="the MLflow registry (default: sqlite:///mlflow.db here)")
     _storage_path_argument(serve)
     serve.set_defaults(handler=cmd_serve)
 

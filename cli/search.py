@@ -39,8 +39,7 @@ def cmd_train(args) -> int:
 
 
 def _print_trials(rows: list[dict], metric: str) -> None:
-    """`confirmed`: the metric on further dev examples, for trials that ran to the end (the winner
-    is the best of those)."""
+    """`confirmed`: the metric on further dev examples, for trials run to the end (the winner is the best of those)."""
     from softprompt.search.console import shown_params
 
     def show(value):

@@ -127,8 +127,7 @@ def _worker_backbone(name: str, dtype: str, device: str) -> Backbone:
 
 
 def cached_backbone(name: str, dtype: str = "auto", device: torch.device | None = None) -> tuple[Backbone, bool]:
-    """The backbone for this process, loaded once and reused by every later trial it runs.
-    Returns (backbone, was_cached)."""
+    """(backbone, was_cached): loaded once per process and reused by every later trial it runs."""
     loads = _worker_backbone.cache_info().misses
     backbone = _worker_backbone(name, dtype, str(device or default_device()))
     return backbone, _worker_backbone.cache_info().misses == loads

@@ -85,8 +85,7 @@ def load_checkpoint(directory: str | Path, fingerprint: str | None = None, width
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"{meta_path}: format {found!r}, expected {FORMAT!r}")
     if hashlib.sha256(tensor_path.read_bytes()).hexdigest() != meta.get("file_sha256"):
-        raise CheckpointError(f"{tensor_path}: does not match the SHA-256 in {META}; "
-                              "the file was damaged or edited")
+        raise CheckpointError(f"{tensor_path}: does not match the SHA-256 in {META}; the file was damaged or edited")
     try:
         tensors = load_file(str(tensor_path))
     except (SafetensorError, OSError) as error:

@@ -164,8 +164,7 @@ def target_batch(inputs: list[list[int]], targets: list[list[int]], pad_id: int,
 
 
 def unpad(batch: Batch, is_encoder_decoder: bool) -> tuple[list[list[int]], list[list[int]]]:
-    """The inputs and targets a target_batch was built from (a shared backbone re-pads the rows of
-    several trials' batches together)."""
+    """The inputs and targets a target_batch was built from (a shared backbone re-pads trials' rows together)."""
     inputs, targets = [], []
     for ids, mask, labels in zip(batch.input_ids.tolist(), batch.attention_mask.tolist(), batch.labels.tolist()):
         real, target = [i for i, m in zip(ids, mask) if m], [t for t in labels if t != IGNORE]
@@ -217,6 +216,18 @@ def train_batch(data: EncodedTask, order: TrainOrder, step: int) -> Batch:
     split = data.splits["train"]
     idx = order.indices(step)
     return make_batch(data, [split.input_ids[i] for i in idx], [split.labels[i] for i in idx])
+
+
+def pass_chunks(lengths: list[int], budget: int) -> list[list[int]]:
+    """Row indices, in order, in chunks of at most `budget` tokens each (a longer row alone)."""
+    chunks, chunk, tokens = [], [], 0
+    for i, n in enumerate(lengths):
+        if chunk and tokens + n > budget:
+            chunks.append(chunk)
+            chunk, tokens = [], 0
+        chunk.append(i)
+        tokens += n
+    return chunks + [chunk] if chunk else chunks
 
 
 def eval_chunks(split: EncodedSplit, batch_size: int) -> list[np.ndarray]:

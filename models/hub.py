@@ -86,8 +86,7 @@ def _hub_reachable(timeout_s: float = 5.0) -> bool:
 
 
 def model_problem(name: str) -> str | None:
-    """Why `name` cannot be loaded here, found in seconds (None: no reason known; a reachable hub id
-    is left to the hub)."""
+    """Why `name` cannot be loaded, found in seconds (None: no reason known; a reachable hub id is left to the hub)."""
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -107,16 +106,11 @@ def model_problem(name: str) -> str | None:
     return "not in the local Hugging Face cache, and the hub cannot be reached (offline?)"
 
 
-def check_model(name: str) -> None:
-    problem = model_problem(name)
-    if problem:
-        raise BackboneError(f"model {name!r} is neither an offline alias ({', '.join(OFFLINE_MODELS)}), a local model "
-                            f"folder with config.json, nor a hub id that is cached here or reachable ({problem})")
-
-
 def resolve_model(name: str) -> tuple[str, object, type]:
     """`name`'s loadable source (an alias becomes its cached folder), its config and its Auto class."""
-    check_model(name)
+    if problem := model_problem(name):
+        raise BackboneError(f"model {name!r} is neither an offline alias ({', '.join(OFFLINE_MODELS)}), a local model "
+                            f"folder with config.json, nor a hub id that is cached here or reachable ({problem})")
     source = str(OFFLINE_MODELS[name]()) if name in OFFLINE_MODELS else name
     try:
         config = AutoConfig.from_pretrained(source)

@@ -24,10 +24,6 @@ class SoftPrompt(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(values.detach().float().clone())
 
-    @property
-    def length(self) -> int:
-        return self.weight.shape[0]
-
 
 @dataclass(frozen=True)
 class InputDropout:
@@ -170,8 +166,7 @@ def _causal_logits(backbone: Backbone, prompts: Prompts, batch: Batch, keep: int
 
 def target_logprobs(backbone: Backbone, prompts: Prompts, batch: Batch,
                     dropout: InputDropout | GroupDropout | None = None) -> torch.Tensor:
-    """[B, L] log-probability of each target token (0 where the target is padding); `dropout`
-    only in training."""
+    """[B, L] log-probability of each target token (0 where the target is padding); `dropout` only in training."""
     if backbone.is_encoder_decoder:
         embeds, mask = prompted_inputs(backbone, prompts, batch.input_ids, batch.attention_mask, dropout)
         decoder_ids = backbone.model.prepare_decoder_input_ids_from_labels(labels=batch.labels)

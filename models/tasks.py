@@ -62,8 +62,7 @@ def package_file(package: str, relative: str, install_hint: str) -> Path:
 
 def split_three(inputs: list[str], labels: list[int], seed: int = SPLIT_SEED,
                 dev_fraction: float = 0.1, test_fraction: float = 0.1) -> datasets.DatasetDict:
-    """Seeded, disjoint train/dev/test splits; duplicate inputs are dropped first so that no
-    text lands in two splits."""
+    """Seeded, disjoint train/dev/test splits; duplicate inputs are dropped first so no text lands in two splits."""
     first = {}
     for text, label in zip(inputs, labels):
         first.setdefault(text, label)
@@ -190,8 +189,7 @@ def _is_glob(source: str) -> bool:
 
 
 def is_local_source(source: str) -> bool:
-    """Whether a mapping's `dataset` names local data (an existing path, a data file or a glob)
-    rather than a hub id."""
+    """Whether a mapping's `dataset` names local data (an existing path, a data file or a glob) rather than a hub id."""
     return Path(source).exists() or _is_glob(source) or Path(source).suffix.lower() in FILE_SUFFIXES
 
 

@@ -40,10 +40,9 @@ def _embedding_key(names: list[str], keys) -> str | None:
 
 
 def input_embeddings(name: str) -> tuple[torch.Tensor, object]:
-    """`name`'s input-embedding matrix [vocab, width], read alone from its checkpoint files (a whole
-    T5-XXL is ~44 GB in float32), and its tokenizer. The model is built on the meta device, without
-    weights, only to learn that tensor's name. It is the embedding module's weight, before any scale
-    the module applies to its output (Gemma multiplies by sqrt(width))."""
+    """`name`'s input-embedding matrix [vocab, width], read alone from its checkpoint files, and its tokenizer.
+    The model is built on the meta device, without weights, only to learn that tensor's name. It is the
+    embedding module's weight, before any scale the module applies to its output (Gemma multiplies by sqrt(width))."""
     from safetensors import safe_open
 
     source, config, auto = resolve_model(name)

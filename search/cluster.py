@@ -144,10 +144,8 @@ def _words(command: str) -> list[str]:
 
 def _mlflow_server(config: dict) -> tuple[int, str] | None:
     """(index, command) of the head command that starts the MLflow tracking server."""
-    for i, command in enumerate(config.get("head_start_ray_commands", [])):
-        if re.search(r"\bmlflow\s+server\b", command):
-            return i, command
-    return None
+    return next(((i, command) for i, command in enumerate(config.get("head_start_ray_commands", []))
+                 if re.search(r"\bmlflow\s+server\b", command)), None)
 
 
 def _check_head_commands(config: dict, source: str) -> list[ConfigError]:
@@ -209,6 +207,8 @@ def _summary(config: dict, path: str) -> list[str]:
     if provider["type"] == "local":
         lines.append(f"  nodes: head {provider['head_ip']}, workers {provider.get('worker_ips') or 'none'} "
                      f"(GPUs detected by `ray start` on each machine)")
+        exposure = (f"Ray and MLflow (port {mlflow_port(config)}) listen on the head's address: "
+                    "keep it behind your firewall")
     else:
         for name, node_type in config["available_node_types"].items():
             node_config = node_type.get("node_config", {})
@@ -216,10 +216,6 @@ def _summary(config: dict, path: str) -> list[str]:
             role = ("head" if name == config["head_node_type"]
                     else f"{node_type.get('min_workers', 0)}-{node_type.get('max_workers')}")
             lines.append(f"  {name}: {kind}, resources {node_type.get('resources') or 'detected'}, {role}")
-    if provider["type"] == "local":
-        exposure = (f"Ray and MLflow (port {mlflow_port(config)}) listen on the head's address: "
-                    "keep it behind your firewall")
-    else:
         rules = provider.get("security_group", {}).get("IpPermissions", [])
         opened = ", ".join(sorted({str(r.get("FromPort")) for r in rules})) or "none beyond Ray's (SSH only)"
         exposure = f"inbound ports: {opened}"

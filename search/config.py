@@ -191,7 +191,6 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
 
 # ---- search configs ----
 
-# SEARCH_METRICS, ASHA_METRICS: trainables.config (a failed trial reports them all).
 # The dev metric that keeps each trial's best prompt, by search metric; train_loss: train.select_metric.
 SELECT_BY_METRIC = {"best_dev_accuracy": "accuracy", "dev_accuracy": "accuracy", "best_dev_f1": "f1", "dev_f1": "f1"}
 # A search's trials that run to max_steps score their best prompt on this many further dev examples

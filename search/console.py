@@ -3,6 +3,7 @@ report with its metrics, stopped, completed, diverged, errored) and a one-line s
 redrawn in place on a terminal. Ray's own tables show only with `--verbose`."""
 from __future__ import annotations
 
+import collections
 import math
 import sys
 import time
@@ -92,9 +93,7 @@ class TrialLines(tune.Callback):
             self.best = (value, trial_id)
 
     def status_line(self, trials) -> str:
-        counts: dict[str, int] = {}
-        for trial in trials:
-            counts[trial.status] = counts.get(trial.status, 0) + 1
+        counts = collections.Counter(trial.status for trial in trials)
         shown = ", ".join(f"{n} {status.lower()}" for status, n in sorted(counts.items()))
         best = f"; best {self.metric} {self.best[0]:.4f} (trial {self.best[1]})" if self.best else ""
         return f"{shown}{best}"

@@ -37,8 +37,7 @@ ALIAS = "production"
 # ---- where prompts come from ----
 
 def search_prompts(record: SearchRecord, trial: str | None = None, top: int = 1) -> list[Path]:
-    """The prompt folders of a search on this machine (for a search on
-    a URI, downloaded): its `top` best trials, or one named trial."""
+    """A search's prompt folders on this machine (downloaded from a URI): its `top` best trials, or one named trial."""
     if trial is not None:
         rows = record.evaluated()
         found = [r for r in rows if r["trial_id"] == trial]
@@ -168,8 +167,7 @@ def tasks_by_name(by_source: dict[str, list[Path]]) -> dict[str, list[Path]]:
 
 
 def write_bundle(tasks: dict[str, list[Path]], out: Path, how: str = "vote") -> Path:
-    """A folder of prompts for one or more tasks on one backbone: `bundle.json` plus each member's
-    checkpoint (safetensors + JSON)."""
+    """A folder of prompts for one or more tasks on one backbone: `bundle.json` plus each member's checkpoint."""
     if how not in COMBINE:
         raise ConfigError("--combine", how, f"one of {', '.join(COMBINE)}")
     out.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,7 @@ STORAGE_PATH = "runs/search"  # where searches live unless a config or --storage
 
 
 def search_values(path: str | Path, overrides: list[str] = ()) -> dict:
-    """A search config's YAML mapping, then `--set` overrides: `trials=4`, or `train.batch_size=16` for a
-    trial field."""
+    """A search config's YAML mapping, then `--set` overrides: `trials=4`, or `train.batch_size=16` (a trial field)."""
     values = load_yaml(path)
     for key, value in parse_overrides(list(overrides)).items():
         if key.startswith("train."):

@@ -1,5 +1,4 @@
-"""The driver's side of shared backbones (backbone_server/): the servers of a search, named by it, and
-stopped when it ends."""
+"""The driver's side of shared backbones (backbone_server/): a search's servers, named by it, stopped when it ends."""
 from __future__ import annotations
 
 import hashlib

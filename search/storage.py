@@ -83,8 +83,7 @@ class SearchStorage:
 
     @property
     def study_file(self) -> Path:
-        """The driver's live Optuna study (sqlite): in the search's folder, or for a URI a working copy
-        beside the mirror."""
+        """The driver's live Optuna study: in the search's folder, or for a URI a working copy beside the mirror."""
         return self.folder / ".driver" / STUDY_FILE if self.remote else self.folder / STUDY_FILE
 
     @property

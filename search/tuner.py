@@ -148,10 +148,9 @@ def _trial_dirname(trial) -> str:
 def build_searcher(cfg: SearchConfig, points_to_evaluate: list[dict] | None,
                    sampler: optuna.samplers.BaseSampler) -> AshaAwareOptunaSearch:
     """The search's searcher on its Optuna study, created or, if it exists, opened."""
-    search = SearchStorage(cfg.storage_path, cfg.name)
     return AshaAwareOptunaSearch(space=SpaceWithAdaptation(cfg), metric=cfg.metric, mode=cfg.mode,
-                                 points_to_evaluate=points_to_evaluate, sampler=sampler,
-                                 storage=search.optuna_storage(), study_name=cfg.name)
+                                 points_to_evaluate=points_to_evaluate, sampler=sampler, study_name=cfg.name,
+                                 storage=SearchStorage(cfg.storage_path, cfg.name).optuna_storage())
 
 
 def build_tuner(cfg: SearchConfig, trainable=tune_trial, tracking=None, verbose: bool = False) -> tune.Tuner:

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse
 
 from softprompt.errors import one_line
 from softprompt.models.checkpoint import CheckpointError
+from softprompt.models.data import pass_chunks
 from softprompt.serving.ensemble import load_bundle
 from softprompt.serving.rows import RowError, answers, model_inputs
 
@@ -79,18 +80,6 @@ def request_rows(body: bytes, max_bytes: int) -> list[dict]:
     return rows
 
 
-def pass_chunks(lengths: list[int], budget: int) -> list[list[int]]:
-    """Row indices, in order, in chunks of at most `budget` tokens each (a longer row alone)."""
-    chunks, chunk, tokens = [], [], 0
-    for i, n in enumerate(lengths):
-        if chunk and tokens + n > budget:
-            chunks.append(chunk)
-            chunk, tokens = [], 0
-        chunk.append(i)
-        tokens += n
-    return chunks + [chunk] if chunk else chunks
-
-
 class Served:
     """What a replica answers with: a bundle's ensemble and record, and the registry version it is."""
 
@@ -121,12 +110,10 @@ class PromptServer:
 
     # ---- the registry alias ----
 
-    def _client(self):
-        from mlflow import MlflowClient
-        return MlflowClient(self.source["tracking_uri"], registry_uri=self.source["tracking_uri"])
-
     def _alias_version(self) -> int:
-        return int(self._client().get_model_version_by_alias(self.source["model"], self.source["alias"]).version)
+        from mlflow import MlflowClient
+        client = MlflowClient(self.source["tracking_uri"], registry_uri=self.source["tracking_uri"])
+        return int(client.get_model_version_by_alias(self.source["model"], self.source["alias"]).version)
 
     def _download(self, version: int) -> Path:
         import mlflow
@@ -171,8 +158,7 @@ class PromptServer:
     # ---- requests ----
 
     def _score_rows(self, requests: list[list[dict]]) -> list[dict]:
-        """Every request's rows in passes of at most max_pass_tokens; per request, its answer or its
-        RowError's one line."""
+        """The requests' rows in passes of at most max_pass_tokens; per request, its answer or RowError's one line."""
         with self.lock:
             self.follow_alias()
             served = self.served
@@ -223,11 +209,6 @@ class PromptServer:
 
     def __del__(self):  # Serve calls it when the replica shuts down
         shutil.rmtree(self.downloads, ignore_errors=True)
-
-    def check_health(self) -> None:
-        """Serve's health probe: the replica holds a model."""
-        if self.served is None:
-            raise RuntimeError("no model loaded")
 
 
 def deployment(settings: dict):

@@ -3,8 +3,7 @@ so the CLI can catch it before (or without) loading torch."""
 
 
 class UserError(ValueError):
-    """A mistake in what the user gave (a config, a file, a name): the CLI prints its one line and
-    exits 2, with no traceback."""
+    """A mistake in what the user gave (a config, a file, a name): the CLI prints one line and exits 2, no traceback."""
 
 
 class ConfigError(UserError):

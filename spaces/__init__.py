@@ -9,9 +9,7 @@ from collections.abc import Callable
 
 import optuna
 
-# The paper's default point (section 3 / 7): class-label init, 100 tokens, Adafactor at 0.3 without
-# parameter scaling, constant lr, on the first (LM-adapted) checkpoint. Evaluated first in every
-# `paper` search.
+# The paper's default point (sections 3, 7), on the first (LM-adapted) checkpoint: tried first by a `paper` search.
 PAPER_DEFAULT = {"prompt_length": 100, "init": "class_label", "optimizer": "adafactor", "lr@adafactor": 0.3,
                  "parameter_scaling": False, "warmup_fraction": 0.0, "decay_factor": None}
 

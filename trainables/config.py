@@ -1,5 +1,4 @@
-"""The one configuration object of a prompt-tuning run. Validated at the edge (search.config);
-code in trainables/ trusts it."""
+"""A prompt-tuning run's one configuration object, validated at the edge (search.config): trainables/ trusts it."""
 from __future__ import annotations
 
 import dataclasses

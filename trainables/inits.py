@@ -41,8 +41,7 @@ def random_uniform_relative(length: int, ctx: InitContext) -> torch.Tensor:
 
 def sampled_vocab(length: int, ctx: InitContext) -> torch.Tensor:
     pool = torch.tensor(ctx.common_token_ids[:VOCAB_SAMPLE_SIZE])
-    replace = length > len(pool)
-    if replace:
+    if length > len(pool):
         picks = torch.randint(len(pool), (length,), generator=ctx.generator)
     else:
         picks = torch.randperm(len(pool), generator=ctx.generator)[:length]

@@ -88,10 +88,8 @@ def checkpoint_meta(cfg: TrainConfig, backbone: Backbone, data: EncodedTask, ste
     export, so a served prompt formats raw input as it was trained and answers in the task's labels.
     `dtype`: what the backbone computed in (`auto` resolves per node)."""
     return {"backbone": cfg.model, "fingerprint": backbone.fingerprint, "dtype": dtype_name(backbone.dtype),
-            "init": cfg.init, "task": data.name,
-            "template": data.template, "verbalizers": data.verbalizers, "labels": data.labels or data.verbalizers,
-            "sentinel": data.sentinel, "step": step,
-            "metrics": metrics,
+            "init": cfg.init, "task": data.name, "template": data.template, "verbalizers": data.verbalizers,
+            "labels": data.labels or data.verbalizers, "sentinel": data.sentinel, "step": step, "metrics": metrics,
             "config": cfg.to_dict()}
 
 
@@ -219,8 +217,7 @@ def best_metrics(best: dict) -> dict:
 
 
 def is_eval_step(cfg: TrainConfig, step: int) -> bool:
-    """Evaluate (and report, and checkpoint) at `eval_steps` if given, else every `eval_every`
-    steps; always at the end."""
+    """Evaluate (and report, and checkpoint) at `eval_steps`, else every `eval_every` steps; always at the end."""
     if step == cfg.max_steps:
         return True
     return step in cfg.eval_steps if cfg.eval_steps else step % cfg.eval_every == 0

@@ -31,7 +31,6 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
 
 OPTIMIZERS = {f.__name__: f for f in (adafactor, adamw, adafactor_hf)}
 
-# The defaults a user gets when naming only the optimizer.
 DEFAULT_LR = {"adafactor": 0.3, "adamw": 0.03, "adafactor_hf": 0.3}
 
 # What a configured lr is measured in: absolute, or in units of the model's embedding RMS (inits.embedding_rms).
