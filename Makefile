@@ -30,13 +30,18 @@ train: install
 # ruff runs first (pyproject.toml's [tool.ruff]), so a lint error fails the target before the suite starts.
 # 4 test processes on 2 cores: most of a test's time is waiting on Ray, servers and subprocesses. Tests that
 # share a module-scoped fixture run in one process (tests/conftest.py), the longest first (in collection order).
-# Tests marked `serial` (the loopback `ray up`) run first, alone.
+# Tests marked `serial` (the loopback `ray up`) run first, with no other test process beside them but one at low
+# priority: the tests marked `no_ray` (no Ray, no server, no command), which fill the cores the loopback test leaves
+# idle (about half of them) and run at normal priority once it is done. Their output follows the others'.
 test: install
 	$(BIN)/ruff check .
 	@bash tests/install_prerequisites.sh
+	log=$$(mktemp); nice -n 10 $(BIN)/python -m pytest -q -m "no_ray and not serial" > $$log 2>&1 & beside=$$!; \
 	$(BIN)/python -m pytest -q -m serial; serial=$$?; \
-	$(BIN)/python -m pytest -q -n 4 --dist loadgroup --no-loadscope-reorder -m "not serial"; rest=$$?; \
-	test $$serial -eq 0 -a $$rest -eq 0
+	for thread in /proc/$$beside/task/*; do renice -n 0 -p $${thread##*/} > /dev/null 2>&1; done; \
+	$(BIN)/python -m pytest -q -n 4 --dist loadgroup --no-loadscope-reorder -m "not serial and not no_ray"; rest=$$?; \
+	wait $$beside; no_ray=$$?; echo "==== the no_ray tests, run beside the loopback test ===="; cat $$log; rm -f $$log; \
+	test $$serial -eq 0 -a $$rest -eq 0 -a $$no_ray -eq 0
 
 bench: install
 	$(BIN)/python bench/bench_core.py

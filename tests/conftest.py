@@ -79,6 +79,10 @@ def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist's loadgroup, one group per set of tests that share a module-scoped fixture
     instance (a fixture parametrized twice makes two groups): each such fixture is built once, in one
     process, and everything else spreads over the processes. The longest groups are sent first."""
+    misplaced = [item.nodeid for item in items
+                 if item.get_closest_marker("no_ray") and "ray_cluster" in item.fixturenames]
+    if misplaced:
+        raise pytest.UsageError(f"marked no_ray but uses the session's Ray: {misplaced}")
     if not getattr(config.option, "loadgroup", False):  # set in xdist's workers, where `dist` reads "no"
         return
     parent = list(range(len(items)))

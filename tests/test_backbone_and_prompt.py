@@ -18,6 +18,8 @@ from softprompt.models.tasks import Task, split_three
 from softprompt.trainables.config import TrainConfig
 from softprompt.trainables.loop import initial_prompt, train
 
+pytestmark = pytest.mark.no_ray  # `make test` runs it beside the loopback `ray up` test (pyproject.toml)
+
 BACKBONES = ["tiny_llama", "tiny_t5"]
 
 

@@ -16,6 +16,8 @@ from softprompt.trainables.config import TrainConfig
 from softprompt.trainables.loop import train
 from softprompt.trainables.optimizers import DEFAULT_LR, OPTIMIZERS
 
+pytestmark = pytest.mark.no_ray  # `make test` runs it beside the loopback `ray up` test (pyproject.toml)
+
 
 def trained_optimizer(name: str, steps: int = 3):
     prompt = torch.nn.Parameter(torch.randn(6, 16, generator=torch.Generator().manual_seed(0)))

@@ -8,6 +8,8 @@ import pytest
 
 from softprompt.search.console import TrialLines, shown_params
 
+pytestmark = pytest.mark.no_ray  # `make test` runs it beside the loopback `ray up` test (pyproject.toml)
+
 
 @dataclass
 class FakeTrial:  # the fields of ray.tune.experiment.Trial a callback reads

@@ -16,6 +16,8 @@ from softprompt.search.config import train_config
 from softprompt.trainables.config import TrainConfig
 from softprompt.trainables.loop import DataSpec, checkpoint_meta, prepare_data, train
 
+pytestmark = pytest.mark.no_ray  # `make test` runs it beside the loopback `ray up` test (pyproject.toml)
+
 SENTIMENT = datasets.ClassLabel(names=["negative", "positive"])
 REVIEW = datasets.Features({"text": datasets.Value("string"), "label": SENTIMENT})
 ANSWER = datasets.ClassLabel(names=["False", "True"])

@@ -5,6 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.no_ray  # `make test` runs it beside the loopback `ray up` test (pyproject.toml)
+
 ROOT = Path(__file__).resolve().parents[1]
 README_LIMIT_BYTES = 12 * 1024  # the rest belongs in docs/ (issue 29)
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

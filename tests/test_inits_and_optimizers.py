@@ -30,6 +30,8 @@ from softprompt.trainables.optimizers import (
     lr_multiplier,
 )
 
+pytestmark = pytest.mark.no_ray  # `make test` runs it beside the loopback `ray up` test (pyproject.toml)
+
 VOCAB, WIDTH = 8000, 8
 TABLE = torch.randn(VOCAB, WIDTH, generator=torch.Generator().manual_seed(0))  # what the model receives per token
 

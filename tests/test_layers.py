@@ -7,7 +7,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 from conftest import package_folders
+
+pytestmark = pytest.mark.no_ray  # `make test` runs it beside the loopback `ray up` test (pyproject.toml)
 
 # Top to bottom. The package root (`softprompt/`: errors, atomic files, config files, the package copy) is the
 # bottom; `python -m softprompt` (softprompt/__main__.py) runs the command line, at the top.

@@ -13,6 +13,8 @@ from softprompt.models.prompt import PromptedModel, SoftPrompt
 from softprompt.trainables.config import TrainConfig
 from softprompt.trainables.loop import initial_prompt, prepare_data, train
 
+pytestmark = pytest.mark.no_ray  # `make test` runs it beside the loopback `ray up` test (pyproject.toml)
+
 
 @pytest.fixture
 def two_threads():

@@ -13,6 +13,8 @@ from softprompt.trainables import loop, trainable
 from softprompt.trainables.config import TrainConfig
 from softprompt.trainables.loop import DataSpec
 
+pytestmark = pytest.mark.no_ray  # `make test` runs it beside the loopback `ray up` test (pyproject.toml)
+
 # another value for every field of DataSpec: a field added there and not here fails the first test
 CHANGED = {"task": {"dataset": "reviews.csv", "template": "{text}"}, "text_column": "review", "label_column": "stars",
            "verbalizers": {"0": "bad", "1": "good"}, "max_length": 64, "max_train_examples": 10,

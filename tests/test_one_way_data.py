@@ -12,6 +12,8 @@ from softprompt.adaptation.corpus import open_corpus
 from softprompt.errors import ConfigError
 from softprompt.models.tasks import FILE_SUFFIXES, TaskError, Where, dataset_task, read_dataset
 
+pytestmark = pytest.mark.no_ray  # `make test` runs it beside the loopback `ray up` test (pyproject.toml)
+
 TEXTS = [f"a {'moving' if i % 2 else 'tedious'} film, number {i}" for i in range(30)]
 ROWS = [{"text": text, "label": i % 2} for i, text in enumerate(TEXTS)]
 

@@ -6,6 +6,8 @@ import pytest
 
 from softprompt.files import atomic_folder
 
+pytestmark = pytest.mark.no_ray  # `make test` runs it beside the loopback `ray up` test (pyproject.toml)
+
 
 def test_a_folder_written_again_is_replaced_whole_and_nothing_is_left_beside_it(tmp_path):
     for text in ("old", "new"):

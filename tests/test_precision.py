@@ -17,6 +17,8 @@ from softprompt.search.config import _has_cxx
 from softprompt.trainables.config import TrainConfig
 from softprompt.trainables.loop import initial_prompt, prepare_data
 
+pytestmark = pytest.mark.no_ray  # `make test` runs it beside the loopback `ray up` test (pyproject.toml)
+
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 
 

@@ -21,6 +21,8 @@ from softprompt.search.storage import STUDY_FILE, SearchStorage
 from softprompt.search.tracking import optuna_figure
 from softprompt.spaces import paper
 
+pytestmark = pytest.mark.no_ray  # `make test` runs it beside the loopback `ray up` test (pyproject.toml)
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 LR = FloatDistribution(1e-3, 0.1, log=True)  # quick's lr@adamw
 INIT = CategoricalDistribution(["random_uniform", "sampled_vocab", "class_label"])

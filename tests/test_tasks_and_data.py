@@ -28,6 +28,8 @@ from softprompt.models.tasks import (
     load_task,
 )
 
+pytestmark = pytest.mark.no_ray  # `make test` runs it beside the loopback `ray up` test (pyproject.toml)
+
 EXPECTED_CLASSES = {"rotten_tomatoes": ["negative", "positive"], "sms_spam": ["ham", "spam"],
                     "trec": ["abbreviation", "description", "entity", "human", "location", "numeric"]}
 
