@@ -211,10 +211,20 @@ def resumed(state: Path, tiny_t5_dir, corpus, adapted, tmp_path) -> list[int]:
     return [int(step) for step in re.findall(r"lm-adapt step (\d+)/", done.stdout)]
 
 
-def test_a_job_killed_once_it_says_its_state_is_saved_resumes_from_that_state(told, tiny_t5_dir, corpus, adapted,
-                                                                               tmp_path):
-    """Saved means registered in Ray Train's snapshot, where a resume looks, before the step's line says so."""
-    assert resumed(told / "told-2", tiny_t5_dir, corpus, adapted, tmp_path) == [4, 6, 8]
+def test_a_job_killed_once_it_says_its_state_is_saved_leaves_that_state_where_a_resume_looks(told, tmp_path):
+    """Saved means registered in Ray Train's snapshot, where a resume looks, before the step's line says so: the
+    state a kill leaves right after the step-2 line names a whole step-2 checkpoint, which the repair before a
+    resume keeps. (A job resumed from a snapshot is the test after the next.)"""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+
+    state = tmp_path / "state"
+    shutil.copytree(told / "told-2", state, symlinks=True)
+    run = state / STATE_DIR / RUN_NAME
+    snapshot = (run / SNAPSHOT).read_text()
+    resume_from_newest_complete_checkpoint(run)
+    (folder,) = checkpoint_folders(state)
+    assert checkpoint_step(folder) == 2 and (run / SNAPSHOT).read_text() == snapshot
+    assert _CheckpointManagerState.parse_raw(snapshot).latest_checkpoint_result.checkpoint_dir_name == folder.name
 
 
 def checkpoint_folder(out: Path) -> Path:
@@ -284,7 +294,7 @@ def test_a_kill_in_each_phase_of_saving_leaves_a_state_that_names_its_newest_com
 def test_a_job_killed_while_its_snapshot_was_rewritten_resumes_from_the_newest_complete_state(
         told, tiny_t5_dir, corpus, adapted, tmp_path):
     """The repair that writes Ray Train's snapshot anew (the test above), then the job: Ray Train takes the
-    written snapshot and resumes after step 4."""
+    written snapshot, resumes after step 4 and ends with the uninterrupted job's checkpoints, bit for bit."""
     state = tmp_path / "state"
     shutil.copytree(told / "told-2", state, symlinks=True)
     snapshot_cut_while_registering(state, told / "told-4")
