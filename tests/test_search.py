@@ -236,7 +236,7 @@ def test_a_search_confirms_on_500_dev_examples_unless_told_otherwise():
 
 @pytest.fixture(scope="module")
 def small_search(ray_cluster, tiny_llama_dir, tmp_path_factory):
-    """Six trials of 8 steps on two workers under ASHA by training loss: its config and Tune's results."""
+    """Six trials of 8 steps, one at a time, under ASHA by training loss: its config and Tune's results."""
     cfg = tiny_search(tiny_llama_dir, tmp_path_factory.mktemp("small"))
     return cfg, run_search(cfg)
 
@@ -296,7 +296,7 @@ def test_asha_can_compare_trials_by_another_metric_than_the_search_picks_by(ray_
 def test_workers_reuse_the_frozen_backbone_across_trials(small_search):
     _, grid = small_search
     reused = [r.metrics["backbone_reused"] for r in grid]
-    # 2 workers, 6 trials: at most the first trial on each worker loads the model
+    # 6 trials, one at a time: the first loads the model, the later ones reuse it (the bound allows one more load)
     assert len(reused) == 6 and reused.count(False) <= 2 and reused.count(True) >= 4
 
 
