@@ -27,7 +27,6 @@ from softprompt.models.hub import OFFLINE_MODELS
 torch.set_num_threads(1)  # the tiny models' ops are too small to gain from threads; test_learning asks for 2
 
 
-
 def package_folders() -> dict[str, Path]:
     """Each installed package and the repository folder it comes from (pyproject.toml maps the rooms, top-level
     folders here, under `softprompt`)."""
@@ -35,6 +34,7 @@ def package_folders() -> dict[str, Path]:
     setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
     return {package: root / setuptools["package-dir"].get(package, package.replace(".", "/"))
             for package in setuptools["packages"]}
+
 
 # ---- running the suite in several processes (`make test`: pytest -n 4 --dist loadgroup) ----
 # Seconds the slowest tests took under `make test` (rounded; from --durations). Only the order of the
