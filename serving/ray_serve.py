@@ -98,6 +98,9 @@ class PromptServer:
         self.refused: str | None = None
         self.refused_version: int | None = None
         self.checked = time.monotonic()
+        self.waiting: list[tuple[list[dict], asyncio.Future]] = []  # requests for the next pass
+        self.passes: asyncio.Task | None = None
+        self.in_pass = 0
         self.downloads = tempfile.mkdtemp(prefix="softprompt-serve-")
         if "bundle" in source:
             self.served = Served(Path(source["bundle"]))
@@ -186,15 +189,38 @@ class PromptServer:
                 start += len(ns)
             return results
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def score(self, requests: list[list[dict]]) -> list[dict]:
-        return await asyncio.to_thread(self._score_rows, requests)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    async def score(self, requests: list[list[dict]]) -> list[asyncio.Future]:
+        """Serve's batch joins the requests waiting for the next pass; each gets a future of its answer. Awaiting
+        the pass here instead, Serve (2.60, ray-project/ray#64595) would go on forming batches while it ran,
+        each of what arrived within batch_wait_timeout_s, and queue them: passes of 2 to 4 requests at 8 to 32
+        clients. A pass takes every request waiting when the last one ended, up to max_batch_size."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in requests]
+        self.waiting.extend(zip(requests, futures))
+        if self.passes is None or self.passes.done():
+            self.passes = asyncio.create_task(self._run_passes())
+        return futures
+
+    async def _run_passes(self) -> None:
+        while self.waiting:
+            size = self.settings["max_batch_size"]
+            taken, self.waiting = self.waiting[:size], self.waiting[size:]
+            self.in_pass = len(taken)
+            try:
+                results = await asyncio.to_thread(self._score_rows, [rows for rows, _ in taken])
+            except Exception as error:  # every waiting request gets it, and the next pass runs
+                results = [error] * len(taken)
+            self.in_pass = 0
+            for (_, future), result in zip(taken, results):
+                if not future.done():  # its client may have gone
+                    (future.set_exception if isinstance(result, Exception) else future.set_result)(result)
 
     def info(self) -> dict:
         record = self.served.record
         return {"model_version": self.served.version, "tasks": list(record["tasks"]), "backbone": record["backbone"],
                 "fingerprint": record["fingerprint"], "backbone_loaded_at": self.backbone_loaded_at,
-                "refused": self.refused}
+                "refused": self.refused, "in_pass": self.in_pass, "waiting": len(self.waiting)}
 
     async def __call__(self, request: Request) -> JSONResponse:
         if request.method == "GET":  # what this replica serves
@@ -204,7 +230,7 @@ class PromptServer:
                                 self.settings["max_request_bytes"])
         except BadRequest as error:
             return JSONResponse({"error": str(error)}, status_code=error.status)
-        result = await self.score(rows)
+        result = await (await self.score(rows))
         return JSONResponse(result, status_code=400 if "error" in result else 200)
 
     def __del__(self):  # Serve calls it when the replica shuts down

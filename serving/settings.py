@@ -15,7 +15,8 @@ DEFAULTS = {
     "num_cpus": 1,                 # per replica
     "num_gpus": 0,                 # per replica: a fraction shares a GPU between replicas
     "max_batch_size": 32,          # requests Serve collects into one batch
-    "batch_wait_timeout_s": 0.01,  # how long a batch waits to fill
+    "batch_wait_timeout_s": 0.0,   # how long an idle replica's first batch waits to fill (passes under load
+                                   # take every request that arrived during the last one, whatever this is)
     "max_pass_tokens": 8192,       # a batch's rows run in passes of at most this many tokens
     "max_ongoing_requests": 64,    # per replica, before Serve queues at the proxy
     "max_request_bytes": 1_000_000,  # a larger body gets a 413

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -198,18 +199,40 @@ def alias_source(registry) -> dict:
     return {"model": "served", "alias": "production", "tracking_uri": registry.uri}
 
 
-def test_concurrent_clients_of_two_tasks_share_batches_and_get_the_mlflow_models_answers(served, registry):
-    # a batch goes only once it holds 4 requests (max_batch_size 4, a 120 s wait): 8 concurrent requests
-    # run as two batches of 4, whatever their timing
-    url = served.run("parity", alias_source(registry), max_batch_size=4, batch_wait_timeout_s=120)
-    requests_rows = [rows(3, offset=i) for i in range(8)]
-    with ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(lambda r: post(url, r), requests_rows))
-    assert [r.status_code for r in responses] == [200] * 8
+def test_concurrent_clients_of_two_tasks_share_the_next_pass_and_get_the_mlflow_models_answers(served, registry):
+    # the pass of the first request reads the registry (refresh_s has passed), whose database another
+    # connection holds locked: that pass waits (MLflow gives a locked sqlite database 20 s), and the 8 requests
+    # sent meanwhile, seen waiting on the replica before the lock goes, all go in the next pass
+    url = served.run("parity", alias_source(registry), refresh_s=0.1)
+    database = sqlite3.connect(registry.uri.removeprefix("sqlite:///"), isolation_level=None)
+    deadline = time.monotonic() + GUARD_S
+    requests_rows = [rows(3, offset=i) for i in range(9)]  # 3 rows each, the two tasks mixed
+
+    def replica(field: str) -> int:
+        return requests.get(url, timeout=GUARD_S).json()[field]
+
+    time.sleep(0.2)  # refresh_s since the replica last asked the registry, at least
+    database.execute("BEGIN EXCLUSIVE")
+    try:
+        with ThreadPoolExecutor(9) as pool:
+            first = pool.submit(post, url, requests_rows[0])
+            wait_until(lambda: replica("in_pass") == 1, deadline)
+            rest = [pool.submit(post, url, r) for r in requests_rows[1:]]
+            wait_until(lambda: replica("waiting") == 8, deadline)
+            assert (replica("in_pass"), replica("waiting"), first.done()) == (1, 8, False)
+            database.execute("ROLLBACK")
+            responses = [first.result()] + [f.result() for f in rest]
+    finally:
+        database.close()
+    assert [r.status_code for r in responses] == [200] * 9
     answers = [r.json() for r in responses]
-    assert {a["batched_requests"] for a in answers} == {4} and {a["model_version"] for a in answers} == {1}
+    assert [a["batched_requests"] for a in answers] == [1] + [8] * 8
+    version = answers[0]["model_version"]  # the module's alias test may have moved it
+    assert {a["model_version"] for a in answers} == {version}
     everything = [row for request in requests_rows for row in request]
-    assert_same_answers([p for a in answers for p in a["predictions"]], mlflow_answers(registry.uri, 1, everything))
+    assert_same_answers([p for a in answers for p in a["predictions"]],
+                        mlflow_answers(registry.uri, version, everything))
+    assert (replica("in_pass"), replica("waiting")) == (0, 0)
 
 
 def test_malformed_requests_get_a_4xx_naming_the_column_or_task(served, registry):
