@@ -55,6 +55,27 @@ def bundle(model: str, folder: Path, prompt_length: int) -> Path:
     return write_bundle(members, folder / "bundle")
 
 
+def pass_costs(folder: Path, sizes=(1, 2, 4, 8, 16, 32), rounds: int = 3) -> dict:
+    """Milliseconds per request for a pass of n one-row requests, in this process, the two tasks and the texts
+    mixed as the clients send them: what a server saves by scoring concurrent requests together."""
+    from softprompt.serving.ensemble import load_bundle
+    from softprompt.serving.rows import model_inputs
+    ensemble, record = load_bundle(folder)
+    costs = {}
+    for n in sizes:
+        names = [list(TASKS)[i % 2] for i in range(n)]
+        inputs = model_inputs(record, ensemble.backbone.tokenizer, ensemble.backbone.is_encoder_decoder, names,
+                              [{"task": t, "text": TEXTS[i % len(TEXTS)]} for i, t in enumerate(names)])
+        ensemble.predict(names, inputs)  # warm
+        timings = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            ensemble.predict(names, inputs)
+            timings.append(1000 * (time.perf_counter() - started) / n)
+        costs[str(n)] = statistics.median(timings)
+    return costs
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -120,7 +141,8 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     scratch = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     uri = f"sqlite:///{scratch / 'mlflow.db'}"
-    export_mlflow_model(bundle(args.model, scratch, args.prompt_length), "bench", uri)
+    folder = bundle(args.model, scratch, args.prompt_length)
+    export_mlflow_model(folder, "bench", uri)
     bin_dir = Path(sys.executable).parent  # on PATH: `mlflow models serve` starts uvicorn by name
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -135,7 +157,9 @@ def main() -> None:
                       "--set", f"port={ports['ray_serve']}", "--set", f"num_cpus={cores}"]}
     warm = {"dataframe_records": [{"task": "reviews", "text": TEXTS[0]}]}
     results = {"model": args.model, "prompt_length": args.prompt_length, "cores": cores, "seconds": args.seconds,
-               "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "runs": {}}
+               "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+               "pass_ms_per_request": pass_costs(folder), "runs": {}}
+    print("pass, ms per one-row request:", {n: round(ms, 1) for n, ms in results["pass_ms_per_request"].items()})
     try:
         for name, command in commands.items():  # one server at a time: each gets the whole machine
             log = (scratch / f"{name}.log").open("w")
@@ -171,7 +195,7 @@ def write(results: dict, out: Path) -> None:
              f"posts one-row requests back to back for {results['seconds']:.0f} s, the two tasks alternating; the "
              "servers run one at a time, each with the whole machine (the Ray Serve replica: num_cpus = the cores).",
              "", "| clients | MLflow req/s | Ray Serve req/s | ratio | MLflow p50 / p99 ms | Ray Serve p50 / p99 ms "
-             "| requests per Ray Serve batch (mean) | failed (MLflow, Ray Serve) |",
+             "| requests per Ray Serve pass (mean over requests) | failed (MLflow, Ray Serve) |",
              "|---|---|---|---|---|---|---|---|"]
     for clients in runs.get("mlflow", {}):
         m, r = runs["mlflow"][clients], runs.get("ray_serve", {}).get(clients)
@@ -181,6 +205,11 @@ def write(results: dict, out: Path) -> None:
                      f"{r['requests_per_s'] / m['requests_per_s']:.2f}x | {m['p50_ms']:.0f} / {m['p99_ms']:.0f} | "
                      f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f} | {r['mean_batched_requests'] or 1:.1f} | "
                      f"{m['failed']}, {r['failed']} |")
+    costs = results.get("pass_ms_per_request", {})
+    if costs:
+        lines += ["", "What a pass costs per request on this machine, scored in the bench's own process (the ensemble "
+                  "both servers use; median of 3): " + ", ".join(f"{n} requests {ms:.0f} ms" for n, ms in costs.items())
+                  + "."]
     out.write_text("\n".join(lines) + "\n")
 
 
