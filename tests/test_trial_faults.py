@@ -301,3 +301,32 @@ def test_a_trial_resumed_in_another_dtype_records_both_and_says_so(tiny_llama_di
     assert again.reports[-1]["resumed_dtype_changed"] == "bfloat16 -> float32"
     assert "trial resumed from step 2 with its dtype changed (bfloat16 -> float32)" in capsys.readouterr().err
     assert "resumed_dtype_changed" not in first.reports[-1]
+
+
+# ---- a trial resumed from its final checkpoint reports it again ----
+
+def test_a_trial_resumed_from_its_final_checkpoint_reports_its_final_result_again_and_trains_nothing(
+        tiny_llama_dir, tmp_path, monkeypatch):
+    """What a search's resume meets when its driver was killed after a trial's final report but before Tune
+    saved its state with it: Tune restarts the trial from that final checkpoint. It must report again, or
+    Tune keeps the report before (the trial read "stopped early", its checkpoint one rung old)."""
+    import softprompt.trainables.trainable as trainable
+
+    base = tiny_search(tiny_llama_dir, tmp_path, max_steps=4, scheduler="none", train={"eval_every": 2}).train.to_dict()
+    first = StubTune(tmp_path / "first")
+    monkeypatch.setattr(trainable, "tune", first)
+    trainable.tune_trial({}, base, "best_dev_accuracy", "max")
+    assert [(r["step"], r["status"]) for r in first.reports] == [(2, "running"), (4, "completed")]
+
+    again = StubTune(tmp_path / "again", resume_from=tmp_path / "first" / "checkpoint_1")
+    monkeypatch.setattr(trainable, "tune", again)
+    trainable.tune_trial({}, base, "best_dev_accuracy", "max")
+    (report,) = again.reports
+    assert report["status"] == "completed" and report["resumed_from_step"] == 4
+    setup = {"backbone_reused", "backbone_load_s", "setup_s", "resumed_from_step"}
+    assert {k: v for k, v in report.items() if k not in setup} == \
+        {k: v for k, v in first.reports[-1].items() if k not in setup}  # the saved report, timings included
+    for part in ("current", "best"):  # and its checkpoint is the final one
+        resumed = load_checkpoint(tmp_path / "again" / "checkpoint_0" / part)
+        final = load_checkpoint(tmp_path / "first" / "checkpoint_1" / part)
+        assert resumed.meta["step"] == final.meta["step"] and torch.equal(resumed.prompt, final.prompt)

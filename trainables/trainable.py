@@ -106,8 +106,15 @@ def tune_trial(config: dict, base: dict, metric: str, mode: str, gpu_fraction: f
                     # one damaged since, or met by Ray's retry mid-search, makes the trial start over, not fail.
                     setup.update(resumed_from_step=0, resume_error=str(error))
                     folder = None
-                train(cfg, backbone, data, report=report, resume_from=Path(folder) if folder else None,
-                      score_test=False, score_after_report=score_after_report)
+                if folder and current["step"] >= cfg.max_steps:
+                    # its final checkpoint: the driver may have been killed before it saved Tune's state with
+                    # the final report, and a trial that ends without reporting leaves Tune the one before
+                    # (it read "stopped early"). The saved final report is reported again; nothing is trained.
+                    tune.report({**current["metrics"], **setup, "status": "completed"},
+                                checkpoint=tune.Checkpoint.from_directory(folder))
+                else:
+                    train(cfg, backbone, data, report=report, resume_from=Path(folder) if folder else None,
+                          score_test=False, score_after_report=score_after_report)
     except (Diverged, torch.OutOfMemoryError) as error:
         status = "diverged" if isinstance(error, Diverged) else "out_of_memory"
         if device.type == "cuda":  # this worker's next trial should not start with the failed one's cache
