@@ -279,7 +279,8 @@ def test_a_moved_alias_is_served_without_a_restart_no_request_fails_and_another_
 
 def test_a_replica_killed_under_load_leaves_no_request_hanging_or_unexplained(served, registry):
     import ray
-    url = served.run("pair", {"bundle": str(registry.first)}, replicas=2)
+    # two replicas, from the config's autoscaling bounds (a minimum of 2), where the default is one
+    url = served.run("pair", {"bundle": str(registry.first)}, autoscaling={"min_replicas": 2, "max_replicas": 2})
     with under_load(url, 4) as outcomes:
         deadline = time.monotonic() + GUARD_S
         wait_until(lambda: len(outcomes) >= 8, deadline)
