@@ -296,8 +296,12 @@ def test_asha_can_compare_trials_by_another_metric_than_the_search_picks_by(ray_
 def test_workers_reuse_the_frozen_backbone_across_trials(small_search):
     _, grid = small_search
     reused = [r.metrics["backbone_reused"] for r in grid]
-    # 6 trials, one at a time: the first loads the model, the later ones reuse it (the bound allows one more load)
-    assert len(reused) == 6 and reused.count(False) <= 2 and reused.count(True) >= 4
+    loads: dict[int, int] = {}  # per worker process (Tune's pid in every result): trials that loaded the model
+    for r in grid:
+        loads[r.metrics["pid"]] = loads.get(r.metrics["pid"], 0) + (not r.metrics["backbone_reused"])
+    # 6 trials, one at a time: each worker loads the model once, for its first trial, and the later ones reuse
+    # it; Ray may start a second worker (the bound allows one more load)
+    assert len(reused) == 6 and set(loads.values()) == {1} and len(loads) <= 2 and reused.count(True) >= 4
 
 
 def test_trial_workers_run_with_two_malloc_arenas(ray_cluster):
